@@ -1,0 +1,93 @@
+"""to_sharegpt: turn system/user/assistant rows into ShareGPT conversations with unsloth's own `to_sharegpt`.
+
+    python -m stages.to_sharegpt --data data/raw --out data/sharegpt
+
+Training rows are merged `conversation_extension` at a time into multi-turn conversations, as unsloth does;
+held-out rows stay single-turn so that each is scored on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from datasets import Dataset
+
+from stages import params
+from stages.params import require
+
+log = logging.getLogger("to_sharegpt")
+
+
+@dataclass(frozen=True)
+class ToSharegptConfig:
+    merged_prompt: str  # how columns merge into the user turn; [[...]] is left out when its column is empty
+    output_column_name: str  # column holding the assistant's answer
+    conversation_extension: int  # training rows merged into one conversation (1 = none)
+    random_state: int  # seed of unsloth's shuffles that pick the rows merged together
+
+    def __post_init__(self) -> None:
+        require(bool(prompt_columns(self.merged_prompt)), "to_sharegpt.merged_prompt must name a {column}")
+        require(
+            self.conversation_extension >= 1,
+            f"to_sharegpt.conversation_extension must be >= 1, got {self.conversation_extension}",
+        )
+
+
+def prompt_columns(merged_prompt: str) -> list[str]:
+    """The columns a merged prompt names: `prompt_columns("{user}[[ in: {system}]]")` -> `['user', 'system']`."""
+    return list(dict.fromkeys(re.findall(r"\{(\w+)\}", merged_prompt)))
+
+
+def blank_whitespace(dataset: Dataset, columns: list[str]) -> Dataset:
+    """Replace whitespace-only cells of `columns` with `""`.
+
+    unsloth keeps an optional `[[...]]` part whenever its column is not exactly `""`; the real data's `"\\n"`
+    system prompts would otherwise add an empty "Your input is:" block. `{"system": "\\n"}` -> `{"system": ""}`.
+    """
+
+    def blank(batch: dict[str, list]) -> dict[str, list]:
+        return {
+            column: ["" if isinstance(cell, str) and not cell.strip() else cell for cell in batch[column]]
+            for column in columns
+        }
+
+    return dataset.map(blank, batched=True, desc="Blanking whitespace-only cells")
+
+
+def convert(dataset: Dataset, config: ToSharegptConfig, conversation_extension: int) -> Dataset:
+    """unsloth's `to_sharegpt` with this stage's settings, on whitespace-blanked input."""
+    from unsloth.chat_templates import to_sharegpt
+
+    columns = [c for c in prompt_columns(config.merged_prompt) if c in dataset.column_names]
+    return to_sharegpt(
+        blank_whitespace(dataset, columns),
+        merged_prompt=config.merged_prompt,
+        output_column_name=config.output_column_name,
+        conversation_extension=conversation_extension,
+        random_state=config.random_state,
+    )
+
+
+def main(params_path: Path, data: Path, out: Path) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
+    log.info("config: %s", asdict(config))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for split, extension in (("train", config.conversation_extension), ("eval", 1)):
+        dataset = convert(Dataset.from_parquet(str(data / f"{split}.parquet")), config, extension)
+        dataset.to_parquet(out / f"{split}.parquet")
+        log.info("%s: %d conversations -> %s", split, len(dataset), out / f"{split}.parquet")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    main(args.params, args.data, args.out)

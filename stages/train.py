@@ -1,0 +1,197 @@
+"""train: QLoRA fine-tuning of the base model on the standardized conversations with TRL's SFTTrainer.
+
+    python -m stages.train --data data/standardized --adapter models/adapter \
+        --metrics metrics/train.json --plot metrics/train_loss.csv
+
+The base model comes from unsloth's `FastLanguageModel.from_pretrained`, the LoRA adapter from its
+`get_peft_model` with every `lora.*` setting; conversations are rendered with the tokenizer's own chat
+template. The run is recorded in MLflow: parameters, the trainer's per-step metrics, and the adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages import params
+from stages.model import ModelConfig, load_base, mixed_precision
+from stages.params import require
+from stages.tracking import (
+    TrackingConfig,
+    adapter_digest,
+    git_commit,
+    report,
+    store_root,
+    tracking_uri,
+    use_experiment,
+)
+
+log = logging.getLogger("train")
+
+LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int  # adapter rank
+    target_modules: list[str] = field(default_factory=list)  # projections that get an adapter
+    lora_alpha: int = 16  # scaling: the update is multiplied by lora_alpha / r
+    lora_dropout: float = 0.0  # dropout on the adapter input
+    bias: str = "none"  # which biases train: none, all or lora_only
+    use_gradient_checkpointing: str | bool = "unsloth"  # "unsloth", true or false
+    random_state: int = 42  # seed of the adapter's initialisation
+    use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
+    loftq_config: dict[str, Any] | None = None  # LoftQ initialisation; null = off
+
+    def __post_init__(self) -> None:
+        require(self.r >= 1, f"lora.r must be >= 1, got {self.r}")
+        require(bool(self.target_modules), "lora.target_modules must name at least one module")
+        require(self.lora_alpha > 0, f"lora.lora_alpha must be > 0, got {self.lora_alpha}")
+        require(0.0 <= self.lora_dropout < 1.0, f"lora.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require(
+            self.bias in ("none", "all", "lora_only"), f"lora.bias must be none, all or lora_only, got {self.bias!r}"
+        )
+        require(
+            self.use_gradient_checkpointing in ("unsloth", True, False),
+            'lora.use_gradient_checkpointing must be "unsloth", true or false, '
+            f"got {self.use_gradient_checkpointing!r}",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    per_device_train_batch_size: int  # sequences per forward pass
+    gradient_accumulation_steps: int  # forward passes per optimizer step
+    learning_rate: float  # peak learning rate
+    max_steps: int  # optimizer steps; -1 = train num_train_epochs epochs
+    num_train_epochs: float  # epochs, when max_steps is -1
+    warmup_steps: int  # linear warm-up steps
+    weight_decay: float  # AdamW weight decay
+    optim: str  # transformers optimizer name
+    lr_scheduler_type: str  # learning-rate schedule after warm-up
+    logging_steps: int  # steps between logged metrics
+    seed: int  # seed of data order and dropout
+
+    def __post_init__(self) -> None:
+        require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
+        require(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
+        require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
+        require(
+            self.max_steps == -1 or self.max_steps >= 1, f"train.max_steps must be -1 or >= 1, got {self.max_steps}"
+        )
+        require(self.num_train_epochs > 0, f"train.num_train_epochs must be > 0, got {self.num_train_epochs}")
+        require(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
+
+
+def loss_rows(log_history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """The per-step training records of a Trainer's `log_history`, for the loss plot.
+
+    `[{"loss": 2.0, "step": 1, "learning_rate": 1e-4, "grad_norm": 0.5}, {"train_runtime": 3.0, "step": 1}]`
+    -> `[{"step": 1, "loss": 2.0, "learning_rate": 1e-4, "grad_norm": 0.5}]`
+    """
+    return [{key: entry.get(key) for key in LOSS_COLUMNS} for entry in log_history if "loss" in entry]
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_name(environ: dict[str, str]) -> str | None:
+    """Name the MLflow run after the DVC experiment, when there is one."""
+    return environ.get("DVC_EXP_NAME") or None
+
+
+def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import mlflow
+    import unsloth  # noqa: F401  # before trl and peft, so its patches apply
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    model_config = params.load(ModelConfig, params_path, "model")
+    lora = params.load(LoraConfig, params_path, "lora")
+    train_config = params.load(TrainConfig, params_path, "train")
+    tracking = params.load(TrackingConfig, params_path, "tracking")
+    resolved = {
+        **params.flatten("model", model_config),
+        **params.flatten("lora", lora),
+        **params.flatten("train", train_config),
+    }
+    log.info("config: %s", resolved)
+
+    # --- data: role/content conversations, which SFTTrainer renders with the tokenizer's chat template
+    dataset = Dataset.from_parquet(str(data / "train.parquet")).rename_column("conversations", "messages")
+    log.info("training conversations: %d", len(dataset))
+
+    # --- tracking: one MLflow run per training, at the repo root's store
+    root = store_root(os.environ, Path.cwd())
+    use_experiment(tracking_uri(os.environ, root), tracking.experiment_name, root / "mlartifacts")
+    with mlflow.start_run(run_name=run_name(dict(os.environ))) as run:
+        mlflow.set_tags(
+            {"git_commit": git_commit(Path.cwd()), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"}
+        )
+        mlflow.log_params(resolved)
+
+        # --- model: 4-bit base + LoRA adapter
+        model, tokenizer = load_base(model_config)
+        model = FastLanguageModel.get_peft_model(model, **asdict(lora))
+
+        with tempfile.TemporaryDirectory(prefix="train-") as output_dir:
+            trainer = SFTTrainer(
+                model=model,
+                processing_class=tokenizer,
+                train_dataset=dataset,
+                args=SFTConfig(
+                    output_dir=output_dir,
+                    max_length=model_config.max_seq_length,
+                    save_strategy="no",
+                    report_to=["mlflow"],
+                    **mixed_precision(),
+                    **asdict(train_config),
+                ),
+            )
+            result = trainer.train()
+
+        # --- outputs: adapter + tokenizer, metrics, loss curve, MLflow artifacts
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        write_csv(plot, loss_rows(trainer.state.log_history), LOSS_COLUMNS)
+        trainable, total = model.get_nb_trainable_parameters()
+        report(
+            {
+                "train_loss": result.training_loss,
+                "train_runtime": result.metrics["train_runtime"],
+                "train_samples_per_second": result.metrics["train_samples_per_second"],
+                "global_step": result.global_step,
+                "train_conversations": len(dataset),
+                "trainable_parameters": trainable,
+                "total_parameters": total,
+            },
+            metrics,
+            prefix="train",
+        )
+        mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+        mlflow.set_tag("adapter_sha256", adapter_digest(adapter))
+        log.info("run %s: adapter -> %s, metrics -> %s, loss curve -> %s", run.info.run_id, adapter, metrics, plot)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--adapter", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, required=True)
+    args = parser.parse_args()
+    main(args.params, args.data, args.adapter, args.metrics, args.plot)
