@@ -18,6 +18,7 @@ demo: install
 	python -m demo.run
 
 test: install
+	ruff check .
 	python -m pytest
 
 lint: install

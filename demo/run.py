@@ -2,7 +2,7 @@
 
     python -m demo.run            # what `make demo` runs
 
-It builds the tiny DeepSeek-architecture model if it is missing, then runs `dvc exp run --temp` with the
+It builds the tiny DeepSeek-architecture model, then runs `dvc exp run --temp` with the
 overrides of `demo/params.yaml`: the experiment runs in a temporary copy, so the real run's `params.yaml` and
 `dvc.lock` stay untouched, and its metrics appear in `dvc exp show` and its run in the MLflow store.
 """
@@ -46,8 +46,8 @@ def apply_overrides(
 
 
 def main() -> None:
-    if not (TINY_MODEL / "config.json").exists():
-        subprocess.run([sys.executable, "-m", "demo.tiny_model", str(SAMPLE), str(TINY_MODEL)], check=True)
+    # rebuilt every time (a second): deterministic, and never a stale copy from an older demo/tiny_model.py
+    subprocess.run([sys.executable, "-m", "demo.tiny_model", str(SAMPLE), str(TINY_MODEL)], check=True)
     overrides = yaml.safe_load(OVERRIDES.read_text(encoding="utf-8"))
     apply_overrides(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")), overrides)  # fail fast
     name = time.strftime("demo-%Y%m%d-%H%M%S")

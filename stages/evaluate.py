@@ -129,8 +129,8 @@ def find_training_run(experiment_name: str, digest: str) -> str | None:
 
 def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
-    import unsloth  # noqa: F401  # before transformers and peft, so its patches apply
     from datasets import Dataset
     from peft import PeftModel
     from unsloth import FastLanguageModel

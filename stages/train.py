@@ -111,12 +111,35 @@ def run_name(environ: dict[str, str]) -> str | None:
     return environ.get("DVC_EXP_NAME") or None
 
 
+def make_trainer(
+    model: Any, tokenizer: Any, dataset: Any, model_config: ModelConfig, config: TrainConfig, output_dir: Path
+) -> Any:
+    """TRL's SFTTrainer over role/content `messages`, with the `train.*` settings passed straight through.
+
+    Precision follows the hardware; per-step metrics go to the active MLflow run; checkpoints are not kept.
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    return SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        args=SFTConfig(
+            output_dir=str(output_dir),
+            max_length=model_config.max_seq_length,
+            save_strategy="no",
+            report_to=["mlflow"],
+            **mixed_precision(),
+            **asdict(config),
+        ),
+    )
+
+
 def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
-    import unsloth  # noqa: F401  # before trl and peft, so its patches apply
     from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
     model_config = params.load(ModelConfig, params_path, "model")
@@ -148,19 +171,7 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
         model = FastLanguageModel.get_peft_model(model, **asdict(lora))
 
         with tempfile.TemporaryDirectory(prefix="train-") as output_dir:
-            trainer = SFTTrainer(
-                model=model,
-                processing_class=tokenizer,
-                train_dataset=dataset,
-                args=SFTConfig(
-                    output_dir=output_dir,
-                    max_length=model_config.max_seq_length,
-                    save_strategy="no",
-                    report_to=["mlflow"],
-                    **mixed_precision(),
-                    **asdict(train_config),
-                ),
-            )
+            trainer = make_trainer(model, tokenizer, dataset, model_config, train_config, Path(output_dir))
             result = trainer.train()
 
         # --- outputs: adapter + tokenizer, metrics, loss curve, MLflow artifacts

@@ -1,0 +1,31 @@
+"""standardize: ShareGPT from/value turns become role/content messages, text unchanged."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from stages.standardize import StandardizeConfig, standardize
+
+CONFIG = StandardizeConfig(
+    aliases_for_system=["system"],
+    aliases_for_user=["user", "human", "input"],
+    aliases_for_assistant=["gpt", "assistant", "output"],
+)
+
+
+def test_roles_are_mapped_and_text_kept() -> None:
+    conversations = [
+        [
+            {"from": "human", "value": "What is EBITDA?"},
+            {"from": "gpt", "value": "Earnings before interest, taxes, depreciation and amortization."},
+            {"from": "human", "value": "And free cash flow?"},
+            {"from": "gpt", "value": "Operating cash flow minus capital expenditures."},
+        ]
+    ]
+    result = standardize(Dataset.from_dict({"conversations": conversations}), CONFIG)
+    assert result[0]["conversations"] == [
+        {"role": "user", "content": "What is EBITDA?"},
+        {"role": "assistant", "content": "Earnings before interest, taxes, depreciation and amortization."},
+        {"role": "user", "content": "And free cash flow?"},
+        {"role": "assistant", "content": "Operating cash flow minus capital expenditures."},
+    ]

@@ -1,0 +1,74 @@
+"""to_sharegpt: unsloth's conversion with the seed's merged prompt; whitespace-only system cells count as empty."""
+
+from __future__ import annotations
+
+import pytest
+from datasets import Dataset
+from unsloth.chat_templates import to_sharegpt
+
+from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, prompt_columns
+
+CONFIG = ToSharegptConfig(
+    merged_prompt="{user}[[\nYour input is:\n{system}]]",
+    output_column_name="assistant",
+    conversation_extension=3,
+    random_state=3407,
+)
+
+
+def first_turn(system: str) -> list[dict[str, str]]:
+    dataset = Dataset.from_list([{"system": system, "user": "What is beta?", "assistant": "Market sensitivity."}])
+    return convert(dataset, CONFIG, conversation_extension=1)[0]["conversations"]
+
+
+def test_merged_prompt_with_system() -> None:
+    assert first_turn("Acme has beta 1.2.") == [
+        {"from": "human", "value": "What is beta?\nYour input is:\nAcme has beta 1.2."},
+        {"from": "gpt", "value": "Market sensitivity."},
+    ]
+
+
+@pytest.mark.parametrize("system", ["", "\n", "  \t\n"])
+def test_empty_or_whitespace_system_leaves_the_optional_part_out(system: str) -> None:
+    assert first_turn(system)[0] == {"from": "human", "value": "What is beta?"}
+
+
+def test_extension_merges_three_rows_per_training_conversation(sample_rows: list[dict[str, str]]) -> None:
+    dataset = Dataset.from_list(sample_rows[:30])
+    converted = convert(dataset, CONFIG, conversation_extension=3)
+    assert len(converted) == 30
+    assert all(len(row["conversations"]) == 6 for row in converted)
+    assert [turn["from"] for turn in converted[0]["conversations"]] == ["human", "gpt"] * 3
+    single = convert(dataset, CONFIG, conversation_extension=1)
+    assert all(len(row["conversations"]) == 2 for row in single)
+
+
+def test_output_is_unsloths_own_on_blanked_input(sample_rows: list[dict[str, str]]) -> None:
+    dataset = Dataset.from_list(sample_rows[:40])
+    ours = convert(dataset, CONFIG, conversation_extension=3)
+    theirs = to_sharegpt(
+        blank_whitespace(dataset, ["user", "system"]),
+        merged_prompt=CONFIG.merged_prompt,
+        output_column_name="assistant",
+        conversation_extension=3,
+    )
+    assert ours.to_list() == theirs.to_list()
+
+
+def test_blank_whitespace_touches_only_whitespace_cells() -> None:
+    dataset = Dataset.from_list([{"system": "\n", "user": " q "}, {"system": "ctx", "user": "\t"}])
+    assert blank_whitespace(dataset, ["system", "user"]).to_list() == [
+        {"system": "", "user": " q "},
+        {"system": "ctx", "user": ""},
+    ]
+
+
+def test_prompt_columns() -> None:
+    assert prompt_columns("{user}[[\nYour input is:\n{system}]]") == ["user", "system"]
+
+
+def test_prompt_without_columns_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"to_sharegpt.merged_prompt must name a \{column\}"):
+        ToSharegptConfig(
+            merged_prompt="no columns", output_column_name="assistant", conversation_extension=1, random_state=0
+        )
