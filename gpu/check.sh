@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU check: the whole pipeline on the demo's settings, but on CUDA with the real 4-bit path and 8-bit AdamW.
+#   bash gpu/check.sh        # on a CUDA PyTorch image, after gpu/bundle.sh made gpu/site.tar.xz here
+# DVC need not be installed: demo/run_stages.py runs dvc.yaml's commands in order, in a scratch copy.
+# Every step has a time limit; a step that overruns is sent SIGABRT, and faulthandler prints where it hung.
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+site=${SITE:-/tmp/site}
+[ -d "$site/unsloth" ] || { mkdir -p "$site" && tar -xJf "$src/gpu/site.tar.xz" -C "$site"; }
+work=$(mktemp -d)
+cp -r "$src/dvc.yaml" "$src/params.yaml" "$src/stages" "$src/demo" "$src/data" "$work/"
+cd "$work"
+mkdir bin
+printf '#!/bin/sh\nexec %s -X faulthandler "$@"\n' "$(command -v python3)" > bin/python
+chmod +x bin/python
+export PATH="$work/bin:$PATH" PYTHONPATH="$site:$work" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
+quiet() { grep --line-buffered -vE 'it/s\]|examples/s\]|s/it\]|_pytree|Warning' || true; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU found"
+timeout -s ABRT "${IMPORT_LIMIT:-240}" python -c \
+  "import time; t = time.time(); import unsloth; print(f'import unsloth: {time.time() - t:.0f} s')" 2>&1 | quiet
+python -m demo.tiny_model data/sample/finance_instruct_sample.jsonl models/tiny-deepseek 2>&1 | tail -1
+timeout -s ABRT "${PIPELINE_LIMIT:-420}" python -m demo.run_stages --set train.optim=adamw_8bit 2>&1 | quiet
+cat metrics/train.json metrics/evaluate.json
+python -c "
+import mlflow
+for r in mlflow.search_runs(experiment_names=['finance-deepseek'], output_format='list'):
+    print('MLflow run', r.info.status, 'loss points:', len(mlflow.MlflowClient().get_metric_history(r.info.run_id, 'loss')))
+"
