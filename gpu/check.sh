@@ -13,7 +13,7 @@ cd "$work"
 mkdir bin
 printf '#!/bin/sh\nexec %s -X faulthandler "$@"\n' "$(command -v python3)" > bin/python
 chmod +x bin/python
-export PATH="$work/bin:$PATH" PYTHONPATH="$site:$work" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PATH="$work/bin:$PATH" PYTHONPATH="$site:$work" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_ENABLE_LOGGING=1
 export MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
 quiet() { grep --line-buffered -vE 'it/s\]|examples/s\]|s/it\]|_pytree|Warning' || true; }
 

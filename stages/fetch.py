@@ -1,19 +1,24 @@
-"""fetch: load Finance-Instruct-500k (or a local file in its schema), check it, hold out the evaluation rows.
+"""fetch: load Finance-Instruct-500k (or a local file in its schema), check and clean it, hold out evaluation rows.
 
     python -m stages.fetch --out data/raw --metrics metrics/fetch.json
 
-The evaluation split is drawn here, before `to_sharegpt` merges rows into conversations, so no held-out row can
-ever appear inside a training conversation.
+Every row's fate is counted: `rows_in = rows_kept + sum(dropped_*)`, checked here and written to
+`metrics/fetch.json` with where the data came from. Exact duplicates are dropped before the held-out draw, and the
+draw happens before `to_sharegpt` merges rows into conversations, so no held-out row can appear in training.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from datasets import Dataset, Value, load_dataset
+from datasets import Dataset, Features, Value, load_dataset
 
 from stages import params
 from stages.params import require
@@ -32,36 +37,152 @@ class FetchConfig:
     split: str  # Hub split to load
     eval_size: int  # rows held out for evaluation
     seed: int  # seed of the held-out draw
+    drop_empty_user: bool  # drop rows whose question is null, empty or whitespace
+    drop_empty_answer: bool  # drop rows whose answer is null, empty or whitespace
+    drop_duplicates: bool  # drop exact repeats of (system, user, assistant), keeping the first
 
     def __post_init__(self) -> None:
         require(bool(self.dataset.strip()), "fetch.dataset must not be empty")
         require(self.eval_size >= 1, f"fetch.eval_size must be >= 1, got {self.eval_size}")
 
 
-def load(config: FetchConfig) -> Dataset:
-    """Load the dataset from a local file (by its suffix) or from the Hugging Face Hub."""
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_jsonl(path: Path) -> Dataset:
+    """Read a JSON-lines file, naming the line of the first undecodable, unparsable or non-text cell."""
+    rows = []
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+            for column in TEXT_COLUMNS:
+                cell = row.get(column)
+                if cell is not None and not isinstance(cell, str):
+                    raise ValueError(
+                        f"{path} line {number}: column '{column}' holds {type(cell).__name__} {cell!r}, expected text"
+                    )
+            rows.append(row)
+    if not rows:
+        return Dataset.from_dict({column: [] for column in TEXT_COLUMNS})
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns})
+
+
+def load(config: FetchConfig) -> tuple[Dataset, dict[str, Any]]:
+    """Load the dataset from a local file (by its suffix) or the Hugging Face Hub; return it and its provenance."""
     suffix = Path(config.dataset).suffix.lower()
     if suffix in LOCAL_FORMATS:
         path = Path(config.dataset)
         if not path.is_file():
             raise FileNotFoundError(f"fetch.dataset: no such file: {path}")
-        return load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
-    return load_dataset(config.dataset, split=config.split, revision=config.revision)
+        if suffix == ".jsonl":
+            dataset = read_jsonl(path)
+        else:
+            try:
+                dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
+            except Exception as error:  # datasets wraps the parser's error; name the file, keep the cause
+                cause = error.__cause__ or error
+                raise ValueError(f"{path}: cannot be read as {suffix[1:]}: {cause}") from error
+        return dataset, {"source": str(path), "sha256": sha256_file(path)}
+    dataset = load_dataset(config.dataset, split=config.split, revision=config.revision)
+    return dataset, {
+        "source": config.dataset,
+        "requested_revision": config.revision,
+        "resolved_revision": resolved_revision(dataset),
+    }
 
 
-def check_schema(dataset: Dataset) -> None:
-    """Raise naming the column when a text column is missing or not of string type."""
+def resolved_revision(dataset: Dataset) -> str | None:
+    """The Hub commit a loaded dataset came from: the last folder of its cache path (`.../0.0.0/<commit>/...`)."""
+    for cache_file in dataset.cache_files:
+        for part in reversed(Path(cache_file["filename"]).parts[:-1]):
+            if len(part) == 40 and all(c in "0123456789abcdef" for c in part):
+                return part
+    return None
+
+
+def check_schema(dataset: Dataset) -> list[str]:
+    """Raise naming the column when a text column is missing or not text; return the columns that are ignored."""
     found = list(dataset.column_names)
+    if "conversations" in found and "user" not in found:
+        raise ValueError(
+            "dataset is already in ShareGPT form (a 'conversations' column); this pipeline converts "
+            f"{list(TEXT_COLUMNS)} rows itself with to_sharegpt, so give it rows in that schema"
+        )
     for column in TEXT_COLUMNS:
         if column not in found:
             raise ValueError(f"dataset has no '{column}' column; expected {list(TEXT_COLUMNS)}, found {found}")
         feature = dataset.features[column]
-        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")):
             raise ValueError(f"column '{column}' must hold text, found {feature}")
+    return [column for column in found if column not in TEXT_COLUMNS]
+
+
+def fate(row: dict[str, str | None], seen: set[bytes], config: FetchConfig) -> str:
+    """Why a row is dropped, or `kept`. `seen` collects the digests of the rows kept so far."""
+    if config.drop_empty_user and not (row["user"] or "").strip():
+        return "empty_user"
+    if config.drop_empty_answer and not (row["assistant"] or "").strip():
+        return "empty_answer"
+    if config.drop_duplicates:
+        key = hashlib.blake2b(
+            json.dumps([row[column] or "" for column in TEXT_COLUMNS]).encode(), digest_size=16
+        ).digest()
+        if key in seen:
+            return "duplicate"
+        seen.add(key)
+    return "kept"
+
+
+def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int]]:
+    """Keep the text columns, null cells as `""`; drop rows by the enabled rules; count every row's fate.
+
+    `[{"system": None, "user": "q", "assistant": ""}]` -> no rows, `{"rows_in": 1, "dropped_empty_answer": 1, ...}`.
+    """
+    columns = dataset.select_columns(list(TEXT_COLUMNS)).to_dict()
+    rows = [dict(zip(TEXT_COLUMNS, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    seen: set[bytes] = set()
+    fates = [fate(row, seen, config) for row in rows]
+    kept = {
+        column: [row[column] or "" for row, f in zip(rows, fates, strict=True) if f == "kept"]
+        for column in TEXT_COLUMNS
+    }
+    tally = Counter(fates)
+    counts = {
+        "rows_in": len(rows),
+        "rows_kept": tally["kept"],
+        "null_cells_as_empty": sum(row[column] is None for row in rows for column in TEXT_COLUMNS),
+        **{f"dropped_{reason}": tally[reason] for reason in ("empty_user", "empty_answer", "duplicate")},
+    }
+    dropped = sum(value for key, value in counts.items() if key.startswith("dropped_"))
+    assert counts["rows_in"] == counts["rows_kept"] + dropped, f"row accounting does not add up: {counts}"
+    return Dataset.from_dict(kept, features=Features({column: Value("string") for column in TEXT_COLUMNS})), counts
 
 
 def split(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Dataset]:
     """Draw `eval_size` held-out rows at random (by `seed`); return `(train, eval)`, disjoint by row."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no rows left to train on")
     if eval_size >= len(dataset):
         raise ValueError(f"fetch.eval_size ({eval_size}) must be smaller than the dataset ({len(dataset)} rows)")
     parts = dataset.train_test_split(test_size=eval_size, seed=seed, shuffle=True)
@@ -73,16 +194,19 @@ def main(params_path: Path, out: Path, metrics: Path) -> None:
     config = params.load(FetchConfig, params_path, "fetch")
     log.info("config: %s", asdict(config))
 
-    dataset = load(config)
-    check_schema(dataset)
-    train, held_out = split(dataset, config.eval_size, config.seed)
+    dataset, provenance = load(config)
+    ignored = check_schema(dataset)
+    if ignored:
+        log.info("ignoring columns not in the schema: %s", ignored)
+    cleaned, counts = clean(dataset, config)
+    train, held_out = split(cleaned, config.eval_size, config.seed)
 
     out.mkdir(parents=True, exist_ok=True)
     train.to_parquet(out / "train.parquet")
     held_out.to_parquet(out / "eval.parquet")
-    counts = {"rows": len(dataset), "train_rows": len(train), "eval_rows": len(held_out)}
-    write_json(metrics, counts)
-    log.info("wrote %s to %s, metrics to %s", counts, out, metrics)
+    report = {**counts, "ignored_columns": len(ignored), "train_rows": len(train), "eval_rows": len(held_out)}
+    write_json(metrics, {**report, "provenance": provenance})
+    log.info("wrote %s to %s, metrics to %s", report, out, metrics)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """standardize: map ShareGPT turns to role/content messages with unsloth's `standardize_sharegpt`.
 
-    python -m stages.standardize --data data/sharegpt --out data/standardized
+    python -m stages.standardize --data data/sharegpt --out data/standardized --metrics metrics/standardize.json
 
 `{"from": "human", "value": ...}` becomes `{"role": "user", "content": ...}` and `gpt` becomes `assistant`,
 the form that chat templates and TRL's `SFTTrainer` read.
@@ -17,6 +17,7 @@ from datasets import Dataset
 
 from stages import params
 from stages.params import require
+from stages.tracking import write_json
 
 log = logging.getLogger("standardize")
 
@@ -39,16 +40,21 @@ def standardize(dataset: Dataset, config: StandardizeConfig) -> Dataset:
     return standardize_sharegpt(dataset, **asdict(config))
 
 
-def main(params_path: Path, data: Path, out: Path) -> None:
+def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(StandardizeConfig, params_path, "standardize")
     log.info("config: %s", asdict(config))
 
     out.mkdir(parents=True, exist_ok=True)
+    counts = {}
     for split in ("train", "eval"):
-        dataset = standardize(Dataset.from_parquet(str(data / f"{split}.parquet")), config)
-        dataset.to_parquet(out / f"{split}.parquet")
-        log.info("%s: %d conversations -> %s", split, len(dataset), out / f"{split}.parquet")
+        sharegpt = Dataset.from_parquet(str(data / f"{split}.parquet"))
+        standardized = standardize(sharegpt, config)
+        assert len(standardized) == len(sharegpt), f"{split}: {len(sharegpt)} in, {len(standardized)} out"
+        standardized.to_parquet(out / f"{split}.parquet")
+        counts |= {f"{split}_conversations_in": len(sharegpt), f"{split}_conversations": len(standardized)}
+        log.info("%s: %d conversations -> %s", split, len(standardized), out / f"{split}.parquet")
+    write_json(metrics, counts)
 
 
 if __name__ == "__main__":
@@ -56,5 +62,6 @@ if __name__ == "__main__":
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    main(args.params, args.data, args.out)
+    main(args.params, args.data, args.out, args.metrics)

@@ -1,6 +1,6 @@
 """to_sharegpt: turn system/user/assistant rows into ShareGPT conversations with unsloth's own `to_sharegpt`.
 
-    python -m stages.to_sharegpt --data data/raw --out data/sharegpt
+    python -m stages.to_sharegpt --data data/raw --out data/sharegpt --metrics metrics/to_sharegpt.json
 
 Training rows are merged `conversation_extension` at a time into multi-turn conversations, as unsloth does;
 held-out rows stay single-turn so that each is scored on its own.
@@ -18,6 +18,7 @@ from datasets import Dataset
 
 from stages import params
 from stages.params import require
+from stages.tracking import write_json
 
 log = logging.getLogger("to_sharegpt")
 
@@ -72,16 +73,31 @@ def convert(dataset: Dataset, config: ToSharegptConfig, conversation_extension: 
     )
 
 
-def main(params_path: Path, data: Path, out: Path) -> None:
+def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
+    """How many cells of `columns` are non-empty but whitespace only (those `blank_whitespace` empties)."""
+    return sum(isinstance(cell, str) and cell != "" and not cell.strip() for c in columns for cell in dataset[c])
+
+
+def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
     log.info("config: %s", asdict(config))
 
     out.mkdir(parents=True, exist_ok=True)
+    counts = {}
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):
-        dataset = convert(Dataset.from_parquet(str(data / f"{split}.parquet")), config, extension)
-        dataset.to_parquet(out / f"{split}.parquet")
-        log.info("%s: %d conversations -> %s", split, len(dataset), out / f"{split}.parquet")
+        rows = Dataset.from_parquet(str(data / f"{split}.parquet"))
+        conversations = convert(rows, config, extension)
+        # unsloth's extension pairs each row with shuffled copies: one conversation per row, none dropped
+        assert len(conversations) == len(rows), f"{split}: {len(rows)} rows became {len(conversations)} conversations"
+        conversations.to_parquet(out / f"{split}.parquet")
+        counts |= {
+            f"{split}_rows_in": len(rows),
+            f"{split}_conversations": len(conversations),
+            f"{split}_whitespace_cells_blanked": whitespace_cells(rows, prompt_columns(config.merged_prompt)),
+        }
+        log.info("%s: %d conversations -> %s", split, len(conversations), out / f"{split}.parquet")
+    write_json(metrics, counts)
 
 
 if __name__ == "__main__":
@@ -89,5 +105,6 @@ if __name__ == "__main__":
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    main(args.params, args.data, args.out)
+    main(args.params, args.data, args.out, args.metrics)

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from datasets import Dataset
 
 from demo.run import apply_overrides
 
@@ -28,6 +29,8 @@ OUTPUTS = [
     "models/adapter/adapter_config.json",
     "models/adapter/tokenizer.json",
     "metrics/fetch.json",
+    "metrics/to_sharegpt.json",
+    "metrics/standardize.json",
     "metrics/train.json",
     "metrics/train_loss.csv",
     "metrics/evaluate.json",
@@ -113,6 +116,29 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_.info.run_id, "adapter")}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= artifacts
     assert run_.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+def test_no_held_out_row_appears_in_a_training_conversation(repo: Path, first_repro: str) -> None:
+    def pairs(conversation: list[dict[str, str]]) -> list[tuple[str, str]]:
+        return [(q["content"], a["content"]) for q, a in zip(conversation[::2], conversation[1::2], strict=True)]
+
+    train = Dataset.from_parquet(str(repo / "data/standardized/train.parquet"))
+    held_out = Dataset.from_parquet(str(repo / "data/standardized/eval.parquet"))
+    held_out_pairs = {pair for conversation in held_out["conversations"] for pair in pairs(conversation)}
+    assert len(held_out_pairs) == 40
+    assert all(len(conversation) == 6 for conversation in train["conversations"])  # conversation_extension 3
+    trained = {pair for conversation in train["conversations"] for pair in pairs(conversation)}
+    assert trained.isdisjoint(held_out_pairs)
+
+
+def test_data_stages_rerun_give_byte_identical_outputs(repo: Path, first_repro: str) -> None:
+    def data_hashes() -> dict[str, str]:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+        return {out["path"]: out["md5"] for stage in DATA_STAGES for out in lock[stage]["outs"]}
+
+    before = data_hashes()
+    assert ran_stages(dvc("repro", "--force", "standardize", cwd=repo)) == set(DATA_STAGES)
+    assert data_hashes() == before
 
 
 def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:

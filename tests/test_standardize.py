@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datasets import Dataset
+from unsloth import standardize_sharegpt
 
 from stages.standardize import StandardizeConfig, standardize
 
@@ -29,3 +30,12 @@ def test_roles_are_mapped_and_text_kept() -> None:
         {"role": "user", "content": "And free cash flow?"},
         {"role": "assistant", "content": "Operating cash flow minus capital expenditures."},
     ]
+
+
+def test_output_is_unsloths_own(sample_rows: list[dict[str, str]]) -> None:
+    conversations = [
+        [{"from": "human", "value": row["user"]}, {"from": "gpt", "value": row["assistant"]}]
+        for row in sample_rows[:50]
+    ]
+    dataset = Dataset.from_dict({"conversations": conversations})
+    assert standardize(dataset, CONFIG).to_list() == standardize_sharegpt(dataset).to_list()
