@@ -125,7 +125,7 @@ def test_every_row_is_kept_or_counted_by_reason() -> None:
             {"system": None, "user": "q2", "assistant": "a2"},  # null system: kept as ""
             {"system": "\n", "user": "q3", "assistant": "a3"},  # whitespace system: kept (to_sharegpt blanks it)
             {"system": "", "user": None, "assistant": "a4"},  # null question
-            {"system": "", "user": "  \n", "assistant": "a5"},  # whitespace question
+            {"system": "", "user": " \u00a0\n", "assistant": "a5"},  # whitespace question (a no-break space too)
             {"system": "", "user": "q6", "assistant": ""},  # empty answer
             {"system": "", "user": "q7", "assistant": None},  # null answer
             {"system": "", "user": "q1", "assistant": "a1"},  # duplicate of the first

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from datasets import Dataset
 from unsloth.chat_templates import to_sharegpt
 
-from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, prompt_columns
+from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, prompt_columns, write_extended
 
 CONFIG = ToSharegptConfig(
     merged_prompt="{user}[[\nYour input is:\n{system}]]",
@@ -18,7 +20,12 @@ CONFIG = ToSharegptConfig(
 
 def first_turn(system: str) -> list[dict[str, str]]:
     dataset = Dataset.from_list([{"system": system, "user": "What is beta?", "assistant": "Market sensitivity."}])
-    return convert(dataset, CONFIG, conversation_extension=1)[0]["conversations"]
+    return convert(dataset, CONFIG)[0]["conversations"]
+
+
+def extended(dataset: Dataset, extension: int, random_state: int, path: Path, rows_per_batch: int = 7) -> Dataset:
+    write_extended(convert(dataset, CONFIG), extension, random_state, path, rows_per_batch)
+    return Dataset.from_parquet(str(path))
 
 
 def test_merged_prompt_with_system() -> None:
@@ -33,24 +40,30 @@ def test_empty_or_whitespace_system_leaves_the_optional_part_out(system: str) ->
     assert first_turn(system)[0] == {"from": "human", "value": "What is beta?"}
 
 
-def test_extension_merges_three_rows_per_training_conversation(sample_rows: list[dict[str, str]]) -> None:
+def test_extension_merges_three_rows_per_training_conversation(
+    sample_rows: list[dict[str, str]], tmp_path: Path
+) -> None:
     dataset = Dataset.from_list(sample_rows[:30])
-    converted = convert(dataset, CONFIG, conversation_extension=3)
+    converted = extended(dataset, 3, 3407, tmp_path / "train.parquet")
     assert len(converted) == 30
     assert all(len(row["conversations"]) == 6 for row in converted)
     assert [turn["from"] for turn in converted[0]["conversations"]] == ["human", "gpt"] * 3
-    single = convert(dataset, CONFIG, conversation_extension=1)
-    assert all(len(row["conversations"]) == 2 for row in single)
+    single = extended(dataset, 1, 3407, tmp_path / "eval.parquet")
+    assert single.to_list() == convert(dataset, CONFIG).to_list()
 
 
-def test_output_is_unsloths_own_on_blanked_input(sample_rows: list[dict[str, str]]) -> None:
-    dataset = Dataset.from_list(sample_rows[:40])
-    ours = convert(dataset, CONFIG, conversation_extension=3)
+@pytest.mark.parametrize(("extension", "random_state", "rows_per_batch"), [(3, 3407, 7), (2, 1, 1000), (4, 42, 64)])
+def test_output_is_unsloths_own_on_blanked_input(
+    sample_rows: list[dict[str, str]], tmp_path: Path, extension: int, random_state: int, rows_per_batch: int
+) -> None:
+    dataset = Dataset.from_list(sample_rows)
+    ours = extended(dataset, extension, random_state, tmp_path / "train.parquet", rows_per_batch)
     theirs = to_sharegpt(
         blank_whitespace(dataset, ["user", "system"]),
         merged_prompt=CONFIG.merged_prompt,
         output_column_name="assistant",
-        conversation_extension=3,
+        conversation_extension=extension,
+        random_state=random_state,
     )
     assert ours.to_list() == theirs.to_list()
 

@@ -1,0 +1,154 @@
+"""Benchmark: fetch -> to_sharegpt -> standardize on 518,185 rows shaped like Finance-Instruct-500k.
+
+    python -m benchmarks.data_stages [--rows 518185] [--work /tmp/bench-data]
+
+Generates rows with the real data's length mix (answers ~1 kB, questions ~400 B, a quarter of the system
+prompts non-empty, many `"\\n"`), runs each stage of this project as its own process (`python -m stages.<name>`,
+as `dvc repro` does), and, in the same run, the seed's way: unsloth's `to_sharegpt(..., conversation_extension=3)`
+then `standardize_sharegpt`, called directly. Prints wall time and peak resident memory per step, and whether
+the project's training conversations equal the seed's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+WORDS = (
+    "revenue margin equity bond yield coupon duration hedge option futures swap liquidity capital dividend "
+    "portfolio risk return volatility beta alpha inflation rate credit default spread leverage asset liability "
+    "cash flow valuation discount earnings ratio market index fund tax depreciation amortization"
+).split()
+
+
+def text(rng: random.Random, n_bytes: int) -> str:
+    words: list[str] = []
+    size = 0
+    while size < n_bytes:
+        word = rng.choice(WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words)
+
+
+def make_rows(n: int, seed: int) -> dict[str, list[str]]:
+    rng = random.Random(seed)
+    columns: dict[str, list[str]] = {"system": [], "user": [], "assistant": []}
+    for _ in range(n):
+        kind = rng.random()
+        system = text(rng, int(rng.expovariate(1 / 300)) + 20) if kind < 0.25 else "\n" if kind < 0.6 else ""
+        columns["system"].append(system)
+        columns["user"].append(text(rng, int(rng.expovariate(1 / 400)) + 10))
+        columns["assistant"].append(text(rng, int(rng.expovariate(1 / 1000)) + 10))
+    return columns
+
+
+def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run `command`, its output to `log`; return its wall seconds and peak resident memory in GB."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"{' '.join(command)} failed, see {log}:\n{log.read_text()[-3000:]}")
+    return wall, usage.ru_maxrss / 1024**2
+
+
+SEED_STYLE = """
+import sys, unsloth
+from datasets import Dataset
+from unsloth import standardize_sharegpt
+from unsloth.chat_templates import to_sharegpt
+rows = Dataset.from_parquet(sys.argv[1])
+rows = rows.map(lambda b: {"system": ["" if not s.strip() else s for s in b["system"]]}, batched=True)
+out = to_sharegpt(rows, merged_prompt="{user}[[\\nYour input is:\\n{system}]]", output_column_name="assistant",
+                  conversation_extension=3)
+standardize_sharegpt(out).to_parquet(sys.argv[2])
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=518_185)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"))
+    parser.add_argument("--skip-seed", action="store_true", help="leave out the seed-style baseline")
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # internal: write the rows and exit
+    args = parser.parse_args()
+    if args.generate:
+        from datasets import Dataset
+
+        Dataset.from_dict(make_rows(args.rows, seed=0)).to_parquet(str(args.generate))
+        return
+    root = Path(__file__).resolve().parents[1]
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_DATASETS_CACHE": str(work / "hf-cache")}
+
+    # rows are made in a child process: a fork inherits its parent's peak RSS, so this process stays small
+    source = work / "rows.parquet"
+    python = sys.executable
+    generate = [python, "-m", "benchmarks.data_stages", "--rows", str(args.rows), "--generate", str(source)]
+    subprocess.run(generate, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["fetch"] |= {"dataset": str(source), "eval_size": 500}
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+    steps = {
+        "fetch": [python, "-m", "stages.fetch", "--params", "params.yaml", "--out", "raw", "--metrics", "fetch.json"],
+        "to_sharegpt": [
+            python,
+            "-m",
+            "stages.to_sharegpt",
+            "--params",
+            "params.yaml",
+            "--data",
+            "raw",
+            "--out",
+            "sharegpt",
+            "--metrics",
+            "to_sharegpt.json",
+        ],
+        "standardize": [
+            python,
+            "-m",
+            "stages.standardize",
+            "--params",
+            "params.yaml",
+            "--data",
+            "sharegpt",
+            "--out",
+            "standardized",
+            "--metrics",
+            "standardize.json",
+        ],
+    }
+    results = {name: measured(command, work, env, work / f"{name}.log") for name, command in steps.items()}
+    total = sum(wall for wall, _ in results.values())
+    peak = max(rss for _, rss in results.values())
+    print(f"\n{args.rows:,} rows, {os.cpu_count()} cores\n")
+    print("| step | wall s | peak RSS GB |\n|---|---|---|")
+    for name, (wall, rss) in results.items():
+        print(f"| {name} | {wall:.1f} | {rss:.2f} |")
+    print(f"| **project, three stages** | **{total:.1f}** | **{peak:.2f}** |")
+    if not args.skip_seed:
+        seed_out = work / "seed.parquet"
+        seed_command = [python, "-c", SEED_STYLE, str(work / "raw" / "train.parquet"), str(seed_out)]
+        wall, rss = measured(seed_command, work, env, work / "seed.log")
+        from datasets import Dataset
+
+        print(f"| seed style (unsloth to_sharegpt + standardize_sharegpt, training rows) | {wall:.1f} | {rss:.2f} |")
+        ours = Dataset.from_parquet(str(work / "standardized" / "train.parquet"))["conversations"]
+        theirs = Dataset.from_parquet(str(seed_out))["conversations"]
+        print(f"\ntraining conversations identical to the seed style: {ours == theirs}")
+
+
+if __name__ == "__main__":
+    main()
