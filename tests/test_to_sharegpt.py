@@ -8,7 +8,14 @@ import pytest
 from datasets import Dataset
 from unsloth.chat_templates import to_sharegpt
 
-from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, prompt_columns, write_extended
+from stages.to_sharegpt import (
+    ToSharegptConfig,
+    blank_whitespace,
+    convert,
+    prompt_columns,
+    whitespace_cells,
+    write_extended,
+)
 
 CONFIG = ToSharegptConfig(
     merged_prompt="{user}[[\nYour input is:\n{system}]]",
@@ -85,3 +92,10 @@ def test_prompt_without_columns_is_refused() -> None:
         ToSharegptConfig(
             merged_prompt="no columns", output_column_name="assistant", conversation_extension=1, random_state=0
         )
+
+
+def test_whitespace_cells_counts_what_blanking_empties() -> None:
+    dataset = Dataset.from_dict({"system": ["\n", "", " a", "\t ", None], "user": ["q", "  ", "x", "y", "z"]})
+    blanked = blank_whitespace(dataset, ["system", "user"])
+    changed = sum(a != b for c in ("system", "user") for a, b in zip(dataset[c], blanked[c], strict=True))
+    assert whitespace_cells(dataset, ["system", "user"]) == changed == 3
