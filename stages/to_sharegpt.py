@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from datasets import Dataset
 
 from stages import params
@@ -125,15 +126,15 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):
         rows = Dataset.from_parquet(str(data / f"{split}.parquet"))
         write_extended(convert(rows, config), extension, config.random_state, out / f"{split}.parquet")
-        conversations = Dataset.from_parquet(str(out / f"{split}.parquet"))
+        conversations = pq.ParquetFile(out / f"{split}.parquet").metadata.num_rows  # counted without reading
         # the extension pairs each row with rows of shuffled copies: one conversation per row, none dropped
-        assert len(conversations) == len(rows), f"{split}: {len(rows)} rows became {len(conversations)} conversations"
+        assert conversations == len(rows), f"{split}: {len(rows)} rows became {conversations} conversations"
         counts |= {
             f"{split}_rows_in": len(rows),
-            f"{split}_conversations": len(conversations),
+            f"{split}_conversations": conversations,
             f"{split}_whitespace_cells_blanked": whitespace_cells(rows, prompt_columns(config.merged_prompt)),
         }
-        log.info("%s: %d conversations -> %s", split, len(conversations), out / f"{split}.parquet")
+        log.info("%s: %d conversations -> %s", split, conversations, out / f"{split}.parquet")
     write_json(metrics, counts)
 
 
