@@ -13,6 +13,7 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.parquet as pq
 from datasets import Dataset
@@ -44,20 +45,29 @@ def prompt_columns(merged_prompt: str) -> list[str]:
     return list(dict.fromkeys(re.findall(r"\{(\w+)\}", merged_prompt)))
 
 
+def whitespace_only(cells: Any) -> Any:
+    """Arrow mask of the cells that are non-empty and all whitespace; null cells are not."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.utf8_is_space(cells), False)
+
+
 def blank_whitespace(dataset: Dataset, columns: list[str]) -> Dataset:
     """Replace whitespace-only cells of `columns` with `""`.
 
     unsloth keeps an optional `[[...]]` part whenever its column is not exactly `""`; the real data's `"\\n"`
     system prompts would otherwise add an empty "Your input is:" block. `{"system": "\\n"}` -> `{"system": ""}`.
     """
+    import pyarrow.compute as pc
 
-    def blank(batch: dict[str, list]) -> dict[str, list]:
-        return {
-            column: ["" if isinstance(cell, str) and not cell.strip() else cell for cell in batch[column]]
-            for column in columns
-        }
+    def blank(batch: Any) -> Any:
+        for column in columns:
+            cells = batch[column]
+            blanked = pc.if_else(whitespace_only(cells), "", cells)
+            batch = batch.set_column(batch.schema.get_field_index(column), column, blanked)
+        return batch
 
-    return dataset.map(blank, batched=True, desc="Blanking whitespace-only cells")
+    return dataset.with_format("arrow").map(blank, batched=True, desc="Blanking whitespace-only cells").with_format()
 
 
 def convert(dataset: Dataset, config: ToSharegptConfig) -> Dataset:
@@ -113,7 +123,7 @@ def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
     """How many cells of `columns` are non-empty but whitespace only (those `blank_whitespace` empties)."""
     import pyarrow.compute as pc
 
-    return sum(int(pc.sum(pc.utf8_is_space(dataset.data.column(c))).as_py() or 0) for c in columns)
+    return sum(int(pc.sum(whitespace_only(dataset.data.column(c))).as_py()) for c in columns)
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
