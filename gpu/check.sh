@@ -18,8 +18,9 @@ export MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
 quiet() { grep --line-buffered -vE 'it/s\]|examples/s\]|s/it\]|_pytree|Warning' || true; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU found"
-timeout -s ABRT "${IMPORT_LIMIT:-240}" python -c \
-  "import time; t = time.time(); import unsloth; print(f'import unsloth: {time.time() - t:.0f} s')" 2>&1 | quiet
+# a first import on a new machine compiles and patches for a while: print the stacks every 30 s to show where
+timeout -s ABRT "${IMPORT_LIMIT:-240}" python -c "import faulthandler, time; faulthandler.dump_traceback_later(30, \
+repeat=True); t = time.time(); import unsloth; print(f'import unsloth: {time.time() - t:.0f} s')" 2>&1 | quiet
 python -m demo.tiny_model data/sample/finance_instruct_sample.jsonl models/tiny-deepseek 2>&1 | tail -1
 timeout -s ABRT "${PIPELINE_LIMIT:-420}" python -m demo.run_stages --set train.optim=adamw_8bit 2>&1 | quiet
 cat metrics/train.json metrics/evaluate.json
