@@ -38,6 +38,13 @@ def load_base(config: ModelConfig) -> tuple[Any, Any]:
     )
 
 
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The base model's tokenizer alone (with its chat template): what the data stages measure lengths with."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model_name, revision=config.revision)
+
+
 def mixed_precision() -> dict[str, bool]:
     """Trainer precision flags for this hardware: bf16 where the GPU has it, else fp16; none on the CPU."""
     import torch

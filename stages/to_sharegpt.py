@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from stages import params
+from stages import lengths, params
+from stages.model import ModelConfig, load_tokenizer
 from stages.params import require
 from stages.tracking import write_json
 
@@ -31,6 +34,7 @@ class ToSharegptConfig:
     output_column_name: str  # column holding the assistant's answer
     conversation_extension: int  # training rows merged into one conversation (1 = none)
     random_state: int  # seed of unsloth's shuffles that pick the rows merged together
+    drop_over_length: bool = False  # drop conversations longer than model.max_seq_length tokens, else keep them
 
     def __post_init__(self) -> None:
         require(bool(prompt_columns(self.merged_prompt)), "to_sharegpt.merged_prompt must name a {column}")
@@ -83,40 +87,92 @@ def convert(dataset: Dataset, config: ToSharegptConfig) -> Dataset:
     )
 
 
-def write_extended(
-    single: Dataset, conversation_extension: int, random_state: int, path: Path, rows_per_batch: int = 32768
-) -> None:
-    """Write unsloth's `conversation_extension` of `single` to a parquet file, batch by batch.
+def extension_orders(n: int, conversation_extension: int, random_state: int) -> list[Any]:
+    """The rows of each conversation: conversation i is rows `orders[0][i], orders[1][i], ...`.
 
     unsloth appends to row `i` the rows `perm_j[i]` of `single.shuffle(seed=random_state + j)` for
-    j = 1 .. extension - 1, where a shuffle's permutation is `np.random.default_rng(seed).permutation(n)`. The same
-    permutations here give the same conversations with Arrow `take`s, written as they are made, without the
-    shuffled copies and the row-by-row Python merge that cost unsloth minutes and gigabytes on 518k rows. A test
-    holds the output equal to unsloth's own.
+    j = 1 .. extension - 1, where a shuffle's permutation is `np.random.default_rng(seed).permutation(n)`.
+    """
+    import numpy as np
+
+    return [np.arange(n)] + [
+        np.random.default_rng(random_state + j).permutation(n) for j in range(1, conversation_extension)
+    ]
+
+
+def write_extended(single: Dataset, orders: list[Any], keep: Any, path: Path, rows_per_batch: int = 32768) -> None:
+    """Write the conversations `orders` make of `single`'s rows, those where `keep` is true, to a parquet file.
+
+    The same permutations as unsloth's shuffles give the same conversations with Arrow `take`s, written batch by
+    batch, without the shuffled copies and the row-by-row Python merge that cost unsloth minutes and gigabytes on
+    518k rows. A test holds the output equal to unsloth's own.
     """
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     column = single.data.column("conversations").combine_chunks()
-    n = len(column)
-    orders = [np.arange(n)] + [
-        np.random.default_rng(random_state + j).permutation(n) for j in range(1, conversation_extension)
-    ]
     offsets = column.offsets.to_numpy().astype(np.int64)
     starts_of, lengths_of = offsets[:-1], np.diff(offsets)
+    kept = np.flatnonzero(keep)
     schema = pa.schema([("conversations", column.type)])
     with pq.ParquetWriter(path, schema) as writer:
-        for first_row in range(0, n, rows_per_batch):
-            rows = slice(first_row, min(first_row + rows_per_batch, n))
+        for first in range(0, max(len(kept), 1), rows_per_batch):
+            rows = kept[first : first + rows_per_batch]
             # segment (i, j): the messages of row orders[j][i], laid out row after row
             starts = np.stack([starts_of[order[rows]] for order in orders], axis=1).ravel()
             sizes = np.stack([lengths_of[order[rows]] for order in orders], axis=1).ravel()
             take = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
             row_sizes = sizes.reshape(-1, len(orders)).sum(axis=1)
             merged_offsets = pa.array(np.concatenate([[0], np.cumsum(row_sizes)]), pa.int32())
-            merged = pa.ListArray.from_arrays(merged_offsets, column.values.take(pa.array(take)))
+            merged = pa.ListArray.from_arrays(merged_offsets, column.values.take(pa.array(take, pa.int64())))
             writer.write_table(pa.table({"conversations": merged}, schema=schema))
+
+
+def turn_texts(single: Dataset) -> Any:
+    """The texts of one-turn conversations, user and assistant alternating, as one Arrow string array (no copy)."""
+    import pyarrow.compute as pc
+
+    column = single.data.column("conversations").combine_chunks()
+    if len(column) and not (pc.list_value_length(column).to_numpy() == 2).all():
+        raise ValueError("to_sharegpt: expected one human and one gpt message per row before the extension")
+    return column.flatten().field("value")
+
+
+def measure_lengths(tokenizer: Any, single: Dataset, orders: list[Any], sample_size: int = 64) -> Any:
+    """Token length of each conversation, from each row's single-turn length (see `stages.lengths`).
+
+    Checked against the template's own count on `sample_size` conversations spread over the split; where they
+    differ (a template whose turns depend on each other), every conversation is rendered and counted whole.
+    """
+    import numpy as np
+
+    turns = turn_texts(single)
+    per_row = lengths.row_lengths(tokenizer, turns)
+    measured = lengths.conversation_lengths(per_row, orders, lengths.prefix_tokens(tokenizer))
+
+    def conversations(indices: Any) -> list[list[dict[str, str]]]:
+        return [
+            [m for order in orders for m in lengths.messages(*turns[2 * order[i] : 2 * order[i] + 2].to_pylist())]
+            for i in indices
+        ]
+
+    sample = np.unique(np.linspace(0, len(measured) - 1, num=min(sample_size, len(measured)), dtype=np.int64))
+    mismatch = lengths.check_additive(tokenizer, conversations(sample), measured[sample])
+    if mismatch is None:
+        return measured
+    index, predicted, direct = mismatch
+    log.warning(
+        "conversation %d: %d tokens summed per row but %d rendered whole; counting every conversation whole",
+        sample[index],
+        predicted,
+        direct,
+    )
+    whole = np.arange(len(measured))
+    return np.concatenate(
+        [lengths.direct_lengths(tokenizer, conversations(whole[i : i + 4096])) for i in range(0, len(whole), 4096)]
+        or [np.empty(0, dtype=np.int64)]
+    )
 
 
 def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
@@ -127,24 +183,49 @@ def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # unsloth turns it off when unset: count on every core
+    import unsloth  # noqa: F401, I001  # isort: skip  (before transformers, as unsloth asks)
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
+    model_config = params.load(ModelConfig, params_path, "model")
     log.info("config: %s", asdict(config))
+    tokenizer = load_tokenizer(model_config)
 
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):
         rows = Dataset.from_parquet(str(data / f"{split}.parquet"))
-        write_extended(convert(rows, config), extension, config.random_state, out / f"{split}.parquet")
+        single = convert(rows, config)
+        orders = extension_orders(len(single), extension, config.random_state)
+        measured = measure_lengths(tokenizer, single, orders)
+        over = measured > model_config.max_seq_length
+        keep = ~over if config.drop_over_length else np.ones(len(measured), dtype=bool)
+        if len(keep) and not keep.any():
+            raise ValueError(
+                f"{split}: all {len(keep)} conversations are longer than model.max_seq_length="
+                f"{model_config.max_seq_length} tokens (shortest {measured.min()}); raise model.max_seq_length "
+                "or set to_sharegpt.drop_over_length: false"
+            )
+        write_extended(single, orders, keep, out / f"{split}.parquet")
         conversations = pq.ParquetFile(out / f"{split}.parquet").metadata.num_rows  # counted without reading
-        # the extension pairs each row with rows of shuffled copies: one conversation per row, none dropped
-        assert conversations == len(rows), f"{split}: {len(rows)} rows became {conversations} conversations"
+        dropped = int((~keep).sum())
+        # one conversation per row (the extension pairs each row with rows of shuffled copies), less those dropped
+        assert conversations + dropped == len(rows), f"{split}: {len(rows)} rows, {conversations} + {dropped} out"
         counts |= {
             f"{split}_rows_in": len(rows),
             f"{split}_conversations": conversations,
+            f"{split}_dropped_over_length": dropped,
             f"{split}_whitespace_cells_blanked": whitespace_cells(rows, prompt_columns(config.merged_prompt)),
-        }
-        log.info("%s: %d conversations -> %s", split, conversations, out / f"{split}.parquet")
+        } | lengths.summary(measured, model_config.max_seq_length, split)
+        log.info(
+            "%s: %d conversations (%d over length, %d dropped) -> %s",
+            split,
+            conversations,
+            int(over.sum()),
+            dropped,
+            out / f"{split}.parquet",
+        )
     write_json(metrics, counts)
 
 

@@ -7,6 +7,7 @@ which points at the real repo also when an experiment runs in a temporary copy (
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import subprocess
@@ -65,6 +66,15 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write `data` as indented, key-sorted JSON so the file diffs cleanly."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """Rows as a CSV file with a header, as `dvc plots` reads them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def report(metrics: Mapping[str, float | int], path: Path, prefix: str) -> None:

@@ -1,7 +1,7 @@
 """train: QLoRA fine-tuning of the base model on the standardized conversations with TRL's SFTTrainer.
 
     python -m stages.train --data data/standardized --adapter models/adapter \
-        --metrics metrics/train.json --plot metrics/train_loss.csv
+        --metrics metrics/train.json --plot metrics/train_loss.csv --eval-plot metrics/eval_loss.csv
 
 The base model comes from unsloth's `FastLanguageModel.from_pretrained`, the LoRA adapter from its
 `get_peft_model` with every `lora.*` setting; conversations are rendered with the tokenizer's own chat
@@ -11,7 +11,6 @@ template. The run is recorded in MLflow: parameters, the trainer's per-step metr
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import tempfile
@@ -30,11 +29,13 @@ from stages.tracking import (
     store_root,
     tracking_uri,
     use_experiment,
+    write_csv,
 )
 
 log = logging.getLogger("train")
 
 LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm")
+EVAL_LOSS_COLUMNS = ("step", "eval_loss")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class TrainConfig:
     lr_scheduler_type: str  # learning-rate schedule after warm-up
     logging_steps: int  # steps between logged metrics
     seed: int  # seed of data order and dropout
+    eval_steps: int | None = None  # steps between held-out loss evaluations; null = none during training
+    eval_rows: int = 100  # held-out conversations scored at each of those evaluations
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -87,23 +90,28 @@ class TrainConfig:
         )
         require(self.num_train_epochs > 0, f"train.num_train_epochs must be > 0, got {self.num_train_epochs}")
         require(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
+        require(
+            self.eval_steps is None or self.eval_steps >= 1,
+            f"train.eval_steps must be >= 1 or null, got {self.eval_steps}",
+        )
+        require(self.eval_rows >= 1, f"train.eval_rows must be >= 1, got {self.eval_rows}")
 
 
-def loss_rows(log_history: list[dict[str, float]]) -> list[dict[str, float]]:
-    """The per-step training records of a Trainer's `log_history`, for the loss plot.
+def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LOSS_COLUMNS) -> list[dict[str, float]]:
+    """The records of a Trainer's `log_history` that hold `columns[1]`, for the loss plots.
 
     `[{"loss": 2.0, "step": 1, "learning_rate": 1e-4, "grad_norm": 0.5}, {"train_runtime": 3.0, "step": 1}]`
     -> `[{"step": 1, "loss": 2.0, "learning_rate": 1e-4, "grad_norm": 0.5}]`
     """
-    return [{key: entry.get(key) for key in LOSS_COLUMNS} for entry in log_history if "loss" in entry]
+    return [{key: entry.get(key) for key in columns} for entry in log_history if columns[1] in entry]
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+def training_arguments(config: TrainConfig) -> dict[str, Any]:
+    """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation runs if asked."""
+    arguments = {key: value for key, value in asdict(config).items() if key != "eval_rows"}
+    if config.eval_steps is None:
+        return arguments | {"eval_strategy": "no"}
+    return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
 
 
 def run_name(environ: dict[str, str]) -> str | None:
@@ -112,7 +120,13 @@ def run_name(environ: dict[str, str]) -> str | None:
 
 
 def make_trainer(
-    model: Any, tokenizer: Any, dataset: Any, model_config: ModelConfig, config: TrainConfig, output_dir: Path
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    model_config: ModelConfig,
+    config: TrainConfig,
+    output_dir: Path,
+    eval_dataset: Any = None,
 ) -> Any:
     """TRL's SFTTrainer over role/content `messages`, with the `train.*` settings passed straight through.
 
@@ -120,22 +134,25 @@ def make_trainer(
     """
     from trl import SFTConfig, SFTTrainer
 
+    if config.eval_steps is not None and eval_dataset is None:
+        raise ValueError("train.eval_steps is set but no held-out conversations were given")
     return SFTTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=dataset,
+        eval_dataset=eval_dataset if config.eval_steps is not None else None,
         args=SFTConfig(
             output_dir=str(output_dir),
             max_length=model_config.max_seq_length,
             save_strategy="no",
             report_to=["mlflow"],
             **mixed_precision(),
-            **asdict(config),
+            **training_arguments(config),
         ),
     )
 
 
-def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path) -> None:
+def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path, eval_plot: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
@@ -155,7 +172,9 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
 
     # --- data: role/content conversations, which SFTTrainer renders with the tokenizer's chat template
     dataset = Dataset.from_parquet(str(data / "train.parquet")).rename_column("conversations", "messages")
-    log.info("training conversations: %d", len(dataset))
+    held_out = Dataset.from_parquet(str(data / "eval.parquet")).rename_column("conversations", "messages")
+    held_out = held_out.select(range(min(train_config.eval_rows, len(held_out))))
+    log.info("training conversations: %d, held-out for the eval loss curve: %d", len(dataset), len(held_out))
 
     # --- tracking: one MLflow run per training, at the repo root's store
     root = store_root(os.environ, Path.cwd())
@@ -171,13 +190,16 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
         model = FastLanguageModel.get_peft_model(model, **asdict(lora))
 
         with tempfile.TemporaryDirectory(prefix="train-") as output_dir:
-            trainer = make_trainer(model, tokenizer, dataset, model_config, train_config, Path(output_dir))
+            trainer = make_trainer(
+                model, tokenizer, dataset, model_config, train_config, Path(output_dir), eval_dataset=held_out
+            )
             result = trainer.train()
 
         # --- outputs: adapter + tokenizer, metrics, loss curve, MLflow artifacts
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
         write_csv(plot, loss_rows(trainer.state.log_history), LOSS_COLUMNS)
+        write_csv(eval_plot, loss_rows(trainer.state.log_history, EVAL_LOSS_COLUMNS), EVAL_LOSS_COLUMNS)
         trainable, total = model.get_nb_trainable_parameters()
         report(
             {
@@ -194,7 +216,14 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
         )
         mlflow.log_artifacts(str(adapter), artifact_path="adapter")
         mlflow.set_tag("adapter_sha256", adapter_digest(adapter))
-        log.info("run %s: adapter -> %s, metrics -> %s, loss curve -> %s", run.info.run_id, adapter, metrics, plot)
+        log.info(
+            "run %s: adapter -> %s, metrics -> %s, loss curves -> %s, %s",
+            run.info.run_id,
+            adapter,
+            metrics,
+            plot,
+            eval_plot,
+        )
 
 
 if __name__ == "__main__":
@@ -203,6 +232,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
-    parser.add_argument("--plot", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, required=True, help="per-step training loss, CSV")
+    parser.add_argument("--eval-plot", type=Path, required=True, help="held-out loss during training, CSV")
     args = parser.parse_args()
-    main(args.params, args.data, args.adapter, args.metrics, args.plot)
+    main(args.params, args.data, args.adapter, args.metrics, args.plot, args.eval_plot)

@@ -2,16 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS, EOS
-from stages.evaluate import IGNORE_INDEX, batch_nll, encode, generate, prompt_and_answer, score
+from stages.evaluate import (
+    IGNORE_INDEX,
+    BenchmarkConfig,
+    EvaluateConfig,
+    bar_rows,
+    by_length,
+    encode,
+    evaluate_models,
+    final_answer,
+    generate,
+    nll_per_row,
+    prompt_and_answer,
+    read_benchmark,
+    score,
+    sequence_nll,
+)
 from stages.model import ModelConfig, load_base
+from stages.train import TrainConfig, make_trainer
 
 MESSAGES = [
     {"role": "user", "content": "What is a basis point?"},
@@ -65,13 +85,23 @@ def test_padding_never_enters_the_loss(model_and_tokenizer) -> None:
         )
         for q, a in [("Hi", "Hello."), ("What is EBITDA, in one long sentence?", "Earnings before interest and taxes.")]
     ]
-    alone = [batch_nll(model, [row], tokenizer.pad_token_id) for row in rows]
-    together = batch_nll(model, rows, tokenizer.pad_token_id)
-    assert together[1] == sum(count for _, count in alone)
-    assert together[0] == pytest.approx(sum(nll for nll, _ in alone), rel=1e-4)
+    alone = [sequence_nll(model, [row], tokenizer.pad_token_id)[0] for row in rows]
+    together = sequence_nll(model, rows, tokenizer.pad_token_id)
+    assert [count for _, count in together] == [count for _, count in alone]
+    assert [nll for nll, _ in together] == pytest.approx([nll for nll, _ in alone], rel=1e-4)
+    per_row = nll_per_row(model, rows, tokenizer.pad_token_id, batch_size=2)
+    assert [c for _, c in per_row] == [c for _, c in together]
+    assert [n for n, _ in per_row] == pytest.approx([n for n, _ in together], rel=1e-4)
     scored = score(model, rows, tokenizer.pad_token_id, batch_size=1)
-    assert scored["tokens"] == together[1]
-    assert scored["perplexity"] == pytest.approx(math.exp(together[0] / together[1]), rel=1e-4)
+    tokens, nll = sum(c for _, c in alone), sum(n for n, _ in alone)
+    assert scored["tokens"] == tokens
+    assert scored["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
+
+
+def test_batches_by_length_cover_every_row_once() -> None:
+    assert by_length([3, 9, 1, 8], 2) == [[1, 3], [0, 2]]
+    batches = by_length(list(range(10)), 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(10)) and len(batches[-1]) == 1
 
 
 def test_disabling_the_adapter_changes_the_score(model_and_tokenizer) -> None:
@@ -83,9 +113,158 @@ def test_disabling_the_adapter_changes_the_score(model_and_tokenizer) -> None:
     assert base["tokens"] == tuned["tokens"] and base["loss"] != tuned["loss"]
 
 
-def test_generate_answers_each_prompt_greedily(model_and_tokenizer) -> None:
+def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_and_tokenizer) -> None:
     model, tokenizer = model_and_tokenizer
     prompts = [prompt_and_answer(tokenizer, MESSAGES)[0], f"{BOS}<｜User｜>Define beta.<｜Assistant｜>"]
-    first = generate(model, tokenizer, prompts, max_new_tokens=5)
-    assert len(first) == 2 and all(isinstance(text, str) for text in first)
-    assert generate(model, tokenizer, prompts, max_new_tokens=5) == first
+    first = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
+    assert len(first) == 2 and all(isinstance(answer.text, str) for answer in first)
+    assert all(1 <= answer.tokens <= 5 and (answer.ended or answer.tokens == 5) for answer in first)
+    assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2) == first
+    assert generate(model, tokenizer, [], max_new_tokens=5, batch_size=2) == []
+
+
+def test_final_answer_leaves_the_reasoning_out() -> None:
+    assert final_answer("<think>\nLet me see.\n</think>\n\nDuration is 4.2 years.") == "Duration is 4.2 years."
+    assert final_answer("  Duration is 4.2 years. ") == "Duration is 4.2 years."
+
+
+SENTIMENT = BenchmarkConfig(
+    name="sentiment", path="", labels=["negative", "neutral", "positive"], instruction="Classify the sentiment."
+)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            '{"text": "Shares rose.", "label": "positive"}\n{"text": "Shares fell.", "label": "bearish"}\n',
+            r":2: label 'bearish' is not one of \['negative', 'neutral', 'positive'\]",
+        ),
+        ('{"text": "Shares rose.", "label": "positive"}\n{"text": "Shares fell.",\n', r":2: not valid JSON"),
+        ('{"label": "positive"}\n', r':1: expected an object with a non-empty "text" string'),
+        ('{"text": "  ", "label": "positive"}\n', r':1: expected an object with a non-empty "text" string'),
+        ('["Shares rose.", "positive"]\n', r":1: expected an object"),
+        ("\n\n", r": no rows"),
+    ],
+)
+def test_a_bad_benchmark_file_is_refused_naming_the_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bench.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        read_benchmark(replace(SENTIMENT, path=str(path)))
+
+
+def test_a_missing_benchmark_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="evaluate.benchmarks sentiment: no file .*nowhere.jsonl"):
+        read_benchmark(replace(SENTIMENT, path=str(tmp_path / "nowhere.jsonl")))
+
+
+def test_the_shipped_sentiment_sample_is_valid(root: Path) -> None:
+    rows = read_benchmark(replace(SENTIMENT, path=str(root / "data/benchmarks/sentiment_sample.jsonl")))
+    assert len(rows) == 30 and {row["label"] for row in rows} == set(SENTIMENT.labels)
+
+
+@pytest.mark.parametrize(
+    ("benchmarks", "message"),
+    [
+        ([{"name": "s", "path": "x", "labels": ["a", "b"]}], r"evaluate.benchmarks\[0\].instruction is required"),
+        ([{"name": "s", "path": "x", "labels": ["a"], "instruction": ""}], r"benchmarks\[0\].labels must hold"),
+        ([{"name": "s-1", "path": "x", "labels": ["a", "b"], "instruction": ""}], r"benchmarks\[0\].name must be"),
+        (
+            [{"name": "s", "path": "x", "labels": ["a", "b"], "instruction": "", "weight": 2}],
+            r"evaluate.benchmarks\[0\].weight is not a known key",
+        ),
+        (["x.jsonl"], r"evaluate.benchmarks\[0\] must be a mapping"),
+        ([{"name": "s", "path": "x", "labels": ["a", "b"], "instruction": ""}] * 2, r"names repeat"),
+    ],
+)
+def test_bad_benchmark_settings_name_the_key(benchmarks: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EvaluateConfig(max_rows=None, batch_size=1, num_samples=0, max_new_tokens=1, benchmarks=benchmarks)
+
+
+def test_bar_rows_put_base_and_tuned_side_by_side() -> None:
+    metrics = {"base_loss": 2.0, "tuned_loss": 1.5, "my_set_base_accuracy": 0.4, "my_set_tuned_accuracy": 0.9}
+    assert bar_rows(metrics, [replace(SENTIMENT, name="my_set")]) == [
+        {"measure": "loss · base", "value": 2.0},
+        {"measure": "loss · tuned", "value": 1.5},
+        {"measure": "my_set accuracy · base", "value": 0.4},
+        {"measure": "my_set accuracy · tuned", "value": 0.9},
+    ]
+
+
+MOVES = {"rose": "positive", "fell": "negative", "held": "neutral"}
+
+
+def sentiment_question(firm: int, move: str) -> str:
+    return f"{SENTIMENT.instruction}\n\nShares of firm {firm} {move}."
+
+
+def toy_rows(firms: range) -> list[list[dict[str, str]]]:
+    """A learnable task: every definition gets the same answer; sentiment follows the verb."""
+    rows = []
+    for firm in firms:
+        rows.append([{"role": "user", "content": f"Define term {firm}."}, {"role": "assistant", "content": TOY_ANSWER}])
+        for move, label in MOVES.items():
+            question = sentiment_question(firm, move)
+            rows.append([{"role": "user", "content": question}, {"role": "assistant", "content": label}])
+    return rows
+
+
+TOY_ANSWER = "It is a finance term."
+
+
+def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = ModelConfig(
+        model_name=str(tiny_model_dir), revision=None, max_seq_length=256, load_in_4bit=True, dtype=None
+    )
+    model, tokenizer = load_base(config)
+    model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    train = TrainConfig(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=1.0e-2,
+        max_steps=150,
+        num_train_epochs=1.0,
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        logging_steps=10,
+        seed=3407,
+    )
+    data = Dataset.from_list([{"messages": m} for m in toy_rows(range(0, 100))])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    make_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
+    FastLanguageModel.for_inference(model)
+
+    bench = tmp_path / "sentiment.jsonl"
+    bench.write_text(
+        "".join(
+            json.dumps({"text": f"Shares of firm {firm} {move}.", "label": label}) + "\n"
+            for firm in range(100, 110)
+            for move, label in MOVES.items()
+        )
+    )
+    # firms never seen in training
+    held_out = [row for row in toy_rows(range(100, 108)) if row[1]["content"] == TOY_ANSWER]
+    settings = EvaluateConfig(
+        max_rows=None,
+        batch_size=8,
+        num_samples=8,
+        max_new_tokens=16,
+        generate_batch_size=4,
+        benchmarks=[replace(SENTIMENT, path=str(bench))],
+    )
+    metrics, samples = evaluate_models(model, tokenizer, held_out, settings, max_length=256)
+
+    assert metrics["tuned_loss"] < 0.5 * metrics["base_loss"], metrics
+    assert metrics["tuned_rouge_l"] > metrics["base_rouge_l"] + 0.5, ([s["tuned"] for s in samples], metrics)
+    assert metrics["tuned_token_f1"] > metrics["base_token_f1"] + 0.5, samples
+    assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"], samples
+    assert metrics["sentiment_rows"] == 30
+    assert metrics["sentiment_tuned_accuracy"] > metrics["sentiment_base_accuracy"], metrics
+    assert metrics["sentiment_tuned_macro_f1"] > metrics["sentiment_base_macro_f1"], metrics
+    assert len(samples) == 8 and samples[0]["reference"] == TOY_ANSWER

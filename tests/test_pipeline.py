@@ -33,8 +33,10 @@ OUTPUTS = [
     "metrics/standardize.json",
     "metrics/train.json",
     "metrics/train_loss.csv",
+    "metrics/eval_loss.csv",
     "metrics/evaluate.json",
     "metrics/evaluate_samples.json",
+    "metrics/evaluate_bars.csv",
 ]
 
 
@@ -103,6 +105,11 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: 
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert evaluation["eval_rows"] == 40 and evaluation["eval_tokens"] > 0
     assert evaluation["tuned_loss"] < evaluation["base_loss"]
+    assert evaluation["generated_samples"] == 8 and 0 <= evaluation["tuned_rouge_l"] <= 1
+    assert evaluation["sentiment_rows"] == 30 and 0 <= evaluation["sentiment_tuned_macro_f1"] <= 1
+    lengths = json.loads((repo / "metrics/to_sharegpt.json").read_text())
+    assert 0 < lengths["train_tokens_p50"] <= lengths["train_tokens_p95"] <= lengths["train_tokens_max"]
+    assert lengths["train_tokens_over_max_seq_length"] == 0  # the sample fits the demo's 512 tokens
 
 
 def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(repo: Path, first_repro: str) -> None:
@@ -112,7 +119,9 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
     assert run_.data.params["lora.target_modules"] == str(["q_proj", "k_proj", "v_proj", "o_proj"])
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 31))
-    assert {"evaluate/base_loss", "evaluate/tuned_loss", "evaluate/tuned_perplexity"} <= set(run_.data.metrics)
+    assert {"evaluate/base_loss", "evaluate/tuned_loss", "evaluate/tuned_rouge_l"} <= set(run_.data.metrics)
+    eval_history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "eval_loss")
+    assert [m.step for m in eval_history] == [10, 20, 30]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_.info.run_id, "adapter")}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= artifacts
     assert run_.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], repo).strip()
@@ -139,6 +148,18 @@ def test_data_stages_rerun_give_byte_identical_outputs(repo: Path, first_repro: 
     before = data_hashes()
     assert ran_stages(dvc("repro", "--force", "standardize", cwd=repo)) == set(DATA_STAGES)
     assert data_hashes() == before
+
+
+def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro: str) -> None:
+    shown = json.loads(dvc("plots", "show", "--json", cwd=repo))["data"]
+    assert set(shown) == {"loss", "metrics/evaluate_bars.csv"}
+    points = shown["loss"][0]["content"]["data"]["values"]
+    assert {p["filename::field"] for p in points} == {"train_loss.csv::loss", "eval_loss.csv::eval_loss"}
+    bars = {p["measure"] for p in shown["metrics/evaluate_bars.csv"][0]["content"]["data"]["values"]}
+    assert {"loss · base", "loss · tuned", "sentiment accuracy · tuned"} <= bars
+    html = dvc("plots", "show", "-o", "plots", cwd=repo)
+    page = (repo / "plots" / "index.html").read_text(encoding="utf-8")
+    assert "index.html" in html and "eval_loss" in page and "tuned" in page
 
 
 def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from datasets import Dataset
 from unsloth.chat_templates import to_sharegpt
 
@@ -12,6 +15,8 @@ from stages.to_sharegpt import (
     ToSharegptConfig,
     blank_whitespace,
     convert,
+    extension_orders,
+    main,
     prompt_columns,
     whitespace_cells,
     write_extended,
@@ -31,7 +36,9 @@ def first_turn(system: str) -> list[dict[str, str]]:
 
 
 def extended(dataset: Dataset, extension: int, random_state: int, path: Path, rows_per_batch: int = 7) -> Dataset:
-    write_extended(convert(dataset, CONFIG), extension, random_state, path, rows_per_batch)
+    single = convert(dataset, CONFIG)
+    orders = extension_orders(len(single), extension, random_state)
+    write_extended(single, orders, np.ones(len(single), dtype=bool), path, rows_per_batch)
     return Dataset.from_parquet(str(path))
 
 
@@ -99,3 +106,61 @@ def test_whitespace_cells_counts_what_blanking_empties() -> None:
     blanked = blank_whitespace(dataset, ["system", "user"])
     changed = sum(a != b for c in ("system", "user") for a, b in zip(dataset[c], blanked[c], strict=True))
     assert whitespace_cells(dataset, ["system", "user"]) == changed == 3
+
+
+def run_stage(tmp_path: Path, model_dir: Path, train_rows: list[dict], drop_over_length: bool, limit: int) -> dict:
+    """The stage's `main` on literal rows (the eval split gets the first two); returns metrics/to_sharegpt.json."""
+    (tmp_path / "raw").mkdir()
+    Dataset.from_list(train_rows).to_parquet(tmp_path / "raw" / "train.parquet")
+    Dataset.from_list(train_rows[:2]).to_parquet(tmp_path / "raw" / "eval.parquet")
+    params = {
+        "to_sharegpt": {
+            "merged_prompt": CONFIG.merged_prompt,
+            "output_column_name": "assistant",
+            "conversation_extension": 1,
+            "random_state": 3407,
+            "drop_over_length": drop_over_length,
+        },
+        "model": {
+            "model_name": str(model_dir),
+            "revision": None,
+            "max_seq_length": limit,
+            "load_in_4bit": False,
+            "dtype": None,
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "out", tmp_path / "metrics.json")
+    return json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+
+
+LONG_ROW = {"system": "", "user": "Explain duration.", "assistant": "duration convexity yield " * 60}
+SHORT_ROWS = [{"system": "", "user": f"What is {n} plus 1?", "assistant": f"{n + 1}."} for n in range(5)]
+
+
+@pytest.mark.parametrize("drop_over_length", [True, False])
+def test_a_conversation_over_max_seq_length_is_counted_and_dropped_only_when_asked(
+    tmp_path: Path, tiny_model_dir: Path, drop_over_length: bool
+) -> None:
+    counts = run_stage(tmp_path, tiny_model_dir, [LONG_ROW, *SHORT_ROWS], drop_over_length, limit=64)
+    assert counts["train_rows_in"] == 6
+    assert counts["train_tokens_over_max_seq_length"] == 1
+    assert counts["train_tokens_max"] > 64 >= counts["train_tokens_p50"]
+    assert counts["train_dropped_over_length"] == (1 if drop_over_length else 0)
+    assert counts["train_conversations"] == (5 if drop_over_length else 6)
+    assert counts["train_conversations"] + counts["train_dropped_over_length"] == counts["train_rows_in"]
+    written = Dataset.from_parquet(str(tmp_path / "out" / "train.parquet"))
+    assert any("convexity" in row["conversations"][1]["value"] for row in written) is not drop_over_length
+    assert counts["eval_dropped_over_length"] == (1 if drop_over_length else 0)  # the same rule for held-out rows
+
+
+def test_a_split_left_empty_by_the_length_limit_is_refused_naming_the_keys(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"train: all 2 conversations are longer than model.max_seq_length=64 .*"
+        r"to_sharegpt.drop_over_length: false",
+    ):
+        run_stage(tmp_path, tiny_model_dir, [LONG_ROW, LONG_ROW | {"user": "Again?"}], True, limit=64)
+    assert not (tmp_path / "out" / "train.parquet").exists()

@@ -1,0 +1,93 @@
+"""Token lengths of rendered conversations, measured with the model's tokenizer and chat template.
+
+Tokenizing 518k merged conversations one by one would read every row three times. A chat template renders a
+conversation as a prefix (BOS) followed by its turns, each turn rendered on its own, and the tokenizer splits the
+text at special tokens before it encodes, so a conversation's length is the sum of its rows' single-turn
+lengths less the prefix they repeat: each row is rendered and tokenized once. `check_additive` holds that sum
+to the template's own count on a sample, and the direct count is used where a template is not built that way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("lengths")
+
+PERCENTILES = (50, 95, 99)
+
+
+def messages(user: str, assistant: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+
+
+def count_tokens(tokenizer: Any, rendered: list[str]) -> np.ndarray:
+    """Token counts of rendered texts; the template already wrote BOS, so none is added again."""
+    encodings = tokenizer.backend_tokenizer.encode_batch_fast(rendered, add_special_tokens=False)
+    return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(rendered))
+
+
+def render(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:
+    return tokenizer.apply_chat_template(conversations, tokenize=False)
+
+
+def prefix_tokens(tokenizer: Any) -> int:
+    """Tokens a rendering holds before its first turn: one turn's rendering less what a second turn adds."""
+    one = messages("What is a bond?", "A loan to an issuer.")
+    single, double = count_tokens(tokenizer, render(tokenizer, [one, one + one]))
+    return int(2 * single - double)
+
+
+def row_lengths(tokenizer: Any, turns: Any, batch: int = 2048) -> np.ndarray:
+    """Tokens of each row rendered alone; `turns` alternates each row's user and assistant text."""
+    out = np.empty(len(turns) // 2, dtype=np.int64)
+    for start in range(0, len(out), batch):
+        stop = min(start + batch, len(out))
+        chunk = texts(turns[2 * start : 2 * stop])
+        out[start:stop] = count_tokens(
+            tokenizer, render(tokenizer, [messages(*chunk[i : i + 2]) for i in range(0, len(chunk), 2)])
+        )
+    return out
+
+
+def texts(strings: Any) -> list[str]:
+    """A Python list of an Arrow string array or any sequence of strings."""
+    return strings.to_pylist() if hasattr(strings, "to_pylist") else list(strings)
+
+
+def conversation_lengths(rows: np.ndarray, orders: Sequence[np.ndarray], prefix: int) -> np.ndarray:
+    """Length of conversation i, made of rows `orders[0][i], orders[1][i], ...`: their sum, one prefix kept.
+
+    `conversation_lengths(np.array([5, 7]), [np.array([0, 1]), np.array([1, 0])], prefix=1)` -> `[11, 11]`.
+    """
+    return sum(rows[order] for order in orders) - (len(orders) - 1) * prefix
+
+
+def direct_lengths(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> np.ndarray:
+    """Each conversation rendered whole and tokenized: the reference `check_additive` compares with."""
+    return count_tokens(tokenizer, render(tokenizer, conversations))
+
+
+def check_additive(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], predicted: np.ndarray
+) -> tuple[int, int, int] | None:
+    """None if `predicted` equals the direct count of every conversation; else (index, predicted, direct)."""
+    direct = direct_lengths(tokenizer, conversations)
+    for index in np.flatnonzero(direct != predicted):
+        return int(index), int(predicted[index]), int(direct[index])
+    return None
+
+
+def summary(lengths: np.ndarray, limit: int, prefix: str) -> dict[str, int]:
+    """p50/p95/p99/max of `lengths` and how many exceed `limit`, keyed `<prefix>_tokens_p50` and so on."""
+    if len(lengths) == 0:
+        return {f"{prefix}_tokens_over_max_seq_length": 0}
+    stats = {f"{prefix}_tokens_p{p}": int(np.percentile(lengths, p, method="higher")) for p in PERCENTILES}
+    return stats | {
+        f"{prefix}_tokens_max": int(lengths.max()),
+        f"{prefix}_tokens_total": int(lengths.sum()),
+        f"{prefix}_tokens_over_max_seq_length": int((lengths > limit).sum()),
+    }

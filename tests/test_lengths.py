@@ -1,0 +1,95 @@
+"""Token lengths: per-row sums equal the chat template's own count of each merged conversation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from stages import lengths
+from stages.to_sharegpt import ToSharegptConfig, convert, extension_orders, measure_lengths, turn_texts
+
+CONFIG = ToSharegptConfig(
+    merged_prompt="{user}[[\nYour input is:\n{system}]]",
+    output_column_name="assistant",
+    conversation_extension=3,
+    random_state=3407,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def whole_conversation(single: Dataset, orders: list[np.ndarray], i: int) -> list[dict[str, str]]:
+    roles = {"human": "user", "gpt": "assistant"}
+    return [
+        {"role": roles[m["from"]], "content": m["value"]}
+        for order in orders
+        for m in single[int(order[i])]["conversations"]
+    ]
+
+
+def test_prefix_is_the_bos_token(tokenizer) -> None:
+    assert lengths.prefix_tokens(tokenizer) == 1
+
+
+def test_summed_lengths_equal_each_conversation_rendered_whole(tokenizer, sample_rows: list[dict]) -> None:
+    rows = sample_rows[:60] + [
+        {"system": "", "user": "Why?", "assistant": "<think>\nlong reasoning here\n</think>\n\nBecause."},
+        {"system": "\n", "user": "Ünïcode — 利率?", "assistant": "  spaced  \n"},
+    ]
+    single = convert(Dataset.from_list(rows), CONFIG)
+    orders = extension_orders(len(single), 3, 3407)
+    measured = measure_lengths(tokenizer, single, orders, sample_size=1)  # the check sees one conversation only
+    direct = lengths.direct_lengths(tokenizer, [whole_conversation(single, orders, i) for i in range(len(single))])
+    assert measured.tolist() == direct.tolist()
+    # the reasoning is stripped from assistant turns by the template, so it is not counted
+    assert (
+        lengths.row_lengths(tokenizer, ["Why?", "<think>\nlong reasoning here\n</think>\n\nBecause."])[0]
+        == (lengths.row_lengths(tokenizer, ["Why?", "\n\nBecause."])[0])
+    )
+
+
+def test_a_template_whose_turns_depend_on_each_other_is_counted_whole(tokenizer, sample_rows: list[dict]) -> None:
+    numbered = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    numbered.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>"
+        "{{ 'again ' * loop.index ~ m['content'] }}{% else %}<｜Assistant｜>{{ m['content'] }}"
+        "<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+    )
+    single = convert(Dataset.from_list(sample_rows[:12]), CONFIG)
+    orders = extension_orders(len(single), 3, 3407)
+    summed = lengths.conversation_lengths(
+        lengths.row_lengths(numbered, turn_texts(single)),
+        orders,
+        lengths.prefix_tokens(numbered),
+    )
+    direct = lengths.direct_lengths(numbered, [whole_conversation(single, orders, i) for i in range(len(single))])
+    assert summed.tolist() != direct.tolist()  # the shortcut would be wrong here ...
+    assert measure_lengths(numbered, single, orders).tolist() == direct.tolist()  # ... so it is not used
+
+
+def test_conversation_lengths_keep_one_prefix() -> None:
+    rows = np.array([5, 7, 9])
+    orders = [np.array([0, 1, 2]), np.array([2, 0, 1])]
+    assert lengths.conversation_lengths(rows, orders, prefix=1).tolist() == [13, 11, 15]
+
+
+def test_summary_reports_percentiles_max_total_and_over_limit() -> None:
+    stats = lengths.summary(np.arange(1, 101), limit=90, prefix="train")
+    assert stats == {
+        "train_tokens_p50": 51,
+        "train_tokens_p95": 96,
+        "train_tokens_p99": 100,
+        "train_tokens_max": 100,
+        "train_tokens_total": 5050,
+        "train_tokens_over_max_seq_length": 10,
+    }
+    assert lengths.summary(np.array([], dtype=np.int64), limit=90, prefix="eval") == {
+        "eval_tokens_over_max_seq_length": 0
+    }
