@@ -25,4 +25,4 @@ lint: install
 	ruff check . && ruff format --check .
 
 mlflow-ui: install
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	python -m stages.tracking --port 5000   # prints the runs page with the LoRA and result columns

@@ -48,18 +48,78 @@ def git_commit(cwd: Path) -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+# The runs-table view that the MLflow UI opens with `?viewStateShareKey=<RUNS_VIEW>`: one column per LoRA setting
+# and key result, so runs tell themselves apart without picking columns (the UI keeps a user's own picks in the
+# browser only). Stored as an experiment tag, where the UI's own "share view" stores it.
+RUNS_VIEW = "lora-and-results"
+RUNS_VIEW_COLUMNS = (
+    "params.`lora.r`",
+    "params.`lora.lora_alpha`",
+    "params.`lora.target_modules`",
+    "params.`train.learning_rate`",
+    "params.`train.max_steps`",
+    "metrics.`train/train_loss`",
+    "metrics.`evaluate/base_loss`",
+    "metrics.`evaluate/tuned_loss`",
+    "metrics.`evaluate/loss_change_pct`",
+    "metrics.`evaluate/tuned_rouge_l`",
+)
+
+
+def runs_view_state() -> str:
+    """The shared view's state, as the UI reads it from the tag `mlflow.sharedViewState.<RUNS_VIEW>`."""
+    return json.dumps(
+        {
+            "searchFilter": "",
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+            "startTime": "ALL",
+            "lifecycleFilter": "Active",
+            "datasetsFilter": [],
+            "modelVersionFilter": "All Runs",
+            "selectedColumns": list(RUNS_VIEW_COLUMNS),
+        }
+    )
+
+
 def use_experiment(uri: str, name: str, artifact_root: Path) -> None:
     """Point MLflow at `uri` and the experiment `name`, creating it with artifacts under `artifact_root`.
 
     The artifact location is explicit so that artifacts of runs made in DVC's temporary experiment copies land
-    beside the store rather than in a folder that DVC deletes afterwards.
+    beside the store rather than in a folder that DVC deletes afterwards. The experiment carries the runs-table
+    view `RUNS_VIEW`.
     """
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
+    experiment = mlflow.get_experiment_by_name(name)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
+    )
+    tag, state = f"mlflow.sharedViewState.{RUNS_VIEW}", runs_view_state()
+    if experiment is None or experiment.tags.get(tag) != state:
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, tag, state)
     mlflow.set_experiment(name)
+
+
+def runs_page(base_url: str, experiment_id: str) -> str:
+    """The UI address of an experiment's runs table with the LoRA settings and key results as columns.
+
+    `runs_page("http://127.0.0.1:5000", "1")`
+    -> `'http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=lora-and-results'`
+    """
+    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+
+
+def run_name(environ: Mapping[str, str], commit: str) -> str:
+    """The MLflow run's name: the DVC experiment's, or for a plain `dvc repro` `repro-<commit>`.
+
+    `run_name({"DVC_EXP_NAME": "rank-8"}, "0a1b2c3d4e")` -> `'rank-8'`;
+    `run_name({}, "0a1b2c3d4e")` -> `'repro-0a1b2c3'`.
+    """
+    return environ.get("DVC_EXP_NAME") or f"repro-{commit[:7]}"
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -92,3 +152,33 @@ def adapter_digest(adapter: Path) -> str:
     import hashlib
 
     return hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def main() -> None:
+    """Start the MLflow UI on this project's store and print where its runs are."""
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    args = parser.parse_args()
+
+    from stages import params
+
+    config = params.load(TrackingConfig, args.params, "tracking")
+    root = store_root(os.environ, Path.cwd())
+    uri = tracking_uri(os.environ, root)
+    use_experiment(uri, config.experiment_name, root / "mlartifacts")
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(config.experiment_name)
+    print(f"MLflow UI on {uri}: {runs_page(f'http://{args.host}:{args.port}', experiment.experiment_id)}", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
+    os.execv(sys.executable, [*command, "--port", str(args.port)])
+
+
+if __name__ == "__main__":
+    main()

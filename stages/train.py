@@ -26,6 +26,7 @@ from stages.tracking import (
     adapter_digest,
     git_commit,
     report,
+    run_name,
     store_root,
     tracking_uri,
     use_experiment,
@@ -114,11 +115,6 @@ def training_arguments(config: TrainConfig) -> dict[str, Any]:
     return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
 
 
-def run_name(environ: dict[str, str]) -> str | None:
-    """Name the MLflow run after the DVC experiment, when there is one."""
-    return environ.get("DVC_EXP_NAME") or None
-
-
 def make_trainer(
     model: Any,
     tokenizer: Any,
@@ -179,10 +175,9 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
     # --- tracking: one MLflow run per training, at the repo root's store
     root = store_root(os.environ, Path.cwd())
     use_experiment(tracking_uri(os.environ, root), tracking.experiment_name, root / "mlartifacts")
-    with mlflow.start_run(run_name=run_name(dict(os.environ))) as run:
-        mlflow.set_tags(
-            {"git_commit": git_commit(Path.cwd()), "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"}
-        )
+    commit = git_commit(Path.cwd())
+    with mlflow.start_run(run_name=run_name(os.environ, commit)) as run:
+        mlflow.set_tags({"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"})
         mlflow.log_params(resolved)
 
         # --- model: 4-bit base + LoRA adapter

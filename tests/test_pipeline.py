@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pytest
@@ -168,8 +174,13 @@ def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
     assert "Data and pipelines are up to date" in output
 
 
-def test_experiment_with_rank_8_reruns_train_and_evaluate_only(repo: Path, first_repro: str) -> None:
-    output = dvc("exp", "run", "-S", "lora.r=8", "-n", "rank-8", cwd=repo)
+@pytest.fixture(scope="module")
+def rank_8(repo: Path, first_repro: str) -> str:
+    return dvc("exp", "run", "-S", "lora.r=8", "-n", "rank-8", cwd=repo)
+
+
+def test_experiment_with_rank_8_reruns_train_and_evaluate_only(repo: Path, rank_8: str) -> None:
+    output = rank_8
     assert ran_stages(output) == {"train", "evaluate"}
     assert all(f"Stage '{stage}' didn't change, skipping" in output for stage in DATA_STAGES)
     assert json.loads((repo / "models/adapter/adapter_config.json").read_text())["r"] == 8
@@ -177,3 +188,115 @@ def test_experiment_with_rank_8_reruns_train_and_evaluate_only(repo: Path, first
     assert (first.data.params["lora.r"], second.data.params["lora.r"]) == ("4", "8")
     assert second.info.run_name == "rank-8" and second.info.status == "FINISHED"
     assert "evaluate/tuned_loss" in second.data.metrics
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
+    """`make mlflow-ui`'s command on a free loopback port; yields the runs page it prints."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
+    log = repo / "mlflow-ui.log"
+    port = free_port()
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "stages.tracking", "--port", str(port)], cwd=repo, env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(1)
+        yield log.read_text().splitlines()[0].split(": ", 1)[1]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (no browser download); `.ci/run` installs the package."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium for the MLflow UI test (see .ci/run)")
+        pytest.skip("Debian's chromium is not installed: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1600, "height": 900})
+        # MLflow's assistant panel opens itself on a first visit and covers the page: keep it closed
+        context.add_init_script(
+            "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+        )
+        yield context
+        browser.close()
+
+
+def screenshot(page: Any, name: str, tmp_path: Path) -> None:
+    """Save a screenshot; `UI_SCREENSHOTS=docs/screenshots` refreshes the README's."""
+    folder = Path(os.environ.get("UI_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"))
+
+
+def test_mlflow_ui_shows_both_runs_their_rank_loss_chart_adapter_and_samples(
+    repo: Path, mlflow_ui: str, browser: Any, tmp_path: Path
+) -> None:
+    first, second = runs(repo)
+    assert first.info.run_name == f"repro-{first.data.tags['git_commit'][:7]}" and second.info.run_name == "rank-8"
+    page = browser.new_page()
+
+    # the runs table, opened as `make mlflow-ui` prints it: both runs by name, each with its r
+    page.goto(mlflow_ui)
+    for run_ in (first, second):
+        page.get_by_role("link", name=run_.info.run_name).wait_for(timeout=60_000)
+    for run_, r in ((first, "4"), (second, "8")):
+        cell = page.locator(f'.ag-row[row-id="{run_.info.run_id}"] [col-id="params.`lora.r`"]')
+        assert cell.inner_text().strip() == r
+        loss = page.locator(f'.ag-row[row-id="{run_.info.run_id}"] [col-id="metrics.`evaluate/tuned_loss`"]')
+        assert float(loss.inner_text()) == pytest.approx(run_.data.metrics["evaluate/tuned_loss"], rel=1e-3)
+    screenshot(page, "mlflow-runs", tmp_path)
+
+    # the run's charts: the training loss among them
+    page.get_by_role("link", name="rank-8").click()
+    page.get_by_role("tab", name="Model metrics").click()
+    page.get_by_placeholder("Search metric charts").fill("loss")
+    for section in ("evaluate", "train"):  # fold the summary sections: the per-step curves come into view
+        page.get_by_text(section, exact=True).first.click()
+    for chart in ("loss", "eval_loss"):
+        page.get_by_text(chart, exact=True).first.wait_for(timeout=30_000)
+    screenshot(page, "mlflow-loss-charts", tmp_path)
+
+    # its artifacts: the adapter's files, and the evaluation samples as a table
+    page.get_by_role("tab", name="Artifacts").click()
+    page.get_by_text("adapter", exact=True).first.click()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+        page.get_by_text(name, exact=True).first.wait_for(timeout=30_000)
+    page.get_by_text("evaluate_samples.json", exact=True).first.click()
+    for column in ("prompt", "reference", "base", "tuned"):
+        page.get_by_text(column, exact=True).first.wait_for(timeout=30_000)
+    assert page.get_by_role("cell").count() >= 8 * 4  # the demo's 8 samples, prompt to tuned answer at least
+    screenshot(page, "mlflow-artifacts-samples", tmp_path)
+
+
+def test_plots_diff_draws_the_loss_curves_and_bars_of_two_experiments(repo: Path, rank_8: str) -> None:
+    dvc("exp", "run", "-S", "lora.r=4", "-n", "rank-4", cwd=repo)
+    shown = json.loads(dvc("plots", "diff", "rank-4", "rank-8", "--json", cwd=repo))["data"]
+    for plot in ("loss", "metrics/evaluate_bars.csv"):
+        assert {point["rev"] for point in shown[plot][0]["content"]["data"]["values"]} == {"rank-4", "rank-8"}
+    dvc("plots", "diff", "rank-4", "rank-8", "-o", "plots_diff", cwd=repo)
+    page = (repo / "plots_diff" / "index.html").read_text(encoding="utf-8")
+    assert "rank-4" in page and "rank-8" in page and "eval_loss" in page

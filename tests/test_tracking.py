@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 
-from stages.tracking import report, store_root, tracking_uri, use_experiment
+from stages.tracking import RUNS_VIEW, report, run_name, runs_page, store_root, tracking_uri, use_experiment
 
 
 def test_store_root_is_dvc_root_when_dvc_runs_us(tmp_path: Path) -> None:
@@ -28,3 +28,20 @@ def test_report_writes_the_file_and_the_run(tmp_path: Path) -> None:
     logged = mlflow.get_run(run.info.run_id)
     assert logged.data.metrics == {"stage/loss": 1.5, "stage/rows": 3.0}
     assert logged.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+
+
+def test_runs_are_named_after_the_dvc_experiment_or_the_commit() -> None:
+    assert run_name({"DVC_EXP_NAME": "rank-8"}, "0a1b2c3d4e5f") == "rank-8"
+    assert run_name({}, "0a1b2c3d4e5f") == "repro-0a1b2c3"
+
+
+def test_the_experiment_carries_the_runs_view_with_lora_and_result_columns(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    use_experiment(uri, "unit", tmp_path / "mlartifacts")
+    use_experiment(uri, "unit", tmp_path / "mlartifacts")  # a second stage finds it and leaves it as it is
+    experiment = mlflow.get_experiment_by_name("unit")
+    state = json.loads(experiment.tags[f"mlflow.sharedViewState.{RUNS_VIEW}"])
+    assert {"params.`lora.r`", "metrics.`evaluate/tuned_loss`"} <= set(state["selectedColumns"])
+    assert runs_page("http://127.0.0.1:5000", experiment.experiment_id) == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+    )
