@@ -13,6 +13,18 @@ import json
 from pathlib import Path
 
 SHAPES = {
+    # a few hundred thousand parameters: for trying the benchmarks on the CPU
+    "tiny": {
+        "architecture": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 224,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "vocab_size": 1024,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
     # DeepSeek-R1-Distill-Llama-8B (Llama-3.1-8B)
     "llama-8b": {
         "architecture": "llama",
