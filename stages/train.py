@@ -81,6 +81,10 @@ class TrainConfig:
     seed: int  # seed of data order and dropout
     eval_steps: int | None = None  # steps between held-out loss evaluations; null = none during training
     eval_rows: int = 100  # held-out conversations scored at each of those evaluations
+    train_on_responses_only: bool = True  # loss on the assistant's tokens only (unsloth's train_on_responses_only)
+    instruction_part: str = "<｜User｜>"  # where the chat template starts a user turn
+    response_part: str = "<｜Assistant｜>"  # where it starts an answer: the tokens after it, to the next user turn,
+    # are trained on (the end-of-sentence token included); system text and questions are masked
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -96,6 +100,12 @@ class TrainConfig:
             f"train.eval_steps must be >= 1 or null, got {self.eval_steps}",
         )
         require(self.eval_rows >= 1, f"train.eval_rows must be >= 1, got {self.eval_rows}")
+        for key in ("instruction_part", "response_part"):
+            require(bool(getattr(self, key)), f"train.{key} must not be empty")
+
+
+# `train.*` keys that this stage reads itself; the others are SFTConfig's
+STAGE_KEYS = ("eval_rows", "train_on_responses_only", "instruction_part", "response_part")
 
 
 def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LOSS_COLUMNS) -> list[dict[str, float]]:
@@ -109,7 +119,7 @@ def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LO
 
 def training_arguments(config: TrainConfig) -> dict[str, Any]:
     """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation runs if asked."""
-    arguments = {key: value for key, value in asdict(config).items() if key != "eval_rows"}
+    arguments = {key: value for key, value in asdict(config).items() if key not in STAGE_KEYS}
     if config.eval_steps is None:
         return arguments | {"eval_strategy": "no"}
     return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
@@ -132,7 +142,7 @@ def make_trainer(
 
     if config.eval_steps is not None and eval_dataset is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=dataset,
@@ -146,6 +156,38 @@ def make_trainer(
             **training_arguments(config),
         ),
     )
+    if not config.train_on_responses_only:
+        return trainer
+    from unsloth.chat_templates import train_on_responses_only
+
+    trainer = train_on_responses_only(
+        trainer, instruction_part=config.instruction_part, response_part=config.response_part
+    )
+    trainer.train_dataset = drop_fully_masked(trainer.train_dataset, "training")
+    if trainer.eval_dataset is not None:
+        trainer.eval_dataset = drop_fully_masked(trainer.eval_dataset, "held-out")
+    return trainer
+
+
+def drop_fully_masked(dataset: Any, split: str) -> Any:
+    """Drop examples whose every label is masked (a question cut at max_seq_length before its answer, say).
+
+    They teach nothing, and a batch of them has no token to average the loss over. Raises if none is left.
+    """
+    kept = dataset.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels")
+    if len(kept) == 0:
+        raise ValueError(
+            f"every {split} example is fully masked: no answer token within model.max_seq_length, or "
+            "train.response_part does not occur in the chat template's rendering"
+        )
+    if len(kept) < len(dataset):
+        log.warning(
+            "%s: %d of %d examples have no answer token to train on: dropped",
+            split,
+            len(dataset) - len(kept),
+            len(dataset),
+        )
+    return kept
 
 
 def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path, eval_plot: Path) -> None:
@@ -203,6 +245,7 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
                 "train_samples_per_second": result.metrics["train_samples_per_second"],
                 "global_step": result.global_step,
                 "train_conversations": len(dataset),
+                "train_conversations_fully_masked": len(dataset) - len(trainer.train_dataset),
                 "trainable_parameters": trainable,
                 "total_parameters": total,
             },

@@ -88,3 +88,56 @@ def test_lora_settings_reach_the_adapter(tiny_model_dir: Path) -> None:
     peft_config = model.peft_config["default"]
     assert peft_config.r == 8 and peft_config.lora_alpha == 16
     assert set(peft_config.target_modules) == {"q_proj", "v_proj"}
+
+
+def answer_only_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[list[dict[str, str]]], max_length: int):
+    model_config = ModelConfig(
+        model_name=str(tiny_model_dir), revision=None, max_seq_length=max_length, load_in_4bit=True, dtype=None
+    )
+    model, tokenizer = load_base(model_config)
+    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
+    dataset = Dataset.from_list([{"messages": messages} for messages in rows])
+    return make_trainer(model, tokenizer, dataset, model_config, TRAIN, tmp_path / "out"), tokenizer
+
+
+TWO_TURNS = [
+    {"role": "system", "content": "You answer questions on corporate finance."},
+    {"role": "user", "content": "What is working capital?"},
+    {"role": "assistant", "content": "Current assets minus current liabilities."},
+    {"role": "user", "content": "And the quick ratio?"},
+    {"role": "assistant", "content": "Liquid assets over current liabilities."},
+]
+
+
+def test_only_the_answers_and_their_end_token_carry_labels(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    trainer, tokenizer = answer_only_trainer(tiny_model_dir, tmp_path, [TWO_TURNS] * 4, max_length=256)
+    user, assistant = (tokenizer.convert_tokens_to_ids(t) for t in ("<｜User｜>", "<｜Assistant｜>"))
+    for example in trainer.train_dataset:
+        ids, labels = example["input_ids"], example["labels"]
+        expected, in_answer = [], False
+        for token in ids:  # an answer runs from after <｜Assistant｜> up to the next <｜User｜>
+            in_answer = in_answer and token != user
+            expected.append(token if in_answer else -100)
+            in_answer = in_answer or token == assistant
+        assert labels == expected
+        assert labels.count(tokenizer.eos_token_id) == 2  # each answer's end-of-sentence is learnt
+        answers = tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True)
+        assert "Current assets minus" in answers and "working capital" not in answers and "corporate" not in answers
+
+
+def test_examples_left_without_an_answer_token_are_dropped_and_counted(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    long_question = [
+        {"role": "user", "content": "Explain duration and convexity in detail. " * 40},
+        {"role": "assistant", "content": "Duration is the first-order price sensitivity."},
+    ]
+    trainer, _ = answer_only_trainer(tiny_model_dir, tmp_path, [TWO_TURNS, long_question, TWO_TURNS], max_length=64)
+    assert len(trainer.train_dataset) == 2
+    assert all(any(label != -100 for label in example["labels"]) for example in trainer.train_dataset)
+    with pytest.raises(ValueError, match="masked all/most labels|every training example is fully masked"):
+        answer_only_trainer(tiny_model_dir, tmp_path, [long_question], max_length=64)
