@@ -295,7 +295,9 @@ def evaluate_models(
             "base_ended": b.ended,
             "tuned_ended": t.ended,
         }
-        for messages, reference, b, t in zip(held_out, references, base["answers"], tuned["answers"], strict=False)
+        for messages, reference, b, t in zip(
+            held_out[: len(references)], references, base["answers"], tuned["answers"], strict=True
+        )
     ]
     return metrics, samples
 

@@ -157,6 +157,8 @@ def measure_lengths(tokenizer: Any, single: Dataset, orders: list[Any], sample_s
             for i in indices
         ]
 
+    if len(measured) == 0:
+        return measured
     sample = np.unique(np.linspace(0, len(measured) - 1, num=min(sample_size, len(measured)), dtype=np.int64))
     mismatch = lengths.check_additive(tokenizer, conversations(sample), measured[sample])
     if mismatch is None:
