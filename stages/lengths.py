@@ -9,13 +9,10 @@ to the template's own count on a sample, and the direct count is used where a te
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-
-log = logging.getLogger("lengths")
 
 PERCENTILES = (50, 95, 99)
 
@@ -26,8 +23,12 @@ def messages(user: str, assistant: str) -> list[dict[str, str]]:
 
 def count_tokens(tokenizer: Any, rendered: list[str]) -> np.ndarray:
     """Token counts of rendered texts; the template already wrote BOS, so none is added again."""
-    encodings = tokenizer.backend_tokenizer.encode_batch_fast(rendered, add_special_tokens=False)
-    return np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(rendered))
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust core: no Python lists of ids
+    if backend is None:
+        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        return np.fromiter(map(len, ids), dtype=np.int64, count=len(rendered))
+    encodings = backend.encode_batch_fast(rendered, add_special_tokens=False)
+    return np.fromiter(map(len, encodings), dtype=np.int64, count=len(rendered))
 
 
 def render(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:

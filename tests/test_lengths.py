@@ -93,3 +93,12 @@ def test_summary_reports_percentiles_max_total_and_over_limit() -> None:
     assert lengths.summary(np.array([], dtype=np.int64), limit=90, prefix="eval") == {
         "eval_tokens_over_max_seq_length": 0
     }
+
+
+def test_a_tokenizer_without_a_rust_core_counts_the_same(tokenizer) -> None:
+    class Slow:  # only what a slow (pure-Python) tokenizer offers: __call__
+        def __call__(self, texts: list[str], add_special_tokens: bool) -> dict:
+            return tokenizer(texts, add_special_tokens=add_special_tokens)
+
+    rendered = lengths.render(tokenizer, [lengths.messages("What is beta?", "Market sensitivity.")] * 2)
+    assert lengths.count_tokens(Slow(), rendered).tolist() == lengths.count_tokens(tokenizer, rendered).tolist()
