@@ -51,6 +51,18 @@ def make_rows(n: int, seed: int) -> dict[str, list[str]]:
     return columns
 
 
+def single_turns(n: int, seed: int) -> list[list[dict[str, str]]]:
+    """`n` generated rows as the data stages turn them into one-turn conversations (merged prompt, roles)."""
+    columns = make_rows(n, seed)
+    return [
+        [
+            {"role": "user", "content": f"{user}\nYour input is:\n{system}" if system.strip() else user},
+            {"role": "assistant", "content": answer},
+        ]
+        for system, user, answer in zip(columns["system"], columns["user"], columns["assistant"], strict=True)
+    ]
+
+
 def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, float]:
     """Run `command`, its output to `log`; return its wall seconds and peak resident memory in GB."""
     start = time.perf_counter()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.data_stages import make_rows
+from benchmarks.data_stages import single_turns
 
 ADAPTER = """
 import dataclasses, sys, unsloth
@@ -39,16 +39,7 @@ tokenizer.save_pretrained(sys.argv[2])
 
 def held_out(rows: int) -> list[dict[str, list[dict[str, str]]]]:
     """Single-turn conversations as the standardize stage writes them, lengths as in the benchmark data."""
-    columns = make_rows(rows, seed=1)
-    return [
-        {
-            "conversations": [
-                {"role": "user", "content": f"{user}\nYour input is:\n{system}" if system.strip() else user},
-                {"role": "assistant", "content": answer},
-            ]
-        }
-        for system, user, answer in zip(columns["system"], columns["user"], columns["assistant"], strict=True)
-    ]
+    return [{"conversations": turns} for turns in single_turns(rows, seed=1)]
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on this workplace's H100/
 
 def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, str]]]:
     """Training conversations: `mixed` merges three generated rows each; `fixed` has one very long answer."""
-    from benchmarks.data_stages import make_rows
+    from benchmarks.data_stages import make_rows, single_turns
 
     if kind == "fixed":
         rows = make_rows(count, seed)
@@ -42,14 +42,7 @@ def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, s
             [{"role": "user", "content": u}, {"role": "assistant", "content": (a + " ") * 40}]
             for u, a in zip(rows["user"], rows["assistant"], strict=True)
         ]
-    rows = make_rows(3 * count, seed)
-    turns = [
-        [
-            {"role": "user", "content": f"{u}\nYour input is:\n{s}" if s.strip() else u},
-            {"role": "assistant", "content": a},
-        ]
-        for s, u, a in zip(rows["system"], rows["user"], rows["assistant"], strict=True)
-    ]
+    turns = single_turns(3 * count, seed)
     return [turns[3 * i] + turns[3 * i + 1] + turns[3 * i + 2] for i in range(count)]
 
 
