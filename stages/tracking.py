@@ -82,12 +82,12 @@ def runs_view_state() -> str:
     )
 
 
-def use_experiment(uri: str, name: str, artifact_root: Path) -> None:
+def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
     """Point MLflow at `uri` and the experiment `name`, creating it with artifacts under `artifact_root`.
 
     The artifact location is explicit so that artifacts of runs made in DVC's temporary experiment copies land
     beside the store rather than in a folder that DVC deletes afterwards. The experiment carries the runs-table
-    view `RUNS_VIEW`.
+    view `RUNS_VIEW`. Returns the experiment's id.
     """
     import mlflow
 
@@ -102,6 +102,7 @@ def use_experiment(uri: str, name: str, artifact_root: Path) -> None:
     if experiment is None or experiment.tags.get(tag) != state:
         mlflow.MlflowClient().set_experiment_tag(experiment_id, tag, state)
     mlflow.set_experiment(name)
+    return experiment_id
 
 
 def runs_page(base_url: str, experiment_id: str) -> str:
@@ -171,11 +172,8 @@ def main() -> None:
     config = params.load(TrackingConfig, args.params, "tracking")
     root = store_root(os.environ, Path.cwd())
     uri = tracking_uri(os.environ, root)
-    use_experiment(uri, config.experiment_name, root / "mlartifacts")
-    import mlflow
-
-    experiment = mlflow.get_experiment_by_name(config.experiment_name)
-    print(f"MLflow UI on {uri}: {runs_page(f'http://{args.host}:{args.port}', experiment.experiment_id)}", flush=True)
+    experiment_id = use_experiment(uri, config.experiment_name, root / "mlartifacts")
+    print(f"MLflow UI on {uri}: {runs_page(f'http://{args.host}:{args.port}', experiment_id)}", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
     os.execv(sys.executable, [*command, "--port", str(args.port)])
 

@@ -46,11 +46,15 @@ OUTPUTS = [
 ]
 
 
-def run(command: list[str], cwd: Path) -> str:
-    """Run a command with this interpreter's environment first on PATH; return its output, failing loudly."""
+def clean_env() -> dict[str, str]:
+    """This environment without DVC's or MLflow's variables, this interpreter's environment first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
+
+
+def run(command: list[str], cwd: Path) -> str:
+    """Run a command in `clean_env()`; return its output, failing loudly."""
+    result = subprocess.run(command, cwd=cwd, env=clean_env(), capture_output=True, text=True, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"
     return output
@@ -199,12 +203,15 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
     """`make mlflow-ui`'s command on a free loopback port; yields the runs page it prints."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DVC_", "MLFLOW_"))}
     log = repo / "mlflow-ui.log"
     port = free_port()
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "stages.tracking", "--port", str(port)], cwd=repo, env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "stages.tracking", "--port", str(port)],
+            cwd=repo,
+            env=clean_env(),
+            stdout=out,
+            stderr=out,
         )
     try:
         deadline = time.monotonic() + 120
