@@ -91,6 +91,7 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, checkpointin
     from unsloth import FastLanguageModel
 
     from stages import params
+    from stages.chat import Chat, ChatConfig
     from stages.model import ModelConfig, load_base
     from stages.train import LoraConfig, TrainConfig, make_trainer
 
@@ -115,7 +116,8 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, checkpointin
         seed=3407,
     )
     dataset = Dataset.from_list([{"messages": m} for m in data])
-    trainer = make_trainer(model, tokenizer, dataset, model_config, config, work / "out")
+    chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
+    trainer, _ = make_trainer(model, chat, dataset, model_config, config, work / "out")
     clock = StepClock()
     collate = trainer.data_collator
     trainer.data_collator = lambda examples: clock.count(collate(examples))
@@ -135,6 +137,8 @@ def run_plain(model_dir: str, data: list, batch: int, steps: int, checkpointing:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from stages.chat import Chat, ChatConfig
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     quantization = BitsAndBytesConfig(
@@ -152,7 +156,7 @@ def run_plain(model_dir: str, data: list, batch: int, steps: int, checkpointing:
         model, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     )
     optimizer = bnb.optim.AdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in data]
+    rendered = [Chat(tokenizer, ChatConfig()).render(m) for m in data]  # the same text as the project trains on
     encoded = [ids[:MAX_LENGTH] for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
     generator = torch.Generator().manual_seed(3407)
     order = torch.randperm(len(encoded), generator=generator).tolist()

@@ -24,8 +24,18 @@ repeat=True); t = time.time(); import unsloth; print(f'import unsloth: {time.tim
 python -m demo.tiny_model data/sample/finance_instruct_sample.jsonl models/tiny-deepseek 2>&1 | tail -1
 timeout -s ABRT "${PIPELINE_LIMIT:-420}" python -m demo.run_stages --set train.optim=adamw_8bit 2>&1 | quiet
 cat metrics/train.json metrics/evaluate.json
+# the optional export (merged 16-bit folder) and the generate command, on the adapter just trained
+timeout -s ABRT 300 python -m stages.export --adapter models/adapter --out models/merged --metrics metrics/export.json \
+  2>&1 | quiet | tail -3
+cat metrics/export.json
+timeout -s ABRT 300 python -m stages.generate --max-new-tokens 24 "What is a bond?" 2>/dev/null
+echo
 python -c "
 import mlflow
+client = mlflow.MlflowClient()
 for r in mlflow.search_runs(experiment_names=['finance-deepseek'], output_format='list'):
-    print('MLflow run', r.info.status, 'loss points:', len(mlflow.MlflowClient().get_metric_history(r.info.run_id, 'loss')))
+    print('MLflow run', r.info.status, 'loss points:', len(client.get_metric_history(r.info.run_id, 'loss')))
+    print('  system metrics:', sorted(k for k in r.data.metrics if k.startswith('system/')))
+    print('  inputs:', [(i.dataset.name, i.dataset.digest) for i in client.get_run(r.info.run_id).inputs.dataset_inputs])
+print('registered:', [(v.name, v.version) for v in client.search_model_versions()])
 "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from stages import params, scoring
+from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
 from stages.params import require
 from stages.tracking import (
@@ -42,8 +43,6 @@ from stages.tracking import (
 )
 
 log = logging.getLogger("evaluate")
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -84,28 +83,9 @@ class EvaluateConfig:
         object.__setattr__(self, "benchmarks", benchmarks)
 
 
-def prompt_and_answer(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, str]:
-    """Split a rendered conversation into the prompt and the final answer, as the model was trained on it.
-
-    The prompt is the longest common prefix of the full rendering and the rendering of the earlier turns with
-    the generation prompt, so it ends where the chat template starts the answer (`...<｜Assistant｜>` for
-    DeepSeek); the answer is the rest, end-of-turn token included.
-    """
-    if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError(f"a held-out conversation must end with an assistant turn, got {messages[-1:]!r}")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    opening = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    cut = len(os.path.commonprefix([full, opening]))
-    return full[:cut], full[cut:]
-
-
-def encode(tokenizer: Any, prompt: str, answer: str, max_length: int) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + answer and their labels (-100 on the prompt), cut to `max_length` tokens."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return ids, labels
+def encode(chat: Chat, conversations: list[list[dict[str, str]]], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels (the answers' own tokens) of each conversation, as training encodes them, cut."""
+    return [(ids[:max_length], labels[:max_length]) for ids, labels in chat.encode_many(conversations)]
 
 
 def sequence_nll(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[tuple[float, int]]:
@@ -162,26 +142,34 @@ class Answer:
     ended: bool  # stopped with the end-of-sequence token before max_new_tokens
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[Answer]:
-    """Greedy answers to `prompts`, batched by length with left padding, in the prompts' order."""
+def generate(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+) -> list[Answer]:
+    """Greedy answers to prompts given as token ids, batched by length with left padding, in the prompts' order."""
     import torch
 
-    if not prompts:
-        return []
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
     answers: list[Answer | None] = [None] * len(prompts)
-    sizes = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    for batch in by_length(sizes, batch_size):
-        inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+    for batch in by_length([len(ids) for ids in prompts], batch_size):
+        width = max(len(prompts[i]) for i in batch)
+        pads = [width - len(prompts[i]) for i in batch]
+        input_ids = torch.tensor(
+            [[tokenizer.pad_token_id] * p + prompts[i] for p, i in zip(pads, batch, strict=True)], device=device
+        )
+        attention_mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=device)
         with torch.no_grad():
             output = model.generate(
-                **inputs.to(device), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
             )
-        for i, new in zip(batch, output[:, inputs["input_ids"].shape[1] :].tolist(), strict=True):
+        for i, new in zip(batch, output[:, width:].tolist(), strict=True):
             ended = tokenizer.eos_token_id in new
             kept = new[: new.index(tokenizer.eos_token_id) + 1] if ended else new
-            answers[i] = Answer(tokenizer.decode(kept, skip_special_tokens=True), len(kept), ended)
+            # special tokens are kept but EOS: </think> may be one, and final_answer needs it
+            answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
     return [answer for answer in answers if answer is not None]
 
 
@@ -229,27 +217,30 @@ def read_benchmark(bench: BenchmarkConfig) -> list[dict[str, str]]:
 
 
 def classify(
-    model: Any, tokenizer: Any, bench: BenchmarkConfig, rows: list[dict[str, str]], max_length: int, batch_size: int
+    model: Any, chat: Chat, bench: BenchmarkConfig, rows: list[dict[str, str]], max_length: int, batch_size: int
 ) -> list[str]:
     """The label whose rendering as the answer (end-of-turn included) is likeliest after each row's prompt."""
-    encoded = []
+    conversations = []
     for row in rows:
         question = f"{bench.instruction}\n\n{row['text']}" if bench.instruction else row["text"]
         for label in bench.labels:
-            turns = [{"role": "user", "content": question}, {"role": "assistant", "content": label}]
-            encoded.append(encode(tokenizer, *prompt_and_answer(tokenizer, turns), max_length))
-    nll = [value for value, _ in nll_per_row(model, encoded, tokenizer.pad_token_id, batch_size)]
+            conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": label}])
+    encoded = encode(chat, conversations, max_length)
+    nll = [value for value, _ in nll_per_row(model, encoded, chat.tokenizer.pad_token_id, batch_size)]
     k = len(bench.labels)
     return [bench.labels[min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(rows))]
 
 
 def evaluate_models(
-    model: Any, tokenizer: Any, held_out: list[list[dict[str, str]]], config: EvaluateConfig, max_length: int
+    model: Any, chat: Chat, held_out: list[list[dict[str, str]]], config: EvaluateConfig, max_length: int
 ) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
     """Every measure of base (adapter disabled) and tuned model: the metrics and the answered samples."""
-    pairs = [prompt_and_answer(tokenizer, messages) for messages in held_out]
-    encoded = [encode(tokenizer, prompt, answer, max_length) for prompt, answer in pairs]
-    prompts = [prompt for prompt, _ in pairs[: config.num_samples]]
+    for i, messages in enumerate(held_out):
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError(f"held-out conversation {i} must end with an assistant turn, got {messages[-1:]!r}")
+    tokenizer = chat.tokenizer
+    encoded = encode(chat, held_out, max_length)
+    prompts = [chat.prompt_ids(messages[:-1]) for messages in held_out[: config.num_samples]]
     references = [messages[-1]["content"] for messages in held_out[: config.num_samples]]
     benchmarks = [(bench, read_benchmark(bench)) for bench in config.benchmarks]
 
@@ -259,7 +250,7 @@ def evaluate_models(
             loss = score(model, encoded, tokenizer.pad_token_id, config.batch_size)
             answers = generate(model, tokenizer, prompts, config.max_new_tokens, config.generate_batch_size)
             predictions = {
-                bench.name: classify(model, tokenizer, bench, rows, max_length, config.batch_size)
+                bench.name: classify(model, chat, bench, rows, max_length, config.batch_size)
                 for bench, rows in benchmarks
             }
         results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
@@ -349,9 +340,17 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: P
     from unsloth import FastLanguageModel
 
     model_config = params.load(ModelConfig, params_path, "model")
+    chat_config = params.load(ChatConfig, params_path, "chat")
     config = params.load(EvaluateConfig, params_path, "evaluate")
     tracking = params.load(TrackingConfig, params_path, "tracking")
-    log.info("config: %s", {**params.flatten("model", model_config), **params.flatten("evaluate", config)})
+    log.info(
+        "config: %s",
+        {
+            **params.flatten("model", model_config),
+            **params.flatten("chat", chat_config),
+            **params.flatten("evaluate", config),
+        },
+    )
 
     # --- data: single-turn held-out conversations
     held_out = Dataset.from_parquet(str(data / "eval.parquet"))
@@ -362,10 +361,10 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: P
     model, tokenizer = load_base(model_config)
     model = PeftModel.from_pretrained(model, str(adapter))
     FastLanguageModel.for_inference(model)
+    chat = Chat(tokenizer, chat_config)
+    chat.check(padding=True)
     start = time.perf_counter()
-    results, sample_rows = evaluate_models(
-        model, tokenizer, held_out["conversations"], config, model_config.max_seq_length
-    )
+    results, sample_rows = evaluate_models(model, chat, held_out["conversations"], config, model_config.max_seq_length)
     results["evaluate_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -1,10 +1,10 @@
-"""Token lengths of rendered conversations, measured with the model's tokenizer and chat template.
+"""Token lengths of conversations as training encodes them (`stages.chat`: template, think block, pieces).
 
 Tokenizing 518k merged conversations one by one would read every row three times. A chat template renders a
 conversation as a prefix (BOS) followed by its turns, each turn rendered on its own, and the tokenizer splits the
-text at special tokens before it encodes, so a conversation's length is the sum of its rows' single-turn
-lengths less the prefix they repeat: each row is rendered and tokenized once. `check_additive` holds that sum
-to the template's own count on a sample, and the direct count is used where a template is not built that way.
+text at special tokens and at the pieces' cuts before it encodes, so a conversation's length is the sum of its
+rows' single-turn lengths less the prefix they repeat: each row is rendered and tokenized once. `check_additive`
+holds that sum to the direct count on a sample, and the direct count is used where a template is not built that way.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from stages.chat import Chat
 
 PERCENTILES = (50, 95, 99)
 
@@ -31,26 +33,30 @@ def count_tokens(tokenizer: Any, rendered: list[str]) -> np.ndarray:
     return np.fromiter(map(len, encodings), dtype=np.int64, count=len(rendered))
 
 
-def render(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> list[str]:
-    return tokenizer.apply_chat_template(conversations, tokenize=False)
+def encoded_lengths(chat: Chat, conversations: list[list[dict[str, str]]]) -> np.ndarray:
+    """Tokens of each conversation as `chat.encode` writes them, counted without building Python id lists."""
+    split = [chat.pieces(conversation) for conversation in conversations]
+    if not split:
+        return np.empty(0, dtype=np.int64)
+    per_piece = count_tokens(chat.tokenizer, [text for pieces in split for text, _ in pieces])
+    starts = np.cumsum([0] + [len(pieces) for pieces in split[:-1]])
+    return np.add.reduceat(per_piece, starts)
 
 
-def prefix_tokens(tokenizer: Any) -> int:
+def prefix_tokens(chat: Chat) -> int:
     """Tokens a rendering holds before its first turn: one turn's rendering less what a second turn adds."""
     one = messages("What is a bond?", "A loan to an issuer.")
-    single, double = count_tokens(tokenizer, render(tokenizer, [one, one + one]))
+    single, double = encoded_lengths(chat, [one, one + one])
     return int(2 * single - double)
 
 
-def row_lengths(tokenizer: Any, turns: Any, batch: int = 2048) -> np.ndarray:
+def row_lengths(chat: Chat, turns: Any, batch: int = 2048) -> np.ndarray:
     """Tokens of each row rendered alone; `turns` alternates each row's user and assistant text."""
     out = np.empty(len(turns) // 2, dtype=np.int64)
     for start in range(0, len(out), batch):
         stop = min(start + batch, len(out))
         chunk = texts(turns[2 * start : 2 * stop])
-        out[start:stop] = count_tokens(
-            tokenizer, render(tokenizer, [messages(*chunk[i : i + 2]) for i in range(0, len(chunk), 2)])
-        )
+        out[start:stop] = encoded_lengths(chat, [messages(*chunk[i : i + 2]) for i in range(0, len(chunk), 2)])
     return out
 
 
@@ -67,16 +73,11 @@ def conversation_lengths(rows: np.ndarray, orders: Sequence[np.ndarray], prefix:
     return sum(rows[order] for order in orders) - (len(orders) - 1) * prefix
 
 
-def direct_lengths(tokenizer: Any, conversations: list[list[dict[str, str]]]) -> np.ndarray:
-    """Each conversation rendered whole and tokenized: the reference `check_additive` compares with."""
-    return count_tokens(tokenizer, render(tokenizer, conversations))
-
-
 def check_additive(
-    tokenizer: Any, conversations: list[list[dict[str, str]]], predicted: np.ndarray
+    chat: Chat, conversations: list[list[dict[str, str]]], predicted: np.ndarray
 ) -> tuple[int, int, int] | None:
     """None if `predicted` equals the direct count of every conversation; else (index, predicted, direct)."""
-    direct = direct_lengths(tokenizer, conversations)
+    direct = encoded_lengths(chat, conversations)
     for index in np.flatnonzero(direct != predicted):
         return int(index), int(predicted[index]), int(direct[index])
     return None

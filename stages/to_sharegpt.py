@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from stages import lengths, params
+from stages.chat import Chat, ChatConfig
 from stages.model import ModelConfig, load_tokenizer
 from stages.params import require
 from stages.tracking import write_json
@@ -139,7 +140,7 @@ def turn_texts(single: Dataset) -> Any:
     return column.flatten().field("value")
 
 
-def measure_lengths(tokenizer: Any, single: Dataset, orders: list[Any], sample_size: int = 64) -> Any:
+def measure_lengths(chat: Chat, single: Dataset, orders: list[Any], sample_size: int = 64) -> Any:
     """Token length of each conversation, from each row's single-turn length (see `stages.lengths`).
 
     Checked against the template's own count on `sample_size` conversations spread over the split; where they
@@ -148,8 +149,8 @@ def measure_lengths(tokenizer: Any, single: Dataset, orders: list[Any], sample_s
     import numpy as np
 
     turns = turn_texts(single)
-    per_row = lengths.row_lengths(tokenizer, turns)
-    measured = lengths.conversation_lengths(per_row, orders, lengths.prefix_tokens(tokenizer))
+    per_row = lengths.row_lengths(chat, turns)
+    measured = lengths.conversation_lengths(per_row, orders, lengths.prefix_tokens(chat))
 
     def conversations(indices: Any) -> list[list[dict[str, str]]]:
         return [
@@ -160,7 +161,7 @@ def measure_lengths(tokenizer: Any, single: Dataset, orders: list[Any], sample_s
     if len(measured) == 0:
         return measured
     sample = np.unique(np.linspace(0, len(measured) - 1, num=min(sample_size, len(measured)), dtype=np.int64))
-    mismatch = lengths.check_additive(tokenizer, conversations(sample), measured[sample])
+    mismatch = lengths.check_additive(chat, conversations(sample), measured[sample])
     if mismatch is None:
         return measured
     index, predicted, direct = mismatch
@@ -172,7 +173,7 @@ def measure_lengths(tokenizer: Any, single: Dataset, orders: list[Any], sample_s
     )
     whole = np.arange(len(measured))
     return np.concatenate(
-        [lengths.direct_lengths(tokenizer, conversations(whole[i : i + 4096])) for i in range(0, len(whole), 4096)]
+        [lengths.encoded_lengths(chat, conversations(whole[i : i + 4096])) for i in range(0, len(whole), 4096)]
         or [np.empty(0, dtype=np.int64)]
     )
 
@@ -191,8 +192,10 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
     model_config = params.load(ModelConfig, params_path, "model")
-    log.info("config: %s", asdict(config))
-    tokenizer = load_tokenizer(model_config)
+    chat_config = params.load(ChatConfig, params_path, "chat")
+    log.info("config: %s", asdict(config) | {"chat": asdict(chat_config)})
+    chat = Chat(load_tokenizer(model_config), chat_config)
+    chat.check(padding=False)  # lengths need no padding; train and evaluate check the pad token
 
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -200,7 +203,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
         rows = Dataset.from_parquet(str(data / f"{split}.parquet"))
         single = convert(rows, config)
         orders = extension_orders(len(single), extension, config.random_state)
-        measured = measure_lengths(tokenizer, single, orders)
+        measured = measure_lengths(chat, single, orders)
         over = measured > model_config.max_seq_length
         keep = ~over if config.drop_over_length else np.ones(len(measured), dtype=bool)
         if len(keep) and not keep.any():

@@ -24,9 +24,63 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrackingConfig:
     experiment_name: str = "finance-deepseek"  # MLflow experiment that holds every training run
+    registered_model: str | None = None  # registered model that each trained adapter becomes a version of
+    system_metrics_seconds: float = 10.0  # seconds between samples of GPU/CPU/memory use during training
 
     def __post_init__(self) -> None:
         require(bool(self.experiment_name.strip()), "tracking.experiment_name must not be empty")
+        require(
+            self.system_metrics_seconds > 0,
+            f"tracking.system_metrics_seconds must be > 0, got {self.system_metrics_seconds}",
+        )
+        require(
+            self.registered_model is None or bool(self.registered_model.strip()),
+            "tracking.registered_model must be a name or null",
+        )
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file's bytes: the hash DVC 3 records for it in dvc.lock and its cache."""
+    import hashlib
+
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def lock_hashes(lock: Path) -> dict[str, str]:
+    """`{path: md5}` of every stage output that `dvc.lock` records; empty when there is no lock yet."""
+    import yaml
+
+    if not lock.is_file():
+        return {}
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    return {out["path"]: out["md5"] for stage in stages.values() for out in stage.get("outs", []) if "md5" in out}
+
+
+def log_data_inputs(files: dict[str, Path], digests: dict[str, str]) -> None:
+    """Log each data file as an MLflow dataset input of the active run, its DVC hash (MD5) as the digest.
+
+    `files` maps the context (`training`, `evaluation`) to the file.
+    """
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    for context, path in files.items():
+        source = resolve_dataset_source(str(path.resolve()))
+        name = f"{path.parent.name}/{path.name}"
+        mlflow.log_input(MetaDataset(source=source, name=name, digest=digests[context]), context=context)
+
+
+def register_adapter(name: str, run_id: str, artifact_uri: str) -> str:
+    """Register the run's `adapter` artifacts as a new version of the registered model `name`; its version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="LoRA adapters trained by this project's train stage")
+    version = client.create_model_version(name, source=f"{artifact_uri}/adapter", run_id=run_id)
+    return str(version.version)
 
 
 def store_root(environ: Mapping[str, str], cwd: Path) -> Path:

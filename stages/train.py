@@ -1,11 +1,12 @@
 """train: QLoRA fine-tuning of the base model on the standardized conversations with TRL's SFTTrainer.
 
-    python -m stages.train --data data/standardized --adapter models/adapter \
+    python -m stages.train --data data/standardized --adapter models/adapter --checkpoints models/checkpoints \
         --metrics metrics/train.json --plot metrics/train_loss.csv --eval-plot metrics/eval_loss.csv
 
 The base model comes from unsloth's `FastLanguageModel.from_pretrained`, the LoRA adapter from its
-`get_peft_model` with every `lora.*` setting; conversations are rendered with the tokenizer's own chat
-template. The run is recorded in MLflow: parameters, the trainer's per-step metrics, and the adapter.
+`get_peft_model` with every `lora.*` setting; conversations are encoded by `stages.chat` (the chat template,
+the think block, answer-only labels), as evaluate and generate encode them. The run is recorded in MLflow:
+parameters, the trainer's per-step metrics, and the adapter.
 """
 
 from __future__ import annotations
@@ -13,18 +14,25 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import mean
 from typing import Any
 
-from stages import params
+from stages import checkpoints, params
+from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base, mixed_precision
 from stages.params import require
 from stages.tracking import (
     TrackingConfig,
     adapter_digest,
+    file_md5,
     git_commit,
+    lock_hashes,
+    log_data_inputs,
+    register_adapter,
     report,
     run_name,
     store_root,
@@ -35,8 +43,9 @@ from stages.tracking import (
 
 log = logging.getLogger("train")
 
-LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm")
+LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "padding_share")
 EVAL_LOSS_COLUMNS = ("step", "eval_loss")
+DATA_TAGS = ("data/raw", "data/sharegpt", "data/standardized")  # dvc.lock hashes tagged on the run
 
 
 @dataclass(frozen=True)
@@ -81,10 +90,11 @@ class TrainConfig:
     seed: int  # seed of data order and dropout
     eval_steps: int | None = None  # steps between held-out loss evaluations; null = none during training
     eval_rows: int = 100  # held-out conversations scored at each of those evaluations
-    train_on_responses_only: bool = True  # loss on the assistant's tokens only (unsloth's train_on_responses_only)
-    instruction_part: str = "<｜User｜>"  # where the chat template starts a user turn
-    response_part: str = "<｜Assistant｜>"  # where it starts an answer: the tokens after it, to the next user turn,
-    # are trained on (the end-of-sentence token included); system text and questions are masked
+    train_on_responses_only: bool = True  # loss on the answers' own tokens only (see stages.chat); false = all
+    packing: bool = False  # TRL packing: conversations concatenated into max_seq_length rows (bfd)
+    padding_free: bool | None = None  # batches without pad tokens; null = unsloth's choice (on where supported)
+    save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
+    save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -100,12 +110,15 @@ class TrainConfig:
             f"train.eval_steps must be >= 1 or null, got {self.eval_steps}",
         )
         require(self.eval_rows >= 1, f"train.eval_rows must be >= 1, got {self.eval_rows}")
-        for key in ("instruction_part", "response_part"):
-            require(bool(getattr(self, key)), f"train.{key} must not be empty")
+        require(
+            self.save_steps is None or self.save_steps >= 1,
+            f"train.save_steps must be >= 1 or null, got {self.save_steps}",
+        )
+        require(self.save_total_limit >= 2, f"train.save_total_limit must be >= 2, got {self.save_total_limit}")
 
 
 # `train.*` keys that this stage reads itself; the others are SFTConfig's
-STAGE_KEYS = ("eval_rows", "train_on_responses_only", "instruction_part", "response_part")
+STAGE_KEYS = ("eval_rows", "train_on_responses_only")
 
 
 def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LOSS_COLUMNS) -> list[dict[str, float]]:
@@ -117,80 +130,151 @@ def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LO
     return [{key: entry.get(key) for key in columns} for entry in log_history if columns[1] in entry]
 
 
+def logged_mean(rows: list[dict[str, float]], key: str) -> float:
+    """Mean of `key` over the logged steps that hold it: `logged_mean([{"loss": 1.0}, {"loss": 3.0}], "loss")` = 2."""
+    return mean(row[key] for row in rows if row.get(key) is not None)
+
+
 def training_arguments(config: TrainConfig) -> dict[str, Any]:
-    """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation runs if asked."""
+    """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation and saves if asked."""
     arguments = {key: value for key, value in asdict(config).items() if key not in STAGE_KEYS}
+    arguments["save_strategy"] = "no" if config.save_steps is None else "steps"
     if config.eval_steps is None:
         return arguments | {"eval_strategy": "no"}
     return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
 
 
+def encode(chat: Chat, dataset: Any, max_length: int, answers_only: bool, split: str) -> tuple[Any, int]:
+    """Token ids and labels of each conversation (`chat.encode`), cut to `max_length` tokens.
+
+    With `answers_only`, only the answers' own tokens carry labels; else every token does. Conversations left
+    with no labelled token (a question that fills `max_length`, say) teach nothing and are dropped: returns the
+    encoded set and how many were dropped. Raises if none is left.
+    """
+
+    def batch(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        encoded = chat.encode_many(rows["messages"])
+        return {
+            "input_ids": [ids[:max_length] for ids, _ in encoded],
+            "labels": [(labels if answers_only else ids)[:max_length] for ids, labels in encoded],
+        }
+
+    encoded = dataset.map(batch, batched=True, remove_columns=dataset.column_names, desc=f"Encoding {split}")
+    kept = encoded.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns="labels")
+    if len(kept) == 0:
+        raise ValueError(
+            f"every {split} conversation is fully masked: no answer token within model.max_seq_length "
+            f"({max_length} tokens)"
+        )
+    if len(kept) < len(encoded):
+        log.warning(
+            "%s: %d of %d conversations have no answer token within %d tokens: dropped",
+            split,
+            len(encoded) - len(kept),
+            len(encoded),
+            max_length,
+        )
+    return kept, len(encoded) - len(kept)
+
+
+def project_trainer(trainer_class: type) -> type:
+    """`trainer_class`, adding to each training log the tokens/s and the share of padding since the last log,
+    and resuming a checkpoint with the adapter in the dtype that unsloth's `get_peft_model` gave it.
+
+    Tokens are counted where the loss is computed in training mode, so evaluation batches and time are left out.
+    A token is a non-padding position (all of a padding-free batch); padding is the rest of the batch.
+    """
+
+    class ProjectTrainer(trainer_class):  # type: ignore[misc, valid-type]
+        def _load_from_checkpoint(self, checkpoint: str, model: Any = None) -> None:
+            # peft loads a saved adapter in float32 (autocast_adapter_dtype); unsloth trains it in the model's
+            # 16-bit dtype. Without the cast back, a resumed run would go on in other precision than it started.
+            dtypes = {name: p.dtype for name, p in self.model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(checkpoint, model)
+            for name, parameter in self.model.named_parameters():
+                if name in dtypes and parameter.dtype != dtypes[name]:
+                    parameter.data = parameter.data.to(dtypes[name])
+
+        _tokens = _positions = 0
+        _since: float | None = None
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            if model.training:
+                positions = inputs["input_ids"].numel()
+                mask = inputs.get("attention_mask")
+                self._tokens += int(mask.sum()) if mask is not None else positions
+                self._positions += positions
+                self._since = self._since or time.perf_counter()
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            if "loss" in logs and self._positions and self._since is not None:
+                elapsed = time.perf_counter() - self._since
+                logs = logs | {
+                    "tokens_per_second": self._tokens / elapsed,
+                    "padding_share": 1.0 - self._tokens / self._positions,
+                }
+                self._tokens = self._positions = 0
+                self._since = time.perf_counter()
+            super().log(logs, *args, **kwargs)
+
+        def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().evaluate(*args, **kwargs)
+            self._since = self._since and time.perf_counter()  # evaluation time is not training time
+            return result
+
+    return ProjectTrainer
+
+
 def make_trainer(
     model: Any,
-    tokenizer: Any,
+    chat: Chat,
     dataset: Any,
     model_config: ModelConfig,
     config: TrainConfig,
     output_dir: Path,
     eval_dataset: Any = None,
-) -> Any:
-    """TRL's SFTTrainer over role/content `messages`, with the `train.*` settings passed straight through.
+) -> tuple[Any, int]:
+    """TRL's SFTTrainer over role/content `messages`, encoded by `chat`; and how many were dropped unlearnable.
 
-    Precision follows the hardware; per-step metrics go to the active MLflow run; checkpoints are not kept.
+    The `train.*` settings pass straight through; precision follows the hardware; per-step metrics go to the
+    active MLflow run; checkpoints go to `output_dir`, each marked complete once written (`stages.checkpoints`).
     """
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            checkpoints.mark_complete(output_dir, state.global_step)
 
     if config.eval_steps is not None and eval_dataset is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
-    trainer = SFTTrainer(
+    chat.check(padding=True)
+    length, answers_only = model_config.max_seq_length, config.train_on_responses_only
+    train_set, dropped = encode(chat, dataset, length, answers_only, "training")
+    eval_set = None
+    if config.eval_steps is not None:
+        eval_set, _ = encode(chat, eval_dataset, length, answers_only, "held-out")
+    trainer = project_trainer(SFTTrainer)(
         model=model,
-        processing_class=tokenizer,
-        train_dataset=dataset,
-        eval_dataset=eval_dataset if config.eval_steps is not None else None,
+        processing_class=chat.tokenizer,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
         args=SFTConfig(
             output_dir=str(output_dir),
-            max_length=model_config.max_seq_length,
-            save_strategy="no",
+            max_length=length,
             report_to=["mlflow"],
             **mixed_precision(),
             **training_arguments(config),
         ),
+        callbacks=[MarkComplete()],
     )
-    if not config.train_on_responses_only:
-        return trainer
-    from unsloth.chat_templates import train_on_responses_only
-
-    trainer = train_on_responses_only(
-        trainer, instruction_part=config.instruction_part, response_part=config.response_part
-    )
-    trainer.train_dataset = drop_fully_masked(trainer.train_dataset, "training")
-    if trainer.eval_dataset is not None:
-        trainer.eval_dataset = drop_fully_masked(trainer.eval_dataset, "held-out")
-    return trainer
+    return trainer, dropped
 
 
-def drop_fully_masked(dataset: Any, split: str) -> Any:
-    """Drop examples whose every label is masked (a question cut at max_seq_length before its answer, say).
-
-    They teach nothing, and a batch of them has no token to average the loss over. Raises if none is left.
-    """
-    kept = dataset.filter(lambda labels: any(label != -100 for label in labels), input_columns="labels")
-    if len(kept) == 0:
-        raise ValueError(
-            f"every {split} example is fully masked: no answer token within model.max_seq_length, or "
-            "train.response_part does not occur in the chat template's rendering"
-        )
-    if len(kept) < len(dataset):
-        log.warning(
-            "%s: %d of %d examples have no answer token to train on: dropped",
-            split,
-            len(dataset) - len(kept),
-            len(dataset),
-        )
-    return kept
-
-
-def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path, eval_plot: Path) -> None:
+def main(
+    params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path, eval_plot: Path, checkpoint_root: Path
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
@@ -201,51 +285,73 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
     lora = params.load(LoraConfig, params_path, "lora")
     train_config = params.load(TrainConfig, params_path, "train")
     tracking = params.load(TrackingConfig, params_path, "tracking")
+    chat_config = params.load(ChatConfig, params_path, "chat")
     resolved = {
         **params.flatten("model", model_config),
+        **params.flatten("chat", chat_config),
         **params.flatten("lora", lora),
         **params.flatten("train", train_config),
     }
     log.info("config: %s", resolved)
 
-    # --- data: role/content conversations, which SFTTrainer renders with the tokenizer's chat template
+    # --- data: role/content conversations, encoded by stages.chat when the trainer is made
     dataset = Dataset.from_parquet(str(data / "train.parquet")).rename_column("conversations", "messages")
     held_out = Dataset.from_parquet(str(data / "eval.parquet")).rename_column("conversations", "messages")
     held_out = held_out.select(range(min(train_config.eval_rows, len(held_out))))
     log.info("training conversations: %d, held-out for the eval loss curve: %d", len(dataset), len(held_out))
 
-    # --- tracking: one MLflow run per training, at the repo root's store
+    # --- checkpoints: this configuration's folder; a complete checkpoint there means a killed run to resume
+    files = {"training": data / "train.parquet", "evaluation": data / "eval.parquet"}
+    digests = {context: file_md5(path) for context, path in files.items()}  # DVC's hashes of the files
+    folder = checkpoint_root / checkpoints.fingerprint(resolved, digests)
+    resume = checkpoints.latest(folder)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+
+    # --- tracking: one MLflow run per training (a resumed training continues its run), at the repo root's store
     root = store_root(os.environ, Path.cwd())
     use_experiment(tracking_uri(os.environ, root), tracking.experiment_name, root / "mlartifacts")
     commit = git_commit(Path.cwd())
-    with mlflow.start_run(run_name=run_name(os.environ, commit)) as run:
-        mlflow.set_tags({"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"})
+    earlier = checkpoints.run_id(folder)
+    if earlier is not None and resume is None:  # killed before its first checkpoint: nothing of it is reused
+        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
+        earlier = None
+    name = None if earlier else run_name(os.environ, commit)
+    mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)
+    with mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run:  # FAILED if it raises
+        checkpoints.remember_run(folder, run.info.run_id)
+        locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
+        tags = {"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"}
+        mlflow.set_tags(tags | locked | ({"resumed_from": resume.name} if resume else {}))
         mlflow.log_params(resolved)
+        if resume is None:
+            log_data_inputs(files, digests)
 
         # --- model: 4-bit base + LoRA adapter
         model, tokenizer = load_base(model_config)
         model = FastLanguageModel.get_peft_model(model, **asdict(lora))
-
-        with tempfile.TemporaryDirectory(prefix="train-") as output_dir:
-            trainer = make_trainer(
-                model, tokenizer, dataset, model_config, train_config, Path(output_dir), eval_dataset=held_out
-            )
-            result = trainer.train()
+        trainer, fully_masked = make_trainer(
+            model, Chat(tokenizer, chat_config), dataset, model_config, train_config, folder, eval_dataset=held_out
+        )
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
         # --- outputs: adapter + tokenizer, metrics, loss curve, MLflow artifacts
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
-        write_csv(plot, loss_rows(trainer.state.log_history), LOSS_COLUMNS)
+        losses = loss_rows(trainer.state.log_history)  # the whole run's, a resumed one's included
+        write_csv(plot, losses, LOSS_COLUMNS)
         write_csv(eval_plot, loss_rows(trainer.state.log_history, EVAL_LOSS_COLUMNS), EVAL_LOSS_COLUMNS)
         trainable, total = model.get_nb_trainable_parameters()
         report(
             {
-                "train_loss": result.training_loss,
+                "train_loss": logged_mean(losses, "loss"),
+                "tokens_per_second": logged_mean(losses, "tokens_per_second"),  # non-padding tokens
+                "padding_share": logged_mean(losses, "padding_share"),
                 "train_runtime": result.metrics["train_runtime"],
                 "train_samples_per_second": result.metrics["train_samples_per_second"],
                 "global_step": result.global_step,
                 "train_conversations": len(dataset),
-                "train_conversations_fully_masked": len(dataset) - len(trainer.train_dataset),
+                "train_conversations_fully_masked": fully_masked,
                 "trainable_parameters": trainable,
                 "total_parameters": total,
             },
@@ -254,6 +360,9 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
         )
         mlflow.log_artifacts(str(adapter), artifact_path="adapter")
         mlflow.set_tag("adapter_sha256", adapter_digest(adapter))
+        if tracking.registered_model:
+            version = register_adapter(tracking.registered_model, run.info.run_id, run.info.artifact_uri)
+            log.info("adapter registered as %s version %s", tracking.registered_model, version)
         log.info(
             "run %s: adapter -> %s, metrics -> %s, loss curves -> %s, %s",
             run.info.run_id,
@@ -262,6 +371,7 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path
             plot,
             eval_plot,
         )
+    shutil.rmtree(folder)  # trained: the checkpoints served their purpose, a crash
 
 
 if __name__ == "__main__":
@@ -272,5 +382,6 @@ if __name__ == "__main__":
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plot", type=Path, required=True, help="per-step training loss, CSV")
     parser.add_argument("--eval-plot", type=Path, required=True, help="held-out loss during training, CSV")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="folder of resumable checkpoints")
     args = parser.parse_args()
-    main(args.params, args.data, args.adapter, args.metrics, args.plot, args.eval_plot)
+    main(args.params, args.data, args.adapter, args.metrics, args.plot, args.eval_plot, args.checkpoints)

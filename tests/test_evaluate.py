@@ -13,9 +13,9 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from unsloth import FastLanguageModel
 
-from demo.tiny_model import BOS, EOS
+from demo.tiny_model import BOS
+from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.evaluate import (
-    IGNORE_INDEX,
     BenchmarkConfig,
     EvaluateConfig,
     bar_rows,
@@ -25,7 +25,6 @@ from stages.evaluate import (
     final_answer,
     generate,
     nll_per_row,
-    prompt_and_answer,
     read_benchmark,
     score,
     sequence_nll,
@@ -50,39 +49,30 @@ def model_and_tokenizer(tiny_model_dir: Path):
     return model, tokenizer
 
 
-def test_prompt_ends_where_the_template_starts_the_answer(model_and_tokenizer) -> None:
-    _, tokenizer = model_and_tokenizer
-    prompt, answer = prompt_and_answer(tokenizer, MESSAGES)
-    assert prompt == f"{BOS}<｜User｜>What is a basis point?<｜Assistant｜>"
-    assert answer == f"One hundredth of a percentage point.{EOS}"
+@pytest.fixture(scope="module")
+def chat(model_and_tokenizer) -> Chat:
+    return Chat(model_and_tokenizer[1], ChatConfig())
 
 
-def test_conversation_must_end_with_an_answer(model_and_tokenizer) -> None:
-    _, tokenizer = model_and_tokenizer
-    with pytest.raises(ValueError, match="must end with an assistant turn"):
-        prompt_and_answer(tokenizer, MESSAGES[:1])
+def test_a_held_out_conversation_must_end_with_an_answer(model_and_tokenizer, chat: Chat) -> None:
+    settings = EvaluateConfig(max_rows=None, batch_size=1, num_samples=0, max_new_tokens=1)
+    with pytest.raises(ValueError, match="held-out conversation 1 must end with an assistant turn"):
+        evaluate_models(model_and_tokenizer[0], chat, [MESSAGES, MESSAGES[:1]], settings, max_length=256)
 
 
-def test_encode_masks_the_prompt_and_keeps_the_answer(model_and_tokenizer) -> None:
-    _, tokenizer = model_and_tokenizer
-    prompt, answer = prompt_and_answer(tokenizer, MESSAGES)
-    ids, labels = encode(tokenizer, prompt, answer, max_length=256)
-    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:] and labels[-1] == tokenizer.eos_token_id
-    assert ids.count(tokenizer.bos_token_id) == 1
-    short_ids, short_labels = encode(tokenizer, prompt, answer, max_length=n_prompt + 2)
-    assert len(short_ids) == len(short_labels) == n_prompt + 2
+def test_encode_scores_the_answer_as_trained_and_cuts_at_max_length(chat: Chat) -> None:
+    (ids, labels), (short_ids, short_labels) = encode(chat, [MESSAGES], 256) + encode(chat, [MESSAGES], 12)
+    assert (ids, labels) == chat.encode(MESSAGES)
+    prompt = chat.prompt_ids(MESSAGES[:1])
+    assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
+    assert labels[len(prompt) :] == ids[len(prompt) :] and labels[-1] == chat.tokenizer.eos_token_id
+    assert (short_ids, short_labels) == (ids[:12], labels[:12])
 
 
-def test_padding_never_enters_the_loss(model_and_tokenizer) -> None:
+def test_padding_never_enters_the_loss(model_and_tokenizer, chat: Chat) -> None:
     model, tokenizer = model_and_tokenizer
     rows = [
-        encode(
-            tokenizer,
-            *prompt_and_answer(tokenizer, [{"role": "user", "content": q}, {"role": "assistant", "content": a}]),
-            256,
-        )
+        encode(chat, [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]], 256)[0]
         for q, a in [("Hi", "Hello."), ("What is EBITDA, in one long sentence?", "Earnings before interest and taxes.")]
     ]
     alone = [sequence_nll(model, [row], tokenizer.pad_token_id)[0] for row in rows]
@@ -104,18 +94,19 @@ def test_batches_by_length_cover_every_row_once() -> None:
     assert sorted(i for batch in batches for i in batch) == list(range(10)) and len(batches[-1]) == 1
 
 
-def test_disabling_the_adapter_changes_the_score(model_and_tokenizer) -> None:
+def test_disabling_the_adapter_changes_the_score(model_and_tokenizer, chat: Chat) -> None:
     model, tokenizer = model_and_tokenizer
-    rows = [encode(tokenizer, *prompt_and_answer(tokenizer, MESSAGES), 256)]
+    rows = encode(chat, [MESSAGES], 256)
     with model.disable_adapter():
         base = score(model, rows, tokenizer.pad_token_id, batch_size=1)
     tuned = score(model, rows, tokenizer.pad_token_id, batch_size=1)
     assert base["tokens"] == tuned["tokens"] and base["loss"] != tuned["loss"]
 
 
-def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_and_tokenizer) -> None:
+def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_and_tokenizer, chat: Chat) -> None:
     model, tokenizer = model_and_tokenizer
-    prompts = [prompt_and_answer(tokenizer, MESSAGES)[0], f"{BOS}<｜User｜>Define beta.<｜Assistant｜>"]
+    prompts = [chat.prompt_ids(MESSAGES[:1]), chat.prompt_ids([{"role": "user", "content": "Define beta."}])]
+    assert tokenizer.decode(prompts[1]) == f"{BOS}<｜User｜>Define beta.<｜Assistant｜><think>\n"
     first = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
     assert len(first) == 2 and all(isinstance(answer.text, str) for answer in first)
     assert all(1 <= answer.tokens <= 5 and (answer.ended or answer.tokens == 5) for answer in first)
@@ -237,7 +228,8 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     )
     data = Dataset.from_list([{"messages": m} for m in toy_rows(range(0, 100))])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    make_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
+    chat = Chat(tokenizer, ChatConfig())
+    make_trainer(model, chat, data, config, train, tmp_path / "out")[0].train()
     FastLanguageModel.for_inference(model)
 
     bench = tmp_path / "sentiment.jsonl"
@@ -258,7 +250,7 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
         generate_batch_size=4,
         benchmarks=[replace(SENTIMENT, path=str(bench))],
     )
-    metrics, samples = evaluate_models(model, tokenizer, held_out, settings, max_length=256)
+    metrics, samples = evaluate_models(model, chat, held_out, settings, max_length=256)
 
     assert metrics["tuned_loss"] < 0.5 * metrics["base_loss"], metrics
     assert metrics["tuned_rouge_l"] > metrics["base_rouge_l"] + 0.5, ([s["tuned"] for s in samples], metrics)

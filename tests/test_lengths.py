@@ -10,6 +10,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from stages import lengths
+from stages.chat import Chat, ChatConfig
 from stages.to_sharegpt import ToSharegptConfig, convert, extension_orders, measure_lengths, turn_texts
 
 CONFIG = ToSharegptConfig(
@@ -25,6 +26,11 @@ def tokenizer(tiny_model_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def chat(tokenizer) -> Chat:
+    return Chat(tokenizer, ChatConfig())
+
+
 def whole_conversation(single: Dataset, orders: list[np.ndarray], i: int) -> list[dict[str, str]]:
     roles = {"human": "user", "gpt": "assistant"}
     return [
@@ -34,33 +40,40 @@ def whole_conversation(single: Dataset, orders: list[np.ndarray], i: int) -> lis
     ]
 
 
-def test_prefix_is_the_bos_token(tokenizer) -> None:
-    assert lengths.prefix_tokens(tokenizer) == 1
+def test_prefix_is_the_bos_token(chat: Chat) -> None:
+    assert lengths.prefix_tokens(chat) == 1
 
 
-def test_summed_lengths_equal_each_conversation_rendered_whole(tokenizer, sample_rows: list[dict]) -> None:
+def test_lengths_are_those_of_the_trained_token_ids(chat: Chat, sample_rows: list[dict]) -> None:
+    conversations = [lengths.messages(row["user"], row["assistant"]) for row in sample_rows[:20]]
+    assert lengths.encoded_lengths(chat, conversations).tolist() == [len(chat.encode(c)[0]) for c in conversations]
+
+
+def test_summed_lengths_equal_each_conversation_rendered_whole(chat: Chat, sample_rows: list[dict]) -> None:
     rows = sample_rows[:60] + [
         {"system": "", "user": "Why?", "assistant": "<think>\nlong reasoning here\n</think>\n\nBecause."},
         {"system": "\n", "user": "Ünïcode — 利率?", "assistant": "  spaced  \n"},
     ]
     single = convert(Dataset.from_list(rows), CONFIG)
     orders = extension_orders(len(single), 3, 3407)
-    measured = measure_lengths(tokenizer, single, orders, sample_size=1)  # the check sees one conversation only
-    direct = lengths.direct_lengths(tokenizer, [whole_conversation(single, orders, i) for i in range(len(single))])
+    measured = measure_lengths(chat, single, orders, sample_size=1)  # the check sees one conversation only
+    direct = lengths.encoded_lengths(chat, [whole_conversation(single, orders, i) for i in range(len(single))])
     assert measured.tolist() == direct.tolist()
-    # the reasoning is stripped from assistant turns by the template, so it is not counted
-    assert (
-        lengths.row_lengths(tokenizer, ["Why?", "<think>\nlong reasoning here\n</think>\n\nBecause."])[0]
-        == (lengths.row_lengths(tokenizer, ["Why?", "\n\nBecause."])[0])
+    # the reasoning is trained in its think block (chat.think empty_block), so it is counted
+    with_reasoning, without = lengths.row_lengths(
+        chat, ["Why?", "<think>\nlong reasoning here\n</think>\n\nBecause.", "Why?", "Because."]
     )
+    assert with_reasoning > without
 
 
 def test_a_template_whose_turns_depend_on_each_other_is_counted_whole(tokenizer, sample_rows: list[dict]) -> None:
-    numbered = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
-    numbered.chat_template = (
-        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>"
-        "{{ 'again ' * loop.index ~ m['content'] }}{% else %}<｜Assistant｜>{{ m['content'] }}"
-        "<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+    numbered = Chat(
+        AutoTokenizer.from_pretrained(tokenizer.name_or_path),
+        ChatConfig(
+            template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>"
+            "{{ 'again ' * loop.index ~ m['content'] }}{% else %}<｜Assistant｜>{{ m['content'] }}"
+            "<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+        ),
     )
     single = convert(Dataset.from_list(sample_rows[:12]), CONFIG)
     orders = extension_orders(len(single), 3, 3407)
@@ -69,7 +82,7 @@ def test_a_template_whose_turns_depend_on_each_other_is_counted_whole(tokenizer,
         orders,
         lengths.prefix_tokens(numbered),
     )
-    direct = lengths.direct_lengths(numbered, [whole_conversation(single, orders, i) for i in range(len(single))])
+    direct = lengths.encoded_lengths(numbered, [whole_conversation(single, orders, i) for i in range(len(single))])
     assert summed.tolist() != direct.tolist()  # the shortcut would be wrong here ...
     assert measure_lengths(numbered, single, orders).tolist() == direct.tolist()  # ... so it is not used
 
@@ -100,5 +113,5 @@ def test_a_tokenizer_without_a_rust_core_counts_the_same(tokenizer) -> None:
         def __call__(self, texts: list[str], add_special_tokens: bool) -> dict:
             return tokenizer(texts, add_special_tokens=add_special_tokens)
 
-    rendered = lengths.render(tokenizer, [lengths.messages("What is beta?", "Market sensitivity.")] * 2)
+    rendered = [Chat(tokenizer, ChatConfig()).render(lengths.messages("What is beta?", "Market sensitivity."))] * 2
     assert lengths.count_tokens(Slow(), rendered).tolist() == lengths.count_tokens(tokenizer, rendered).tolist()

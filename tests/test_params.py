@@ -11,7 +11,9 @@ import yaml
 
 from demo.run import apply_overrides, set_param_flags
 from stages import params
+from stages.chat import ChatConfig
 from stages.evaluate import EvaluateConfig
+from stages.export import ExportConfig
 from stages.fetch import FetchConfig
 from stages.model import ModelConfig
 from stages.standardize import StandardizeConfig
@@ -24,9 +26,11 @@ CONFIGS = {
     "to_sharegpt": ToSharegptConfig,
     "standardize": StandardizeConfig,
     "model": ModelConfig,
+    "chat": ChatConfig,
     "lora": LoraConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "export": ExportConfig,
     "tracking": TrackingConfig,
 }
 STAGES = ["fetch", "to_sharegpt", "standardize", "train", "evaluate"]
@@ -52,6 +56,15 @@ def test_stage_has_its_script_params_and_deps(root: Path, stage: str) -> None:
     modules = {module or name for module, name in imported}
     for module in modules:
         assert f"stages/{module}.py" in definition["deps"], f"{stage} imports stages/{module}.py"
+
+
+def test_the_optional_export_stage_has_its_script_params_and_deps(root: Path) -> None:
+    (name,) = yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]
+    definition = yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"][name]
+    assert name == "export" and definition["wdir"] == ".."  # paths relative to the repo root, like dvc.yaml's
+    assert definition["cmd"].startswith("python -m stages.export ") and "export" in definition["params"]
+    imported = re.findall(r"^from stages(?:\.(\w+))? import", (root / "stages/export.py").read_text(), flags=re.M)
+    assert {f"stages/{m}.py" for m in imported if m} | {"stages/export.py"} <= set(definition["deps"])
 
 
 @pytest.mark.parametrize("section", list(CONFIGS))

@@ -133,8 +133,52 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
     eval_history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "eval_loss")
     assert [m.step for m in eval_history] == [10, 20, 30]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_.info.run_id, "adapter")}
-    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= artifacts
+    assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= artifacts
     assert run_.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], repo).strip()
+
+
+def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:
+    from stages.tracking import file_md5
+
+    client = mlflow.MlflowClient()
+    (run_,) = runs(repo)[:1]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    standardized = {out["path"]: out["md5"] for out in lock["standardize"]["outs"]}["data/standardized"]
+    assert run_.data.tags["dvc_lock.data/standardized"] == standardized
+    inputs = {i.tags[0].value: i.dataset for i in client.get_run(run_.info.run_id).inputs.dataset_inputs}
+    for context, name in (("training", "train.parquet"), ("evaluation", "eval.parquet")):
+        assert inputs[context].name == f"standardized/{name}"
+        assert inputs[context].digest == file_md5(repo / "data/standardized" / name)  # DVC's hash of the file
+    assert any(key.startswith("system/") for key in run_.data.metrics), sorted(run_.data.metrics)
+    for key in ("tokens_per_second", "padding_share"):
+        history = client.get_metric_history(run_.info.run_id, key)
+        assert len(history) == 30 and all(m.value >= 0 for m in history), key
+    assert all(m.value > 0 for m in client.get_metric_history(run_.info.run_id, "tokens_per_second"))
+    (version,) = client.search_model_versions("name = 'finance-deepseek-adapter'")[-1:]
+    assert version.run_id in {r.info.run_id for r in runs(repo)} and version.source.endswith("/adapter")
+    assert not list((repo / "models/checkpoints").iterdir())  # trained: nothing left to resume
+
+
+def test_export_runs_only_when_asked_and_generate_answers_from_a_logged_adapter(repo: Path, first_repro: str) -> None:
+    assert "export" not in ran_stages(first_repro) and not (repo / "models/merged").exists()
+    exported = dvc("repro", "export/dvc.yaml", cwd=repo)
+    assert ran_stages(exported) == {"export/dvc.yaml:export"}
+    assert (repo / "models/merged/config.json").is_file() and list((repo / "models/merged").glob("*.safetensors"))
+    (run_,) = runs(repo)[:1]
+    answer = run(
+        [
+            sys.executable,
+            "-m",
+            "stages.generate",
+            "--run",
+            run_.info.run_id,
+            "--max-new-tokens",
+            "8",
+            "What is a bond?",
+        ],
+        repo,
+    )
+    assert "adapter" in answer and answer.strip()
 
 
 def test_no_held_out_row_appears_in_a_training_conversation(repo: Path, first_repro: str) -> None:
@@ -307,3 +351,60 @@ def test_plots_diff_draws_the_loss_curves_and_bars_of_two_experiments(repo: Path
     dvc("plots", "diff", "rank-4", "rank-8", "-o", "plots_diff", cwd=repo)
     page = (repo / "plots_diff" / "index.html").read_text(encoding="utf-8")
     assert "rank-4" in page and "rank-8" in page and "eval_loss" in page
+
+
+def adapter_tensors(repo: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(repo / "models/adapter/adapter_model.safetensors")
+
+
+def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(repo: Path, rank_8: str) -> None:
+    import psutil
+    import torch
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["lora"]["r"] = 4  # the demo's settings, whatever experiment the workspace holds
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc("repro", "train", cwd=repo)  # uninterrupted: the reference
+    reference = adapter_tensors(repo)
+    earlier_runs = {r.info.run_id for r in runs(repo)}
+
+    # train again from scratch, and SIGKILL the training process once the step-20 checkpoint is complete
+    with (repo / "killed.log").open("w") as log:
+        dvc_process = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"],
+            cwd=repo,
+            env=clean_env(),
+            stdout=log,
+            stderr=log,
+        )
+    deadline = time.monotonic() + 600
+    while not list((repo / "models/checkpoints").glob("*/checkpoint-20/complete.json")):
+        assert dvc_process.poll() is None, (repo / "killed.log").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (trainer,) = [
+        p for p in psutil.Process(dvc_process.pid).children(recursive=True) if "stages.train" in " ".join(p.cmdline())
+    ]
+    trainer.kill()
+    assert dvc_process.wait(timeout=120) != 0  # killed before it finished
+    assert not (repo / "models/adapter/adapter_model.safetensors").exists()
+    (folder,) = (repo / "models/checkpoints").iterdir()
+    (folder / "checkpoint-30").mkdir(exist_ok=True)  # as a kill in the middle of a save leaves it: no complete.json
+    (folder / "checkpoint-30" / "adapter_model.safetensors").write_bytes(b"half written")
+
+    resumed = dvc("repro", "train", cwd=repo)
+    assert "resuming from" in resumed and "checkpoint-20" in resumed
+    tensors = adapter_tensors(repo)
+    assert tensors.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(tensors[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    assert not folder.exists()  # trained: its checkpoints are deleted
+
+    latest = runs(repo)[-1]
+    assert latest.info.run_id not in earlier_runs and latest.info.status == "FINISHED"
+    assert latest.data.tags["resumed_from"] == "checkpoint-20"
+    assert all(r.info.status != "RUNNING" for r in runs(repo))
+    losses = mlflow.MlflowClient().get_metric_history(latest.info.run_id, "loss")
+    assert {m.step for m in losses} == set(range(1, 31))

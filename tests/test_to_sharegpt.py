@@ -128,6 +128,7 @@ def run_stage(tmp_path: Path, model_dir: Path, train_rows: list[dict], drop_over
             "load_in_4bit": False,
             "dtype": None,
         },
+        "chat": {"template": None, "think": "empty_block"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "out", tmp_path / "metrics.json")

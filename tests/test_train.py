@@ -11,6 +11,7 @@ import torch
 from datasets import Dataset
 from unsloth import FastLanguageModel
 
+from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
 from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
 
@@ -50,7 +51,16 @@ def test_loss_rows_keep_per_step_records_only() -> None:
         {"loss": 2.0, "step": 1, "learning_rate": 1e-4, "grad_norm": 0.5, "epoch": 0.1},
         {"train_runtime": 3.0, "train_loss": 2.0, "step": 1},
     ]
-    assert loss_rows(history) == [{"step": 1, "loss": 2.0, "learning_rate": 1e-4, "grad_norm": 0.5}]
+    assert loss_rows(history) == [
+        {
+            "step": 1,
+            "loss": 2.0,
+            "learning_rate": 1e-4,
+            "grad_norm": 0.5,
+            "tokens_per_second": None,
+            "padding_share": None,
+        }
+    ]
 
 
 def test_adapter_learns_and_base_stays_frozen(
@@ -65,7 +75,9 @@ def test_adapter_learns_and_base_stays_frozen(
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     frozen_before = {name: b.detach().clone() for name, b in model.state_dict().items() if "lora_" not in name}
 
-    trainer = make_trainer(model, tokenizer, toy_conversations(32), model_config, TRAIN, tmp_path / "out")
+    trainer, _ = make_trainer(
+        model, Chat(tokenizer, ChatConfig()), toy_conversations(32), model_config, TRAIN, tmp_path / "out"
+    )
     trainer.train()
 
     losses = [row["loss"] for row in loss_rows(trainer.state.log_history)]
@@ -97,7 +109,7 @@ def answer_only_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[list[di
     model, tokenizer = load_base(model_config)
     model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
     dataset = Dataset.from_list([{"messages": messages} for messages in rows])
-    return make_trainer(model, tokenizer, dataset, model_config, TRAIN, tmp_path / "out"), tokenizer
+    return make_trainer(model, Chat(tokenizer, ChatConfig()), dataset, model_config, TRAIN, tmp_path / "out"), tokenizer
 
 
 TWO_TURNS = [
@@ -113,19 +125,25 @@ def test_only_the_answers_and_their_end_token_carry_labels(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    trainer, tokenizer = answer_only_trainer(tiny_model_dir, tmp_path, [TWO_TURNS] * 4, max_length=256)
-    user, assistant = (tokenizer.convert_tokens_to_ids(t) for t in ("<｜User｜>", "<｜Assistant｜>"))
+    (trainer, dropped), tokenizer = answer_only_trainer(tiny_model_dir, tmp_path, [TWO_TURNS] * 4, max_length=256)
+    assert dropped == 0
+    user, assistant, think = (tokenizer.convert_tokens_to_ids(t) for t in ("<｜User｜>", "<｜Assistant｜>", "<think>"))
     for example in trainer.train_dataset:
         ids, labels = example["input_ids"], example["labels"]
+        assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
         expected, in_answer = [], False
-        for token in ids:  # an answer runs from after <｜Assistant｜> up to the next <｜User｜>
+        for previous, token in zip([None, *ids], ids, strict=False):
+            # an answer runs from after the prompt's `<｜Assistant｜><think>\n` up to the next <｜User｜>
             in_answer = in_answer and token != user
-            expected.append(token if in_answer else -100)
-            in_answer = in_answer or token == assistant
+            expected.append(token if in_answer else IGNORE_INDEX)
+            in_answer = in_answer or (previous == think and ids[ids.index(think) - 1] == assistant)
         assert labels == expected
         assert labels.count(tokenizer.eos_token_id) == 2  # each answer's end-of-sentence is learnt
-        answers = tokenizer.decode([t for t in labels if t != -100], skip_special_tokens=True)
-        assert "Current assets minus" in answers and "working capital" not in answers and "corporate" not in answers
+        answers = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+        assert answers == (
+            "\n</think>\n\nCurrent assets minus current liabilities.<｜end▁of▁sentence｜>"
+            "\n</think>\n\nLiquid assets over current liabilities.<｜end▁of▁sentence｜>"
+        )
 
 
 def test_examples_left_without_an_answer_token_are_dropped_and_counted(
@@ -136,8 +154,47 @@ def test_examples_left_without_an_answer_token_are_dropped_and_counted(
         {"role": "user", "content": "Explain duration and convexity in detail. " * 40},
         {"role": "assistant", "content": "Duration is the first-order price sensitivity."},
     ]
-    trainer, _ = answer_only_trainer(tiny_model_dir, tmp_path, [TWO_TURNS, long_question, TWO_TURNS], max_length=64)
-    assert len(trainer.train_dataset) == 2
-    assert all(any(label != -100 for label in example["labels"]) for example in trainer.train_dataset)
-    with pytest.raises(ValueError, match="masked all/most labels|every training example is fully masked"):
+    (trainer, dropped), _ = answer_only_trainer(
+        tiny_model_dir, tmp_path, [TWO_TURNS, long_question, TWO_TURNS], max_length=64
+    )
+    assert len(trainer.train_dataset) == 2 and dropped == 1
+    assert all(len(example["input_ids"]) <= 64 for example in trainer.train_dataset)
+    assert all(any(label != IGNORE_INDEX for label in example["labels"]) for example in trainer.train_dataset)
+    with pytest.raises(ValueError, match="every training conversation is fully masked"):
         answer_only_trainer(tiny_model_dir, tmp_path, [long_question], max_length=64)
+
+
+def test_a_training_that_fails_leaves_its_mlflow_run_failed(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+) -> None:
+    import mlflow
+    import yaml
+
+    from stages.train import main
+
+    too_long = [
+        {"role": "user", "content": "Explain duration and convexity in detail. " * 40},
+        {"role": "assistant", "content": "Duration is the first-order price sensitivity."},
+    ]
+    data = tmp_path / "standardized"
+    data.mkdir()
+    for split in ("train", "eval"):
+        Dataset.from_list([{"conversations": too_long}]).to_parquet(data / f"{split}.parquet")
+    settings = yaml.safe_load((root / "params.yaml").read_text())
+    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 64}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ValueError, match="every training conversation is fully masked"):
+        main(
+            tmp_path / "params.yaml",
+            data,
+            tmp_path / "adapter",
+            tmp_path / "train.json",
+            tmp_path / "loss.csv",
+            tmp_path / "eval_loss.csv",
+            tmp_path / "checkpoints",
+        )
+    (run,) = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
+    assert run.info.status == "FAILED"

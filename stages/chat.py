@@ -1,0 +1,168 @@
+"""The `chat` section: how a conversation becomes text and token ids, the same way for every stage.
+
+to_sharegpt measures lengths, train learns, evaluate scores and generates, and `stages.generate` answers with
+this one module. The chat template (the tokenizer's own unless `chat.template` gives one) lays out BOS, system
+text, role tags and the end-of-turn token; `chat.think` decides what an answer is inside it:
+
+- `empty_block` (default): every answer is trained behind a think block, `<think>\\n{reasoning}\\n</think>\\n\\n
+  {answer}`, empty when the data has no reasoning (Finance-Instruct has none). DeepSeek-R1's generation prompt
+  ends in `<think>\\n`, so the prompt at inference is a prefix of what was trained, and the model learns to close
+  the block and answer.
+- `none`: answers are trained bare, any reasoning dropped (what the published template does to earlier turns),
+  and the inference prompt stops where the template opens the answer, with no think block.
+
+Text is tokenized in pieces cut where each answer starts and where it ends, so a prompt's tokens are exactly the
+first tokens of the trained sequence (a `\\n` cannot merge across the cut) and the labels mask every token that is
+not an answer's own: system text, questions, role tags and the part of the think block the prompt supplies.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from stages.params import require
+
+THINK_POLICIES = ("empty_block", "none")
+THINK_OPEN = "<think>\n"  # what DeepSeek-R1's generation prompt opens every answer with
+THINK_CLOSE = "</think>"
+IGNORE_INDEX = -100  # the label of a token that is not learnt
+MARK = "\ue000{}\ue001"  # stands in for an answer while the template renders (Unicode private use: not in data)
+MARKS = re.compile("\ue000(\\d+)\ue001")
+
+PROBE = [  # the conversation `Chat.check` renders: system text and two turns
+    {"role": "system", "content": "You are a financial analyst."},
+    {"role": "user", "content": "What is beta?"},
+    {"role": "assistant", "content": "Sensitivity to the market."},
+    {"role": "user", "content": "And alpha?"},
+    {"role": "assistant", "content": "Return above the benchmark."},
+]
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    template: str | None = None  # Jinja chat template; null = the tokenizer's own
+    think: str = "empty_block"  # how answers are written inside the template: empty_block or none
+
+    def __post_init__(self) -> None:
+        require(self.think in THINK_POLICIES, f"chat.think must be one of {THINK_POLICIES}, got {self.think!r}")
+        require(self.template is None or bool(self.template.strip()), "chat.template must be a Jinja template or null")
+
+
+def answer_text(content: str, think: str) -> tuple[str, str]:
+    """(the part of an answer the prompt already holds, the part the model writes), for one assistant turn.
+
+    `answer_text("Beta.", "empty_block")` -> `("<think>\\n", "\\n</think>\\n\\nBeta.")`;
+    `answer_text("<think>r</think> Beta.", "none")` -> `("", "Beta.")`.
+    """
+    reasoning, closed, answer = content.partition(THINK_CLOSE)
+    if not closed:
+        reasoning, answer = "", content
+    else:
+        reasoning, answer = reasoning.strip().removeprefix("<think>").strip(), answer.lstrip()
+    if think == "none":
+        return "", answer
+    return THINK_OPEN, f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+
+
+class Chat:
+    """A tokenizer with the chat settings applied: `render`, `pieces`, `encode` and `prompt_ids`."""
+
+    def __init__(self, tokenizer: Any, config: ChatConfig) -> None:
+        if config.template is not None:
+            tokenizer.chat_template = config.template  # saved with the adapter's tokenizer, used at inference
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer of model.model_name has no chat template: set chat.template")
+        self.tokenizer = tokenizer
+        self.think = config.think
+
+    def pieces(self, messages: list[dict[str, str]], open_answer: bool = False) -> list[tuple[str, bool]]:
+        """The rendered conversation as (text, is_answer) pieces, answers with their end-of-turn token.
+
+        With `open_answer`, `messages` is the history before an answer and the pieces end with its prompt.
+        """
+        if open_answer:
+            messages = [*messages, {"role": "assistant", "content": ""}]
+        answers = {i: answer_text(m["content"], self.think) for i, m in enumerate(messages) if m["role"] == "assistant"}
+        marked = [m | {"content": MARK.format(i)} if i in answers else m for i, m in enumerate(messages)]
+        text = self.tokenizer.apply_chat_template(marked, tokenize=False)
+        found = [int(i) for i in MARKS.findall(text)]
+        if found != list(answers):
+            raise ValueError(
+                f"the chat template did not render each assistant turn once, in order (turns {list(answers)}, "
+                f"rendered {found}): it cannot be trained on with chat.think={self.think!r}"
+            )
+        eos = self.tokenizer.eos_token or ""
+        out: list[tuple[str, bool]] = []
+        start = 0
+        for match in MARKS.finditer(text):
+            given, written = answers[int(match[1])]
+            end = match.end() + (len(eos) if eos and text.startswith(eos, match.end()) else 0)
+            out += [(text[start : match.start()] + given, False), (written + text[match.end() : end], True)]
+            start = end
+        if open_answer:
+            return out[:-1]
+        return out + [(text[start:], False)] if start < len(text) else out
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The conversation as the model trains on it."""
+        return "".join(text for text, _ in self.pieces(messages))
+
+    def prompt(self, history: list[dict[str, str]]) -> str:
+        """What the model is given to write the next answer: a prefix of `render(history + [that answer])`."""
+        return "".join(text for text, _ in self.pieces(history, open_answer=True))
+
+    def encode(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids and labels (IGNORE_INDEX except on the answers' own tokens, end-of-turn included)."""
+        return self.encode_many([messages])[0]
+
+    def encode_many(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[int], list[int]]]:
+        """`encode` of many conversations, tokenized in one batch. BOS comes from the template alone."""
+        split = [self.pieces(messages) for messages in conversations]
+        flat = [text for pieces in split for text, _ in pieces]
+        ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+        out = []
+        for pieces in split:
+            input_ids: list[int] = []
+            labels: list[int] = []
+            for _, is_answer in pieces:
+                piece = next(ids)
+                input_ids += piece
+                labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
+            out.append((input_ids, labels))
+        return out
+
+    def prompt_ids(self, history: list[dict[str, str]]) -> list[int]:
+        """`prompt` as token ids, cut into pieces as training cut them: exactly the trained sequence's first ids."""
+        texts = [text for text, _ in self.pieces(history, open_answer=True)]
+        return [token for piece in self.tokenizer(texts, add_special_tokens=False)["input_ids"] for token in piece]
+
+    def check(self, padding: bool) -> None:
+        """Fail fast where the template or tokenizer breaks what training relies on.
+
+        One BOS at most, each answer followed by EOS, every prompt a prefix (in tokens) of the trained sequence,
+        and, where batches are padded (`padding`), a pad token that is not EOS: padding masked as EOS would teach
+        the model never to stop.
+        """
+        tok = self.tokenizer
+        ids, labels = self.encode(PROBE)
+        if tok.bos_token_id is not None:
+            require(ids.count(tok.bos_token_id) <= 1, f"the chat template and tokenizer write BOS twice: {ids[:4]}")
+        for turn in (2, 4):
+            require(
+                self.render(PROBE[: turn + 1]).rstrip().endswith(tok.eos_token),
+                f"the chat template does not end an assistant turn with EOS {tok.eos_token!r}: set chat.template",
+            )
+            prompt = self.prompt_ids(PROBE[:turn])
+            require(
+                ids[: len(prompt)] == prompt,
+                f"the prompt of turn {turn} is not a prefix of the trained tokens with chat.think={self.think!r}",
+            )
+        learnt = [label for label in labels if label != IGNORE_INDEX]
+        require(learnt.count(tok.eos_token_id) == 2, "each answer's EOS must carry a label")
+        if padding:
+            require(
+                tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id,
+                f"the tokenizer's pad token {tok.pad_token!r} must exist and differ from EOS {tok.eos_token!r}",
+            )

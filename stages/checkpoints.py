@@ -1,0 +1,65 @@
+"""Training checkpoints that a killed run resumes from, and only the run they belong to.
+
+    models/checkpoints/<fingerprint>/checkpoint-<step>/   the Trainer's checkpoint (adapter, optimizer, RNG, state)
+    models/checkpoints/<fingerprint>/checkpoint-<step>/complete.json   written once the save has finished
+    models/checkpoints/<fingerprint>/mlflow_run_id        the MLflow run a resumed training continues
+
+The fingerprint hashes every setting that decides the training and the bytes of its data, so a checkpoint of
+other parameters or other data lives in another folder and is never picked up. A checkpoint without
+`complete.json` (the process died while saving it) is deleted, never loaded. The folder is a DVC output with
+`persist: true`, so DVC keeps it when the stage reruns after a crash; train deletes it once training finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("train")
+
+COMPLETE = "complete.json"
+RUN_ID = "mlflow_run_id"
+STEP = re.compile(r"checkpoint-(\d+)")
+
+
+def fingerprint(settings: dict[str, Any], data_digests: dict[str, str]) -> str:
+    """16 hex digits of SHA-256 over the settings and the data files' digests (as sorted JSON)."""
+    text = json.dumps({"settings": settings, "data": data_digests}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def latest(folder: Path) -> Path | None:
+    """The newest complete checkpoint in `folder`, after deleting any incomplete one; None if there is none."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        match = STEP.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        if (path / COMPLETE).is_file():
+            complete.append((int(match[1]), path))
+        else:
+            log.warning("%s: incomplete (the process died while saving it): deleted", path)
+            shutil.rmtree(path)
+    return max(complete)[1] if complete else None
+
+
+def mark_complete(folder: Path, step: int) -> None:
+    """Record that `checkpoint-<step>` has been written whole: the Trainer calls back after its save returns."""
+    path = folder / f"checkpoint-{step}"
+    (path / COMPLETE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+
+
+def run_id(folder: Path) -> str | None:
+    """The MLflow run that an earlier, killed attempt of this training opened, if any."""
+    path = folder / RUN_ID
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def remember_run(folder: Path, run: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_ID).write_text(run + "\n", encoding="utf-8")

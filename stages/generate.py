@@ -1,0 +1,101 @@
+"""generate: answer a prompt with the base model and a trained adapter, streaming the tokens as they come.
+
+    python -m stages.generate "What drives a bond's duration?"                 # models/adapter
+    python -m stages.generate --run <mlflow run id> "What drives a bond's duration?"
+    python -m stages.generate --system "You are a credit analyst." --max-new-tokens 512 "..."
+
+The base model and its loading come from `params.yaml`'s `model` section, and the prompt is encoded by
+`stages.chat` with the `chat` section, exactly as train and evaluate encode it: the same template, the same think
+block, the same token pieces. Greedy by default; `--temperature` > 0 samples. Not a pipeline stage: nothing is
+written but the answer, on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from stages import params
+from stages.chat import Chat, ChatConfig
+from stages.model import ModelConfig, load_base
+from stages.tracking import store_root, tracking_uri
+
+log = logging.getLogger("generate")
+
+
+def messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    """`messages("Hi", None)` -> `[{"role": "user", "content": "Hi"}]`; a system text comes first."""
+    system_turn = [{"role": "system", "content": system}] if system else []
+    return [*system_turn, {"role": "user", "content": prompt}]
+
+
+def stream_answer(
+    model: Any, chat: Chat, history: list[dict[str, str]], max_new_tokens: int, temperature: float
+) -> list[int]:
+    """Generate the next answer to `history`, printing it to stdout as it comes; returns its token ids."""
+    import torch
+    from transformers import TextStreamer
+
+    ids = chat.prompt_ids(history)
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=chat.tokenizer.pad_token_id,
+            streamer=TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True),
+            **sampling,
+        )
+    return output[0, len(ids) :].tolist()
+
+
+def adapter_folder(adapter: Path | None, run_id: str | None, store: Path) -> Path:
+    """The adapter to load: a local folder, or the `adapter` artifacts of an MLflow run (downloaded)."""
+    if run_id is None:
+        folder = adapter or Path("models/adapter")
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{folder}: no adapter_config.json; train first (dvc repro) or pass --run")
+        return folder
+    import mlflow
+
+    uri = tracking_uri(os.environ, store)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", tracking_uri=uri))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("prompt", help="the question")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--adapter", type=Path, help="adapter folder (default models/adapter)")
+    source.add_argument("--run", help="MLflow run id whose logged adapter to use")
+    parser.add_argument("--system", help="system text put before the question")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers and peft
+    from peft import PeftModel
+    from unsloth import FastLanguageModel
+
+    model_config = params.load(ModelConfig, args.params, "model")
+    chat_config = params.load(ChatConfig, args.params, "chat")
+    folder = adapter_folder(args.adapter, args.run, store_root(os.environ, Path.cwd()))
+    log.info("base %s + adapter %s", model_config.model_name, folder)
+    model, tokenizer = load_base(model_config)
+    model = PeftModel.from_pretrained(model, str(folder))
+    FastLanguageModel.for_inference(model)
+    chat = Chat(tokenizer, chat_config)
+    chat.check(padding=False)
+    stream_answer(model, chat, messages(args.prompt, args.system), args.max_new_tokens, args.temperature)
+
+
+if __name__ == "__main__":
+    main()

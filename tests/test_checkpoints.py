@@ -1,0 +1,38 @@
+"""checkpoints: only complete checkpoints of the same settings and data are ever resumed from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stages import checkpoints
+
+
+def test_the_fingerprint_changes_with_any_setting_or_data_digest() -> None:
+    settings = {"lora.r": 4, "train.learning_rate": 2.0e-4}
+    data = {"training": "0f3a", "evaluation": "77b1"}
+    first = checkpoints.fingerprint(settings, data)
+    assert checkpoints.fingerprint(dict(reversed(settings.items())), data) == first  # key order is irrelevant
+    assert checkpoints.fingerprint(settings | {"lora.r": 8}, data) != first
+    assert checkpoints.fingerprint(settings, data | {"training": "0f3b"}) != first
+
+
+def test_latest_takes_the_newest_complete_checkpoint_and_deletes_incomplete_ones(tmp_path: Path) -> None:
+    for step in (5, 10, 20):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    checkpoints.mark_complete(tmp_path, 5)
+    checkpoints.mark_complete(tmp_path, 10)
+    (tmp_path / "checkpoint-20" / "optimizer.pt").write_bytes(b"half")  # killed while saving
+    assert checkpoints.latest(tmp_path) == tmp_path / "checkpoint-10"  # 10 > 5, numerically
+    assert not (tmp_path / "checkpoint-20").exists()
+
+
+def test_no_folder_or_no_complete_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
+    assert checkpoints.latest(tmp_path / "absent") is None
+    (tmp_path / "checkpoint-3").mkdir()
+    assert checkpoints.latest(tmp_path) is None
+
+
+def test_the_run_id_of_an_earlier_attempt_is_remembered(tmp_path: Path) -> None:
+    assert checkpoints.run_id(tmp_path / "f") is None
+    checkpoints.remember_run(tmp_path / "f", "abc123")
+    assert checkpoints.run_id(tmp_path / "f") == "abc123"

@@ -1,0 +1,51 @@
+"""export: the merged 16-bit folder computes what base + adapter compute, without peft or bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM
+
+from stages.export import ExportConfig, main
+from stages.model import ModelConfig, load_base
+
+
+def test_the_merged_model_computes_what_base_and_adapter_compute(
+    tiny_model_dir: Path, tmp_path: Path, root: Path
+) -> None:
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype=None)
+    model, tokenizer = load_base(config)
+    torch.manual_seed(0)
+    tuned = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tuned.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([tokenizer("What is a basis point?")["input_ids"]])
+    with torch.no_grad():
+        expected = tuned(input_ids=ids).logits.float()
+        base = tuned.get_base_model()
+        with tuned.disable_adapter():
+            untuned = base(input_ids=ids).logits.float()
+
+    settings = yaml.safe_load((root / "params.yaml").read_text())
+    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 256, "load_in_4bit": False}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    main(tmp_path / "params.yaml", tmp_path / "adapter", tmp_path / "merged", tmp_path / "export.json")
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    with torch.no_grad():
+        logits = merged(input_ids=ids).logits.float()
+    assert (expected - untuned).abs().max() > 1e-2  # the adapter matters, so the comparison can fail
+    torch.testing.assert_close(logits, expected, rtol=0.0, atol=5e-2)  # 16-bit weights
+    metrics = json.loads((tmp_path / "export.json").read_text())
+    assert metrics["export_shards"] >= 1 and metrics["export_bytes"] > 0
+
+
+def test_an_unknown_save_method_is_named() -> None:
+    with pytest.raises(ValueError, match="export.save_method must be one of"):
+        ExportConfig(save_method="gguf")

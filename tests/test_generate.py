@@ -1,0 +1,46 @@
+"""generate: the prompt is encoded as training encoded it, and the streamed answer is the greedy one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from stages.chat import Chat, ChatConfig
+from stages.evaluate import generate
+from stages.generate import adapter_folder, messages, stream_answer
+from stages.model import ModelConfig, load_base
+
+
+def test_messages_put_the_system_text_first() -> None:
+    assert messages("Hi", None) == [{"role": "user", "content": "Hi"}]
+    assert messages("Hi", "Be brief.") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    ]
+
+
+def test_the_streamed_answer_is_the_greedy_answer_evaluate_scores(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model, tokenizer = load_base(ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None))
+    model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    chat = Chat(tokenizer, ChatConfig())
+    history = messages("What is a basis point?", "You are an analyst.")
+    capsys.readouterr()  # what loading printed
+
+    ids = stream_answer(model, chat, history, max_new_tokens=12, temperature=0.0)
+    printed = capsys.readouterr().out
+    assert 1 <= len(ids) <= 12
+    assert printed.strip() == tokenizer.decode(ids, skip_special_tokens=True).strip()  # streamed as generated
+    (scored,) = generate(model, tokenizer, [chat.prompt_ids(history)], max_new_tokens=12, batch_size=1)
+    eos = tokenizer.eos_token_id
+    assert scored.tokens == len(ids) and scored.text == tokenizer.decode(ids[:-1] if ids[-1] == eos else ids)
+
+
+def test_a_missing_adapter_folder_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json; train first"):
+        adapter_folder(tmp_path / "adapter", None, tmp_path)

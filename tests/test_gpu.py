@@ -1,0 +1,52 @@
+"""The CUDA path: 4-bit NF4 base on the GPU, unsloth's kernels, a few training steps. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from unsloth import FastLanguageModel
+
+from stages.chat import Chat, ChatConfig
+from stages.model import ModelConfig, load_base, mixed_precision
+from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes as bnb
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    model, tokenizer = load_base(config)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # NF4 weights, on the GPU
+    assert next(model.parameters()).is_cuda and mixed_precision()["bf16"] != mixed_precision()["fp16"]
+    model = FastLanguageModel.get_peft_model(model, **LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).__dict__)
+    rows = [
+        [{"role": "user", "content": f"Ratio of firm {i}?"}, {"role": "assistant", "content": "Assets over debts."}]
+        for i in range(32)
+    ]
+    train = TrainConfig(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        learning_rate=1.0e-2,
+        max_steps=15,
+        num_train_epochs=1.0,
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_8bit",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        seed=3407,
+    )
+    data = Dataset.from_list([{"messages": m} for m in rows])
+    trainer, _ = make_trainer(model, Chat(tokenizer, ChatConfig()), data, config, train, tmp_path / "out")
+    trainer.train()
+    rows_logged = loss_rows(trainer.state.log_history)
+    losses = [row["loss"] for row in rows_logged]
+    assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < sum(losses[:3])
+    assert all(row["tokens_per_second"] > 0 for row in rows_logged)
