@@ -1,15 +1,19 @@
 """Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
 
     python -m benchmarks.train_speed [--shape llama-8b] [--steps 12] [--batch 4] [--lengths mixed|fixed]
+        [--setups project,project-auto,plain]
 
-On a random-weight model of a real shape (`benchmarks.shapes`), 4-bit, LoRA with the `lora.*` settings of
-params.yaml, the same conversations for both:
+On a random-weight model of a real shape (`benchmarks.shapes`), LoRA with the `lora.*` settings of params.yaml,
+`--batch` conversations per optimizer step, the same conversations for every setup:
 - `mixed`: three rows merged per conversation as `to_sharegpt` merges them, rows with the real data's length mix
   (`benchmarks.data_stages`), cut at 2,048 tokens;
 - `fixed`: every sequence exactly 2,048 tokens.
 
-The project's run calls `stages.model.load_base`, unsloth's `get_peft_model` and `stages.train.make_trainer` (TRL's
-SFTTrainer with the stage's settings). The baseline loads with `BitsAndBytesConfig` (NF4, bf16 compute), adds the
+The project's run calls `stages.train.fitted`, `stages.model.load_base`, unsloth's `get_peft_model` and
+`stages.train.make_trainer` (TRL's SFTTrainer with the stage's settings): `project` with the seed's settings (4-bit,
+checkpointing "unsloth", the whole batch in one pass), `project-auto` with every `auto` setting (`stages.fit`:
+16-bit base where it fits, checkpointing only if needed, the largest micro-batch that fits). The baseline loads
+with `BitsAndBytesConfig` (NF4, bf16 compute), adds the
 LoRA with peft (`prepare_model_for_kbit_training`), uses SDPA, gradient checkpointing, a padded batch and bf16
 autocast, and trains with a plain loop and 8-bit AdamW.
 Each runs in its own process (unsloth patches transformers when imported). The first `--warmup` steps are left
@@ -50,14 +54,15 @@ class StepClock:
     """Per-step wall times (device synchronised) and the tokens of the batches each step consumed."""
 
     def __init__(self) -> None:
-        self.batches: list[tuple[int, int]] = []  # (real tokens, positions incl. padding) per batch
+        self.steps: list[tuple[int, int]] = []  # (real tokens, positions incl. padding) per optimizer step
         self.step_ends: list[float] = []
+        self.pending = (0, 0)  # of the micro-batches collated since the last step ended
 
     def count(self, batch: dict[str, Any]) -> dict[str, Any]:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         real = int(mask.sum()) if mask is not None else int(ids.numel())
-        self.batches.append((real, int(ids.numel())))
+        self.pending = (self.pending[0] + real, self.pending[1] + int(ids.numel()))
         return batch
 
     def tick(self) -> None:
@@ -66,11 +71,13 @@ class StepClock:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.step_ends.append(time.perf_counter())
+        self.steps.append(self.pending)
+        self.pending = (0, 0)
 
     def summary(self, warmup: int) -> dict[str, float]:
         """Effective tokens/s and padding share over the steps after the first `warmup`."""
         seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
-        timed = self.batches[warmup : len(self.step_ends)]
+        timed = self.steps[warmup:]
         real, positions = sum(r for r, _ in timed), sum(p for _, p in timed)
         return {"tokens_per_s": real / seconds, "padding_share": 1 - real / positions, "seconds": seconds}
 
@@ -82,7 +89,9 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def run_project(model_dir: str, data: list, batch: int, steps: int, checkpointing: Any, work: Path) -> dict:
+def run_project(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
+    """The train stage's code; `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing` and
+    `train.micro_batch_size` (`auto` ones are decided by `stages.train.fitted`, as the stage decides them)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     import dataclasses
 
@@ -93,15 +102,14 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, checkpointin
     from stages import params
     from stages.chat import Chat, ChatConfig
     from stages.model import ModelConfig, load_base
-    from stages.train import LoraConfig, TrainConfig, make_trainer
+    from stages.train import LoraConfig, TrainConfig, fit_tags, fitted, make_trainer
 
     root = Path(__file__).resolve().parents[1]
     lora = dataclasses.replace(
-        params.load(LoraConfig, root / "params.yaml", "lora"), use_gradient_checkpointing=checkpointing
+        params.load(LoraConfig, root / "params.yaml", "lora"),
+        use_gradient_checkpointing=settings.get("use_gradient_checkpointing", "unsloth"),
     )
-    model_config = ModelConfig(model_dir, None, MAX_LENGTH, load_in_4bit=True, dtype=None)
-    model, tokenizer = load_base(model_config)
-    model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
+    model_config = ModelConfig(model_dir, None, MAX_LENGTH, settings.get("load_in_4bit", True), dtype=None)
     config = TrainConfig(
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
@@ -114,7 +122,13 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, checkpointin
         lr_scheduler_type="constant",
         logging_steps=1,
         seed=3407,
+        micro_batch_size=settings.get("micro_batch_size"),
     )
+    model_config, lora, config = fitted(model_config, lora, config)
+    chosen = {key.removeprefix("fit."): value for key, value in fit_tags(model_config, lora, config).items()}
+    print(f"settings: {chosen}", flush=True)
+    model, tokenizer = load_base(model_config)
+    model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     dataset = Dataset.from_list([{"messages": m} for m in data])
     chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
     trainer, _ = make_trainer(model, chat, dataset, model_config, config, work / "out")
@@ -128,10 +142,10 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, checkpointin
 
     trainer.add_callback(Tick())
     trainer.train()
-    return {"clock": clock, "peak_gib": peak_gib()}
+    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen}
 
 
-def run_plain(model_dir: str, data: list, batch: int, steps: int, checkpointing: Any, work: Path) -> dict:
+def run_plain(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -151,7 +165,7 @@ def run_plain(model_dir: str, data: list, batch: int, steps: int, checkpointing:
         attn_implementation="sdpa",
         device_map={"": 0},
     )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(checkpointing))
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     )
@@ -178,19 +192,24 @@ def run_plain(model_dir: str, data: list, batch: int, steps: int, checkpointing:
     return {"clock": clock, "peak_gib": peak_gib()}
 
 
-SETUPS = {  # name: (code path, gradient checkpointing)
-    "project": (run_project, "unsloth"),  # the seed's settings
-    "project-nogc": (run_project, False),
-    "plain": (run_plain, True),
+AUTO = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_size": "auto"}
+SETUPS = {  # name: (code path, settings)
+    "project": (run_project, {}),  # the seed's settings: 4-bit, checkpointing "unsloth", the batch as given
+    "project-nogc": (run_project, {"use_gradient_checkpointing": False}),
+    "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
+    "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
+    "plain": (run_plain, {}),
 }
 
 
 def matmul_parameters(model_dir: Path) -> float:
     """Parameters that every token multiplies through (all linear layers and the output layer)."""
-    config = json.loads((model_dir / "config.json").read_text())
-    h, i, n = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
-    return n * (2 * h * h + 2 * h * kv + 3 * h * i) + h * config["vocab_size"]
+    from types import SimpleNamespace
+
+    from stages.fit import Shape
+
+    shape = Shape.of(SimpleNamespace(**json.loads((model_dir / "config.json").read_text())))
+    return shape.linear_parameters + shape.hidden * shape.vocab
 
 
 def main() -> None:
@@ -209,8 +228,8 @@ def main() -> None:
     data = conversations(args.lengths, args.batch * args.steps)
 
     if args.child:  # one setup, in this process
-        run, checkpointing = SETUPS[args.child]
-        result = run(str(model_dir), data, args.batch, args.steps, checkpointing, work)
+        run, settings = SETUPS[args.child]
+        result = run(str(model_dir), data, args.batch, args.steps, settings, work)
         summary = result.pop("clock").summary(args.warmup)
         (work / f"{args.child}.json").write_text(json.dumps(result | summary))
         return
@@ -233,13 +252,17 @@ def main() -> None:
             print(f"{setup} failed: see its output above", flush=True)
             continue
         rows.append((setup, json.loads((work / f"{setup}.json").read_text())))
-    print(f"\n{args.shape}, 4-bit, LoRA r 4 q/k/v/o, batch {args.batch}, {args.lengths} lengths, {card}\n")
-    print("| setup | effective tokens/s | padding share | MFU | peak GiB | timed s |\n|---|---|---|---|---|---|")
+    print(f"\n{args.shape}, LoRA r 4 q/k/v/o, batch {args.batch} per step, {args.lengths} lengths, {card}\n")
+    print("| setup | settings | effective tokens/s | padding share | MFU | peak GiB | timed s |")
+    print("|---|---|---|---|---|---|---|")
     for setup, r in rows:
         mfu = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS
+        plain = {"load_in_4bit": True, "use_gradient_checkpointing": True, "per_device_train_batch_size": args.batch}
+        settings = r.get("settings") or plain
+        described = ", ".join(f"{key} {value}" for key, value in settings.items())
         print(
-            f"| {setup} | {r['tokens_per_s']:,.0f} | {r['padding_share']:.1%} | {mfu:.1%} | {r['peak_gib']:.1f} "
-            f"| {r['seconds']:.1f} |"
+            f"| {setup} | {described} | {r['tokens_per_s']:,.0f} | {r['padding_share']:.1%} | {mfu:.1%} "
+            f"| {r['peak_gib']:.1f} | {r['seconds']:.1f} |"
         )
 
 

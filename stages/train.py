@@ -16,14 +16,14 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from stages import checkpoints, params
+from stages import checkpoints, fit, params
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, load_base, mixed_precision
+from stages.model import ModelConfig, gpu_memory, load_base, mixed_precision, resolved, shape
 from stages.params import require
 from stages.tracking import (
     TrackingConfig,
@@ -55,7 +55,7 @@ class LoraConfig:
     lora_alpha: int = 16  # scaling: the update is multiplied by lora_alpha / r
     lora_dropout: float = 0.0  # dropout on the adapter input
     bias: str = "none"  # which biases train: none, all or lora_only
-    use_gradient_checkpointing: str | bool = "unsloth"  # "unsloth", true or false
+    use_gradient_checkpointing: str | bool = "unsloth"  # "unsloth", true, false or auto (stages.fit)
     random_state: int = 42  # seed of the adapter's initialisation
     use_rslora: bool = False  # rank-stabilised scaling lora_alpha / sqrt(r)
     loftq_config: dict[str, Any] | None = None  # LoftQ initialisation; null = off
@@ -69,8 +69,8 @@ class LoraConfig:
             self.bias in ("none", "all", "lora_only"), f"lora.bias must be none, all or lora_only, got {self.bias!r}"
         )
         require(
-            self.use_gradient_checkpointing in ("unsloth", True, False),
-            'lora.use_gradient_checkpointing must be "unsloth", true or false, '
+            self.use_gradient_checkpointing in ("unsloth", True, False, "auto"),
+            'lora.use_gradient_checkpointing must be "unsloth", true, false or auto, '
             f"got {self.use_gradient_checkpointing!r}",
         )
 
@@ -95,6 +95,7 @@ class TrainConfig:
     padding_free: bool | None = None  # batches without pad tokens; null = unsloth's choice (on where supported)
     save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
     save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
+    micro_batch_size: str | None = None  # auto = the largest split of the effective batch the GPU holds (stages.fit)
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -115,10 +116,14 @@ class TrainConfig:
             f"train.save_steps must be >= 1 or null, got {self.save_steps}",
         )
         require(self.save_total_limit >= 2, f"train.save_total_limit must be >= 2, got {self.save_total_limit}")
+        require(
+            self.micro_batch_size in (None, "auto"),
+            f"train.micro_batch_size must be null or auto, got {self.micro_batch_size!r}",
+        )
 
 
 # `train.*` keys that this stage reads itself; the others are SFTConfig's
-STAGE_KEYS = ("eval_rows", "train_on_responses_only")
+STAGE_KEYS = ("eval_rows", "train_on_responses_only", "micro_batch_size")
 
 
 def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LOSS_COLUMNS) -> list[dict[str, float]]:
@@ -272,6 +277,42 @@ def make_trainer(
     return trainer, dropped
 
 
+def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> tuple[Any, Any, Any]:
+    """The three configs with their `auto` settings decided for this machine (`stages.fit`), the others as written."""
+    model_config = resolved(model_config)
+    if lora.use_gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
+        return model_config, lora, config
+    chosen = fit.plan(
+        shape(model_config),
+        gpu_memory(),
+        four_bit=bool(model_config.load_in_4bit),
+        checkpointing=lora.use_gradient_checkpointing,
+        micro_batch=config.micro_batch_size,
+        per_device=config.per_device_train_batch_size,
+        accumulation=config.gradient_accumulation_steps,
+        max_length=model_config.max_seq_length,
+    )
+    return (
+        model_config,
+        replace(lora, use_gradient_checkpointing=chosen.use_gradient_checkpointing),
+        replace(
+            config,
+            per_device_train_batch_size=chosen.per_device_train_batch_size,
+            gradient_accumulation_steps=chosen.gradient_accumulation_steps,
+        ),
+    )
+
+
+def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> dict[str, Any]:
+    """The settings that `fitted` decides, as the MLflow run is tagged with them."""
+    return {
+        "fit.load_in_4bit": model_config.load_in_4bit,
+        "fit.use_gradient_checkpointing": lora.use_gradient_checkpointing,
+        "fit.per_device_train_batch_size": config.per_device_train_batch_size,
+        "fit.gradient_accumulation_steps": config.gradient_accumulation_steps,
+    }
+
+
 def main(
     params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path, eval_plot: Path, checkpoint_root: Path
 ) -> None:
@@ -286,13 +327,13 @@ def main(
     train_config = params.load(TrainConfig, params_path, "train")
     tracking = params.load(TrackingConfig, params_path, "tracking")
     chat_config = params.load(ChatConfig, params_path, "chat")
-    resolved = {
+    settings = {
         **params.flatten("model", model_config),
         **params.flatten("chat", chat_config),
         **params.flatten("lora", lora),
         **params.flatten("train", train_config),
     }
-    log.info("config: %s", resolved)
+    log.info("config: %s", settings)
 
     # --- data: role/content conversations, encoded by stages.chat when the trainer is made
     dataset = Dataset.from_parquet(str(data / "train.parquet")).rename_column("conversations", "messages")
@@ -303,7 +344,7 @@ def main(
     # --- checkpoints: this configuration's folder; a complete checkpoint there means a killed run to resume
     files = {"training": data / "train.parquet", "evaluation": data / "eval.parquet"}
     digests = {context: file_md5(path) for context, path in files.items()}  # DVC's hashes of the files
-    folder = checkpoint_root / checkpoints.fingerprint(resolved, digests)
+    folder = checkpoint_root / checkpoints.fingerprint(settings, digests)
     resume = checkpoints.latest(folder)
     if resume is not None:
         log.info("resuming from %s", resume)
@@ -323,11 +364,15 @@ def main(
         locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
         tags = {"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"}
         mlflow.set_tags(tags | locked | ({"resumed_from": resume.name} if resume else {}))
-        mlflow.log_params(resolved)
+        mlflow.log_params(settings)
         if resume is None:
             log_data_inputs(files, digests)
 
-        # --- model: 4-bit base + LoRA adapter
+        # --- model: 4-bit (or, fitted, 16-bit) base + LoRA adapter; `auto` settings decided for this GPU
+        model_config, lora, train_config = fitted(model_config, lora, train_config)
+        chosen = fit_tags(model_config, lora, train_config)
+        log.info("fitted to this machine: %s", chosen)
+        mlflow.set_tags(chosen)  # tags, not params: a resumed run may land on another GPU
         model, tokenizer = load_base(model_config)
         model = FastLanguageModel.get_peft_model(model, **asdict(lora))
         trainer, fully_masked = make_trainer(

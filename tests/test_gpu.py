@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,20 @@ from stages.model import ModelConfig, load_base, mixed_precision
 from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+TRAIN = TrainConfig(
+    per_device_train_batch_size=8,
+    gradient_accumulation_steps=1,
+    learning_rate=1.0e-2,
+    max_steps=15,
+    num_train_epochs=1.0,
+    warmup_steps=0,
+    weight_decay=0.0,
+    optim="adamw_8bit",
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    seed=3407,
+)
 
 
 def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -30,19 +45,7 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
         [{"role": "user", "content": f"Ratio of firm {i}?"}, {"role": "assistant", "content": "Assets over debts."}]
         for i in range(32)
     ]
-    train = TrainConfig(
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=1.0e-2,
-        max_steps=15,
-        num_train_epochs=1.0,
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_8bit",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        seed=3407,
-    )
+    train = TRAIN
     data = Dataset.from_list([{"messages": m} for m in rows])
     trainer, _ = make_trainer(model, Chat(tokenizer, ChatConfig()), data, config, train, tmp_path / "out")
     trainer.train()
@@ -50,3 +53,18 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
     losses = [row["loss"] for row in rows_logged]
     assert all(math.isfinite(loss) for loss in losses) and sum(losses[-3:]) < sum(losses[:3])
     assert all(row["tokens_per_second"] > 0 for row in rows_logged)
+
+
+def test_auto_settings_fit_the_tiny_model_in_16_bit_without_checkpointing(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    from stages.train import fitted
+
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit="auto", dtype=None)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_gradient_checkpointing="auto")
+    train = replace(TRAIN, per_device_train_batch_size=2, gradient_accumulation_steps=4, micro_batch_size="auto")
+    config, lora, train = fitted(config, lora, train)
+    assert config.load_in_4bit is False and lora.use_gradient_checkpointing is False
+    assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (8, 1)
+    model, _ = load_base(config)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

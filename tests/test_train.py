@@ -164,10 +164,8 @@ def test_examples_left_without_an_answer_token_are_dropped_and_counted(
         answer_only_trainer(tiny_model_dir, tmp_path, [long_question], max_length=64)
 
 
-def test_a_training_that_fails_leaves_its_mlflow_run_failed(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
-) -> None:
-    import mlflow
+def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
+    """`stages.train.main` on data whose every conversation is masked, so that it fails after its run started."""
     import yaml
 
     from stages.train import main
@@ -177,24 +175,34 @@ def test_a_training_that_fails_leaves_its_mlflow_run_failed(
         {"role": "assistant", "content": "Duration is the first-order price sensitivity."},
     ]
     data = tmp_path / "standardized"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     for split in ("train", "eval"):
         Dataset.from_list([{"conversations": too_long}]).to_parquet(data / f"{split}.parquet")
     settings = yaml.safe_load((root / "params.yaml").read_text())
     settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 64}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    outputs = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
+    return lambda: main(tmp_path / "params.yaml", data, *(tmp_path / name for name in outputs))
+
+
+def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+) -> None:
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-
+    train = failing_training(tiny_model_dir, tmp_path, root)
     with pytest.raises(ValueError, match="every training conversation is fully masked"):
-        main(
-            tmp_path / "params.yaml",
-            data,
-            tmp_path / "adapter",
-            tmp_path / "train.json",
-            tmp_path / "loss.csv",
-            tmp_path / "eval_loss.csv",
-            tmp_path / "checkpoints",
-        )
-    (run,) = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
-    assert run.info.status == "FAILED"
+        train()
+    (first,) = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
+    assert first.info.status == "FAILED"
+
+    mlflow.MlflowClient().update_run(first.info.run_id, "RUNNING")  # as a SIGKILL leaves it: never ended
+    with pytest.raises(ValueError, match="every training conversation is fully masked"):
+        train()  # the same settings and data: finds the earlier run, with no checkpoint to resume
+    runs = {
+        r.info.run_id: r.info.status
+        for r in mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
+    }
+    assert runs.pop(first.info.run_id) == "KILLED" and list(runs.values()) == ["FAILED"]
