@@ -200,24 +200,26 @@ def project_trainer(trainer_class: type) -> type:
                 if name in dtypes and parameter.dtype != dtypes[name]:
                     parameter.data = parameter.data.to(dtypes[name])
 
-        _tokens = _positions = 0
+        _tokens: Any = 0  # a tensor on the model's device once counted: read at log time, no sync per batch
+        _positions = 0
         _since: float | None = None
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             if model.training:
                 positions = inputs["input_ids"].numel()
                 mask = inputs.get("attention_mask")
-                self._tokens += int(mask.sum()) if mask is not None else positions
+                self._tokens = self._tokens + (mask.sum() if mask is not None else positions)
                 self._positions += positions
                 self._since = self._since or time.perf_counter()
             return super().compute_loss(model, inputs, *args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs and self._positions and self._since is not None:
+                tokens = float(self._tokens)
                 elapsed = time.perf_counter() - self._since
                 logs = logs | {
-                    "tokens_per_second": self._tokens / elapsed,
-                    "padding_share": 1.0 - self._tokens / self._positions,
+                    "tokens_per_second": tokens / elapsed,
+                    "padding_share": 1.0 - tokens / self._positions,
                 }
                 self._tokens = self._positions = 0
                 self._since = time.perf_counter()

@@ -206,3 +206,30 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
         for r in mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
     }
     assert runs.pop(first.info.run_id) == "KILLED" and list(runs.values()) == ["FAILED"]
+
+
+def test_each_step_logs_its_tokens_per_second_and_padding_share(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    model, tokenizer = load_base(model_config)
+    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
+    rows = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Why? " * (1 + 7 * (i % 4))},
+                    {"role": "assistant", "content": "So."},
+                ]
+            }
+            for i in range(16)
+        ]
+    )
+    config = replace(TRAIN, max_steps=3, padding_free=False)  # padded batches of questions 1 to 22 words long
+    trainer, _ = make_trainer(model, Chat(tokenizer, ChatConfig()), rows, model_config, config, tmp_path / "out")
+    trainer.train()
+    logged = loss_rows(trainer.state.log_history)
+    assert len(logged) == 3 and all(row["tokens_per_second"] > 0 for row in logged)
+    shares = [row["padding_share"] for row in logged]
+    assert all(0.1 < share < 0.9 for share in shares), shares
