@@ -305,6 +305,16 @@ def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> 
     )
 
 
+def run_status(run_id: str) -> str | None:
+    """The MLflow run's status (RUNNING, FINISHED, FAILED, KILLED), or None if the store does not hold it."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> dict[str, Any]:
     """The settings that `fitted` decides, as the MLflow run is tagged with them."""
     return {
@@ -356,8 +366,11 @@ def main(
     use_experiment(tracking_uri(os.environ, root), tracking.experiment_name, root / "mlartifacts")
     commit = git_commit(Path.cwd())
     earlier = checkpoints.run_id(folder)
-    if earlier is not None and resume is None:  # killed before its first checkpoint: nothing of it is reused
-        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
+    if earlier is not None and resume is None:  # nothing of an earlier attempt is reused: a new run
+        if run_status(earlier) == "RUNNING":  # it was killed (a failed one was marked FAILED as it failed)
+            mlflow.MlflowClient().set_terminated(earlier, "KILLED")
+        earlier = None
+    if earlier is not None and run_status(earlier) is None:  # its store was deleted: the resumed run is new
         earlier = None
     name = None if earlier else run_name(os.environ, commit)
     mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)

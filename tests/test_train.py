@@ -190,22 +190,25 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
 ) -> None:
     import mlflow
 
+    def statuses() -> list[str]:
+        found = mlflow.search_runs(experiment_names=["finance-deepseek"], order_by=["attributes.start_time ASC"])
+        return list(found["status"])
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     train = failing_training(tiny_model_dir, tmp_path, root)
+    for _ in range(2):  # the same settings and data each time, and no checkpoint to resume from
+        with pytest.raises(ValueError, match="every training conversation is fully masked"):
+            train()
+    assert statuses() == ["FAILED", "FAILED"]  # a failed run stays failed when the training is tried again
+
+    second = sorted(
+        mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list"), key=lambda r: r.info.start_time
+    )[-1]
+    mlflow.MlflowClient().update_run(second.info.run_id, "RUNNING")  # as a SIGKILL leaves it: never ended
     with pytest.raises(ValueError, match="every training conversation is fully masked"):
         train()
-    (first,) = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
-    assert first.info.status == "FAILED"
-
-    mlflow.MlflowClient().update_run(first.info.run_id, "RUNNING")  # as a SIGKILL leaves it: never ended
-    with pytest.raises(ValueError, match="every training conversation is fully masked"):
-        train()  # the same settings and data: finds the earlier run, with no checkpoint to resume
-    runs = {
-        r.info.run_id: r.info.status
-        for r in mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
-    }
-    assert runs.pop(first.info.run_id) == "KILLED" and list(runs.values()) == ["FAILED"]
+    assert statuses() == ["FAILED", "KILLED", "FAILED"]
 
 
 def test_each_step_logs_its_tokens_per_second_and_padding_share(
