@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from stages.chat import Chat
+from stages.chat import Chat, answer_text
 
 PERCENTILES = (50, 95, 99)
 
@@ -50,13 +50,38 @@ def prefix_tokens(chat: Chat) -> int:
     return int(2 * single - double)
 
 
+def row_layout(chat: Chat) -> tuple[str, str, str] | None:
+    """How the chat lays out a one-turn conversation, as `(head, middle, tail)`: its pieces are the prompt
+    `head + question + middle` and the answer `answer_text(answer)[1] + tail`. None where the template does not pass
+    the question through verbatim (it trims it, say); then every row is rendered through the template.
+    """
+    question, answer = " \n\ue010\n ", "\ue011"  # spaces and newlines around: a template that trims shows here
+    (prompt, _), (answered, _) = chat.pieces(messages(question, answer))
+    written = answer_text(answer, chat.think)[1]
+    if prompt.count(question) != 1 or not answered.startswith(written):
+        return None
+    head, middle = prompt.split(question)
+    return head, middle, answered[len(written) :]
+
+
 def row_lengths(chat: Chat, turns: Any, batch: int = 2048) -> np.ndarray:
-    """Tokens of each row rendered alone; `turns` alternates each row's user and assistant text."""
+    """Tokens of each row rendered alone; `turns` alternates each row's user and assistant text.
+
+    The template is rendered once (`row_layout`) and each row's pieces are joined as strings, not rendered one by
+    one: the same text, a fifth of the time.
+    """
+    layout = row_layout(chat)
     out = np.empty(len(turns) // 2, dtype=np.int64)
     for start in range(0, len(out), batch):
         stop = min(start + batch, len(out))
         chunk = texts(turns[2 * start : 2 * stop])
-        out[start:stop] = encoded_lengths(chat, [messages(*chunk[i : i + 2]) for i in range(0, len(chunk), 2)])
+        if layout is None:
+            out[start:stop] = encoded_lengths(chat, [messages(*chunk[i : i + 2]) for i in range(0, len(chunk), 2)])
+            continue
+        head, middle, tail = layout
+        prompts = [head + question + middle for question in chunk[0::2]]
+        answers = [answer_text(answer, chat.think)[1] + tail for answer in chunk[1::2]]
+        out[start:stop] = count_tokens(chat.tokenizer, prompts) + count_tokens(chat.tokenizer, answers)
     return out
 
 

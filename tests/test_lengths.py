@@ -115,3 +115,25 @@ def test_a_tokenizer_without_a_rust_core_counts_the_same(tokenizer) -> None:
 
     rendered = [Chat(tokenizer, ChatConfig()).render(lengths.messages("What is beta?", "Market sensitivity."))] * 2
     assert lengths.count_tokens(Slow(), rendered).tolist() == lengths.count_tokens(tokenizer, rendered).tolist()
+
+
+def test_rows_are_laid_out_once_and_a_template_that_trims_questions_is_rendered_row_by_row(tokenizer) -> None:
+    chat = Chat(tokenizer, ChatConfig())
+    assert lengths.row_layout(chat) == (
+        "<｜begin▁of▁sentence｜><｜User｜>",
+        "<｜Assistant｜><think>\n",
+        "<｜end▁of▁sentence｜>",
+    )
+    trimming = Chat(
+        AutoTokenizer.from_pretrained(tokenizer.name_or_path),
+        ChatConfig(
+            template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+            "<｜User｜>{{ m['content'] | trim }}{% else %}<｜Assistant｜>{{ m['content'] }}"
+            "<｜end▁of▁sentence｜>{% endif %}{% endfor %}"
+        ),
+    )
+    assert lengths.row_layout(trimming) is None
+    turns = ["  What is a bond?\n\n", "A loan.", "Duration?", "  Price sensitivity.  "]
+    for chat_ in (chat, trimming):
+        whole = lengths.encoded_lengths(chat_, [lengths.messages(*turns[:2]), lengths.messages(*turns[2:])])
+        assert lengths.row_lengths(chat_, turns).tolist() == whole.tolist()
