@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
 
     python -m benchmarks.train_speed [--shape llama-8b] [--steps 12] [--batch 4] [--lengths mixed|fixed]
-        [--setups project,project-auto,plain]
+        [--setups project,project-auto,plain] [--profile]
 
 On a random-weight model of a real shape (`benchmarks.shapes`), LoRA with the `lora.*` settings of params.yaml,
 `--batch` conversations per optimizer step, the same conversations for every setup:
@@ -89,6 +89,30 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
+def profiled(trainer: Any) -> None:
+    """Train under torch.profiler and print the 25 operators that took the most time in steps 4 and 5."""
+    import torch
+    from transformers import TrainerCallback
+
+    device = torch.cuda.is_available()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device else [])
+    key = "self_device_time_total" if device else "self_cpu_time_total"
+
+    def report(profile: Any) -> None:
+        print(f"profile of steps 4-5:\n{profile.key_averages().table(sort_by=key, row_limit=25)}", flush=True)
+
+    schedule = torch.profiler.schedule(wait=2, warmup=1, active=2, repeat=1)
+    profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=report)
+
+    class Step(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            profiler.step()
+
+    trainer.add_callback(Step())
+    with profiler:
+        trainer.train()
+
+
 def run_project(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
     """The train stage's code; `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing` and
     `train.micro_batch_size` (`auto` ones are decided by `stages.train.fitted`, as the stage decides them)."""
@@ -141,7 +165,10 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
             clock.tick()
 
     trainer.add_callback(Tick())
-    trainer.train()
+    if settings.get("profile"):
+        profiled(trainer)
+    else:
+        trainer.train()
     return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen}
 
 
@@ -221,6 +248,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setups", default="project,plain", help=f"comma-separated, of {', '.join(SETUPS)}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-bench"))
+    parser.add_argument("--profile", action="store_true", help="project setups: print where steps 4-5 spend time")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work.resolve()
@@ -229,7 +257,7 @@ def main() -> None:
 
     if args.child:  # one setup, in this process
         run, settings = SETUPS[args.child]
-        result = run(str(model_dir), data, args.batch, args.steps, settings, work)
+        result = run(str(model_dir), data, args.batch, args.steps, settings | {"profile": args.profile}, work)
         summary = result.pop("clock").summary(args.warmup)
         (work / f"{args.child}.json").write_text(json.dumps(result | summary))
         return
