@@ -147,6 +147,7 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         logging_steps=1,
         seed=3407,
         micro_batch_size=settings.get("micro_batch_size"),
+        padding_free=settings.get("padding_free"),
     )
     model_config, lora, config = fitted(model_config, lora, config)
     chosen = {key.removeprefix("fit."): value for key, value in fit_tags(model_config, lora, config).items()}
@@ -224,6 +225,7 @@ SETUPS = {  # name: (code path, settings)
     "project": (run_project, {}),  # the seed's settings: 4-bit, checkpointing "unsloth", the batch as given
     "project-nogc": (run_project, {"use_gradient_checkpointing": False}),
     "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
+    "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
     "plain": (run_plain, {}),
 }
