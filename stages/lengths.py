@@ -56,7 +56,10 @@ def row_layout(chat: Chat) -> tuple[str, str, str] | None:
     the question through verbatim (it trims it, say); then every row is rendered through the template.
     """
     question, answer = " \n\ue010\n ", "\ue011"  # spaces and newlines around: a template that trims shows here
-    (prompt, _), (answered, _) = chat.pieces(messages(question, answer))
+    pieces = chat.pieces(messages(question, answer))
+    if len(pieces) != 2:  # text after the answer's end-of-turn (a newline, say): render row by row
+        return None
+    (prompt, _), (answered, _) = pieces
     written = answer_text(answer, chat.think)[1]
     if prompt.count(question) != 1 or not answered.startswith(written):
         return None

@@ -133,7 +133,15 @@ def test_rows_are_laid_out_once_and_a_template_that_trims_questions_is_rendered_
         ),
     )
     assert lengths.row_layout(trimming) is None
+    newline_after = Chat(  # like Qwen's: a newline after each end-of-turn
+        AutoTokenizer.from_pretrained(tokenizer.name_or_path),
+        ChatConfig(
+            template="{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+            "{% else %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>\n{% endif %}{% endfor %}"
+        ),
+    )
+    assert lengths.row_layout(newline_after) is None
     turns = ["  What is a bond?\n\n", "A loan.", "Duration?", "  Price sensitivity.  "]
-    for chat_ in (chat, trimming):
+    for chat_ in (chat, trimming, newline_after):
         whole = lengths.encoded_lengths(chat_, [lengths.messages(*turns[:2]), lengths.messages(*turns[2:])])
         assert lengths.row_lengths(chat_, turns).tolist() == whole.tolist()
