@@ -117,8 +117,13 @@ class Chat:
         """Token ids and labels (IGNORE_INDEX except on the answers' own tokens, end-of-turn included)."""
         return self.encode_many([messages])[0]
 
-    def encode_many(self, conversations: list[list[dict[str, str]]]) -> list[tuple[list[int], list[int]]]:
-        """`encode` of many conversations, tokenized in one batch. BOS comes from the template alone."""
+    def encode_many(
+        self, conversations: list[list[dict[str, str]]], max_length: int | None = None
+    ) -> list[tuple[list[int], list[int]]]:
+        """`encode` of many conversations, tokenized in one batch, each cut to `max_length` tokens if given.
+
+        BOS comes from the template alone.
+        """
         split = [self.pieces(messages) for messages in conversations]
         flat = [text for pieces in split for text, _ in pieces]
         ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
@@ -130,7 +135,7 @@ class Chat:
                 piece = next(ids)
                 input_ids += piece
                 labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
-            out.append((input_ids, labels))
+            out.append((input_ids[:max_length], labels[:max_length]))
         return out
 
     def prompt_ids(self, history: list[dict[str, str]]) -> list[int]:

@@ -83,11 +83,6 @@ class EvaluateConfig:
         object.__setattr__(self, "benchmarks", benchmarks)
 
 
-def encode(chat: Chat, conversations: list[list[dict[str, str]]], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels (the answers' own tokens) of each conversation, as training encodes them, cut."""
-    return [(ids[:max_length], labels[:max_length]) for ids, labels in chat.encode_many(conversations)]
-
-
 def sequence_nll(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[tuple[float, int]]:
     """Per sequence of a right-padded batch: summed negative log-likelihood of its labelled tokens, their count."""
     import torch
@@ -137,7 +132,7 @@ def score(model: Any, encoded: list[tuple[list[int], list[int]]], pad_id: int, b
 
 @dataclass(frozen=True)
 class Answer:
-    text: str  # decoded, special tokens removed
+    text: str  # decoded, the end-of-sequence token left out (other special tokens, </think> say, kept)
     tokens: int  # tokens generated, the end-of-sequence token included
     ended: bool  # stopped with the end-of-sequence token before max_new_tokens
 
@@ -225,7 +220,7 @@ def classify(
         question = f"{bench.instruction}\n\n{row['text']}" if bench.instruction else row["text"]
         for label in bench.labels:
             conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": label}])
-    encoded = encode(chat, conversations, max_length)
+    encoded = chat.encode_many(conversations, max_length)
     nll = [value for value, _ in nll_per_row(model, encoded, chat.tokenizer.pad_token_id, batch_size)]
     k = len(bench.labels)
     return [bench.labels[min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(rows))]
@@ -239,7 +234,7 @@ def evaluate_models(
         if not messages or messages[-1]["role"] != "assistant":
             raise ValueError(f"held-out conversation {i} must end with an assistant turn, got {messages[-1:]!r}")
     tokenizer = chat.tokenizer
-    encoded = encode(chat, held_out, max_length)
+    encoded = chat.encode_many(held_out, max_length)  # as training encodes them
     prompts = [chat.prompt_ids(messages[:-1]) for messages in held_out[: config.num_samples]]
     references = [messages[-1]["content"] for messages in held_out[: config.num_samples]]
     benchmarks = [(bench, read_benchmark(bench)) for bench in config.benchmarks]

@@ -158,10 +158,10 @@ def encode(chat: Chat, dataset: Any, max_length: int, answers_only: bool, split:
     """
 
     def batch(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        encoded = chat.encode_many(rows["messages"])
+        encoded = chat.encode_many(rows["messages"], max_length)
         return {
-            "input_ids": [ids[:max_length] for ids, _ in encoded],
-            "labels": [(labels if answers_only else ids)[:max_length] for ids, labels in encoded],
+            "input_ids": [ids for ids, _ in encoded],
+            "labels": [labels if answers_only else ids for ids, labels in encoded],
         }
 
     encoded = dataset.map(batch, batched=True, remove_columns=dataset.column_names, desc=f"Encoding {split}")

@@ -20,7 +20,6 @@ from stages.evaluate import (
     EvaluateConfig,
     bar_rows,
     by_length,
-    encode,
     evaluate_models,
     final_answer,
     generate,
@@ -61,7 +60,7 @@ def test_a_held_out_conversation_must_end_with_an_answer(model_and_tokenizer, ch
 
 
 def test_encode_scores_the_answer_as_trained_and_cuts_at_max_length(chat: Chat) -> None:
-    (ids, labels), (short_ids, short_labels) = encode(chat, [MESSAGES], 256) + encode(chat, [MESSAGES], 12)
+    (ids, labels), (short_ids, short_labels) = chat.encode_many([MESSAGES], 256) + chat.encode_many([MESSAGES], 12)
     assert (ids, labels) == chat.encode(MESSAGES)
     prompt = chat.prompt_ids(MESSAGES[:1])
     assert ids[: len(prompt)] == prompt and labels[: len(prompt)] == [IGNORE_INDEX] * len(prompt)
@@ -72,7 +71,7 @@ def test_encode_scores_the_answer_as_trained_and_cuts_at_max_length(chat: Chat) 
 def test_padding_never_enters_the_loss(model_and_tokenizer, chat: Chat) -> None:
     model, tokenizer = model_and_tokenizer
     rows = [
-        encode(chat, [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]], 256)[0]
+        chat.encode_many([[{"role": "user", "content": q}, {"role": "assistant", "content": a}]], 256)[0]
         for q, a in [("Hi", "Hello."), ("What is EBITDA, in one long sentence?", "Earnings before interest and taxes.")]
     ]
     alone = [sequence_nll(model, [row], tokenizer.pad_token_id)[0] for row in rows]
@@ -96,7 +95,7 @@ def test_batches_by_length_cover_every_row_once() -> None:
 
 def test_disabling_the_adapter_changes_the_score(model_and_tokenizer, chat: Chat) -> None:
     model, tokenizer = model_and_tokenizer
-    rows = encode(chat, [MESSAGES], 256)
+    rows = chat.encode_many([MESSAGES], 256)
     with model.disable_adapter():
         base = score(model, rows, tokenizer.pad_token_id, batch_size=1)
     tuned = score(model, rows, tokenizer.pad_token_id, batch_size=1)
