@@ -21,7 +21,7 @@ from datasets import Dataset, Value, load_dataset
 
 from stages import params
 from stages.params import require
-from stages.tracking import write_json
+from stages.tracking import file_hash, write_json
 
 log = logging.getLogger("fetch")
 
@@ -43,11 +43,6 @@ class FetchConfig:
     def __post_init__(self) -> None:
         require(bool(self.dataset.strip()), "fetch.dataset must not be empty")
         require(self.eval_size >= 1, f"fetch.eval_size must be >= 1, got {self.eval_size}")
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_jsonl(path: Path) -> Dataset:
@@ -99,7 +94,7 @@ def load(config: FetchConfig) -> tuple[Dataset, dict[str, Any]]:
             except Exception as error:  # datasets wraps the parser's error; name the file, keep the cause
                 cause = error.__cause__ or error
                 raise ValueError(f"{path}: cannot be read as {suffix[1:]}: {cause}") from error
-        return dataset, {"source": str(path), "sha256": sha256_file(path)}
+        return dataset, {"source": str(path), "sha256": file_hash(path, "sha256")}
     dataset = load_dataset(config.dataset, split=config.split, revision=config.revision)
     return dataset, {
         "source": config.dataset,

@@ -39,12 +39,12 @@ class TrackingConfig:
         )
 
 
-def file_md5(path: Path) -> str:
-    """MD5 of a file's bytes: the hash DVC 3 records for it in dvc.lock and its cache."""
+def file_hash(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes; MD5 (the default) is the hash DVC 3 records for it in dvc.lock and its cache."""
     import hashlib
 
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
+        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def lock_hashes(lock: Path) -> dict[str, str]:

@@ -28,7 +28,7 @@ from stages.params import require
 from stages.tracking import (
     TrackingConfig,
     adapter_digest,
-    file_md5,
+    file_hash,
     git_commit,
     lock_hashes,
     log_data_inputs,
@@ -355,7 +355,7 @@ def main(
 
     # --- checkpoints: this configuration's folder; a complete checkpoint there means a killed run to resume
     files = {"training": data / "train.parquet", "evaluation": data / "eval.parquet"}
-    digests = {context: file_md5(path) for context, path in files.items()}  # DVC's hashes of the files
+    digests = {context: file_hash(path) for context, path in files.items()}  # DVC's hashes of the files
     folder = checkpoint_root / checkpoints.fingerprint(settings, digests)
     resume = checkpoints.latest(folder)
     if resume is not None:

@@ -138,7 +138,7 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
 
 
 def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:
-    from stages.tracking import file_md5
+    from stages.tracking import file_hash
 
     client = mlflow.MlflowClient()
     (run_,) = runs(repo)[:1]
@@ -148,7 +148,7 @@ def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo:
     inputs = {i.tags[0].value: i.dataset for i in client.get_run(run_.info.run_id).inputs.dataset_inputs}
     for context, name in (("training", "train.parquet"), ("evaluation", "eval.parquet")):
         assert inputs[context].name == f"standardized/{name}"
-        assert inputs[context].digest == file_md5(repo / "data/standardized" / name)  # DVC's hash of the file
+        assert inputs[context].digest == file_hash(repo / "data/standardized" / name)  # DVC's hash of the file
     assert any(key.startswith("system/") for key in run_.data.metrics), sorted(run_.data.metrics)
     for key in ("tokens_per_second", "padding_share"):
         history = client.get_metric_history(run_.info.run_id, key)
