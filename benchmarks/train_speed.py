@@ -99,7 +99,10 @@ def profiled(trainer: Any) -> None:
     key = "self_device_time_total" if device else "self_cpu_time_total"
 
     def report(profile: Any) -> None:
-        print(f"profile of steps 4-5:\n{profile.key_averages().table(sort_by=key, row_limit=25)}", flush=True)
+        averages = profile.key_averages()
+        print(f"profile of steps 4-5:\n{averages.table(sort_by=key, row_limit=25)}", flush=True)
+        # the host's side: where it waits for the device (synchronisations) and what it spends launching
+        print(f"host time of steps 4-5:\n{averages.table(sort_by='self_cpu_time_total', row_limit=20)}", flush=True)
 
     schedule = torch.profiler.schedule(wait=2, warmup=1, active=2, repeat=1)
     profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=report)
@@ -148,6 +151,7 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         seed=3407,
         micro_batch_size=settings.get("micro_batch_size"),
         padding_free=settings.get("padding_free"),
+        packing=settings.get("packing", False),
     )
     model_config, lora, config = fitted(model_config, lora, config)
     chosen = {key.removeprefix("fit."): value for key, value in fit_tags(model_config, lora, config).items()}
@@ -226,6 +230,7 @@ SETUPS = {  # name: (code path, settings)
     "project-nogc": (run_project, {"use_gradient_checkpointing": False}),
     "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
     "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
+    "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into 2,048-token rows
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
     "plain": (run_plain, {}),
 }

@@ -13,6 +13,8 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Dataset
 
 from stages import params
@@ -34,10 +36,36 @@ class StandardizeConfig:
 
 
 def standardize(dataset: Dataset, config: StandardizeConfig) -> Dataset:
-    """unsloth's `standardize_sharegpt` with this stage's role aliases."""
+    """unsloth's `standardize_sharegpt` with this stage's role aliases, in this process (no worker pool)."""
     from unsloth import standardize_sharegpt
 
-    return standardize_sharegpt(dataset, **asdict(config))
+    return standardize_sharegpt(dataset, **asdict(config), num_proc=1)
+
+
+def standardize_file(source: Path, target: Path, config: StandardizeConfig, rows_per_batch: int = 16384) -> int:
+    """Standardize the conversations of parquet file `source` into `target`, `rows_per_batch` at a time; returns
+    how many were written.
+
+    Each batch goes through `standardize` as a dataset held in memory, and is written as it comes: neither the
+    input nor the output is copied whole into a cache file and memory-mapped (3x the text of the training rows).
+    """
+    import pyarrow.parquet as pq
+
+    written = 0
+    writer = None
+    try:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=rows_per_batch):
+            standardized = standardize(Dataset(pa.Table.from_batches([batch])), config).data.table
+            assert standardized.num_rows == batch.num_rows, f"{source}: {batch.num_rows} in, {standardized.num_rows}"
+            writer = writer or pq.ParquetWriter(target, standardized.schema)
+            writer.write_table(standardized)
+            written += standardized.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise ValueError(f"{source}: no conversations to standardize")
+    return written
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
@@ -48,12 +76,11 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split in ("train", "eval"):
-        sharegpt = Dataset.from_parquet(str(data / f"{split}.parquet"))
-        standardized = standardize(sharegpt, config)
-        assert len(standardized) == len(sharegpt), f"{split}: {len(sharegpt)} in, {len(standardized)} out"
-        standardized.to_parquet(out / f"{split}.parquet")
-        counts |= {f"{split}_conversations_in": len(sharegpt), f"{split}_conversations": len(standardized)}
-        log.info("%s: %d conversations -> %s", split, len(standardized), out / f"{split}.parquet")
+        source = data / f"{split}.parquet"
+        conversations_in = pq.ParquetFile(source).metadata.num_rows
+        conversations = standardize_file(source, out / f"{split}.parquet", config)
+        counts |= {f"{split}_conversations_in": conversations_in, f"{split}_conversations": conversations}
+        log.info("%s: %d conversations -> %s", split, conversations, out / f"{split}.parquet")
     write_json(metrics, counts)
 
 

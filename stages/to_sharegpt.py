@@ -106,38 +106,57 @@ def write_extended(single: Dataset, orders: list[Any], keep: Any, path: Path, ro
 
     The same permutations as unsloth's shuffles give the same conversations with Arrow `take`s, written batch by
     batch, without the shuffled copies and the row-by-row Python merge that cost unsloth minutes and gigabytes on
-    518k rows. A test holds the output equal to unsloth's own.
+    518k rows. Only one batch's messages are ever copied. A test holds the output equal to unsloth's own.
     """
     import numpy as np
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    column = single.data.column("conversations").combine_chunks()
-    offsets = column.offsets.to_numpy().astype(np.int64)
-    starts_of, lengths_of = offsets[:-1], np.diff(offsets)
+    column = single.data.column("conversations")  # chunked as the dataset's file holds it: not combined
     kept = np.flatnonzero(keep)
     schema = pa.schema([("conversations", column.type)])
     with pq.ParquetWriter(path, schema) as writer:
         for first in range(0, max(len(kept), 1), rows_per_batch):
             rows = kept[first : first + rows_per_batch]
-            # segment (i, j): the messages of row orders[j][i], laid out row after row
-            starts = np.stack([starts_of[order[rows]] for order in orders], axis=1).ravel()
-            sizes = np.stack([lengths_of[order[rows]] for order in orders], axis=1).ravel()
-            take = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())
-            row_sizes = sizes.reshape(-1, len(orders)).sum(axis=1)
-            merged_offsets = pa.array(np.concatenate([[0], np.cumsum(row_sizes)]), pa.int32())
-            merged = pa.ListArray.from_arrays(merged_offsets, column.values.take(pa.array(take, pa.int64())))
+            # row i's parts, one after another: its own messages, then those of orders[1][i], ...
+            parts = take_rows(column, np.stack([order[rows] for order in orders], axis=1).ravel())
+            sizes = pc.list_value_length(parts).to_numpy(zero_copy_only=False).reshape(-1, len(orders)).sum(axis=1)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32())
+            merged = pa.ListArray.from_arrays(offsets, parts.flatten())
             writer.write_table(pa.table({"conversations": merged}, schema=schema))
 
 
+def take_rows(column: Any, indices: Any) -> Any:
+    """`column[indices]` as one array, taken chunk by chunk: Arrow's own `take` on a chunked list column first
+    concatenates every chunk, a copy of the whole column for each batch."""
+    import numpy as np
+    import pyarrow as pa
+
+    bounds = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
+    chunk_of = np.searchsorted(bounds, indices, side="right") - 1
+    grouped = np.argsort(chunk_of, kind="stable")  # the indices chunk by chunk
+    chunks, starts = np.unique(chunk_of[grouped], return_index=True)
+    taken = [
+        column.chunk(c).take(pa.array(indices[positions] - bounds[c], pa.int64()))
+        for c, positions in zip(chunks, np.split(grouped, starts[1:]), strict=True)
+    ]
+    in_chunk_order = pa.concat_arrays(taken) if taken else pa.array([], column.type)
+    return in_chunk_order.take(pa.array(np.argsort(grouped), pa.int64()))  # back in the order asked
+
+
 def turn_texts(single: Dataset) -> Any:
-    """The texts of one-turn conversations, user and assistant alternating, as one Arrow string array (no copy)."""
+    """The texts of one-turn conversations, user and assistant alternating, as a chunked Arrow string array.
+
+    Chunk by chunk as the dataset's file holds them: the texts are neither copied nor combined into one array.
+    """
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    column = single.data.column("conversations").combine_chunks()
-    if len(column) and not (pc.list_value_length(column).to_numpy() == 2).all():
+    column = single.data.column("conversations")
+    if len(column) and not pc.all(pc.equal(pc.list_value_length(column), 2)).as_py():
         raise ValueError("to_sharegpt: expected one human and one gpt message per row before the extension")
-    return column.flatten().field("value")
+    return pa.chunked_array([chunk.flatten().field("value") for chunk in column.chunks], pa.string())
 
 
 def measure_lengths(chat: Chat, single: Dataset, orders: list[Any], sample_size: int = 64) -> Any:
@@ -201,7 +220,9 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     counts = {}
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):
         rows = Dataset.from_parquet(str(data / f"{split}.parquet"))
+        rows_in, blanked = len(rows), whitespace_cells(rows, prompt_columns(config.merged_prompt))
         single = convert(rows, config)
+        del rows  # and its file's memory map: only the converted rows are read from here on
         orders = extension_orders(len(single), extension, config.random_state)
         measured = measure_lengths(chat, single, orders)
         over = measured > model_config.max_seq_length
@@ -216,12 +237,12 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
         conversations = pq.ParquetFile(out / f"{split}.parquet").metadata.num_rows  # counted without reading
         dropped = int((~keep).sum())
         # one conversation per row (the extension pairs each row with rows of shuffled copies), less those dropped
-        assert conversations + dropped == len(rows), f"{split}: {len(rows)} rows, {conversations} + {dropped} out"
+        assert conversations + dropped == rows_in, f"{split}: {rows_in} rows, {conversations} + {dropped} out"
         counts |= {
-            f"{split}_rows_in": len(rows),
+            f"{split}_rows_in": rows_in,
             f"{split}_conversations": conversations,
             f"{split}_dropped_over_length": dropped,
-            f"{split}_whitespace_cells_blanked": whitespace_cells(rows, prompt_columns(config.merged_prompt)),
+            f"{split}_whitespace_cells_blanked": blanked,
         } | lengths.summary(measured, model_config.max_seq_length, split)
         log.info(
             "%s: %d conversations (%d over length, %d dropped) -> %s",

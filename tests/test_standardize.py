@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 from datasets import Dataset
 from unsloth import standardize_sharegpt
 
-from stages.standardize import StandardizeConfig, standardize
+from stages.standardize import StandardizeConfig, standardize, standardize_file
 
 CONFIG = StandardizeConfig(
     aliases_for_system=["system"],
@@ -39,3 +44,27 @@ def test_output_is_unsloths_own(sample_rows: list[dict[str, str]]) -> None:
     ]
     dataset = Dataset.from_dict({"conversations": conversations})
     assert standardize(dataset, CONFIG).to_list() == standardize_sharegpt(dataset).to_list()
+
+
+def test_a_file_standardized_batch_by_batch_is_unsloths_own_on_the_whole(
+    sample_rows: list[dict[str, str]], tmp_path: Path
+) -> None:
+    conversations = [
+        [{"from": "human", "value": row["user"]}, {"from": "gpt", "value": row["assistant"]}] * (1 + i % 3)
+        for i, row in enumerate(sample_rows)
+    ]
+    dataset = Dataset.from_dict({"conversations": conversations})
+    dataset.to_parquet(tmp_path / "sharegpt.parquet")
+    written = standardize_file(tmp_path / "sharegpt.parquet", tmp_path / "out.parquet", CONFIG, rows_per_batch=7)
+    assert written == len(conversations)
+    assert Dataset.from_parquet(str(tmp_path / "out.parquet")).to_list() == standardize_sharegpt(dataset).to_list()
+
+
+def test_a_file_with_no_conversations_is_refused_by_name(tmp_path: Path) -> None:
+    empty = pa.table(
+        {"conversations": pa.array([], pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])))}
+    )
+    pq.write_table(empty, tmp_path / "eval.parquet")
+    with pytest.raises(ValueError, match=r"eval\.parquet: no conversations to standardize"):
+        standardize_file(tmp_path / "eval.parquet", tmp_path / "out.parquet", CONFIG)
+    assert not (tmp_path / "out.parquet").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from unsloth.chat_templates import to_sharegpt
 
 from stages.to_sharegpt import (
@@ -18,6 +18,7 @@ from stages.to_sharegpt import (
     extension_orders,
     main,
     prompt_columns,
+    turn_texts,
     whitespace_cells,
     write_extended,
 )
@@ -64,6 +65,26 @@ def test_extension_merges_three_rows_per_training_conversation(
     assert [turn["from"] for turn in converted[0]["conversations"]] == ["human", "gpt"] * 3
     single = extended(dataset, 1, 3407, tmp_path / "eval.parquet")
     assert single.to_list() == convert(dataset, CONFIG).to_list()
+
+
+def test_rows_held_in_several_chunks_give_what_one_chunk_gives(
+    sample_rows: list[dict[str, str]], tmp_path: Path
+) -> None:
+    # a dataset file holds its rows in record batches: the extension and the texts must read across them
+    parts = [convert(Dataset.from_list(sample_rows[i : i + 9]), CONFIG) for i in range(0, len(sample_rows), 9)]
+    chunked = concatenate_datasets(parts)
+    assert chunked.data.column("conversations").num_chunks > 1
+    whole = Dataset.from_list(chunked.to_list())
+    assert whole.data.column("conversations").num_chunks == 1
+    assert turn_texts(chunked).to_pylist() == turn_texts(whole).to_pylist()
+    orders = extension_orders(len(whole), 3, 3407)
+    keep = np.arange(len(whole)) % 4 != 1  # some conversations dropped (over length)
+    write_extended(chunked, orders, keep, tmp_path / "chunked.parquet", rows_per_batch=5)
+    write_extended(whole, orders, keep, tmp_path / "whole.parquet", rows_per_batch=1000)
+    written = Dataset.from_parquet(str(tmp_path / "chunked.parquet")).to_list()
+    assert written == Dataset.from_parquet(str(tmp_path / "whole.parquet")).to_list()
+    assert len(written) == keep.sum()
+    assert written[1]["conversations"][:2] == whole[2]["conversations"]  # row 1 is dropped: the next is row 2
 
 
 @pytest.mark.parametrize(("extension", "random_state", "rows_per_batch"), [(3, 3407, 7), (2, 1, 1000), (4, 42, 64)])
