@@ -49,8 +49,6 @@ def standardize_file(source: Path, target: Path, config: StandardizeConfig, rows
     Each batch goes through `standardize` as a dataset held in memory, and is written as it comes: neither the
     input nor the output is copied whole into a cache file and memory-mapped (3x the text of the training rows).
     """
-    import pyarrow.parquet as pq
-
     written = 0
     writer = None
     try:

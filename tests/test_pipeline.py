@@ -384,11 +384,20 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
         assert dvc_process.poll() is None, (repo / "killed.log").read_text()[-3000:]
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    training = [
-        p for p in psutil.Process(dvc_process.pid).children(recursive=True) if "stages.train" in " ".join(p.cmdline())
-    ]
-    # a child the trainer forks (a subprocess between fork and exec) carries the same command line: kill the topmost
-    (trainer,) = [p for p in training if p.ppid() not in {t.pid for t in training}]
+
+    # the topmost process running stages.train: a child it forks (a subprocess between fork and exec) carries the
+    # same command line, and may be gone by the time it is asked
+    def command_line(process: psutil.Process) -> str:
+        try:
+            return " ".join(process.cmdline())
+        except psutil.NoSuchProcess:
+            return ""
+
+    level, training = [psutil.Process(dvc_process.pid)], []
+    while level and not training:
+        level = [child for process in level for child in process.children()]
+        training = [process for process in level if "stages.train" in command_line(process)]
+    (trainer,) = training
     trainer.kill()
     assert dvc_process.wait(timeout=120) != 0  # killed before it finished
     assert not (repo / "models/adapter/adapter_model.safetensors").exists()
