@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -385,20 +386,13 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-    # the topmost process running stages.train: a child it forks (a subprocess between fork and exec) carries the
-    # same command line, and may be gone by the time it is asked
-    def command_line(process: psutil.Process) -> str:
-        try:
-            return " ".join(process.cmdline())
-        except psutil.NoSuchProcess:
-            return ""
-
-    level, training = [psutil.Process(dvc_process.pid)], []
-    while level and not training:
-        level = [child for process in level for child in process.children()]
-        training = [process for process in level if "stages.train" in command_line(process)]
-    (trainer,) = training
-    trainer.kill()
+    # every process of the stage: DVC runs the command through $SHELL, and dash (CI's /bin/sh) keeps itself as the
+    # trainer's parent where bash execs; killing only the shell would leave the trainer running, orphaned
+    stage = psutil.Process(dvc_process.pid).children(recursive=True)
+    for process in reversed(stage):  # the deepest first: the trainer dies before its shell can report
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(stage, timeout=60)
     assert dvc_process.wait(timeout=120) != 0  # killed before it finished
     assert not (repo / "models/adapter/adapter_model.safetensors").exists()
     (folder,) = (repo / "models/checkpoints").iterdir()
