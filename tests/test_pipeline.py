@@ -386,8 +386,8 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-    # every process of the stage: DVC runs the command through $SHELL, and dash (CI's /bin/sh) keeps itself as the
-    # trainer's parent where bash execs; killing only the shell would leave the trainer running, orphaned
+    # every process of the stage: DVC runs the command through $SHELL, else /bin/sh; Debian's dash (CI has no $SHELL)
+    # stays the trainer's parent where bash execs it, and killing only the shell left the trainer running, orphaned
     stage = psutil.Process(dvc_process.pid).children(recursive=True)
     for process in reversed(stage):  # the deepest first: the trainer dies before its shell can report
         with contextlib.suppress(psutil.NoSuchProcess):
