@@ -366,11 +366,10 @@ def main(
     use_experiment(tracking_uri(os.environ, root), tracking.experiment_name, root / "mlartifacts")
     commit = git_commit(Path.cwd())
     earlier = checkpoints.run_id(folder)
-    if earlier is not None and resume is None:  # nothing of an earlier attempt is reused: a new run
-        if run_status(earlier) == "RUNNING":  # it was killed (a failed one was marked FAILED as it failed)
-            mlflow.MlflowClient().set_terminated(earlier, "KILLED")
-        earlier = None
-    if earlier is not None and run_status(earlier) is None:  # its store was deleted: the resumed run is new
+    status = run_status(earlier) if earlier is not None else None
+    if resume is None and status == "RUNNING":  # killed (a failed run was marked FAILED as it failed)
+        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
+    if resume is None or status is None:  # nothing of it is reused, or its store was deleted: a new run
         earlier = None
     name = None if earlier else run_name(os.environ, commit)
     mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)

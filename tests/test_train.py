@@ -190,9 +190,12 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
 ) -> None:
     import mlflow
 
+    def started() -> list[mlflow.entities.Run]:  # oldest first
+        found = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
+        return sorted(found, key=lambda r: r.info.start_time)
+
     def statuses() -> list[str]:
-        found = mlflow.search_runs(experiment_names=["finance-deepseek"], order_by=["attributes.start_time ASC"])
-        return list(found["status"])
+        return [r.info.status for r in started()]
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
@@ -202,9 +205,7 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
             train()
     assert statuses() == ["FAILED", "FAILED"]  # a failed run stays failed when the training is tried again
 
-    second = sorted(
-        mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list"), key=lambda r: r.info.start_time
-    )[-1]
+    second = started()[-1]
     mlflow.MlflowClient().update_run(second.info.run_id, "RUNNING")  # as a SIGKILL leaves it: never ended
     with pytest.raises(ValueError, match="every training conversation is fully masked"):
         train()
