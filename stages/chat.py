@@ -31,6 +31,7 @@ IGNORE_INDEX = -100  # the label of a token that is not learnt
 MARK = "\ue000{}\ue001"  # stands in for an answer while the template renders (Unicode private use: not in data)
 MARKS = re.compile("\ue000(\\d+)\ue001")
 
+PROBE_FILE = "chat_probe.json"  # tokenize writes `PROBE`'s token ids there; train checks its tokenizer against them
 PROBE = [  # the conversation `Chat.check` renders: system text and two turns
     {"role": "system", "content": "You are a financial analyst."},
     {"role": "user", "content": "What is beta?"},
@@ -50,6 +51,18 @@ class ChatConfig:
         require(self.template is None or bool(self.template.strip()), "chat.template must be a Jinja template or null")
 
 
+def split_think(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant text: the one parser of the think block, for training and scoring.
+
+    `split_think("<think>\\nr\\n</think>\\n\\nBeta.")` -> `("r", "Beta.")`; `split_think("Beta.")` -> `("", "Beta.")`.
+    A generated answer (the prompt held `<think>\\n`) has no opening tag: `split_think("r</think> B")` -> `("r", "B")`.
+    """
+    reasoning, closed, answer = text.partition(THINK_CLOSE)
+    if not closed:
+        return "", text
+    return reasoning.strip().removeprefix("<think>").strip(), answer.strip()
+
+
 def answer_text(content: str, think: str) -> tuple[str, str]:
     """(the part of an answer the prompt already holds, the part the model writes), for one assistant turn.
 
@@ -57,13 +70,21 @@ def answer_text(content: str, think: str) -> tuple[str, str]:
     `answer_text("<think>r</think> Beta.", "none")` -> `("", "Beta.")`.
     """
     reasoning, closed, answer = content.partition(THINK_CLOSE)
-    if not closed:
-        reasoning, answer = "", content
+    if closed:  # the answer's own trailing whitespace is trained as written
+        reasoning, answer = split_think(content)[0], answer.lstrip()
     else:
-        reasoning, answer = reasoning.strip().removeprefix("<think>").strip(), answer.lstrip()
+        reasoning, answer = "", content
     if think == "none":
         return "", answer
     return THINK_OPEN, f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+
+
+# A conversation's layout: the template's text between the answers, rendered once per sequence of roles, with a
+# slot where each message's content goes. Each segment is (the prompt before an answer, split into literal text and
+# slot numbers; the answer's index; the template's text after the answer, its end-of-turn token included).
+Segment = tuple[list[str | int], int, str]
+SLOT = "\ue002{}\ue003"  # a message's content while the layout renders (Unicode private use: not in data)
+SLOTS = re.compile("\ue002(\\d+)\ue003")
 
 
 class Chat:
@@ -76,34 +97,90 @@ class Chat:
             raise ValueError("the tokenizer of model.model_name has no chat template: set chat.template")
         self.tokenizer = tokenizer
         self.think = config.think
+        self._layouts: dict[tuple[tuple[str, ...], bool], tuple[list[Segment], list[str | int]] | None] = {}
+
+    def _segments(self, messages: list[dict[str, str]], open_answer: bool) -> tuple[list[tuple[str, int, str]], str]:
+        """The template rendered with each answer replaced by a mark: (text before, answer index, end-of-turn text
+        after) per answer, and the text after the last one."""
+        if open_answer:
+            messages = [*messages, {"role": "assistant", "content": ""}]
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        marked = [m | {"content": MARK.format(i)} if m["role"] == "assistant" else m for i, m in enumerate(messages)]
+        text = self.tokenizer.apply_chat_template(marked, tokenize=False)
+        found = [int(i) for i in MARKS.findall(text)]
+        if found != answers:
+            raise ValueError(
+                f"the chat template did not render each assistant turn once, in order (turns {answers}, "
+                f"rendered {found}): it cannot be trained on with chat.think={self.think!r}"
+            )
+        eos = self.tokenizer.eos_token or ""
+        segments, start = [], 0
+        for match in MARKS.finditer(text):
+            end = match.end() + (len(eos) if eos and text.startswith(eos, match.end()) else 0)
+            segments.append((text[start : match.start()], int(match[1]), text[match.end() : end]))
+            start = end
+        return segments, text[start:]
 
     def pieces(self, messages: list[dict[str, str]], open_answer: bool = False) -> list[tuple[str, bool]]:
         """The rendered conversation as (text, is_answer) pieces, answers with their end-of-turn token.
 
         With `open_answer`, `messages` is the history before an answer and the pieces end with its prompt.
         """
-        if open_answer:
-            messages = [*messages, {"role": "assistant", "content": ""}]
-        answers = {i: answer_text(m["content"], self.think) for i, m in enumerate(messages) if m["role"] == "assistant"}
-        marked = [m | {"content": MARK.format(i)} if i in answers else m for i, m in enumerate(messages)]
-        text = self.tokenizer.apply_chat_template(marked, tokenize=False)
-        found = [int(i) for i in MARKS.findall(text)]
-        if found != list(answers):
-            raise ValueError(
-                f"the chat template did not render each assistant turn once, in order (turns {list(answers)}, "
-                f"rendered {found}): it cannot be trained on with chat.think={self.think!r}"
-            )
-        eos = self.tokenizer.eos_token or ""
+        segments, tail = self._segments(messages, open_answer)
         out: list[tuple[str, bool]] = []
-        start = 0
-        for match in MARKS.finditer(text):
-            given, written = answers[int(match[1])]
-            end = match.end() + (len(eos) if eos and text.startswith(eos, match.end()) else 0)
-            out += [(text[start : match.start()] + given, False), (written + text[match.end() : end], True)]
-            start = end
+        for before, index, after in segments:
+            given, written = answer_text(messages[index]["content"] if index < len(messages) else "", self.think)
+            out += [(before + given, False), (written + after, True)]
         if open_answer:
             return out[:-1]
-        return out + [(text[start:], False)] if start < len(text) else out
+        return out + [(tail, False)] if tail else out
+
+    def layout(self, roles: tuple[str, ...], open_answer: bool = False) -> tuple[list[Segment], list[str | int]] | None:
+        """The segments of every conversation with these roles, contents as slots, rendered once; None where the
+        template does not pass a content through verbatim (it trims it, say): then each is rendered on its own."""
+        key = (roles, open_answer)
+        if key not in self._layouts:
+            self._layouts[key] = self._layout(roles, open_answer)
+        return self._layouts[key]
+
+    def _layout(self, roles: tuple[str, ...], open_answer: bool) -> tuple[list[Segment], list[str | int]] | None:
+        def render(pad: str) -> tuple[list[tuple[str, int, str]], str]:
+            return self._segments(
+                [{"role": r, "content": pad + SLOT.format(i) + pad} for i, r in enumerate(roles)], open_answer
+            )
+
+        segments, tail = render("")
+        padded, padded_tail = render(" \n")  # a template that trims or rewrites contents changes these
+        texts = [before for before, _, _ in segments] + [tail]
+        padded_texts = [before for before, _, _ in padded] + [padded_tail]
+        slots = [i for i, role in enumerate(roles) if role != "assistant"]
+        if [int(i) for text in texts for i in SLOTS.findall(text)] != slots or [
+            SLOTS.sub(lambda m: f" \n{m[0]} \n", text) for text in texts
+        ] != padded_texts:
+            return None
+
+        def split(text: str) -> list[str | int]:  # literal text and slot numbers, alternating
+            return [int(part) if i % 2 else part for i, part in enumerate(SLOTS.split(text))]
+
+        return [(split(before), index, after) for before, index, after in segments], split(tail)
+
+    def fast_pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """`pieces(messages)` from the layout of its roles, contents filled in as strings; the same text wherever
+        the template passes contents through verbatim (`layout` checks that), else `pieces` itself."""
+        found = self.layout(tuple(m["role"] for m in messages))
+        if found is None:
+            return self.pieces(messages)
+        segments, tail = found
+
+        def fill(parts: list[str | int]) -> str:
+            return "".join(messages[p]["content"] if isinstance(p, int) else p for p in parts)
+
+        out: list[tuple[str, bool]] = []
+        for before, index, after in segments:
+            given, written = answer_text(messages[index]["content"], self.think)
+            out += [(fill(before) + given, False), (written + after, True)]
+        rest = fill(tail)
+        return out + [(rest, False)] if rest else out
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The conversation as the model trains on it."""

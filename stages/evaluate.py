@@ -1,25 +1,25 @@
 """evaluate: does the adapter help? Base and tuned model on the same held-out rows, answers and benchmarks.
 
-    python -m stages.evaluate --data data/standardized --adapter models/adapter \
+    python -m stages.evaluate --data data/tokenized --texts data/standardized --adapter models/adapter \
         --metrics metrics/evaluate.json --samples metrics/evaluate_samples.json --bars metrics/evaluate_bars.csv
 
-- loss and perplexity on the assistant's tokens only (prompt and padding masked), batched by length;
-- greedy answers to `num_samples` held-out prompts: ROUGE-L and token F1 against the reference, the share that
-  end with EOS before `max_new_tokens`, mean answer length;
+- loss and perplexity on the held-out conversations' learnt tokens, as the tokenize stage encoded them
+  (`stages.likelihood`);
+- greedy answers to the first `num_samples` held-out prompts: ROUGE-L and token F1 against the reference, the
+  share that end with EOS before `max_new_tokens`, mean answer length (`stages.answers`);
 - each local benchmark file (text + label from a fixed set): accuracy and macro-F1, the label predicted being
-  the one the model finds likeliest as the answer (no free-text parsing).
+  the one the model finds likeliest as the answer (`stages.label_benchmarks`).
 
-The base model is the tuned one with its adapter disabled. The numbers go into the MLflow run that trained the
-adapter, found by the adapter's SHA-256, and into files that `dvc metrics show` and `dvc plots show` read.
+The base model is the tuned one with its adapter disabled, loaded in the precision the adapter was trained in.
+The numbers go into the MLflow run that trained the adapter, found by the adapter's SHA-256
+(`stages.tracking.find_training_run`), and into files that `dvc metrics show` and `dvc plots show` read.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
-import math
 import os
 import re
 import time
@@ -27,30 +27,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stages import params, scoring
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, load_base
+from stages import params
+from stages.answers import answer_scores, final_answer, generate
+from stages.chat import Chat, ChatConfig
+from stages.files import write_csv, write_json
+from stages.label_benchmarks import BenchmarkConfig, classify, label_scores, read_benchmark
+from stages.likelihood import Encoded, score
+from stages.model import ModelConfig, load_base, trained_precision
 from stages.params import require
+from stages.scoring import rouge_l
 from stages.tracking import (
     TrackingConfig,
     adapter_digest,
+    find_training_run,
     report,
     store_root,
     tracking_uri,
     use_experiment,
-    write_csv,
-    write_json,
 )
 
 log = logging.getLogger("evaluate")
-
-
-@dataclass(frozen=True)
-class BenchmarkConfig:
-    name: str  # prefix of its metrics: <name>_base_accuracy, ...
-    path: str  # JSONL file, one {"text": ..., "label": ...} per line
-    labels: list[str]  # the fixed label set; each answer is scored as one of these
-    instruction: str  # put before the text in the user turn
 
 
 @dataclass(frozen=True)
@@ -83,167 +79,48 @@ class EvaluateConfig:
         object.__setattr__(self, "benchmarks", benchmarks)
 
 
-def sequence_nll(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int) -> list[tuple[float, int]]:
-    """Per sequence of a right-padded batch: summed negative log-likelihood of its labelled tokens, their count."""
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch], device=device)
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch], device=device)
-    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch], device=device)
-    with torch.no_grad():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    ).sum(dim=1)
-    counts = (targets != IGNORE_INDEX).sum(dim=1)
-    return [(float(n), int(c)) for n, c in zip(nll.tolist(), counts.tolist(), strict=True)]
+@dataclass(frozen=True)
+class Sample:
+    prompt_ids: list[int]  # the prompt of the conversation's last answer, as the tokenize stage encoded it
+    question: str  # the last user turn, for the samples table
+    reference: str  # the last answer as the data has it
 
 
-def by_length(sizes: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar size, longest first: least padding, and any out-of-memory comes at once.
-
-    `by_length([3, 9, 1, 8], 2)` -> `[[1, 3], [0, 2]]`.
-    """
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def nll_per_row(
-    model: Any, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int
-) -> list[tuple[float, int]]:
-    """`sequence_nll` of every row, computed in batches by length, returned in the rows' order."""
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    for batch in by_length([len(ids) for ids, _ in encoded], batch_size):
-        for i, result in zip(batch, sequence_nll(model, [encoded[i] for i in batch], pad_id), strict=True):
-            out[i] = result
+def samples(rows: list[dict[str, Any]], conversations: list[list[dict[str, str]]], limit: int) -> list[Sample]:
+    """The first `limit` held-out rows whose whole prompt was kept (a row cut inside its prompt is passed over):
+    `rows` as the tokenize stage wrote them (`row`, `input_ids`, `prompt_length`), their texts in `conversations`,
+    indexed by `row`."""
+    out = []
+    for row in rows:
+        if len(out) == limit:
+            break
+        if row["prompt_length"] < len(row["input_ids"]):
+            messages = conversations[row["row"]]
+            require(
+                messages[-1]["role"] == "assistant",
+                f"held-out conversation {row['row']} must end with an assistant turn, got {messages[-1:]!r}",
+            )
+            out.append(
+                Sample(row["input_ids"][: row["prompt_length"]], messages[-2]["content"], messages[-1]["content"])
+            )
     return out
 
 
-def score(model: Any, encoded: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> dict[str, float]:
-    """Mean loss per answer token over all rows, and its perplexity."""
-    rows = nll_per_row(model, encoded, pad_id, batch_size)
-    tokens = sum(count for _, count in rows)
-    loss = sum(nll for nll, _ in rows) / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
-
-
-@dataclass(frozen=True)
-class Answer:
-    text: str  # decoded, the end-of-sequence token left out (other special tokens, </think> say, kept)
-    tokens: int  # tokens generated, the end-of-sequence token included
-    ended: bool  # stopped with the end-of-sequence token before max_new_tokens
-
-
-def generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
-) -> list[Answer]:
-    """Greedy answers to prompts given as token ids, batched by length with left padding, in the prompts' order."""
-    import torch
-
-    device = next(model.parameters()).device
-    answers: list[Answer | None] = [None] * len(prompts)
-    for batch in by_length([len(ids) for ids in prompts], batch_size):
-        width = max(len(prompts[i]) for i in batch)
-        pads = [width - len(prompts[i]) for i in batch]
-        input_ids = torch.tensor(
-            [[tokenizer.pad_token_id] * p + prompts[i] for p, i in zip(pads, batch, strict=True)], device=device
-        )
-        attention_mask = torch.tensor([[0] * p + [1] * (width - p) for p in pads], device=device)
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        for i, new in zip(batch, output[:, width:].tolist(), strict=True):
-            ended = tokenizer.eos_token_id in new
-            kept = new[: new.index(tokenizer.eos_token_id) + 1] if ended else new
-            # special tokens are kept but EOS: </think> may be one, and final_answer needs it
-            answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
-    return [answer for answer in answers if answer is not None]
-
-
-def final_answer(text: str) -> str:
-    """What follows any reasoning block, as the chat template keeps of an assistant turn."""
-    return text.split("</think>")[-1].strip()
-
-
-def answer_scores(answers: list[Answer], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-L and token F1 against the references, share ended with EOS, mean answer length in tokens."""
-    if not answers:
-        return {}
-    n = len(answers)
-    return {
-        "rouge_l": sum(scoring.rouge_l(final_answer(a.text), r) for a, r in zip(answers, references, strict=True)) / n,
-        "token_f1": sum(scoring.token_f1(final_answer(a.text), r) for a, r in zip(answers, references, strict=True))
-        / n,
-        "eos_rate": sum(a.ended for a in answers) / n,
-        "answer_tokens": sum(a.tokens for a in answers) / n,
-    }
-
-
-def read_benchmark(bench: BenchmarkConfig) -> list[dict[str, str]]:
-    """The rows of a benchmark file, each checked: a JSON object with a text and a label of the fixed set."""
-    path = Path(bench.path)
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluate.benchmarks {bench.name}: no file {path}")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise ValueError(f'{where}: expected an object with a non-empty "text" string, got {line[:80]!r}')
-        if row.get("label") not in bench.labels:
-            raise ValueError(f"{where}: label {row.get('label')!r} is not one of {bench.labels}")
-        rows.append({"text": row["text"], "label": row["label"]})
-    if not rows:
-        raise ValueError(f"{path}: no rows")
-    return rows
-
-
-def classify(
-    model: Any, chat: Chat, bench: BenchmarkConfig, rows: list[dict[str, str]], max_length: int, batch_size: int
-) -> list[str]:
-    """The label whose rendering as the answer (end-of-turn included) is likeliest after each row's prompt."""
-    conversations = []
-    for row in rows:
-        question = f"{bench.instruction}\n\n{row['text']}" if bench.instruction else row["text"]
-        for label in bench.labels:
-            conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": label}])
-    encoded = chat.encode_many(conversations, max_length)
-    nll = [value for value, _ in nll_per_row(model, encoded, chat.tokenizer.pad_token_id, batch_size)]
-    k = len(bench.labels)
-    return [bench.labels[min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(rows))]
-
-
 def evaluate_models(
-    model: Any, chat: Chat, held_out: list[list[dict[str, str]]], config: EvaluateConfig, max_length: int
+    model: Any, chat: Chat, encoded: list[Encoded], prompts: list[Sample], config: EvaluateConfig, max_length: int
 ) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
     """Every measure of base (adapter disabled) and tuned model: the metrics and the answered samples."""
-    for i, messages in enumerate(held_out):
-        if not messages or messages[-1]["role"] != "assistant":
-            raise ValueError(f"held-out conversation {i} must end with an assistant turn, got {messages[-1:]!r}")
     tokenizer = chat.tokenizer
-    encoded = chat.encode_many(held_out, max_length)  # as training encodes them
-    prompts = [chat.prompt_ids(messages[:-1]) for messages in held_out[: config.num_samples]]
-    references = [messages[-1]["content"] for messages in held_out[: config.num_samples]]
+    references = [sample.reference for sample in prompts]
     benchmarks = [(bench, read_benchmark(bench)) for bench in config.benchmarks]
 
     results: dict[str, dict[str, Any]] = {}
     for name in ("base", "tuned"):
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             loss = score(model, encoded, tokenizer.pad_token_id, config.batch_size)
-            answers = generate(model, tokenizer, prompts, config.max_new_tokens, config.generate_batch_size)
+            answers = generate(
+                model, tokenizer, [s.prompt_ids for s in prompts], config.max_new_tokens, config.generate_batch_size
+            )
             predictions = {
                 bench.name: classify(model, chat, bench, rows, max_length, config.batch_size)
                 for bench, rows in benchmarks
@@ -264,28 +141,24 @@ def evaluate_models(
     for name, result in results.items():
         metrics |= {f"{name}_{key}": value for key, value in answer_scores(result["answers"], references).items()}
     for bench, rows in benchmarks:
-        expected = [row["label"] for row in rows]
         metrics[f"{bench.name}_rows"] = len(rows)
         for name, result in results.items():
-            predicted = result["predictions"][bench.name]
-            metrics[f"{bench.name}_{name}_accuracy"] = scoring.accuracy(predicted, expected)
-            metrics[f"{bench.name}_{name}_macro_f1"] = scoring.macro_f1(predicted, expected, bench.labels)
-    samples = [
+            scores = label_scores(bench, rows, result["predictions"][bench.name])
+            metrics |= {f"{bench.name}_{name}_{key}": value for key, value in scores.items()}
+    sample_rows = [
         {
-            "prompt": messages[-2]["content"],
-            "reference": reference,
+            "prompt": sample.question,
+            "reference": sample.reference,
             "base": b.text,
             "tuned": t.text,
-            "base_rouge_l": scoring.rouge_l(final_answer(b.text), reference),
-            "tuned_rouge_l": scoring.rouge_l(final_answer(t.text), reference),
+            "base_rouge_l": rouge_l(final_answer(b.text), sample.reference),
+            "tuned_rouge_l": rouge_l(final_answer(t.text), sample.reference),
             "base_ended": b.ended,
             "tuned_ended": t.ended,
         }
-        for messages, reference, b, t in zip(
-            held_out[: len(references)], references, base["answers"], tuned["answers"], strict=True
-        )
+        for sample, b, t in zip(prompts, base["answers"], tuned["answers"], strict=True)
     ]
-    return metrics, samples
+    return metrics, sample_rows
 
 
 BAR_MEASURES = ("loss", "rouge_l", "token_f1", "eos_rate")
@@ -311,21 +184,9 @@ def bar_rows(metrics: dict[str, float | int], benchmarks: list[BenchmarkConfig])
     ]
 
 
-def find_training_run(experiment_name: str, digest: str) -> str | None:
-    """The newest MLflow run of the experiment whose adapter has this SHA-256, or None."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        experiment_names=[experiment_name],
-        filter_string=f"tags.adapter_sha256 = '{digest}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
-    )
-    return runs[0].info.run_id if runs else None
-
-
-def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: Path, bars: Path) -> None:
+def main(
+    params_path: Path, data: Path, texts: Path, adapter: Path, metrics: Path, samples_path: Path, bars: Path
+) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
@@ -334,10 +195,10 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: P
     from peft import PeftModel
     from unsloth import FastLanguageModel
 
-    model_config = params.load(ModelConfig, params_path, "model")
     chat_config = params.load(ChatConfig, params_path, "chat")
     config = params.load(EvaluateConfig, params_path, "evaluate")
     tracking = params.load(TrackingConfig, params_path, "tracking")
+    model_config = trained_precision(params.load(ModelConfig, params_path, "model"), adapter)
     log.info(
         "config: %s",
         {
@@ -347,10 +208,14 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: P
         },
     )
 
-    # --- data: single-turn held-out conversations
-    held_out = Dataset.from_parquet(str(data / "eval.parquet"))
+    # --- data: the held-out conversations as the tokenize stage encoded them, their texts for the samples
+    held_out = Dataset.from_file(str(data / "eval.arrow"))
     if config.max_rows is not None:
         held_out = held_out.select(range(min(config.max_rows, len(held_out))))
+    rows = held_out.to_list()
+    encoded = [(row["input_ids"], row["labels"]) for row in rows]
+    conversations = Dataset.from_parquet(str(texts / "eval.parquet"))["conversations"]
+    prompts = samples(rows, conversations, config.num_samples)
 
     # --- models: the tuned model; the base model is the same with the adapter disabled
     model, tokenizer = load_base(model_config)
@@ -359,7 +224,7 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: P
     chat = Chat(tokenizer, chat_config)
     chat.check(padding=True)
     start = time.perf_counter()
-    results, sample_rows = evaluate_models(model, chat, held_out["conversations"], config, model_config.max_seq_length)
+    results, sample_rows = evaluate_models(model, chat, encoded, prompts, config, model_config.max_seq_length)
     results["evaluate_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -372,23 +237,24 @@ def main(params_path: Path, data: Path, adapter: Path, metrics: Path, samples: P
         log.warning("no MLflow run holds this adapter (store deleted?): recording evaluation in a new run")
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate-only"):
         report(results, metrics, prefix="evaluate")
-        write_json(samples, {"samples": sample_rows})
+        write_json(samples_path, {"samples": sample_rows})
         write_csv(bars, bar_rows(results, config.benchmarks), ("measure", "value"))
         mlflow.log_artifact(str(bars), artifact_path="evaluate")
         if sample_rows:
             mlflow.log_table(
                 {key: [row[key] for row in sample_rows] for key in sample_rows[0]}, "evaluate_samples.json"
             )
-    log.info("metrics -> %s, samples -> %s, bars -> %s", metrics, samples, bars)
+    log.info("metrics -> %s, samples -> %s, bars -> %s", metrics, samples_path, bars)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="folder of the tokenize stage's Arrow files")
+    parser.add_argument("--texts", type=Path, required=True, help="folder of the standardized conversations")
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--samples", type=Path, required=True)
     parser.add_argument("--bars", type=Path, required=True)
     args = parser.parse_args()
-    main(args.params, args.data, args.adapter, args.metrics, args.samples, args.bars)
+    main(args.params, args.data, args.texts, args.adapter, args.metrics, args.samples, args.bars)

@@ -5,6 +5,7 @@
 Optional, so it lives in `export/dvc.yaml`: `dvc repro` (the root pipeline) never runs it; `dvc repro
 export/dvc.yaml` does, after train if the adapter is stale. The merge is unsloth's `save_pretrained_merged`, which
 dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft.
+The base is loaded in the precision the adapter was trained in (`stages.model.trained_precision`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages import params
-from stages.model import ModelConfig, load_base
+from stages.files import write_json
+from stages.model import ModelConfig, load_base, trained_precision
 from stages.params import require
-from stages.tracking import write_json
 
 log = logging.getLogger("export")
 
@@ -46,7 +47,7 @@ def main(params_path: Path, adapter: Path, out: Path, metrics: Path) -> None:
     from peft import PeftModel
     from unsloth.save import patch_saving_functions
 
-    model_config = params.load(ModelConfig, params_path, "model")
+    model_config = trained_precision(params.load(ModelConfig, params_path, "model"), adapter)
     config = params.load(ExportConfig, params_path, "export")
     log.info("config: %s", {**params.flatten("model", model_config), **params.flatten("export", config)})
 

@@ -20,8 +20,8 @@ from typing import Any
 from datasets import Dataset, Value, load_dataset
 
 from stages import params
+from stages.files import file_hash, write_json
 from stages.params import require
-from stages.tracking import file_hash, write_json
 
 log = logging.getLogger("fetch")
 

@@ -17,8 +17,10 @@ Without a GPU every `auto` takes the seed's choice: 4-bit, checkpointing "unslot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from stages.model import ModelConfig
 
 GIB = 2**30
 WEIGHTS_SHARE = 0.40  # a 16-bit base may take this share of the GPU; the rest is for activations
@@ -113,3 +115,24 @@ def plan(
                 return Plan(option, size, effective // size)
     # nothing fits by this estimate: the most frugal choice, and let the run show whether it does
     return Plan("unsloth" if checkpointing == "auto" else checkpointing, sizes[-1], effective // sizes[-1])
+
+
+def gpu_memory() -> int | None:
+    """Bytes of memory of the GPU this process trains on, or None without one."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+
+
+def model_shape(config: ModelConfig) -> Shape:
+    """The base model's shape, from its config.json alone (no weights are read)."""
+    from transformers import AutoConfig
+
+    return Shape.of(AutoConfig.from_pretrained(config.model_name, revision=config.revision))
+
+
+def resolved(config: ModelConfig) -> ModelConfig:
+    """`config` with `load_in_4bit: auto` decided for this machine (`load_in_4bit`)."""
+    if config.load_in_4bit != "auto":
+        return config
+    return replace(config, load_in_4bit=load_in_4bit("auto", model_shape(config), gpu_memory()))

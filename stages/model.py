@@ -1,14 +1,23 @@
-"""The `model` section: which base model train and evaluate load, and how (4-bit, sequence length, dtype)."""
+"""The `model` section: which base model the stages load, and how (4-bit, sequence length, dtype).
+
+train decides `model.load_in_4bit: auto` for its GPU (`stages.fit`) and records the precision it trained in with the
+adapter (`PRECISION_FILE`); evaluate, export and generate load the base in that same precision.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from stages import fit
 from stages.params import require
 
+log = logging.getLogger(__name__)
+
 DTYPES = (None, "float16", "bfloat16", "float32")
+PRECISION_FILE = "base_precision.json"  # in the adapter's folder: how train loaded the base
 
 
 @dataclass(frozen=True)
@@ -29,33 +38,15 @@ class ModelConfig:
         )
 
 
-def gpu_memory() -> int | None:
-    """Bytes of memory of the GPU this process trains on, or None without one."""
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-
-
-def shape(config: ModelConfig) -> fit.Shape:
-    """The base model's shape, from its config.json alone (no weights are read)."""
-    from transformers import AutoConfig
-
-    return fit.Shape.of(AutoConfig.from_pretrained(config.model_name, revision=config.revision))
-
-
-def resolved(config: ModelConfig) -> ModelConfig:
-    """`config` with `load_in_4bit: auto` decided for this machine (`stages.fit.load_in_4bit`)."""
-    if config.load_in_4bit != "auto":
-        return config
-    return replace(config, load_in_4bit=fit.load_in_4bit("auto", shape(config), gpu_memory()))
-
-
 def load_base(config: ModelConfig) -> tuple[Any, Any]:
-    """Load `(model, tokenizer)` with unsloth's `FastLanguageModel.from_pretrained`; `auto` 4-bit decided here."""
+    """Load `(model, tokenizer)` with unsloth's `FastLanguageModel.from_pretrained`, 4-bit or not as decided."""
     import torch
     from unsloth import FastLanguageModel
 
-    config = resolved(config)
+    require(
+        isinstance(config.load_in_4bit, bool),
+        f"model.load_in_4bit must be decided before loading (stages.fit.resolved), got {config.load_in_4bit!r}",
+    )
     return FastLanguageModel.from_pretrained(
         model_name=config.model_name,
         revision=config.revision,
@@ -66,10 +57,40 @@ def load_base(config: ModelConfig) -> tuple[Any, Any]:
 
 
 def load_tokenizer(config: ModelConfig) -> Any:
-    """The base model's tokenizer alone (with its chat template): what the data stages measure lengths with."""
+    """The base model's tokenizer alone (with its chat template): what the tokenize stage encodes with."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(config.model_name, revision=config.revision)
+
+
+def record_precision(adapter: Path, config: ModelConfig) -> None:
+    """Write, beside the adapter's weights, the precision the base was trained in."""
+    (adapter / PRECISION_FILE).write_text(json.dumps({"load_in_4bit": config.load_in_4bit}) + "\n", encoding="utf-8")
+
+
+def trained_precision(config: ModelConfig, adapter: Path) -> ModelConfig:
+    """`config` with the base's precision as the adapter was trained (its `PRECISION_FILE`).
+
+    An adapter without that file (trained before it was written) is loaded as `model.load_in_4bit` says, which must
+    then be true or false: `auto` could decide otherwise on this machine than it did on the training's GPU.
+    """
+    path = adapter / PRECISION_FILE
+    if not path.is_file():
+        require(
+            isinstance(config.load_in_4bit, bool),
+            f"{adapter} does not record the precision it was trained in ({PRECISION_FILE}): set model.load_in_4bit "
+            "to true or false as in that training",
+        )
+        return config
+    recorded = json.loads(path.read_text(encoding="utf-8"))["load_in_4bit"]
+    if config.load_in_4bit not in ("auto", recorded):
+        log.warning(
+            "model.load_in_4bit is %s, but %s was trained on a base loaded with %s: loading it so",
+            config.load_in_4bit,
+            adapter,
+            recorded,
+        )
+    return replace(config, load_in_4bit=recorded)
 
 
 def mixed_precision() -> dict[str, bool]:

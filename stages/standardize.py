@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from stages import params
+from stages.files import write_json
 from stages.params import require
-from stages.tracking import write_json
 
 log = logging.getLogger("standardize")
 

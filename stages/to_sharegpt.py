@@ -3,28 +3,25 @@
     python -m stages.to_sharegpt --data data/raw --out data/sharegpt --metrics metrics/to_sharegpt.json
 
 Training rows are merged `conversation_extension` at a time into multi-turn conversations, as unsloth does;
-held-out rows stay single-turn so that each is scored on its own.
+held-out rows stay single-turn so that each is scored on its own. Text only: no tokenizer, model or chat template
+is read here (the tokenize stage encodes the conversations), so changing the model does not rerun this stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from stages import lengths, params
-from stages.chat import Chat, ChatConfig
-from stages.model import ModelConfig, load_tokenizer
+from stages import params
+from stages.files import write_json
 from stages.params import require
-from stages.tracking import write_json
 
 log = logging.getLogger("to_sharegpt")
 
@@ -35,7 +32,6 @@ class ToSharegptConfig:
     output_column_name: str  # column holding the assistant's answer
     conversation_extension: int  # training rows merged into one conversation (1 = none)
     random_state: int  # seed of unsloth's shuffles that pick the rows merged together
-    drop_over_length: bool = False  # drop conversations longer than model.max_seq_length tokens, else keep them
 
     def __post_init__(self) -> None:
         require(bool(prompt_columns(self.merged_prompt)), "to_sharegpt.merged_prompt must name a {column}")
@@ -101,8 +97,8 @@ def extension_orders(n: int, conversation_extension: int, random_state: int) -> 
     ]
 
 
-def write_extended(single: Dataset, orders: list[Any], keep: Any, path: Path, rows_per_batch: int = 32768) -> None:
-    """Write the conversations `orders` make of `single`'s rows, those where `keep` is true, to a parquet file.
+def write_extended(single: Dataset, orders: list[Any], path: Path, rows_per_batch: int = 32768) -> None:
+    """Write the conversations `orders` make of `single`'s rows to a parquet file.
 
     The same permutations as unsloth's shuffles give the same conversations with Arrow `take`s, written batch by
     batch, without the shuffled copies and the row-by-row Python merge that cost unsloth minutes and gigabytes on
@@ -114,11 +110,10 @@ def write_extended(single: Dataset, orders: list[Any], keep: Any, path: Path, ro
     import pyarrow.parquet as pq
 
     column = single.data.column("conversations")  # chunked as the dataset's file holds it: not combined
-    kept = np.flatnonzero(keep)
     schema = pa.schema([("conversations", column.type)])
     with pq.ParquetWriter(path, schema) as writer:
-        for first in range(0, max(len(kept), 1), rows_per_batch):
-            rows = kept[first : first + rows_per_batch]
+        for first in range(0, max(len(single), 1), rows_per_batch):
+            rows = np.arange(first, min(first + rows_per_batch, len(single)))
             # row i's parts, one after another: its own messages, then those of orders[1][i], ...
             parts = take_rows(column, np.stack([order[rows] for order in orders], axis=1).ravel())
             sizes = pc.list_value_length(parts).to_numpy(zero_copy_only=False).reshape(-1, len(orders)).sum(axis=1)
@@ -145,58 +140,6 @@ def take_rows(column: Any, indices: Any) -> Any:
     return in_chunk_order.take(pa.array(np.argsort(grouped), pa.int64()))  # back in the order asked
 
 
-def turn_texts(single: Dataset) -> Any:
-    """The texts of one-turn conversations, user and assistant alternating, as a chunked Arrow string array.
-
-    Chunk by chunk as the dataset's file holds them: the texts are neither copied nor combined into one array.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    column = single.data.column("conversations")
-    if len(column) and not pc.all(pc.equal(pc.list_value_length(column), 2)).as_py():
-        raise ValueError("to_sharegpt: expected one human and one gpt message per row before the extension")
-    return pa.chunked_array([chunk.flatten().field("value") for chunk in column.chunks], pa.string())
-
-
-def measure_lengths(chat: Chat, single: Dataset, orders: list[Any], sample_size: int = 64) -> Any:
-    """Token length of each conversation, from each row's single-turn length (see `stages.lengths`).
-
-    Checked against the template's own count on `sample_size` conversations spread over the split; where they
-    differ (a template whose turns depend on each other), every conversation is rendered and counted whole.
-    """
-    import numpy as np
-
-    turns = turn_texts(single)
-    per_row = lengths.row_lengths(chat, turns)
-    measured = lengths.conversation_lengths(per_row, orders, lengths.prefix_tokens(chat))
-
-    def conversations(indices: Any) -> list[list[dict[str, str]]]:
-        return [
-            [m for order in orders for m in lengths.messages(*turns[2 * order[i] : 2 * order[i] + 2].to_pylist())]
-            for i in indices
-        ]
-
-    if len(measured) == 0:
-        return measured
-    sample = np.unique(np.linspace(0, len(measured) - 1, num=min(sample_size, len(measured)), dtype=np.int64))
-    mismatch = lengths.check_additive(chat, conversations(sample), measured[sample])
-    if mismatch is None:
-        return measured
-    index, predicted, direct = mismatch
-    log.warning(
-        "conversation %d: %d tokens summed per row but %d rendered whole; counting every conversation whole",
-        sample[index],
-        predicted,
-        direct,
-    )
-    whole = np.arange(len(measured))
-    return np.concatenate(
-        [lengths.encoded_lengths(chat, conversations(whole[i : i + 4096])) for i in range(0, len(whole), 4096)]
-        or [np.empty(0, dtype=np.int64)]
-    )
-
-
 def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
     """How many cells of `columns` are non-empty but whitespace only (those `blank_whitespace` empties)."""
     import pyarrow.compute as pc
@@ -205,16 +148,11 @@ def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # unsloth turns it off when unset: count on every core
     import unsloth  # noqa: F401, I001  # isort: skip  (before transformers, as unsloth asks)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
-    model_config = params.load(ModelConfig, params_path, "model")
-    chat_config = params.load(ChatConfig, params_path, "chat")
-    log.info("config: %s", asdict(config) | {"chat": asdict(chat_config)})
-    chat = Chat(load_tokenizer(model_config), chat_config)
-    chat.check(padding=False)  # lengths need no padding; train and evaluate check the pad token
+    log.info("config: %s", asdict(config))
 
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
@@ -224,34 +162,16 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
         single = convert(rows, config)
         del rows  # and its file's memory map: only the converted rows are read from here on
         orders = extension_orders(len(single), extension, config.random_state)
-        measured = measure_lengths(chat, single, orders)
-        over = measured > model_config.max_seq_length
-        keep = ~over if config.drop_over_length else np.ones(len(measured), dtype=bool)
-        if len(keep) and not keep.any():
-            raise ValueError(
-                f"{split}: all {len(keep)} conversations are longer than model.max_seq_length="
-                f"{model_config.max_seq_length} tokens (shortest {measured.min()}); raise model.max_seq_length "
-                "or set to_sharegpt.drop_over_length: false"
-            )
-        write_extended(single, orders, keep, out / f"{split}.parquet")
+        write_extended(single, orders, out / f"{split}.parquet")
         conversations = pq.ParquetFile(out / f"{split}.parquet").metadata.num_rows  # counted without reading
-        dropped = int((~keep).sum())
-        # one conversation per row (the extension pairs each row with rows of shuffled copies), less those dropped
-        assert conversations + dropped == rows_in, f"{split}: {rows_in} rows, {conversations} + {dropped} out"
+        # one conversation per row: the extension pairs each row with rows of shuffled copies
+        assert conversations == rows_in, f"{split}: {rows_in} rows in, {conversations} conversations out"
         counts |= {
             f"{split}_rows_in": rows_in,
             f"{split}_conversations": conversations,
-            f"{split}_dropped_over_length": dropped,
             f"{split}_whitespace_cells_blanked": blanked,
-        } | lengths.summary(measured, model_config.max_seq_length, split)
-        log.info(
-            "%s: %d conversations (%d over length, %d dropped) -> %s",
-            split,
-            conversations,
-            int(over.sum()),
-            dropped,
-            out / f"{split}.parquet",
-        )
+        }
+        log.info("%s: %d conversations -> %s", split, conversations, out / f"{split}.parquet")
     write_json(metrics, counts)
 
 

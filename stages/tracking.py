@@ -1,21 +1,20 @@
-"""MLflow and metrics-file helpers shared by the train and evaluate stages.
+"""MLflow helpers shared by the train and evaluate stages (and the MLflow UI launcher, `tools/mlflow_ui.py`).
 
-Every number a stage measures goes through `report`, so `metrics/<stage>.json`, `dvc metrics show` and the
-MLflow run agree. The store defaults to `sqlite:///<repo root>/mlflow.db`; the repo root is DVC's `DVC_ROOT`,
+Every number train or evaluate measures goes through `report`, so `metrics/<stage>.json`, `dvc metrics show` and
+the MLflow run agree. The store defaults to `sqlite:///<repo root>/mlflow.db`; the repo root is DVC's `DVC_ROOT`,
 which points at the real repo also when an experiment runs in a temporary copy (`dvc exp run --temp`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from stages.files import file_hash, write_json
 from stages.params import require
 
 log = logging.getLogger(__name__)
@@ -37,14 +36,6 @@ class TrackingConfig:
             self.registered_model is None or bool(self.registered_model.strip()),
             "tracking.registered_model must be a name or null",
         )
-
-
-def file_hash(path: Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file's bytes; MD5 (the default) is the hash DVC 3 records for it in dvc.lock and its cache."""
-    import hashlib
-
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, algorithm).hexdigest()
 
 
 def lock_hashes(lock: Path) -> dict[str, str]:
@@ -177,21 +168,6 @@ def run_name(environ: Mapping[str, str], commit: str) -> str:
     return environ.get("DVC_EXP_NAME") or f"repro-{commit[:7]}"
 
 
-def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write `data` as indented, key-sorted JSON so the file diffs cleanly."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
-    """Rows as a CSV file with a header, as `dvc plots` reads them."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def report(metrics: Mapping[str, float | int], path: Path, prefix: str) -> None:
     """Write `metrics` to `path` and log them to the active MLflow run as `<prefix>/<name>`."""
     import mlflow
@@ -204,33 +180,18 @@ def report(metrics: Mapping[str, float | int], path: Path, prefix: str) -> None:
 
 def adapter_digest(adapter: Path) -> str:
     """SHA-256 of the adapter's weights: evaluate finds the training run that made the adapter it scores by it."""
-    import hashlib
-
-    return hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    return file_hash(adapter / "adapter_model.safetensors", "sha256")
 
 
-def main() -> None:
-    """Start the MLflow UI on this project's store and print where its runs are."""
-    import argparse
-    import os
-    import sys
+def find_training_run(experiment_name: str, digest: str) -> str | None:
+    """The newest MLflow run of the experiment whose adapter has this SHA-256 (`adapter_digest`), or None."""
+    import mlflow
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    args = parser.parse_args()
-
-    from stages import params
-
-    config = params.load(TrackingConfig, args.params, "tracking")
-    root = store_root(os.environ, Path.cwd())
-    uri = tracking_uri(os.environ, root)
-    experiment_id = use_experiment(uri, config.experiment_name, root / "mlartifacts")
-    print(f"MLflow UI on {uri}: {runs_page(f'http://{args.host}:{args.port}', experiment_id)}", flush=True)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
-    os.execv(sys.executable, [*command, "--port", str(args.port)])
-
-
-if __name__ == "__main__":
-    main()
+    runs = mlflow.search_runs(
+        experiment_names=[experiment_name],
+        filter_string=f"tags.adapter_sha256 = '{digest}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None

@@ -1,34 +1,37 @@
-"""train: QLoRA fine-tuning of the base model on the standardized conversations with TRL's SFTTrainer.
+"""train: QLoRA fine-tuning of the base model on the tokenized conversations with TRL's SFTTrainer.
 
-    python -m stages.train --data data/standardized --adapter models/adapter --checkpoints models/checkpoints \
+    python -m stages.train --data data/tokenized --adapter models/adapter --checkpoints models/checkpoints \
         --metrics metrics/train.json --plot metrics/train_loss.csv --eval-plot metrics/eval_loss.csv
 
-The base model comes from unsloth's `FastLanguageModel.from_pretrained`, the LoRA adapter from its
-`get_peft_model` with every `lora.*` setting; conversations are encoded by `stages.chat` (the chat template,
-the think block, answer-only labels), as evaluate and generate encode them. The run is recorded in MLflow:
-parameters, the trainer's per-step metrics, and the adapter.
+A recipe, top to bottom: the token ids and labels the tokenize stage wrote (nothing is encoded here); the
+checkpoint to resume from, if a run of the same settings and data was killed; the MLflow run; the base model from
+unsloth's `FastLanguageModel.from_pretrained` and the LoRA adapter from its `get_peft_model` with every `lora.*`
+setting; TRL's SFTTrainer; then the adapter, the metrics and the loss curves, saved and reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
 from stages import checkpoints, fit, params
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, gpu_memory, load_base, mixed_precision, resolved, shape
+from stages.chat import PROBE, PROBE_FILE, Chat, ChatConfig
+from stages.files import file_hash, write_csv
+from stages.model import ModelConfig, load_base, mixed_precision, record_precision
 from stages.params import require
 from stages.tracking import (
     TrackingConfig,
     adapter_digest,
-    file_hash,
     git_commit,
     lock_hashes,
     log_data_inputs,
@@ -38,14 +41,13 @@ from stages.tracking import (
     store_root,
     tracking_uri,
     use_experiment,
-    write_csv,
 )
 
 log = logging.getLogger("train")
 
 LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "padding_share")
 EVAL_LOSS_COLUMNS = ("step", "eval_loss")
-DATA_TAGS = ("data/raw", "data/sharegpt", "data/standardized")  # dvc.lock hashes tagged on the run
+DATA_TAGS = ("data/raw", "data/sharegpt", "data/standardized", "data/tokenized")  # dvc.lock hashes tagged on the run
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,6 @@ class TrainConfig:
     seed: int  # seed of data order and dropout
     eval_steps: int | None = None  # steps between held-out loss evaluations; null = none during training
     eval_rows: int = 100  # held-out conversations scored at each of those evaluations
-    train_on_responses_only: bool = True  # loss on the answers' own tokens only (see stages.chat); false = all
     packing: bool = False  # TRL packing: conversations concatenated into max_seq_length rows (bfd)
     padding_free: bool | None = None  # batches without pad tokens; null = unsloth's choice (on where supported)
     save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
@@ -123,7 +124,7 @@ class TrainConfig:
 
 
 # `train.*` keys that this stage reads itself; the others are SFTConfig's
-STAGE_KEYS = ("eval_rows", "train_on_responses_only", "micro_batch_size")
+STAGE_KEYS = ("eval_rows", "micro_batch_size")
 
 
 def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LOSS_COLUMNS) -> list[dict[str, float]]:
@@ -141,45 +142,17 @@ def logged_mean(rows: list[dict[str, float]], key: str) -> float:
 
 
 def training_arguments(config: TrainConfig) -> dict[str, Any]:
-    """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation and saves if asked."""
+    """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation and saves if asked.
+
+    The data comes tokenized, cut to `model.max_seq_length` and without unlearnable conversations, so TRL's own
+    preparation (a Python pass over every conversation, again for each experiment) is skipped unless it packs.
+    """
     arguments = {key: value for key, value in asdict(config).items() if key not in STAGE_KEYS}
     arguments["save_strategy"] = "no" if config.save_steps is None else "steps"
+    arguments["dataset_kwargs"] = {"skip_prepare_dataset": not config.packing}
     if config.eval_steps is None:
         return arguments | {"eval_strategy": "no"}
     return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
-
-
-def encode(chat: Chat, dataset: Any, max_length: int, answers_only: bool, split: str) -> tuple[Any, int]:
-    """Token ids and labels of each conversation (`chat.encode`), cut to `max_length` tokens.
-
-    With `answers_only`, only the answers' own tokens carry labels; else every token does. Conversations left
-    with no labelled token (a question that fills `max_length`, say) teach nothing and are dropped: returns the
-    encoded set and how many were dropped. Raises if none is left.
-    """
-
-    def batch(rows: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
-        encoded = chat.encode_many(rows["messages"], max_length)
-        return {
-            "input_ids": [ids for ids, _ in encoded],
-            "labels": [labels if answers_only else ids for ids, labels in encoded],
-        }
-
-    encoded = dataset.map(batch, batched=True, remove_columns=dataset.column_names, desc=f"Encoding {split}")
-    kept = encoded.filter(lambda labels: any(label != IGNORE_INDEX for label in labels), input_columns="labels")
-    if len(kept) == 0:
-        raise ValueError(
-            f"every {split} conversation is fully masked: no answer token within model.max_seq_length "
-            f"({max_length} tokens)"
-        )
-    if len(kept) < len(encoded):
-        log.warning(
-            "%s: %d of %d conversations have no answer token within %d tokens: dropped",
-            split,
-            len(encoded) - len(kept),
-            len(encoded),
-            max_length,
-        )
-    return kept, len(encoded) - len(kept)
 
 
 def project_trainer(trainer_class: type) -> type:
@@ -235,14 +208,14 @@ def project_trainer(trainer_class: type) -> type:
 
 def make_trainer(
     model: Any,
-    chat: Chat,
-    dataset: Any,
+    tokenizer: Any,
+    train_set: Any,
     model_config: ModelConfig,
     config: TrainConfig,
     output_dir: Path,
-    eval_dataset: Any = None,
-) -> tuple[Any, int]:
-    """TRL's SFTTrainer over role/content `messages`, encoded by `chat`; and how many were dropped unlearnable.
+    eval_set: Any = None,
+) -> Any:
+    """TRL's SFTTrainer over tokenized conversations (`input_ids`, `labels`), as the tokenize stage writes them.
 
     The `train.*` settings pass straight through; precision follows the hardware; per-step metrics go to the
     active MLflow run; checkpoints go to `output_dir`, each marked complete once written (`stages.checkpoints`).
@@ -254,39 +227,55 @@ def make_trainer(
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             checkpoints.mark_complete(output_dir, state.global_step)
 
-    if config.eval_steps is not None and eval_dataset is None:
+    if config.eval_steps is not None and eval_set is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
-    chat.check(padding=True)
-    length, answers_only = model_config.max_seq_length, config.train_on_responses_only
-    train_set, dropped = encode(chat, dataset, length, answers_only, "training")
-    eval_set = None
-    if config.eval_steps is not None:
-        eval_set, _ = encode(chat, eval_dataset, length, answers_only, "held-out")
-    trainer = project_trainer(SFTTrainer)(
+    return project_trainer(SFTTrainer)(
         model=model,
-        processing_class=chat.tokenizer,
+        processing_class=tokenizer,
         train_dataset=train_set,
-        eval_dataset=eval_set,
+        eval_dataset=eval_set if config.eval_steps is not None else None,
         args=SFTConfig(
             output_dir=str(output_dir),
-            max_length=length,
+            max_length=model_config.max_seq_length,
             report_to=["mlflow"],
             **mixed_precision(),
             **training_arguments(config),
         ),
         callbacks=[MarkComplete()],
     )
-    return trainer, dropped
+
+
+def read_tokenized(data: Path, eval_rows: int) -> tuple[Any, Any]:
+    """The training conversations and the first `eval_rows` held-out ones, as the tokenize stage wrote them:
+    memory-mapped Arrow files, read without a copy (by every rank alike)."""
+    from datasets import Dataset
+
+    columns = ["input_ids", "labels"]
+    train_set = Dataset.from_file(str(data / "train.arrow")).select_columns(columns)
+    held_out = Dataset.from_file(str(data / "eval.arrow")).select_columns(columns)
+    return train_set, held_out.select(range(min(eval_rows, len(held_out))))
+
+
+def check_encoding(chat: Chat, data: Path) -> None:
+    """Fail unless this model's tokenizer and chat settings encode as the tokenize stage did: the token ids were
+    made with `AutoTokenizer`, the model's tokenizer comes from unsloth's loader."""
+    expected = json.loads((data / PROBE_FILE).read_text(encoding="utf-8"))["input_ids"]
+    found = chat.encode(PROBE)[0]
+    require(
+        found == expected,
+        f"{data} was encoded by another tokenizer or chat template than this model's: the probe conversation is "
+        f"{expected[:12]}... there and {found[:12]}... here; rerun the tokenize stage (dvc repro)",
+    )
 
 
 def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> tuple[Any, Any, Any]:
     """The three configs with their `auto` settings decided for this machine (`stages.fit`), the others as written."""
-    model_config = resolved(model_config)
+    model_config = fit.resolved(model_config)
     if lora.use_gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
         return model_config, lora, config
     chosen = fit.plan(
-        shape(model_config),
-        gpu_memory(),
+        fit.model_shape(model_config),
+        fit.gpu_memory(),
         four_bit=bool(model_config.load_in_4bit),
         checkpointing=lora.use_gradient_checkpointing,
         micro_batch=config.micro_batch_size,
@@ -305,16 +294,6 @@ def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> 
     )
 
 
-def run_status(run_id: str) -> str | None:
-    """The MLflow run's status (RUNNING, FINISHED, FAILED, KILLED), or None if the store does not hold it."""
-    import mlflow
-
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.status
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
 def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> dict[str, Any]:
     """The settings that `fitted` decides, as the MLflow run is tagged with them."""
     return {
@@ -325,13 +304,75 @@ def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -
     }
 
 
+# --- the MLflow run: opened (or continued) at the start of a training, given the adapter at its end
+
+
+def run_status(run_id: str) -> str | None:
+    """The MLflow run's status (RUNNING, FINISHED, FAILED, KILLED), or None if the store does not hold it."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+@contextlib.contextmanager
+def training_run(
+    tracking: TrackingConfig,
+    folder: Path,
+    resume: Path | None,
+    settings: dict[str, Any],
+    files: dict[str, Path],
+    digests: dict[str, str],
+    environ: dict[str, str],
+) -> Iterator[Any]:
+    """The MLflow run of this training, in the store at the repo root: a resumed training continues the run its
+    killed attempt opened; a run left RUNNING by a kill with nothing to resume is marked KILLED. It carries the
+    settings, the data (dataset inputs with DVC's hashes, the `dvc.lock` tags) and the commit, and ends FAILED if
+    the training raises."""
+    import mlflow
+
+    root = store_root(environ, Path.cwd())
+    use_experiment(tracking_uri(environ, root), tracking.experiment_name, root / "mlartifacts")
+    commit = git_commit(Path.cwd())
+    earlier = checkpoints.run_id(folder)
+    status = run_status(earlier) if earlier is not None else None
+    if resume is None and status == "RUNNING":  # killed (a failed run was marked FAILED as it failed)
+        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
+    if resume is None or status is None:  # nothing of it is reused, or its store was deleted: a new run
+        earlier = None
+    name = None if earlier else run_name(environ, commit)
+    mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)
+    with mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run:
+        checkpoints.remember_run(folder, run.info.run_id)
+        locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
+        tags = {"git_commit": commit, "dvc_exp_name": environ.get("DVC_EXP_NAME", ""), "stage": "train"}
+        mlflow.set_tags(tags | locked | ({"resumed_from": resume.name} if resume else {}))
+        mlflow.log_params(settings)
+        if resume is None:
+            log_data_inputs(files, digests)
+        yield run
+
+
+def record_adapter(run: Any, adapter: Path, registered_model: str | None) -> None:
+    """The adapter as the run's artifacts, tagged with its SHA-256 (evaluate finds the run by it), and registered
+    as a new version of `registered_model` unless that is null."""
+    import mlflow
+
+    mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+    mlflow.set_tag("adapter_sha256", adapter_digest(adapter))
+    if registered_model:
+        version = register_adapter(registered_model, run.info.run_id, run.info.artifact_uri)
+        log.info("adapter registered as %s version %s", registered_model, version)
+
+
 def main(
     params_path: Path, data: Path, adapter: Path, metrics: Path, plot: Path, eval_plot: Path, checkpoint_root: Path
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
-    from datasets import Dataset
     from unsloth import FastLanguageModel
 
     model_config = params.load(ModelConfig, params_path, "model")
@@ -347,56 +388,38 @@ def main(
     }
     log.info("config: %s", settings)
 
-    # --- data: role/content conversations, encoded by stages.chat when the trainer is made
-    dataset = Dataset.from_parquet(str(data / "train.parquet")).rename_column("conversations", "messages")
-    held_out = Dataset.from_parquet(str(data / "eval.parquet")).rename_column("conversations", "messages")
-    held_out = held_out.select(range(min(train_config.eval_rows, len(held_out))))
-    log.info("training conversations: %d, held-out for the eval loss curve: %d", len(dataset), len(held_out))
+    # --- data: token ids and labels from the tokenize stage
+    train_set, held_out = read_tokenized(data, train_config.eval_rows)
+    log.info("training conversations: %d, held-out for the eval loss curve: %d", len(train_set), len(held_out))
 
-    # --- checkpoints: this configuration's folder; a complete checkpoint there means a killed run to resume
-    files = {"training": data / "train.parquet", "evaluation": data / "eval.parquet"}
+    # --- resume: this configuration's checkpoint folder; a complete checkpoint there means a killed run to resume
+    files = {"training": data / "train.arrow", "evaluation": data / "eval.arrow"}
     digests = {context: file_hash(path) for context, path in files.items()}  # DVC's hashes of the files
     folder = checkpoint_root / checkpoints.fingerprint(settings, digests)
     resume = checkpoints.latest(folder)
     if resume is not None:
         log.info("resuming from %s", resume)
 
-    # --- tracking: one MLflow run per training (a resumed training continues its run), at the repo root's store
-    root = store_root(os.environ, Path.cwd())
-    use_experiment(tracking_uri(os.environ, root), tracking.experiment_name, root / "mlartifacts")
-    commit = git_commit(Path.cwd())
-    earlier = checkpoints.run_id(folder)
-    status = run_status(earlier) if earlier is not None else None
-    if resume is None and status == "RUNNING":  # killed (a failed run was marked FAILED as it failed)
-        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
-    if resume is None or status is None:  # nothing of it is reused, or its store was deleted: a new run
-        earlier = None
-    name = None if earlier else run_name(os.environ, commit)
-    mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)
-    with mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run:  # FAILED if it raises
-        checkpoints.remember_run(folder, run.info.run_id)
-        locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
-        tags = {"git_commit": commit, "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), "stage": "train"}
-        mlflow.set_tags(tags | locked | ({"resumed_from": resume.name} if resume else {}))
-        mlflow.log_params(settings)
-        if resume is None:
-            log_data_inputs(files, digests)
-
+    with training_run(tracking, folder, resume, settings, files, digests, dict(os.environ)) as run:
         # --- model: 4-bit (or, fitted, 16-bit) base + LoRA adapter; `auto` settings decided for this GPU
         model_config, lora, train_config = fitted(model_config, lora, train_config)
         chosen = fit_tags(model_config, lora, train_config)
         log.info("fitted to this machine: %s", chosen)
         mlflow.set_tags(chosen)  # tags, not params: a resumed run may land on another GPU
         model, tokenizer = load_base(model_config)
+        chat = Chat(tokenizer, chat_config)  # a `chat.template` is saved with the adapter's tokenizer
+        chat.check(padding=True)
+        check_encoding(chat, data)
         model = FastLanguageModel.get_peft_model(model, **asdict(lora))
-        trainer, fully_masked = make_trainer(
-            model, Chat(tokenizer, chat_config), dataset, model_config, train_config, folder, eval_dataset=held_out
-        )
+
+        # --- train
+        trainer = make_trainer(model, tokenizer, train_set, model_config, train_config, folder, eval_set=held_out)
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-        # --- outputs: adapter + tokenizer, metrics, loss curve, MLflow artifacts
+        # --- save and report: adapter + tokenizer + base precision, metrics, loss curves, MLflow artifacts
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
+        record_precision(adapter, model_config)
         losses = loss_rows(trainer.state.log_history)  # the whole run's, a resumed one's included
         write_csv(plot, losses, LOSS_COLUMNS)
         write_csv(eval_plot, loss_rows(trainer.state.log_history, EVAL_LOSS_COLUMNS), EVAL_LOSS_COLUMNS)
@@ -409,19 +432,14 @@ def main(
                 "train_runtime": result.metrics["train_runtime"],
                 "train_samples_per_second": result.metrics["train_samples_per_second"],
                 "global_step": result.global_step,
-                "train_conversations": len(dataset),
-                "train_conversations_fully_masked": fully_masked,
+                "train_conversations": len(train_set),
                 "trainable_parameters": trainable,
                 "total_parameters": total,
             },
             metrics,
             prefix="train",
         )
-        mlflow.log_artifacts(str(adapter), artifact_path="adapter")
-        mlflow.set_tag("adapter_sha256", adapter_digest(adapter))
-        if tracking.registered_model:
-            version = register_adapter(tracking.registered_model, run.info.run_id, run.info.artifact_uri)
-            log.info("adapter registered as %s version %s", tracking.registered_model, version)
+        record_adapter(run, adapter, tracking.registered_model)
         log.info(
             "run %s: adapter -> %s, metrics -> %s, loss curves -> %s, %s",
             run.info.run_id,
@@ -436,7 +454,7 @@ def main(
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="folder of the tokenize stage's Arrow files")
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--plot", type=Path, required=True, help="per-step training loss, CSV")

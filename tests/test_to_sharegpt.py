@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from datasets import Dataset, concatenate_datasets
@@ -18,7 +17,6 @@ from stages.to_sharegpt import (
     extension_orders,
     main,
     prompt_columns,
-    turn_texts,
     whitespace_cells,
     write_extended,
 )
@@ -39,7 +37,7 @@ def first_turn(system: str) -> list[dict[str, str]]:
 def extended(dataset: Dataset, extension: int, random_state: int, path: Path, rows_per_batch: int = 7) -> Dataset:
     single = convert(dataset, CONFIG)
     orders = extension_orders(len(single), extension, random_state)
-    write_extended(single, orders, np.ones(len(single), dtype=bool), path, rows_per_batch)
+    write_extended(single, orders, path, rows_per_batch)
     return Dataset.from_parquet(str(path))
 
 
@@ -76,15 +74,13 @@ def test_rows_held_in_several_chunks_give_what_one_chunk_gives(
     assert chunked.data.column("conversations").num_chunks > 1
     whole = Dataset.from_list(chunked.to_list())
     assert whole.data.column("conversations").num_chunks == 1
-    assert turn_texts(chunked).to_pylist() == turn_texts(whole).to_pylist()
     orders = extension_orders(len(whole), 3, 3407)
-    keep = np.arange(len(whole)) % 4 != 1  # some conversations dropped (over length)
-    write_extended(chunked, orders, keep, tmp_path / "chunked.parquet", rows_per_batch=5)
-    write_extended(whole, orders, keep, tmp_path / "whole.parquet", rows_per_batch=1000)
+    write_extended(chunked, orders, tmp_path / "chunked.parquet", rows_per_batch=5)
+    write_extended(whole, orders, tmp_path / "whole.parquet", rows_per_batch=1000)
     written = Dataset.from_parquet(str(tmp_path / "chunked.parquet")).to_list()
     assert written == Dataset.from_parquet(str(tmp_path / "whole.parquet")).to_list()
-    assert len(written) == keep.sum()
-    assert written[1]["conversations"][:2] == whole[2]["conversations"]  # row 1 is dropped: the next is row 2
+    assert len(written) == len(whole)
+    assert written[1]["conversations"][:2] == whole[1]["conversations"]
 
 
 @pytest.mark.parametrize(("extension", "random_state", "rows_per_batch"), [(3, 3407, 7), (2, 1, 1000), (4, 42, 64)])
@@ -129,60 +125,27 @@ def test_whitespace_cells_counts_what_blanking_empties() -> None:
     assert whitespace_cells(dataset, ["system", "user"]) == changed == 3
 
 
-def run_stage(tmp_path: Path, model_dir: Path, train_rows: list[dict], drop_over_length: bool, limit: int) -> dict:
-    """The stage's `main` on literal rows (the eval split gets the first two); returns metrics/to_sharegpt.json."""
+def test_the_stage_counts_every_row_and_reads_no_model(tmp_path: Path, sample_rows: list[dict[str, str]]) -> None:
     (tmp_path / "raw").mkdir()
-    Dataset.from_list(train_rows).to_parquet(tmp_path / "raw" / "train.parquet")
-    Dataset.from_list(train_rows[:2]).to_parquet(tmp_path / "raw" / "eval.parquet")
-    params = {
-        "to_sharegpt": {
-            "merged_prompt": CONFIG.merged_prompt,
-            "output_column_name": "assistant",
-            "conversation_extension": 1,
-            "random_state": 3407,
-            "drop_over_length": drop_over_length,
-        },
-        "model": {
-            "model_name": str(model_dir),
-            "revision": None,
-            "max_seq_length": limit,
-            "load_in_4bit": False,
-            "dtype": None,
-        },
-        "chat": {"template": None, "think": "empty_block"},
-    }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    Dataset.from_list(sample_rows[:12]).to_parquet(tmp_path / "raw" / "train.parquet")
+    Dataset.from_list(sample_rows[12:16]).to_parquet(tmp_path / "raw" / "eval.parquet")
+    settings = {"merged_prompt": CONFIG.merged_prompt, "output_column_name": "assistant"}
+    params = {"to_sharegpt": settings | {"conversation_extension": 3, "random_state": 3407}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")  # no model or chat section
     main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "out", tmp_path / "metrics.json")
-    return json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
-
-
-LONG_ROW = {"system": "", "user": "Explain duration.", "assistant": "duration convexity yield " * 60}
-SHORT_ROWS = [{"system": "", "user": f"What is {n} plus 1?", "assistant": f"{n + 1}."} for n in range(5)]
-
-
-@pytest.mark.parametrize("drop_over_length", [True, False])
-def test_a_conversation_over_max_seq_length_is_counted_and_dropped_only_when_asked(
-    tmp_path: Path, tiny_model_dir: Path, drop_over_length: bool
-) -> None:
-    counts = run_stage(tmp_path, tiny_model_dir, [LONG_ROW, *SHORT_ROWS], drop_over_length, limit=64)
-    assert counts["train_rows_in"] == 6
-    assert counts["train_tokens_over_max_seq_length"] == 1
-    assert counts["train_tokens_max"] > 64 >= counts["train_tokens_p50"]
-    assert counts["train_dropped_over_length"] == (1 if drop_over_length else 0)
-    assert counts["train_conversations"] == (5 if drop_over_length else 6)
-    assert counts["train_conversations"] + counts["train_dropped_over_length"] == counts["train_rows_in"]
-    written = Dataset.from_parquet(str(tmp_path / "out" / "train.parquet"))
-    assert any("convexity" in row["conversations"][1]["value"] for row in written) is not drop_over_length
-    assert counts["eval_dropped_over_length"] == (1 if drop_over_length else 0)  # the same rule for held-out rows
-
-
-def test_a_split_left_empty_by_the_length_limit_is_refused_naming_the_keys(
-    tmp_path: Path, tiny_model_dir: Path
-) -> None:
-    with pytest.raises(
-        ValueError,
-        match=r"train: all 2 conversations are longer than model.max_seq_length=64 .*"
-        r"to_sharegpt.drop_over_length: false",
-    ):
-        run_stage(tmp_path, tiny_model_dir, [LONG_ROW, LONG_ROW | {"user": "Again?"}], True, limit=64)
-    assert not (tmp_path / "out" / "train.parquet").exists()
+    counts = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    blanked = sum(row["system"] != "" and not row["system"].strip() for row in sample_rows[:12])
+    assert counts == {
+        "train_rows_in": 12,
+        "train_conversations": 12,
+        "train_whitespace_cells_blanked": blanked,
+        "eval_rows_in": 4,
+        "eval_conversations": 4,
+        "eval_whitespace_cells_blanked": sum(
+            row["system"] != "" and not row["system"].strip() for row in sample_rows[12:16]
+        ),
+    }
+    train = Dataset.from_parquet(str(tmp_path / "out" / "train.parquet"))
+    held_out = Dataset.from_parquet(str(tmp_path / "out" / "eval.parquet"))
+    assert [len(row["conversations"]) for row in train] == [6] * 12
+    assert [len(row["conversations"]) for row in held_out] == [2] * 4  # held-out rows stay single-turn

@@ -1,12 +1,13 @@
 """generate: answer a prompt with the base model and a trained adapter, streaming the tokens as they come.
 
-    python -m stages.generate "What drives a bond's duration?"                 # models/adapter
-    python -m stages.generate --run <mlflow run id> "What drives a bond's duration?"
-    python -m stages.generate --system "You are a credit analyst." --max-new-tokens 512 "..."
+    python -m tools.generate "What drives a bond's duration?"                 # models/adapter
+    python -m tools.generate --run <mlflow run id> "What drives a bond's duration?"
+    python -m tools.generate --system "You are a credit analyst." --max-new-tokens 512 "..."
 
-The base model and its loading come from `params.yaml`'s `model` section, and the prompt is encoded by
-`stages.chat` with the `chat` section, exactly as train and evaluate encode it: the same template, the same think
-block, the same token pieces. Greedy by default; `--temperature` > 0 samples. Not a pipeline stage: nothing is
+The base model comes from `params.yaml`'s `model` section, loaded in the precision the adapter was trained in
+(`stages.model.trained_precision`), and the prompt is encoded by `stages.chat` with the `chat` section, exactly as
+tokenize encoded the training conversations: the same template, the same think block, the same token pieces.
+Greedy by default; `--temperature` > 0 samples. Not a pipeline stage (it lives outside `stages/`): nothing is
 written but the answer, on stdout.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 from stages import params
 from stages.chat import Chat, ChatConfig
-from stages.model import ModelConfig, load_base
+from stages.model import ModelConfig, load_base, trained_precision
 from stages.tracking import store_root, tracking_uri
 
 log = logging.getLogger("generate")
@@ -85,9 +86,9 @@ def main() -> None:
     from peft import PeftModel
     from unsloth import FastLanguageModel
 
-    model_config = params.load(ModelConfig, args.params, "model")
     chat_config = params.load(ChatConfig, args.params, "chat")
     folder = adapter_folder(args.adapter, args.run, store_root(os.environ, Path.cwd()))
+    model_config = trained_precision(params.load(ModelConfig, args.params, "model"), folder)
     log.info("base %s + adapter %s", model_config.model_name, folder)
     model, tokenizer = load_base(model_config)
     model = PeftModel.from_pretrained(model, str(folder))
