@@ -25,4 +25,4 @@ lint: install
 	ruff check . && ruff format --check .
 
 mlflow-ui: install
-	python -m stages.tracking --port 5000   # prints the runs page with the LoRA and result columns
+	python -m tools.mlflow_ui --port 5000   # prints the runs page with the LoRA and result columns

@@ -1,12 +1,16 @@
-"""Benchmark: fetch -> to_sharegpt -> standardize on 518,185 rows shaped like Finance-Instruct-500k.
+"""Benchmark: fetch -> to_sharegpt -> standardize -> tokenize on 518,185 rows shaped like Finance-Instruct-500k.
 
-    python -m benchmarks.data_stages [--rows 518185] [--work /tmp/bench-data]
+    python -m benchmarks.data_stages [--rows 518185] [--work /tmp/bench-data] [--cores 1,2]
 
 Generates rows with the real data's length mix (answers ~1 kB, questions ~400 B, a quarter of the system
 prompts non-empty, many `"\\n"`), runs each stage of this project as its own process (`python -m stages.<name>`,
-as `dvc repro` does), and, in the same run, the seed's way: unsloth's `to_sharegpt(..., conversation_extension=3)`
-then `standardize_sharegpt`, called directly. Prints wall time and peak resident memory per step, and whether
-the project's training conversations equal the seed's.
+as `dvc repro` does), and, in the same run:
+- the seed's way: unsloth's `to_sharegpt(..., conversation_extension=3)` then `standardize_sharegpt`, called
+  directly, and whether the project's training conversations equal the seed's;
+- the tokenize stage on each number of cores of `--cores` (pinned with `taskset`), against the tokenizer's own
+  batch encode of the same text (the conversations rendered as the chat template renders them, untimed; then
+  `tokenizer(texts)` and the Rust core's `encode_batch_fast`, timed, on the same cores, all of them busy).
+Prints wall time and peak resident memory per step.
 """
 
 from __future__ import annotations
@@ -75,6 +79,29 @@ def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> t
     return wall, usage.ru_maxrss / 1024**2
 
 
+TOKENIZER_OWN = """
+import os, sys, time
+os.environ["TOKENIZERS_PARALLELISM"] = "true"
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer
+from stages.chat import Chat, ChatConfig
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
+chat = Chat(tokenizer, ChatConfig())
+timed = {"call": 0.0, "fast": 0.0}
+tokens = 0
+for split in ("train", "eval"):
+    for batch in pq.ParquetFile(f"{sys.argv[1]}/{split}.parquet").iter_batches(batch_size=2048):
+        texts = ["".join(t for t, _ in chat.fast_pieces(c)) for c in batch.column("conversations").to_pylist()]
+        start = time.perf_counter()
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        timed["call"] += time.perf_counter() - start
+        tokens += sum(map(len, ids))
+        start = time.perf_counter()
+        ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        timed["fast"] += time.perf_counter() - start
+print(timed["call"], timed["fast"], tokens)
+"""
+
 SEED_STYLE = """
 import sys, unsloth
 from datasets import Dataset
@@ -93,10 +120,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=518_185)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"))
     parser.add_argument("--skip-seed", action="store_true", help="leave out the seed-style baseline")
+    parser.add_argument("--cores", default=str(len(os.sched_getaffinity(0))), help="core counts to tokenize on")
     parser.add_argument(
         "--tokenizer",
         type=Path,
-        help="model folder whose tokenizer and chat template measure lengths (default: the demo's tiny model, "
+        help="model folder whose tokenizer and chat template tokenize encodes with (default: the demo's tiny model, "
         "whose 1,024-token vocabulary makes ~2x more tokens per byte than the 8B model's 128k, so slower)",
     )
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # internal: write the rows and exit
@@ -163,9 +191,7 @@ def main() -> None:
     print("| step | wall s | peak RSS GB |\n|---|---|---|")
     for name, (wall, rss) in results.items():
         print(f"| {name} | {wall:.1f} | {rss:.2f} |")
-    print(f"| **project, three stages** | **{total:.1f}** | **{peak:.2f}** |")
-    stats = json.loads((work / "to_sharegpt.json").read_text())
-    print("\ntraining conversations, tokens:", {k: v for k, v in stats.items() if k.startswith("train_tokens")})
+    print(f"| **project, three data stages** | **{total:.1f}** | **{peak:.2f}** |")
     if not args.skip_seed:
         seed_out = work / "seed.parquet"
         seed_command = [python, "-c", SEED_STYLE, str(work / "raw" / "train.parquet"), str(seed_out)]
@@ -176,6 +202,24 @@ def main() -> None:
         ours = Dataset.from_parquet(str(work / "standardized" / "train.parquet"))["conversations"]
         theirs = Dataset.from_parquet(str(seed_out))["conversations"]
         print(f"\ntraining conversations identical to the seed style: {ours == theirs}")
+    print("\n| tokenize | cores | wall s | peak RSS GB |\n|---|---|---|---|")
+    for cores in [int(n) for n in args.cores.split(",")]:
+        pinned = ["taskset", "-c", f"0-{cores - 1}"] if cores < len(os.sched_getaffinity(0)) else []
+        stage = [*pinned, python, "-m", "stages.tokenize", "--params", "params.yaml", "--data", "standardized"]
+        wall, rss = measured([*stage, "--out", "tokenized", "--metrics", "tokenize.json"], work, env, work / "tok.log")
+        own = [*pinned, python, "-c", TOKENIZER_OWN, str(work / "standardized"), str(tokenizer)]
+        output = subprocess.run(own, check=True, env=env, cwd=root, capture_output=True, text=True).stdout.split()
+        call, fast, tokens = float(output[-3]), float(output[-2]), int(output[-1])
+        stats = json.loads((work / "tokenize.json").read_text())
+        written = stats["train_tokens_total"] + stats["eval_tokens_total"]
+        print(f"| the stage, process start to end | {cores} | {wall:.1f} | {rss:.2f} |")
+        print(f"| the tokenizer's `tokenizer(texts)`, same text, encoding alone | {cores} | {call:.1f} | |")
+        print(f"| the tokenizer's `encode_batch_fast`, same text, encoding alone | {cores} | {fast:.1f} | |")
+        print(
+            f"|   stage / `tokenizer(texts)`: {wall / call:.2f}; stage / `encode_batch_fast`: {wall / fast:.2f}; "
+            f"tokens: stage {written:,}, tokenizer {tokens:,} | | | |"
+        )
+    print("\ntraining conversations, tokens:", {k: v for k, v in stats.items() if k.startswith("train_tokens")})
 
 
 if __name__ == "__main__":

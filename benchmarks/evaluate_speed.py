@@ -3,9 +3,10 @@
     python -m benchmarks.evaluate_speed [--shape llama-8b] [--rows 500] [--samples 64] [--max-new-tokens 256]
 
 Builds the model (`benchmarks.shapes`), an untrained LoRA adapter with the `lora.*` settings of params.yaml, and
-`--rows` held-out conversations with the real data's length mix, then runs `python -m stages.evaluate` as
-`dvc repro` does. A random model never says EOS, so every answer runs to `--max-new-tokens`: the slowest case.
-Prints the stage's wall time (start, imports and 4-bit loading included) and the evaluation's own time.
+`--rows` held-out conversations with the real data's length mix, tokenizes them (`python -m stages.tokenize`), then
+runs `python -m stages.evaluate` as `dvc repro` does. A random model never says EOS, so every answer runs to
+`--max-new-tokens`: the slowest case. Prints the stage's wall time (start, imports and 4-bit loading included)
+and the evaluation's own time.
 """
 
 from __future__ import annotations
@@ -73,7 +74,11 @@ def main() -> None:
     from datasets import Dataset
 
     (work / "standardized").mkdir(exist_ok=True)
-    Dataset.from_list(held_out(args.rows)).to_parquet(str(work / "standardized" / "eval.parquet"))
+    for split in ("train", "eval"):  # tokenize encodes both splits; evaluate reads the held-out one
+        Dataset.from_list(held_out(args.rows)).to_parquet(str(work / "standardized" / f"{split}.parquet"))
+    tokenize = [python, "-m", "stages.tokenize", "--params", str(work / "params.yaml"), "--data"]
+    tokenize += [str(work / "standardized"), "--out", str(work / "tokenized"), "--metrics", str(work / "tokenize.json")]
+    subprocess.run(tokenize, check=True, env=env, cwd=root)
 
     command = [
         python,
@@ -82,6 +87,8 @@ def main() -> None:
         "--params",
         str(work / "params.yaml"),
         "--data",
+        str(work / "tokenized"),
+        "--texts",
         str(work / "standardized"),
         "--adapter",
         str(work / "adapter"),

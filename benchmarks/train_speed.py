@@ -122,13 +122,13 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
     import unsloth  # noqa: F401, I001  # isort: skip
     import dataclasses
 
-    from datasets import Dataset
     from transformers import TrainerCallback
     from unsloth import FastLanguageModel
 
     from stages import params
     from stages.chat import Chat, ChatConfig
     from stages.model import ModelConfig, load_base
+    from stages.tokenize import tokenized
     from stages.train import LoraConfig, TrainConfig, fit_tags, fitted, make_trainer
 
     root = Path(__file__).resolve().parents[1]
@@ -158,9 +158,9 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
     print(f"settings: {chosen}", flush=True)
     model, tokenizer = load_base(model_config)
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
-    dataset = Dataset.from_list([{"messages": m} for m in data])
     chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
-    trainer, _ = make_trainer(model, chat, dataset, model_config, config, work / "out")
+    dataset = tokenized(chat, data, model_config.max_seq_length)  # as the tokenize stage writes them
+    trainer = make_trainer(model, tokenizer, dataset, model_config, config, work / "out")
     clock = StepClock()
     collate = trainer.data_collator
     trainer.data_collator = lambda examples: clock.count(collate(examples))

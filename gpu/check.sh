@@ -8,7 +8,7 @@ src=$(cd "$(dirname "$0")/.." && pwd)
 site=${SITE:-/tmp/site}
 [ -d "$site/unsloth" ] || { mkdir -p "$site" && tar -xJf "$src/gpu/site.tar.xz" -C "$site"; }
 work=$(mktemp -d)
-cp -r "$src/dvc.yaml" "$src/params.yaml" "$src/stages" "$src/demo" "$src/data" "$work/"
+cp -r "$src/dvc.yaml" "$src/params.yaml" "$src/stages" "$src/tools" "$src/demo" "$src/data" "$work/"
 cd "$work"
 mkdir bin
 printf '#!/bin/sh\nexec %s -X faulthandler "$@"\n' "$(command -v python3)" > bin/python
@@ -23,12 +23,12 @@ timeout -s ABRT "${IMPORT_LIMIT:-240}" python -c "import faulthandler, time; fau
 repeat=True); t = time.time(); import unsloth; print(f'import unsloth: {time.time() - t:.0f} s')" 2>&1 | quiet
 python -m demo.tiny_model data/sample/finance_instruct_sample.jsonl models/tiny-deepseek 2>&1 | tail -1
 timeout -s ABRT "${PIPELINE_LIMIT:-420}" python -m demo.run_stages --set train.optim=adamw_8bit 2>&1 | quiet
-cat metrics/train.json metrics/evaluate.json
+cat metrics/tokenize.json metrics/train.json metrics/evaluate.json
 # the optional export (merged 16-bit folder) and the generate command, on the adapter just trained
 timeout -s ABRT 300 python -m stages.export --adapter models/adapter --out models/merged --metrics metrics/export.json \
   2>&1 | quiet | tail -3
 cat metrics/export.json
-timeout -s ABRT 300 python -m stages.generate --max-new-tokens 24 "What is a bond?" 2>/dev/null
+timeout -s ABRT 300 python -m tools.generate --max-new-tokens 24 "What is a bond?" 2>/dev/null
 echo
 python -c "
 import mlflow

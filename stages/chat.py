@@ -1,7 +1,7 @@
 """The `chat` section: how a conversation becomes text and token ids, the same way for every stage.
 
-to_sharegpt measures lengths, train learns, evaluate scores and generates, and `stages.generate` answers with
-this one module. The chat template (the tokenizer's own unless `chat.template` gives one) lays out BOS, system
+tokenize encodes every training and held-out conversation with this one module, once; evaluate's benchmarks and
+`tools/generate.py` encode their prompts with it too. The chat template (the tokenizer's own unless `chat.template` gives one) lays out BOS, system
 text, role tags and the end-of-turn token; `chat.think` decides what an answer is inside it:
 
 - `empty_block` (default): every answer is trained behind a think block, `<think>\\n{reasoning}\\n</think>\\n\\n
@@ -14,6 +14,11 @@ text, role tags and the end-of-turn token; `chat.think` decides what an answer i
 Text is tokenized in pieces cut where each answer starts and where it ends, so a prompt's tokens are exactly the
 first tokens of the trained sequence (a `\\n` cannot merge across the cut) and the labels mask every token that is
 not an answer's own: system text, questions, role tags and the part of the think block the prompt supplies.
+
+Rendering the Jinja template for each of 518k conversations costs more than tokenizing them, so `fast_pieces` renders
+it once per sequence of roles with placeholders (`layout`) and fills each conversation's contents in as strings;
+`layout` refuses a template that does not pass contents through verbatim, and tokenize checks a sample of every
+shard against the template itself.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def split_think(text: str) -> tuple[str, str]:
     """
     reasoning, closed, answer = text.partition(THINK_CLOSE)
     if not closed:
-        return "", text
+        return "", text.strip()
     return reasoning.strip().removeprefix("<think>").strip(), answer.strip()
 
 

@@ -159,8 +159,9 @@ def project_trainer(trainer_class: type) -> type:
     """`trainer_class`, adding to each training log the tokens/s and the share of padding since the last log,
     and resuming a checkpoint with the adapter in the dtype that unsloth's `get_peft_model` gave it.
 
-    Tokens are counted where the loss is computed in training mode, so evaluation batches and time are left out.
-    A token is a non-padding position (all of a padding-free batch); padding is the rest of the batch.
+    Tokens are the Trainer's own count of non-padding positions (all of a padding-free batch), summed over every
+    process; positions are counted where the loss is computed in training mode, so evaluation batches and time are
+    left out, and padding is the share of positions that are not tokens.
     """
 
     class ProjectTrainer(trainer_class):  # type: ignore[misc, valid-type]
@@ -173,28 +174,29 @@ def project_trainer(trainer_class: type) -> type:
                 if name in dtypes and parameter.dtype != dtypes[name]:
                     parameter.data = parameter.data.to(dtypes[name])
 
-        _tokens: Any = 0  # a tensor on the model's device once counted: read at log time, no sync per batch
-        _positions = 0
+        _positions = 0  # positions of the training batches since the last log, padding included (host-side numel)
+        _seen: int | None = None  # the Trainer's `num_input_tokens_seen` at the last log
         _since: float | None = None
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             if model.training:
-                positions = inputs["input_ids"].numel()
-                mask = inputs.get("attention_mask")
-                self._tokens = self._tokens + (mask.sum() if mask is not None else positions)
-                self._positions += positions
+                self._positions += inputs["input_ids"].numel()
                 self._since = self._since or time.perf_counter()
             return super().compute_loss(model, inputs, *args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
             if "loss" in logs and self._positions and self._since is not None:
-                tokens = float(self._tokens)
+                # non-padding tokens, as the Trainer counts them (`include_num_input_tokens_seen`), since the last log
+                # (or since this session began: a resumed run's count starts where its checkpoint's did)
+                import torch
+
+                seen = self.state.num_input_tokens_seen
+                tokens = seen - (self._seen if self._seen is not None else self._initial_num_input_tokens_seen)
+                local = torch.tensor(self._positions, device=self.args.device)
+                positions = int(self.accelerator.gather(local).sum())  # every process's, as the tokens are
                 elapsed = time.perf_counter() - self._since
-                logs = logs | {
-                    "tokens_per_second": tokens / elapsed,
-                    "padding_share": 1.0 - tokens / self._positions,
-                }
-                self._tokens = self._positions = 0
+                logs = logs | {"tokens_per_second": tokens / elapsed, "padding_share": 1.0 - tokens / positions}
+                self._seen, self._positions = seen, 0
                 self._since = time.perf_counter()
             super().log(logs, *args, **kwargs)
 
@@ -238,6 +240,7 @@ def make_trainer(
             output_dir=str(output_dir),
             max_length=model_config.max_seq_length,
             report_to=["mlflow"],
+            include_num_input_tokens_seen="non_padding",  # the tokens/s and padding share of `project_trainer`
             **mixed_precision(),
             **training_arguments(config),
         ),

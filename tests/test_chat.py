@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from demo.tiny_model import BOS, EOS
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text
+from stages.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think
 
 TWO_TURNS = [
     {"role": "system", "content": "You are an analyst."},
@@ -76,6 +76,16 @@ def test_answer_text_splits_what_the_prompt_gives_from_what_the_model_writes() -
     assert answer_text("<think> r </think>  Beta.", "empty_block") == ("<think>\n", "r\n</think>\n\nBeta.")
     assert answer_text("<think>r</think> Beta.", "none") == ("", "Beta.")
     assert answer_text("Beta.", "none") == ("", "Beta.")
+
+
+def test_one_parser_reads_the_think_block_of_data_and_of_generated_answers() -> None:
+    assert split_think("<think>\nLet me see.\n</think>\n\nDuration is 4.2 years.") == (
+        "Let me see.",
+        "Duration is 4.2 years.",
+    )
+    assert split_think("Let me see.</think>\n\nDuration is 4.2 years.") == ("Let me see.", "Duration is 4.2 years.")
+    assert split_think("  Duration is 4.2 years. ") == ("", "Duration is 4.2 years.")
+    assert answer_text("<think>\nLet me see.\n</think>\n\nBeta.", "empty_block")[1] == "Let me see.\n</think>\n\nBeta."
 
 
 def test_a_template_from_params_replaces_the_tokenizers(tokenizer) -> None:

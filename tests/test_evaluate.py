@@ -8,27 +8,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from datasets import Dataset
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
+from stages.answers import final_answer, generate
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.evaluate import (
-    BenchmarkConfig,
-    EvaluateConfig,
-    bar_rows,
-    by_length,
-    evaluate_models,
-    final_answer,
-    generate,
-    nll_per_row,
-    read_benchmark,
-    score,
-    sequence_nll,
-)
+from stages.evaluate import EvaluateConfig, Sample, bar_rows, evaluate_models, samples
+from stages.label_benchmarks import BenchmarkConfig, read_benchmark
+from stages.likelihood import by_length, nll_per_row, score, sequence_nll
 from stages.model import ModelConfig, load_base
+from stages.tokenize import tokenized
 from stages.train import TrainConfig, make_trainer
 
 MESSAGES = [
@@ -53,10 +44,18 @@ def chat(model_and_tokenizer) -> Chat:
     return Chat(model_and_tokenizer[1], ChatConfig())
 
 
-def test_a_held_out_conversation_must_end_with_an_answer(model_and_tokenizer, chat: Chat) -> None:
-    settings = EvaluateConfig(max_rows=None, batch_size=1, num_samples=0, max_new_tokens=1)
+def test_samples_are_the_first_held_out_prompts_kept_whole(chat: Chat) -> None:
+    long_question = [{"role": "user", "content": "Why? " * 80}, MESSAGES[1]]
+    conversations = [long_question, MESSAGES, MESSAGES]
+    rows = tokenized(chat, conversations, max_length=64).to_list()  # the long question is cut inside its prompt
+    assert [row["row"] for row in rows] == [1, 2]  # and left with no answer token: tokenize dropped it
+    rows = tokenized(chat, conversations, max_length=4096).to_list()
+    rows[0] |= {"input_ids": rows[0]["input_ids"][:40]}  # as a cut inside the prompt would leave it
+    (first,) = samples(rows, conversations, limit=1)
+    assert first == Sample(chat.prompt_ids(MESSAGES[:1]), MESSAGES[0]["content"], MESSAGES[1]["content"])
+    assert len(samples(rows, conversations, limit=5)) == 2
     with pytest.raises(ValueError, match="held-out conversation 1 must end with an assistant turn"):
-        evaluate_models(model_and_tokenizer[0], chat, [MESSAGES, MESSAGES[:1]], settings, max_length=256)
+        samples(rows, [long_question, MESSAGES[::-1]], limit=1)
 
 
 def test_encode_scores_the_answer_as_trained_and_cuts_at_max_length(chat: Chat) -> None:
@@ -225,10 +224,10 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
         logging_steps=10,
         seed=3407,
     )
-    data = Dataset.from_list([{"messages": m} for m in toy_rows(range(0, 100))])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     chat = Chat(tokenizer, ChatConfig())
-    make_trainer(model, chat, data, config, train, tmp_path / "out")[0].train()
+    data = tokenized(chat, toy_rows(range(0, 100)), config.max_seq_length)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    make_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
     FastLanguageModel.for_inference(model)
 
     bench = tmp_path / "sentiment.jsonl"
@@ -249,13 +248,15 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
         generate_batch_size=4,
         benchmarks=[replace(SENTIMENT, path=str(bench))],
     )
-    metrics, samples = evaluate_models(model, chat, held_out, settings, max_length=256)
+    rows = tokenized(chat, held_out, config.max_seq_length).to_list()
+    encoded = [(row["input_ids"], row["labels"]) for row in rows]
+    metrics, answered = evaluate_models(model, chat, encoded, samples(rows, held_out, 8), settings, max_length=256)
 
     assert metrics["tuned_loss"] < 0.5 * metrics["base_loss"], metrics
-    assert metrics["tuned_rouge_l"] > metrics["base_rouge_l"] + 0.5, ([s["tuned"] for s in samples], metrics)
-    assert metrics["tuned_token_f1"] > metrics["base_token_f1"] + 0.5, samples
-    assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"], samples
+    assert metrics["tuned_rouge_l"] > metrics["base_rouge_l"] + 0.5, ([s["tuned"] for s in answered], metrics)
+    assert metrics["tuned_token_f1"] > metrics["base_token_f1"] + 0.5, answered
+    assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"], answered
     assert metrics["sentiment_rows"] == 30
     assert metrics["sentiment_tuned_accuracy"] > metrics["sentiment_base_accuracy"], metrics
     assert metrics["sentiment_tuned_macro_f1"] > metrics["sentiment_base_macro_f1"], metrics
-    assert len(samples) == 8 and samples[0]["reference"] == TOY_ANSWER
+    assert len(answered) == 8 and answered[0]["reference"] == TOY_ANSWER

@@ -1,4 +1,4 @@
-"""generate: the prompt is encoded as training encoded it, and the streamed answer is the greedy one."""
+"""tools/generate.py: the prompt is encoded as training encoded it, and the streamed answer is the greedy one."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from stages.answers import generate
 from stages.chat import Chat, ChatConfig
-from stages.evaluate import generate
-from stages.generate import adapter_folder, messages, stream_answer
 from stages.model import ModelConfig, load_base
+from tools.generate import adapter_folder, messages, stream_answer
 
 
 def test_messages_put_the_system_text_first() -> None:

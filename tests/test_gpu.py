@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
 from unsloth import FastLanguageModel
 
 from stages.chat import Chat, ChatConfig
 from stages.model import ModelConfig, load_base, mixed_precision
+from stages.tokenize import tokenized
 from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -45,9 +45,8 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
         [{"role": "user", "content": f"Ratio of firm {i}?"}, {"role": "assistant", "content": "Assets over debts."}]
         for i in range(32)
     ]
-    train = TRAIN
-    data = Dataset.from_list([{"messages": m} for m in rows])
-    trainer, _ = make_trainer(model, Chat(tokenizer, ChatConfig()), data, config, train, tmp_path / "out")
+    data = tokenized(Chat(tokenizer, ChatConfig()), rows, config.max_seq_length)
+    trainer = make_trainer(model, tokenizer, data, config, TRAIN, tmp_path / "out")
     trainer.train()
     rows_logged = loss_rows(trainer.state.log_history)
     losses = [row["loss"] for row in rows_logged]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from stages.fetch import FetchConfig
 from stages.model import ModelConfig
 from stages.standardize import StandardizeConfig
 from stages.to_sharegpt import ToSharegptConfig
+from stages.tokenize import TokenizeConfig
 from stages.tracking import TrackingConfig
 from stages.train import LoraConfig, TrainConfig
 
@@ -25,6 +27,7 @@ CONFIGS = {
     "fetch": FetchConfig,
     "to_sharegpt": ToSharegptConfig,
     "standardize": StandardizeConfig,
+    "tokenize": TokenizeConfig,
     "model": ModelConfig,
     "chat": ChatConfig,
     "lora": LoraConfig,
@@ -33,7 +36,7 @@ CONFIGS = {
     "export": ExportConfig,
     "tracking": TrackingConfig,
 }
-STAGES = ["fetch", "to_sharegpt", "standardize", "train", "evaluate"]
+STAGES = ["fetch", "to_sharegpt", "standardize", "tokenize", "train", "evaluate"]
 
 
 def dvc_stages(root: Path) -> dict:
@@ -44,27 +47,67 @@ def test_stages_are_the_pipeline_in_order(root: Path) -> None:
     assert list(dvc_stages(root)) == STAGES
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_stage_has_its_script_params_and_deps(root: Path, stage: str) -> None:
-    definition = dvc_stages(root)[stage]
-    assert definition["cmd"].startswith(f"python -m stages.{stage} ")
-    script = root / "stages" / f"{stage}.py"
-    assert f"stages/{stage}.py" in definition["deps"]
-    assert stage in definition["params"]
-    # every stages/ module the script imports is a dependency, so DVC reruns the stage when it changes
-    imported = set(re.findall(r"^from stages(?:\.(\w+))? import (\w+)", script.read_text(), flags=re.M))
-    modules = {module or name for module, name in imported}
-    for module in modules:
-        assert f"stages/{module}.py" in definition["deps"], f"{stage} imports stages/{module}.py"
+def project_imports(root: Path, path: Path) -> set[str]:
+    """The project files (`stages/*.py`) the module at `path` imports, anywhere in it (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            file = Path(*name.split(".")).with_suffix(".py")
+            if name.startswith("stages.") and (root / file).is_file():
+                found.add(file.as_posix())
+    return found
 
 
-def test_the_optional_export_stage_has_its_script_params_and_deps(root: Path) -> None:
-    (name,) = yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]
-    definition = yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"][name]
-    assert name == "export" and definition["wdir"] == ".."  # paths relative to the repo root, like dvc.yaml's
-    assert definition["cmd"].startswith("python -m stages.export ") and "export" in definition["params"]
-    imported = re.findall(r"^from stages(?:\.(\w+))? import", (root / "stages/export.py").read_text(), flags=re.M)
-    assert {f"stages/{m}.py" for m in imported if m} | {"stages/export.py"} <= set(definition["deps"])
+def imported_files(root: Path, module: str) -> set[str]:
+    """`module`'s own file and every project file it imports, transitively."""
+    start = Path(*module.split(".")).with_suffix(".py").as_posix()
+    seen, todo = set(), [start]
+    while todo:
+        file = todo.pop()
+        if file not in seen:
+            seen.add(file)
+            todo += project_imports(root, root / file)
+    return seen
+
+
+def stage_definitions(root: Path) -> dict[str, dict]:
+    """Every stage of the pipeline and of the optional export pipeline, by name."""
+    return dvc_stages(root) | yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]
+
+
+@pytest.mark.parametrize("stage", [*STAGES, "export"])
+def test_each_stage_depends_on_exactly_the_project_files_it_imports(root: Path, stage: str) -> None:
+    definition = stage_definitions(root)[stage]
+    module = definition["cmd"].split()[2]
+    assert definition["cmd"].startswith(f"python -m stages.{stage} ") and module == f"stages.{stage}"
+    assert stage in definition["params"]  # its own section
+    listed = {dep for dep in definition["deps"] if dep.endswith(".py")}
+    assert listed == imported_files(root, module), f"{stage}: deps in dvc.yaml vs. what it imports"
+
+
+def test_the_data_stages_read_no_model_tokenizer_or_tracking_code(root: Path) -> None:
+    for stage in ("fetch", "to_sharegpt", "standardize"):
+        files = imported_files(root, f"stages.{stage}")
+        assert files.isdisjoint({"stages/model.py", "stages/chat.py", "stages/tracking.py"}), (stage, files)
+        assert not any(str(p).startswith(("model", "chat")) for p in dvc_stages(root)[stage]["params"]), stage
+
+
+def test_the_import_walk_follows_imports_inside_functions(tmp_path: Path) -> None:
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages/a.py").write_text("from stages import b\n")
+    (tmp_path / "stages/b.py").write_text("def f():\n    from stages.c import g\n")
+    (tmp_path / "stages/c.py").write_text("import json\n")
+    assert imported_files(tmp_path, "stages.a") == {"stages/a.py", "stages/b.py", "stages/c.py"}
+
+
+def test_the_optional_export_stage_runs_from_the_repo_root(root: Path) -> None:
+    definition = yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]["export"]
+    assert definition["wdir"] == ".."  # paths relative to the repo root, like dvc.yaml's
 
 
 @pytest.mark.parametrize("section", list(CONFIGS))

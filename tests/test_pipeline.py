@@ -24,7 +24,7 @@ from demo.run import apply_overrides
 
 pytestmark = pytest.mark.e2e
 
-DATA_STAGES = ("fetch", "to_sharegpt", "standardize")
+DATA_STAGES = ("fetch", "to_sharegpt", "standardize", "tokenize")
 OUTPUTS = [
     "data/raw/train.parquet",
     "data/raw/eval.parquet",
@@ -32,12 +32,17 @@ OUTPUTS = [
     "data/sharegpt/eval.parquet",
     "data/standardized/train.parquet",
     "data/standardized/eval.parquet",
+    "data/tokenized/train.arrow",
+    "data/tokenized/eval.arrow",
+    "data/tokenized/chat_probe.json",
     "models/adapter/adapter_model.safetensors",
     "models/adapter/adapter_config.json",
     "models/adapter/tokenizer.json",
+    "models/adapter/base_precision.json",
     "metrics/fetch.json",
     "metrics/to_sharegpt.json",
     "metrics/standardize.json",
+    "metrics/tokenize.json",
     "metrics/train.json",
     "metrics/train_loss.csv",
     "metrics/eval_loss.csv",
@@ -107,7 +112,7 @@ def first_repro(repo: Path) -> str:
 
 
 def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: str) -> None:
-    assert ran_stages(first_repro) == {"fetch", "to_sharegpt", "standardize", "train", "evaluate"}
+    assert ran_stages(first_repro) == {"fetch", "to_sharegpt", "standardize", "tokenize", "train", "evaluate"}
     missing = [name for name in OUTPUTS if not (repo / name).is_file()]
     assert not missing
     adapter = json.loads((repo / "models/adapter/adapter_config.json").read_text())
@@ -118,9 +123,13 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: 
     assert evaluation["tuned_loss"] < evaluation["base_loss"]
     assert evaluation["generated_samples"] == 8 and 0 <= evaluation["tuned_rouge_l"] <= 1
     assert evaluation["sentiment_rows"] == 30 and 0 <= evaluation["sentiment_tuned_macro_f1"] <= 1
-    lengths = json.loads((repo / "metrics/to_sharegpt.json").read_text())
+    lengths = json.loads((repo / "metrics/tokenize.json").read_text())
     assert 0 < lengths["train_tokens_p50"] <= lengths["train_tokens_p95"] <= lengths["train_tokens_max"]
     assert lengths["train_tokens_over_max_seq_length"] == 0  # the sample fits the demo's 512 tokens
+    assert (
+        lengths["train_conversations"] == json.loads((repo / "metrics/train.json").read_text())["train_conversations"]
+    )
+    assert json.loads((repo / "models/adapter/base_precision.json").read_text()) == {"load_in_4bit": True}
 
 
 def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(repo: Path, first_repro: str) -> None:
@@ -139,17 +148,17 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
 
 
 def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:
-    from stages.tracking import file_hash
+    from stages.files import file_hash
 
     client = mlflow.MlflowClient()
     (run_,) = runs(repo)[:1]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    standardized = {out["path"]: out["md5"] for out in lock["standardize"]["outs"]}["data/standardized"]
-    assert run_.data.tags["dvc_lock.data/standardized"] == standardized
+    tokenized = {out["path"]: out["md5"] for out in lock["tokenize"]["outs"]}["data/tokenized"]
+    assert run_.data.tags["dvc_lock.data/tokenized"] == tokenized
     inputs = {i.tags[0].value: i.dataset for i in client.get_run(run_.info.run_id).inputs.dataset_inputs}
-    for context, name in (("training", "train.parquet"), ("evaluation", "eval.parquet")):
-        assert inputs[context].name == f"standardized/{name}"
-        assert inputs[context].digest == file_hash(repo / "data/standardized" / name)  # DVC's hash of the file
+    for context, name in (("training", "train.arrow"), ("evaluation", "eval.arrow")):
+        assert inputs[context].name == f"tokenized/{name}"
+        assert inputs[context].digest == file_hash(repo / "data/tokenized" / name)  # DVC's hash of the file
     assert any(key.startswith("system/") for key in run_.data.metrics), sorted(run_.data.metrics)
     for key in ("tokens_per_second", "padding_share"):
         history = client.get_metric_history(run_.info.run_id, key)
@@ -170,7 +179,7 @@ def test_export_runs_only_when_asked_and_generate_answers_from_a_logged_adapter(
         [
             sys.executable,
             "-m",
-            "stages.generate",
+            "tools.generate",
             "--run",
             run_.info.run_id,
             "--max-new-tokens",
@@ -201,7 +210,7 @@ def test_data_stages_rerun_give_byte_identical_outputs(repo: Path, first_repro: 
         return {out["path"]: out["md5"] for stage in DATA_STAGES for out in lock[stage]["outs"]}
 
     before = data_hashes()
-    assert ran_stages(dvc("repro", "--force", "standardize", cwd=repo)) == set(DATA_STAGES)
+    assert ran_stages(dvc("repro", "--force", "tokenize", cwd=repo)) == set(DATA_STAGES)
     assert data_hashes() == before
 
 
@@ -215,6 +224,31 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
     html = dvc("plots", "show", "-o", "plots", cwd=repo)
     page = (repo / "plots" / "index.html").read_text(encoding="utf-8")
     assert "index.html" in html and "eval_loss" in page and "tuned" in page
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "stale"),
+    [
+        (("model", "max_seq_length"), 256, {"tokenize", "train", "evaluate"}),
+        (("model", "model_name"), "models/other", {"tokenize", "train", "evaluate"}),
+        (("chat", "think"), "none", {"tokenize", "train", "evaluate"}),
+        (("tokenize", "over_length"), "drop", {"tokenize"}),  # then train, once tokenize has rerun
+        (("lora", "r"), 8, {"train"}),
+        (("model", "load_in_4bit"), False, {"train", "evaluate"}),
+    ],
+)
+def test_a_setting_makes_stale_exactly_the_stages_it_changes(
+    repo: Path, first_repro: str, key: tuple[str, str], value: object, stale: set[str]
+) -> None:
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params[key[0]][key[1]] = value
+    try:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        status = json.loads(dvc("status", "--json", cwd=repo))
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert {stage for stage in status if ":" not in stage} == stale, status  # export/dvc.yaml's apart
 
 
 def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
@@ -252,7 +286,7 @@ def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
     port = free_port()
     with log.open("w") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "stages.tracking", "--port", str(port)],
+            [sys.executable, "-m", "tools.mlflow_ui", "--port", str(port)],
             cwd=repo,
             env=clean_env(),
             stdout=out,

@@ -1,4 +1,5 @@
-"""train: unsloth 4-bit base + LoRA via TRL's SFTTrainer; the adapter learns, the base stays frozen."""
+"""train: unsloth 4-bit base + LoRA via TRL's SFTTrainer on tokenized conversations; the adapter learns, the base
+stays frozen, and the labels the tokenize stage made are the ones the trainer learns from."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from unsloth import FastLanguageModel
 
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
+from stages.tokenize import tokenized
 from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -31,19 +33,15 @@ TRAIN = TrainConfig(
 )
 
 
-def toy_conversations(n: int) -> Dataset:
+def toy_conversations(n: int) -> list[list[dict[str, str]]]:
     """A learnable rule: whatever the question, the answer is the same sentence."""
-    return Dataset.from_list(
+    return [
         [
-            {
-                "messages": [
-                    {"role": "user", "content": f"What is the current ratio of firm {i}?"},
-                    {"role": "assistant", "content": "The current ratio is current assets over current liabilities."},
-                ]
-            }
-            for i in range(n)
+            {"role": "user", "content": f"What is the current ratio of firm {i}?"},
+            {"role": "assistant", "content": "The current ratio is current assets over current liabilities."},
         ]
-    )
+        for i in range(n)
+    ]
 
 
 def test_loss_rows_keep_per_step_records_only() -> None:
@@ -75,9 +73,8 @@ def test_adapter_learns_and_base_stays_frozen(
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     frozen_before = {name: b.detach().clone() for name, b in model.state_dict().items() if "lora_" not in name}
 
-    trainer, _ = make_trainer(
-        model, Chat(tokenizer, ChatConfig()), toy_conversations(32), model_config, TRAIN, tmp_path / "out"
-    )
+    data = tokenized(Chat(tokenizer, ChatConfig()), toy_conversations(32), model_config.max_seq_length)
+    trainer = make_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
     trainer.train()
 
     losses = [row["loss"] for row in loss_rows(trainer.state.log_history)]
@@ -102,16 +99,6 @@ def test_lora_settings_reach_the_adapter(tiny_model_dir: Path) -> None:
     assert set(peft_config.target_modules) == {"q_proj", "v_proj"}
 
 
-def answer_only_trainer(tiny_model_dir: Path, tmp_path: Path, rows: list[list[dict[str, str]]], max_length: int):
-    model_config = ModelConfig(
-        model_name=str(tiny_model_dir), revision=None, max_seq_length=max_length, load_in_4bit=True, dtype=None
-    )
-    model, tokenizer = load_base(model_config)
-    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
-    dataset = Dataset.from_list([{"messages": messages} for messages in rows])
-    return make_trainer(model, Chat(tokenizer, ChatConfig()), dataset, model_config, TRAIN, tmp_path / "out"), tokenizer
-
-
 TWO_TURNS = [
     {"role": "system", "content": "You answer questions on corporate finance."},
     {"role": "user", "content": "What is working capital?"},
@@ -121,15 +108,19 @@ TWO_TURNS = [
 ]
 
 
-def test_only_the_answers_and_their_end_token_carry_labels(
+def test_the_trainer_learns_from_the_answers_and_their_end_token_only(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (trainer, dropped), tokenizer = answer_only_trainer(tiny_model_dir, tmp_path, [TWO_TURNS] * 4, max_length=256)
-    assert dropped == 0
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    model, tokenizer = load_base(model_config)
+    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
+    data = tokenized(Chat(tokenizer, ChatConfig()), [TWO_TURNS] * 4, model_config.max_seq_length)
+    trainer = make_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
+    batch = next(iter(trainer.get_train_dataloader()))  # what the model is given: the collator's labels
     user, assistant, think = (tokenizer.convert_tokens_to_ids(t) for t in ("<｜User｜>", "<｜Assistant｜>", "<think>"))
-    for example in trainer.train_dataset:
-        ids, labels = example["input_ids"], example["labels"]
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
+        ids = [token for token in ids if token != tokenizer.pad_token_id]
         assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
         expected, in_answer = [], False
         for previous, token in zip([None, *ids], ids, strict=False):
@@ -137,7 +128,7 @@ def test_only_the_answers_and_their_end_token_carry_labels(
             in_answer = in_answer and token != user
             expected.append(token if in_answer else IGNORE_INDEX)
             in_answer = in_answer or (previous == think and ids[ids.index(think) - 1] == assistant)
-        assert labels == expected
+        assert labels[: len(ids)] == expected and set(labels[len(ids) :]) <= {IGNORE_INDEX}
         assert labels.count(tokenizer.eos_token_id) == 2  # each answer's end-of-sentence is learnt
         answers = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
         assert answers == (
@@ -146,43 +137,25 @@ def test_only_the_answers_and_their_end_token_carry_labels(
         )
 
 
-def test_examples_left_without_an_answer_token_are_dropped_and_counted(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    long_question = [
-        {"role": "user", "content": "Explain duration and convexity in detail. " * 40},
-        {"role": "assistant", "content": "Duration is the first-order price sensitivity."},
-    ]
-    (trainer, dropped), _ = answer_only_trainer(
-        tiny_model_dir, tmp_path, [TWO_TURNS, long_question, TWO_TURNS], max_length=64
-    )
-    assert len(trainer.train_dataset) == 2 and dropped == 1
-    assert all(len(example["input_ids"]) <= 64 for example in trainer.train_dataset)
-    assert all(any(label != IGNORE_INDEX for label in example["labels"]) for example in trainer.train_dataset)
-    with pytest.raises(ValueError, match="every training conversation is fully masked"):
-        answer_only_trainer(tiny_model_dir, tmp_path, [long_question], max_length=64)
-
-
 def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
-    """`stages.train.main` on data whose every conversation is masked, so that it fails after its run started."""
+    """`stages.train.main` on token ids that another chat setting made (think blocks left out), so that it fails
+    after its run started, when it checks its tokenizer against the data."""
     import yaml
 
+    from stages import tokenize
     from stages.train import main
 
-    too_long = [
-        {"role": "user", "content": "Explain duration and convexity in detail. " * 40},
-        {"role": "assistant", "content": "Duration is the first-order price sensitivity."},
-    ]
-    data = tmp_path / "standardized"
-    data.mkdir(exist_ok=True)
+    standardized = tmp_path / "standardized"
+    standardized.mkdir(exist_ok=True)
     for split in ("train", "eval"):
-        Dataset.from_list([{"conversations": too_long}]).to_parquet(data / f"{split}.parquet")
+        Dataset.from_list([{"conversations": TWO_TURNS}] * 4).to_parquet(standardized / f"{split}.parquet")
     settings = yaml.safe_load((root / "params.yaml").read_text())
-    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 64}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
+    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 256}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings | {"chat": {"template": None, "think": "none"}}))
+    tokenize.main(tmp_path / "params.yaml", standardized, tmp_path / "tokenized", tmp_path / "tokenize.json")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))  # chat.think: empty_block
     outputs = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
-    return lambda: main(tmp_path / "params.yaml", data, *(tmp_path / name for name in outputs))
+    return lambda: main(tmp_path / "params.yaml", tmp_path / "tokenized", *(tmp_path / name for name in outputs))
 
 
 def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
@@ -201,13 +174,13 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
     monkeypatch.chdir(tmp_path)
     train = failing_training(tiny_model_dir, tmp_path, root)
     for _ in range(2):  # the same settings and data each time, and no checkpoint to resume from
-        with pytest.raises(ValueError, match="every training conversation is fully masked"):
+        with pytest.raises(ValueError, match="encoded by another tokenizer or chat template than this model's"):
             train()
     assert statuses() == ["FAILED", "FAILED"]  # a failed run stays failed when the training is tried again
 
     second = started()[-1]
     mlflow.MlflowClient().update_run(second.info.run_id, "RUNNING")  # as a SIGKILL leaves it: never ended
-    with pytest.raises(ValueError, match="every training conversation is fully masked"):
+    with pytest.raises(ValueError, match="encoded by another tokenizer or chat template than this model's"):
         train()
     assert statuses() == ["FAILED", "KILLED", "FAILED"]
 
@@ -219,19 +192,13 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
     model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
     model, tokenizer = load_base(model_config)
     model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
-    rows = Dataset.from_list(
-        [
-            {
-                "messages": [
-                    {"role": "user", "content": "Why? " * (1 + 7 * (i % 4))},
-                    {"role": "assistant", "content": "So."},
-                ]
-            }
-            for i in range(16)
-        ]
-    )
+    conversations = [
+        [{"role": "user", "content": "Why? " * (1 + 7 * (i % 4))}, {"role": "assistant", "content": "So."}]
+        for i in range(16)
+    ]
+    rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
     config = replace(TRAIN, max_steps=3, padding_free=False)  # padded batches of questions 1 to 22 words long
-    trainer, _ = make_trainer(model, Chat(tokenizer, ChatConfig()), rows, model_config, config, tmp_path / "out")
+    trainer = make_trainer(model, tokenizer, rows, model_config, config, tmp_path / "out")
     trainer.train()
     logged = loss_rows(trainer.state.log_history)
     assert len(logged) == 3 and all(row["tokens_per_second"] > 0 for row in logged)
