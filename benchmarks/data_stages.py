@@ -8,8 +8,9 @@ as `dvc repro` does), and, in the same run:
 - the seed's way: unsloth's `to_sharegpt(..., conversation_extension=3)` then `standardize_sharegpt`, called
   directly, and whether the project's training conversations equal the seed's;
 - the tokenize stage on each number of cores of `--cores` (pinned with `taskset`), against the tokenizer's own
-  batch encode of the same text (the conversations rendered as the chat template renders them, untimed; then
-  `tokenizer(texts)` and the Rust core's `encode_batch_fast`, timed, on the same cores, all of them busy).
+  batch encode of the same text (the conversations rendered as the chat template renders them, untimed; then the
+  Rust core's `encode_batch_fast`, timed, on the same cores, all of them busy: `tokenizer(texts)` calls it and adds
+  offsets, so it is the faster of the two).
 Prints wall time and peak resident memory per step.
 """
 
@@ -87,19 +88,15 @@ from transformers import AutoTokenizer
 from stages.chat import Chat, ChatConfig
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
 chat = Chat(tokenizer, ChatConfig())
-timed = {"call": 0.0, "fast": 0.0}
-tokens = 0
+timed, tokens = 0.0, 0
 for split in ("train", "eval"):
     for batch in pq.ParquetFile(f"{sys.argv[1]}/{split}.parquet").iter_batches(batch_size=2048):
         texts = ["".join(t for t, _ in chat.fast_pieces(c)) for c in batch.column("conversations").to_pylist()]
         start = time.perf_counter()
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        timed["call"] += time.perf_counter() - start
-        tokens += sum(map(len, ids))
-        start = time.perf_counter()
         ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
-        timed["fast"] += time.perf_counter() - start
-print(timed["call"], timed["fast"], tokens)
+        timed += time.perf_counter() - start
+        tokens += sum(map(len, ids))
+print(timed, tokens)
 """
 
 SEED_STYLE = """
@@ -127,6 +124,7 @@ def main() -> None:
         help="model folder whose tokenizer and chat template tokenize encodes with (default: the demo's tiny model, "
         "whose 1,024-token vocabulary makes ~2x more tokens per byte than the 8B model's 128k, so slower)",
     )
+    parser.add_argument("--reuse", action="store_true", help="tokenize the data stages' output of an earlier run")
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # internal: write the rows and exit
     args = parser.parse_args()
     if args.generate:
@@ -137,13 +135,15 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(root), "HF_DATASETS_CACHE": str(work / "hf-cache")}
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_DATASETS_CACHE": str(work / "hf-cache")}
 
     # rows are made in a child process: a fork inherits its parent's peak RSS, so this process stays small
     source = work / "rows.parquet"
     python = sys.executable
     generate = [python, "-m", "benchmarks.data_stages", "--rows", str(args.rows), "--generate", str(source)]
-    subprocess.run(generate, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not (args.reuse and source.is_file()):
+        subprocess.run(generate, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tokenizer = args.tokenizer
     if tokenizer is None:
         tokenizer = work / "tiny-deepseek"
@@ -184,9 +184,11 @@ def main() -> None:
             "standardize.json",
         ],
     }
+    if args.reuse and (work / "standardized" / "train.parquet").is_file():
+        steps = {}  # the data stages' output of an earlier run: tokenize alone
     results = {name: measured(command, work, env, work / f"{name}.log") for name, command in steps.items()}
     total = sum(wall for wall, _ in results.values())
-    peak = max(rss for _, rss in results.values())
+    peak = max((rss for _, rss in results.values()), default=0.0)
     print(f"\n{args.rows:,} rows, {os.cpu_count()} cores\n")
     print("| step | wall s | peak RSS GB |\n|---|---|---|")
     for name, (wall, rss) in results.items():
@@ -207,18 +209,14 @@ def main() -> None:
         pinned = ["taskset", "-c", f"0-{cores - 1}"] if cores < len(os.sched_getaffinity(0)) else []
         stage = [*pinned, python, "-m", "stages.tokenize", "--params", "params.yaml", "--data", "standardized"]
         wall, rss = measured([*stage, "--out", "tokenized", "--metrics", "tokenize.json"], work, env, work / "tok.log")
+        print(f"| the stage, process start to end | {cores} | {wall:.1f} | {rss:.2f} |", flush=True)
         own = [*pinned, python, "-c", TOKENIZER_OWN, str(work / "standardized"), str(tokenizer)]
         output = subprocess.run(own, check=True, env=env, cwd=root, capture_output=True, text=True).stdout.split()
-        call, fast, tokens = float(output[-3]), float(output[-2]), int(output[-1])
+        fast, tokens = float(output[-2]), int(output[-1])
         stats = json.loads((work / "tokenize.json").read_text())
         written = stats["train_tokens_total"] + stats["eval_tokens_total"]
-        print(f"| the stage, process start to end | {cores} | {wall:.1f} | {rss:.2f} |")
-        print(f"| the tokenizer's `tokenizer(texts)`, same text, encoding alone | {cores} | {call:.1f} | |")
-        print(f"| the tokenizer's `encode_batch_fast`, same text, encoding alone | {cores} | {fast:.1f} | |")
-        print(
-            f"|   stage / `tokenizer(texts)`: {wall / call:.2f}; stage / `encode_batch_fast`: {wall / fast:.2f}; "
-            f"tokens: stage {written:,}, tokenizer {tokens:,} | | | |"
-        )
+        print(f"| the tokenizer's own batch encode (`encode_batch_fast`), same text | {cores} | {fast:.1f} | |")
+        print(f"|   stage / tokenizer: {wall / fast:.2f}; tokens: stage {written:,}, tokenizer {tokens:,} | | | |")
     print("\ntraining conversations, tokens:", {k: v for k, v in stats.items() if k.startswith("train_tokens")})
 
 
