@@ -1,8 +1,9 @@
 """The `chat` section: how a conversation becomes text and token ids, the same way for every stage.
 
 tokenize encodes every training and held-out conversation with this one module, once; evaluate's benchmarks and
-`tools/generate.py` encode their prompts with it too. The chat template (the tokenizer's own unless `chat.template` gives one) lays out BOS, system
-text, role tags and the end-of-turn token; `chat.think` decides what an answer is inside it:
+`tools/generate.py` encode their prompts with it too. The chat template (the tokenizer's own unless `chat.template`
+gives one) lays out BOS, system text, role tags and the end-of-turn token; `chat.think` decides what an answer is
+inside it:
 
 - `empty_block` (default): every answer is trained behind a think block, `<think>\\n{reasoning}\\n</think>\\n\\n
   {answer}`, empty when the data has no reasoning (Finance-Instruct has none). DeepSeek-R1's generation prompt
