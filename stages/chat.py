@@ -85,6 +85,17 @@ def answer_text(content: str, think: str) -> tuple[str, str]:
     return THINK_OPEN, f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
 
 
+def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens added (the template writes them): the Rust core where there is
+    one (no offsets computed), else the tokenizer's own call."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
 # A conversation's layout: the template's text between the answers, rendered once per sequence of roles, with a
 # slot where each message's content goes. Each segment is (the prompt before an answer, split into literal text and
 # slot numbers; the answer's index; the template's text after the answer, its end-of-turn token included).
@@ -103,7 +114,7 @@ class Chat:
             raise ValueError("the tokenizer of model.model_name has no chat template: set chat.template")
         self.tokenizer = tokenizer
         self.think = config.think
-        self._layouts: dict[tuple[tuple[str, ...], bool], tuple[list[Segment], list[str | int]] | None] = {}
+        self._layouts: dict[tuple[str, ...], tuple[list[Segment], list[str | int]] | None] = {}
 
     def _segments(self, messages: list[dict[str, str]], open_answer: bool) -> tuple[list[tuple[str, int, str]], str]:
         """The template rendered with each answer replaced by a mark: (text before, answer index, end-of-turn text
@@ -133,26 +144,42 @@ class Chat:
         With `open_answer`, `messages` is the history before an answer and the pieces end with its prompt.
         """
         segments, tail = self._segments(messages, open_answer)
+        pieces = self._assemble([([b], i, a) for b, i, a in segments], [] if open_answer else [tail], messages)
+        return pieces[:-1] if open_answer else pieces  # an open answer's pieces stop at its prompt
+
+    def fast_pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """`pieces(messages)` from the layout of its roles, contents filled in as strings; the same text wherever
+        the template passes contents through verbatim (`layout` checks that), else `pieces` itself."""
+        found = self.layout(tuple(m["role"] for m in messages))
+        return self.pieces(messages) if found is None else self._assemble(*found, messages)
+
+    def _assemble(
+        self, segments: list[Segment], tail: list[str | int], messages: list[dict[str, str]]
+    ) -> list[tuple[str, bool]]:
+        """Pieces from segments, each slot filled with its message's content and each answer split by `answer_text`
+        (an answer index past `messages` is the open answer of a prompt: empty)."""
+
+        def fill(parts: list[str | int]) -> str:
+            return "".join(messages[p]["content"] if isinstance(p, int) else p for p in parts)
+
         out: list[tuple[str, bool]] = []
         for before, index, after in segments:
             given, written = answer_text(messages[index]["content"] if index < len(messages) else "", self.think)
-            out += [(before + given, False), (written + after, True)]
-        if open_answer:
-            return out[:-1]
-        return out + [(tail, False)] if tail else out
+            out += [(fill(before) + given, False), (written + after, True)]
+        rest = fill(tail)
+        return out + [(rest, False)] if rest else out
 
-    def layout(self, roles: tuple[str, ...], open_answer: bool = False) -> tuple[list[Segment], list[str | int]] | None:
+    def layout(self, roles: tuple[str, ...]) -> tuple[list[Segment], list[str | int]] | None:
         """The segments of every conversation with these roles, contents as slots, rendered once; None where the
         template does not pass a content through verbatim (it trims it, say): then each is rendered on its own."""
-        key = (roles, open_answer)
-        if key not in self._layouts:
-            self._layouts[key] = self._layout(roles, open_answer)
-        return self._layouts[key]
+        if roles not in self._layouts:
+            self._layouts[roles] = self._layout(roles)
+        return self._layouts[roles]
 
-    def _layout(self, roles: tuple[str, ...], open_answer: bool) -> tuple[list[Segment], list[str | int]] | None:
+    def _layout(self, roles: tuple[str, ...]) -> tuple[list[Segment], list[str | int]] | None:
         def render(pad: str) -> tuple[list[tuple[str, int, str]], str]:
             return self._segments(
-                [{"role": r, "content": pad + SLOT.format(i) + pad} for i, r in enumerate(roles)], open_answer
+                [{"role": r, "content": pad + SLOT.format(i) + pad} for i, r in enumerate(roles)], open_answer=False
             )
 
         segments, tail = render("")
@@ -169,24 +196,6 @@ class Chat:
             return [int(part) if i % 2 else part for i, part in enumerate(SLOTS.split(text))]
 
         return [(split(before), index, after) for before, index, after in segments], split(tail)
-
-    def fast_pieces(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """`pieces(messages)` from the layout of its roles, contents filled in as strings; the same text wherever
-        the template passes contents through verbatim (`layout` checks that), else `pieces` itself."""
-        found = self.layout(tuple(m["role"] for m in messages))
-        if found is None:
-            return self.pieces(messages)
-        segments, tail = found
-
-        def fill(parts: list[str | int]) -> str:
-            return "".join(messages[p]["content"] if isinstance(p, int) else p for p in parts)
-
-        out: list[tuple[str, bool]] = []
-        for before, index, after in segments:
-            given, written = answer_text(messages[index]["content"], self.think)
-            out += [(fill(before) + given, False), (written + after, True)]
-        rest = fill(tail)
-        return out + [(rest, False)] if rest else out
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The conversation as the model trains on it."""
@@ -208,8 +217,7 @@ class Chat:
         BOS comes from the template alone.
         """
         split = [self.pieces(messages) for messages in conversations]
-        flat = [text for pieces in split for text, _ in pieces]
-        ids = iter(self.tokenizer(flat, add_special_tokens=False)["input_ids"]) if flat else iter(())
+        ids = iter(token_ids(self.tokenizer, [text for pieces in split for text, _ in pieces]))
         out = []
         for pieces in split:
             input_ids: list[int] = []
@@ -224,7 +232,7 @@ class Chat:
     def prompt_ids(self, history: list[dict[str, str]]) -> list[int]:
         """`prompt` as token ids, cut into pieces as training cut them: exactly the trained sequence's first ids."""
         texts = [text for text, _ in self.pieces(history, open_answer=True)]
-        return [token for piece in self.tokenizer(texts, add_special_tokens=False)["input_ids"] for token in piece]
+        return [token for piece in token_ids(self.tokenizer, texts) for token in piece]
 
     def check(self, padding: bool) -> None:
         """Fail fast where the template or tokenizer breaks what training relies on.

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from stages import params
-from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
+from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig, token_ids
 from stages.files import write_json
 from stages.model import ModelConfig, load_tokenizer
 from stages.params import require
@@ -68,17 +68,6 @@ class TokenizeConfig:
             self.over_length in OVER_LENGTH,
             f"tokenize.over_length must be one of {OVER_LENGTH}, got {self.over_length!r}",
         )
-
-
-def token_ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text, no special tokens added (the template writes them): the Rust core where there is
-    one (no offsets computed), else the tokenizer's own call."""
-    if not texts:
-        return []
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def encode(
