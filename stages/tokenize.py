@@ -16,18 +16,21 @@ encodes as this stage did.
 
 `metrics/tokenize.json` holds each split's length statistics before the cut (p50/p95/p99/max, total, how many
 exceed the limit) and every conversation cut or dropped, counted by reason. The work is spread over every core this
-process may run on, in shards of `SHARD_ROWS` conversations; the output depends on neither.
+process may run on, in shards of `SHARD_ROWS` conversations; the output depends on neither. Each training row is a
+turn of several merged conversations, so each distinct piece of text is tokenized once (about half of them on
+Finance-Instruct) and the conversations assembled from those ids.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import logging
 import multiprocessing
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +73,12 @@ class TokenizeConfig:
         )
 
 
+def split(chat: Chat, conversations: list[list[dict[str, str]]], verbatim: bool) -> list[list[tuple[str, bool]]]:
+    """Each conversation's (text, is_answer) pieces: filled into its roles' template layout (`Chat.fast_pieces`), or,
+    not `verbatim`, rendered through the template itself (`Chat.pieces`)."""
+    return [(chat.fast_pieces if verbatim else chat.pieces)(messages) for messages in conversations]
+
+
 def encode(
     chat: Chat,
     conversations: list[list[dict[str, str]]],
@@ -79,34 +88,57 @@ def encode(
     verbatim: bool = True,
 ) -> tuple[pa.Table, np.ndarray, dict[str, int]]:
     """Encode conversations (their indices in the split: `rows`) into a table of `SCHEMA`; also every
-    conversation's length before the cut, and the counts of those cut or dropped, by reason.
+    conversation's length before the cut, and the counts of those cut or dropped, by reason (see `assemble`).
 
-    `verbatim` fills each conversation into its roles' template layout (`Chat.fast_pieces`); false renders each
-    through the template itself (`Chat.pieces`). A one-turn conversation of 12 tokens, 5 of them the answer's, with
-    `max_length` 8 is cut to 8 tokens of which 1 is learnt; with `over_length: drop` it is dropped.
+    Every piece is tokenized here; the stage tokenizes each distinct piece once (`tokenize_split`), to the same table.
     """
-    split = [(chat.fast_pieces if verbatim else chat.pieces)(messages) for messages in conversations]
-    ids = token_ids(chat.tokenizer, [text for pieces in split for text, _ in pieces])
-    n = len(split)
-    pieces_per = np.fromiter(map(len, split), np.int64, count=n)
+    pieces = split(chat, conversations, verbatim)
+    ids = token_ids(chat.tokenizer, [text for conversation in pieces for text, _ in conversation])
     piece_tokens = np.fromiter(map(len, ids), np.int64, count=len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(piece_tokens.sum()))
-    learnt_piece = np.fromiter((is_answer for pieces in split for _, is_answer in pieces), bool, count=len(ids))
-    if not config.train_on_responses_only:
-        learnt_piece[:] = True
+    return assemble(Layout.of(pieces, rows), piece_tokens, flat, max_length, config)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the pieces of a run of conversations are, without their text: what `assemble` needs besides the ids."""
+
+    rows: np.ndarray  # each conversation's index in its split
+    pieces: np.ndarray  # how many pieces each conversation has
+    answer: np.ndarray  # per piece: whether it is an answer's own text (learnt under answer-only labels)
+
+    @classmethod
+    def of(cls, pieces: list[list[tuple[str, bool]]], rows: np.ndarray) -> Layout:
+        count = sum(map(len, pieces))
+        answer = np.fromiter((a for conversation in pieces for _, a in conversation), bool, count=count)
+        return cls(rows, np.fromiter(map(len, pieces), np.int64, count=len(pieces)), answer)
+
+
+def assemble(
+    layout: Layout, piece_tokens: np.ndarray, flat: np.ndarray, max_length: int, config: TokenizeConfig
+) -> tuple[pa.Table, np.ndarray, dict[str, int]]:
+    """The table of conversations whose pieces hold `piece_tokens` tokens each, `flat` all of them in order; each
+    conversation's length before the cut; and the counts of those cut or dropped, by reason.
+
+    A one-turn conversation of 12 tokens, 5 of them the answer's, with `max_length` 8 is cut to 8 tokens of which 1
+    is learnt; with `over_length: drop` it is dropped. One left with no learnt token is dropped either way.
+    """
+    rows, n = layout.rows, len(layout.rows)
+    learnt_piece = layout.answer if config.train_on_responses_only else np.ones(len(piece_tokens), bool)
     labels = np.where(np.repeat(learnt_piece, piece_tokens), flat, np.int32(IGNORE_INDEX)).astype(np.int32)
 
-    # per conversation: its first piece and token, its length, and where its last answer starts
-    first_piece = np.concatenate([[0], np.cumsum(pieces_per)[:-1]]).astype(np.int64)
-    piece_start = np.concatenate([[0], np.cumsum(piece_tokens)[:-1]]).astype(np.int64)
-    start = piece_start[first_piece] if n else np.empty(0, np.int64)
+    # per conversation: its last answer piece (one it must have), its first piece and token, its length
+    first_piece = np.cumsum(layout.pieces) - layout.pieces
+    answers = np.flatnonzero(layout.answer)
+    before_end = np.searchsorted(answers, first_piece + layout.pieces)  # answer pieces up to each one's end
+    last_answer = answers[before_end - 1] if len(answers) else np.full(n, -1)
+    missing = (before_end == 0) | (last_answer < first_piece)
+    if missing.any():
+        raise ValueError(f"conversation {rows[np.argmax(missing)]}: no assistant turn, nothing to learn or score")
+    piece_start = np.cumsum(piece_tokens) - piece_tokens
+    start = piece_start[first_piece]
     full = np.add.reduceat(piece_tokens, first_piece) if n else np.empty(0, np.int64)
-    last_answer = []
-    for row, first, pieces in zip(rows.tolist(), first_piece.tolist(), split, strict=True):
-        answers = [i for i, (_, is_answer) in enumerate(pieces) if is_answer]
-        require(bool(answers), f"conversation {row}: no assistant turn, nothing to learn or score")
-        last_answer.append(first + answers[-1])
-    prompt_length = piece_start[last_answer] - start if n else np.empty(0, np.int64)
+    prompt_length = piece_start[last_answer] - start
 
     # the cut (or the drop), then conversations left with nothing to learn
     over = full > max_length
@@ -182,72 +214,146 @@ class Shard:
     source: Path
     start: int
     stop: int
-    part: Path  # where the worker writes its table
     verbatim: bool  # fill layouts (`Chat.fast_pieces`) rather than render each conversation
 
 
-_WORKER: dict[str, Any] = {}  # the chat and settings of a worker process, set once by `_init`
+_WORKER: dict[str, Any] = {}  # what every worker process of a phase shares, set once by `_init` (forked, not pickled)
 
 
-def _init(chat: Chat, max_length: int, config: TokenizeConfig) -> None:
-    _WORKER.update(chat=chat, max_length=max_length, config=config)
+def _init(state: dict[str, Any]) -> None:
+    _WORKER.clear()
+    _WORKER.update(state)
 
 
-def encode_shard(shard: Shard) -> tuple[np.ndarray, dict[str, int], bool]:
-    """Encode one shard into its part file; its full lengths, its counts, and whether the layout held.
+def run(task: Callable[[Any], Any], items: list[Any], workers: int, state: dict[str, Any]) -> Iterator[Any]:
+    """`task(item)` of each item, in order, over `workers` processes forked with `state` (the tokenizer and the
+    arrays in it are inherited, not reloaded or pickled)."""
+    if min(workers, len(items)) <= 1:
+        _init(state)
+        try:
+            yield from map(task, items)
+        finally:
+            _WORKER.clear()
+        return
+    with multiprocessing.get_context("fork").Pool(min(workers, len(items)), _init, (state,)) as pool:
+        yield from pool.imap(task, items)
 
-    Where the layout was used, `CHECKED_PER_SHARD` conversations are also rendered through the template itself;
-    a difference means the template does not pass contents through verbatim, and the stage starts over without it.
+
+def digests(texts: list[str]) -> np.ndarray:
+    """A 128-bit digest of each text, as two uint64 columns: equal digests mean equal texts."""
+    joined = b"".join(hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts)
+    return np.frombuffer(joined, np.uint64).reshape(-1, 2)
+
+
+def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each piece's digest (`digests`): its text's number, texts numbered in the order they first occur, and
+    each number's first piece. `distinct([a, b, a])` -> `([0, 1, 0], [0, 1])`."""
+    order = np.argsort(keys[:, 0], kind="stable")  # on 64 bits (fast), runs split on the other 64
+    ordered = keys[order]
+    new = np.ones(len(order), bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    first = order[new]  # a run's first piece, the stable sort keeping pieces in order within it
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    number = np.empty(len(order), np.int64)
+    number[order] = rank[np.cumsum(new) - 1]
+    return number, np.sort(first)
+
+
+def survey(shard: Shard) -> tuple[Layout, np.ndarray] | None:
+    """Phase one: the layout of a shard's pieces and each piece's digest; None where the layout did not hold.
+
+    Where the layout is used, `CHECKED_PER_SHARD` conversations are also rendered through the template itself; a
+    difference means the template does not pass contents through verbatim, and the stage starts over without it.
     """
-    chat, max_length, config = _WORKER["chat"], _WORKER["max_length"], _WORKER["config"]
+    chat = _WORKER["chat"]
     conversations = read_rows(shard.source, shard.start, shard.stop)
     if shard.verbatim:
         checked = np.unique(np.linspace(0, len(conversations) - 1, CHECKED_PER_SHARD, dtype=np.int64))
         if any(chat.fast_pieces(conversations[i]) != chat.pieces(conversations[i]) for i in checked):
-            return np.empty(0, np.int64), {}, False
-    rows = np.arange(shard.start, shard.stop, dtype=np.int64)
-    table, full, counts = encode(chat, conversations, rows, max_length, config, shard.verbatim)
-    with pa.OSFile(str(shard.part), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
+            return None
+    pieces = split(chat, conversations, shard.verbatim)
+    layout = Layout.of(pieces, np.arange(shard.start, shard.stop, dtype=np.int64))
+    return layout, digests([text for conversation in pieces for text, _ in conversation])
+
+
+def encode_distinct(task: tuple[Shard, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Phase two: the token ids of the pieces of a shard at `wanted` (those whose text occurs there first), as their
+    lengths and their ids end to end."""
+    shard, wanted = task
+    pieces = split(_WORKER["chat"], read_rows(shard.source, shard.start, shard.stop), shard.verbatim)
+    texts = [text for conversation in pieces for text, _ in conversation]
+    ids = token_ids(_WORKER["chat"].tokenizer, [texts[i] for i in wanted.tolist()])
+    lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    return lengths, np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
+
+
+def assemble_shard(task: tuple[Layout, np.ndarray, Path]) -> tuple[np.ndarray, dict[str, int]]:
+    """Phase three: a shard's conversations from the ids of the texts its pieces are (`numbers`), into its part file;
+    its full lengths and counts."""
+    layout, numbers, part = task
+    piece_tokens = _WORKER["lengths"][numbers]
+    into = np.repeat(_WORKER["offsets"][numbers] - (np.cumsum(piece_tokens) - piece_tokens), piece_tokens)
+    flat = _WORKER["ids"][into + np.arange(len(into))]
+    table, full, counts = assemble(layout, piece_tokens, flat, _WORKER["max_length"], _WORKER["config"])
+    with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
         writer.write_table(table)
-    return full, counts, True
-
-
-def run_shards(shards: list[Shard], workers: int, chat: Chat, max_length: int, config: TokenizeConfig) -> Iterator:
-    """`encode_shard` of each shard, in order, over `workers` processes (forked: the tokenizer is not reloaded)."""
-    if workers == 1:
-        _init(chat, max_length, config)
-        yield from map(encode_shard, shards)
-        return
-    with multiprocessing.get_context("fork").Pool(workers, _init, (chat, max_length, config)) as pool:
-        yield from pool.imap(encode_shard, shards)
+    return full, counts
 
 
 def tokenize_split(
     source: Path, target: Path, chat: Chat, max_length: int, config: TokenizeConfig, workers: int
 ) -> dict[str, int]:
-    """Encode every conversation of `source` into the Arrow file `target`; its counts and length statistics."""
+    """Encode every conversation of `source` into the Arrow file `target`; its counts and length statistics.
+
+    Each training row is a turn of several merged conversations (`to_sharegpt.conversation_extension`), so the same
+    texts recur: the shards are surveyed (pieces and digests), each distinct piece tokenized once, where it first
+    occurs, and the conversations assembled from those ids, to the table `encode` makes of them.
+    """
     total = pq.ParquetFile(source).metadata.num_rows
     require(total > 0, f"{source}: no conversations to tokenize")
     parts = target.with_suffix(".parts")
     shutil.rmtree(parts, ignore_errors=True)
     parts.mkdir(parents=True)
+    state: dict[str, Any] = {"chat": chat}
     for verbatim in (True, False):
         shards = [
-            Shard(source, start, min(start + SHARD_ROWS, total), parts / f"{start:012d}.arrow", verbatim)
-            for start in range(0, total, SHARD_ROWS)
+            Shard(source, start, min(start + SHARD_ROWS, total), verbatim) for start in range(0, total, SHARD_ROWS)
         ]
-        results = list(run_shards(shards, min(workers, len(shards)), chat, max_length, config))
-        if all(held for _, _, held in results):
+        surveys = list(run(survey, shards, workers, state))
+        if all(found is not None for found in surveys):
             break
         log.warning("the chat template does not pass contents through verbatim: rendering every conversation")
-    counts = {key: sum(c[key] for _, c, _ in results) for key in results[0][1]}
+    pieces = np.cumsum([0] + [len(keys) for _, keys in surveys])
+    numbers, first = distinct(np.concatenate([keys for _, keys in surveys]))
+    log.info("%s: %d pieces, %d distinct texts tokenized", source.name, len(numbers), len(first))
+
+    bounds = np.searchsorted(first, pieces)  # `first` is sorted: each shard's first occurrences are a run of it
+    wanted = [first[lo:hi] - a for a, lo, hi in zip(pieces[:-1], bounds[:-1], bounds[1:], strict=True)]
+    store, lengths = parts / "distinct.ids", []
+    with store.open("wb") as sink:
+        for piece_lengths, ids in run(encode_distinct, list(zip(shards, wanted, strict=True)), workers, state):
+            ids.tofile(sink)
+            lengths.append(piece_lengths)
+    log.info("%s: %d tokens in the distinct texts", source.name, store.stat().st_size // 4)
+    state |= {"max_length": max_length, "config": config, "lengths": np.concatenate(lengths)}
+    state |= {
+        "offsets": np.cumsum(state["lengths"]) - state["lengths"],
+        "ids": np.memmap(store, np.int32, mode="r") if store.stat().st_size else np.empty(0, np.int32),
+    }
+    tasks = [
+        (layout, numbers[a:b], parts / f"{shard.start:012d}.arrow")
+        for (layout, _), shard, a, b in zip(surveys, shards, pieces[:-1], pieces[1:], strict=True)
+    ]
+    results = list(run(assemble_shard, tasks, workers, state))
+    counts = {key: sum(c[key] for _, c in results) for key in results[0][1]}
     with pa.OSFile(str(target), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-        for shard in shards:
-            with pa.memory_map(str(shard.part)) as part:
-                for batch in pa.ipc.open_stream(part):
+        for _, _, part in tasks:
+            with pa.memory_map(str(part)) as mapped:
+                for batch in pa.ipc.open_stream(mapped):
                     writer.write_batch(batch)
     shutil.rmtree(parts)
-    return counts | summary(np.concatenate([full for full, _, _ in results]), max_length)
+    return counts | summary(np.concatenate([full for full, _ in results]), max_length)
 
 
 def cores() -> int:

@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
-from stages.tokenize import SHARD_ROWS, TokenizeConfig, encode, main, summary
+from stages.tokenize import SHARD_ROWS, TokenizeConfig, digests, distinct, encode, main, summary
 
 TWO_TURNS = [
     {"role": "system", "content": "You answer questions on corporate finance."},
@@ -154,21 +154,44 @@ def run_stage(
 
 
 def test_the_stage_writes_every_split_in_order_whatever_the_shards(
-    tmp_path: Path, tiny_model_dir: Path, chat: Chat
+    tmp_path: Path, tiny_model_dir: Path, chat: Chat, sample_rows: list[dict]
 ) -> None:
-    train = [TWO_TURNS[1:3] if i % 5 else LONG for i in range(2 * SHARD_ROWS + 3)]  # three shards, two workers
+    # three shards, two workers; turns recur within and across shards (first seen in any of them), as merged rows do
+    merged = conversations_of(sample_rows)
+    train = [LONG if i % 5 == 0 else merged[(7 * i) % len(merged)] for i in range(2 * SHARD_ROWS + 3)]
+    train[-1] = [{"role": "user", "content": "Define duration."}, {"role": "assistant", "content": "Rate risk."}]
     counts = run_stage(tmp_path, tiny_model_dir, train, [TWO_TURNS[1:3], LONG_ANSWER])
     written = Dataset.from_file(str(tmp_path / "tokenized" / "train.arrow"))
-    expected_rows = [i for i in range(len(train)) if i % 5]
-    assert written["row"] == expected_rows
-    assert written[0]["input_ids"] == chat.encode(TWO_TURNS[1:3])[0]
-    assert counts["train_conversations_in"] == len(train) and counts["train_conversations"] == len(expected_rows)
-    assert counts["train_dropped_no_answer_token"] == len(train) - len(expected_rows)
-    assert counts["train_tokens_over_max_seq_length"] == len(train) - len(expected_rows)
+    expected, full, expected_counts = encode(chat, train, np.arange(len(train)), 64, TokenizeConfig())
+    assert written.data.table.equals(expected)  # what encoding every piece of every conversation makes
+    assert written["row"] == [i for i in range(len(train)) if i % 5]
+    assert written[-1]["input_ids"] == chat.encode(train[-1])[0]
+    assert counts.items() >= {f"train_{key}": value for key, value in expected_counts.items()}.items()
+    assert counts["train_dropped_no_answer_token"] == len(train[::5])  # LONG: 64 tokens of question
+    assert (
+        counts["train_tokens_total"] == full.sum() and counts["train_tokens_over_max_seq_length"] == (full > 64).sum()
+    )
     assert counts["eval_conversations"] == 2 and counts["eval_cut_over_length"] == 1
     probe = json.loads((tmp_path / "tokenized" / PROBE_FILE).read_text())
     assert probe["input_ids"] == chat.encode(PROBE)[0]
     assert sorted(p.name for p in (tmp_path / "tokenized").iterdir()) == [PROBE_FILE, "eval.arrow", "train.arrow"]
+
+
+def test_each_distinct_text_is_numbered_once_in_order_of_first_occurrence() -> None:
+    keys = digests(["b", "a", "b", "c", "a"])
+    numbers, first = distinct(keys)
+    assert numbers.tolist() == [0, 1, 0, 2, 1] and first.tolist() == [0, 1, 3]
+    # two digests equal on their first 64 bits only: never one number, whatever their order
+    collide = np.array([[5, 1], [5, 2], [5, 1], [4, 9]], np.uint64)
+    numbers, first = distinct(collide)
+    assert numbers[0] != numbers[1] and numbers[1] != numbers[2]
+    assert all((collide[first[n]] == collide[i]).all() for i, n in enumerate(numbers))
+
+
+def test_a_conversation_without_an_answer_is_named(chat: Chat) -> None:
+    question_only = [{"role": "user", "content": "What is beta?"}]
+    with pytest.raises(ValueError, match="conversation 11: no assistant turn"):
+        encode(chat, [TWO_TURNS, question_only], np.array([10, 11]), 4096, TokenizeConfig())
 
 
 def test_a_split_left_empty_is_refused_naming_the_keys(tmp_path: Path, tiny_model_dir: Path) -> None:
