@@ -117,7 +117,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=518_185)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"))
     parser.add_argument("--skip-seed", action="store_true", help="leave out the seed-style baseline")
-    parser.add_argument("--cores", default=str(len(os.sched_getaffinity(0))), help="core counts to tokenize on")
+    parser.add_argument(
+        "--cores", default=str(len(os.sched_getaffinity(0))), help='core counts to tokenize on ("": none)'
+    )
     parser.add_argument(
         "--tokenizer",
         type=Path,
@@ -205,7 +207,8 @@ def main() -> None:
         theirs = Dataset.from_parquet(str(seed_out))["conversations"]
         print(f"\ntraining conversations identical to the seed style: {ours == theirs}")
     print("\n| tokenize | cores | wall s | peak RSS GB |\n|---|---|---|---|")
-    for cores in [int(n) for n in args.cores.split(",")]:
+    stats = {}
+    for cores in [int(n) for n in args.cores.split(",") if n]:  # --cores "": the data stages alone
         pinned = ["taskset", "-c", f"0-{cores - 1}"] if cores < len(os.sched_getaffinity(0)) else []
         stage = [*pinned, python, "-m", "stages.tokenize", "--params", "params.yaml", "--data", "standardized"]
         wall, rss = measured([*stage, "--out", "tokenized", "--metrics", "tokenize.json"], work, env, work / "tok.log")
@@ -217,7 +220,8 @@ def main() -> None:
         written = stats["train_tokens_total"] + stats["eval_tokens_total"]
         print(f"| the tokenizer's own batch encode (`encode_batch_fast`), same text | {cores} | {fast:.1f} | |")
         print(f"|   stage / tokenizer: {wall / fast:.2f}; tokens: stage {written:,}, tokenizer {tokens:,} | | | |")
-    print("\ntraining conversations, tokens:", {k: v for k, v in stats.items() if k.startswith("train_tokens")})
+    if stats:
+        print("\ntraining conversations, tokens:", {k: v for k, v in stats.items() if k.startswith("train_tokens")})
 
 
 if __name__ == "__main__":

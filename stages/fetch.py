@@ -26,6 +26,7 @@ from stages.params import require
 log = logging.getLogger("fetch")
 
 TEXT_COLUMNS = ("system", "user", "assistant")
+ROWS_PER_GROUP = 32768  # rows per parquet row group written: the ranges to_sharegpt's workers convert
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -135,8 +136,10 @@ def row_digests(table: Any, batch_rows: int = 65536) -> Any:
 
     digests = bytearray()
     for batch in table.select(list(TEXT_COLUMNS)).to_batches(max_chunksize=batch_rows):
-        for row in zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS), strict=True):
-            digests += hashlib.blake2b(json.dumps(row).encode(), digest_size=16).digest()
+        for system, user, answer in zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS), strict=True):
+            # the lengths in front tell where each text ends: ("ab", "c") and ("a", "bc") differ
+            key = f"{len(system)},{len(user)},{system}{user}{answer}"
+            digests += hashlib.blake2b(key.encode(), digest_size=16).digest()
     return np.frombuffer(bytes(digests), dtype="V16")
 
 
@@ -204,6 +207,14 @@ def split(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Dataset
     return parts["train"], parts["test"]
 
 
+def write_rows(dataset: Dataset, path: Path) -> None:
+    """A split's rows as parquet, in row groups of `ROWS_PER_GROUP`, gathered in one take (datasets' `to_parquet`
+    gathers a shuffled split batch by batch: 18 of fetch's 33 s on 518k rows)."""
+    import pyarrow.parquet as pq
+
+    pq.write_table(dataset.with_format("arrow")[:], path, row_group_size=ROWS_PER_GROUP)
+
+
 def main(params_path: Path, out: Path, metrics: Path) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(FetchConfig, params_path, "fetch")
@@ -217,8 +228,8 @@ def main(params_path: Path, out: Path, metrics: Path) -> None:
     train, held_out = split(cleaned, config.eval_size, config.seed)
 
     out.mkdir(parents=True, exist_ok=True)
-    train.to_parquet(out / "train.parquet")
-    held_out.to_parquet(out / "eval.parquet")
+    write_rows(train, out / "train.parquet")
+    write_rows(held_out, out / "eval.parquet")
     report = {**counts, "ignored_columns": len(ignored), "train_rows": len(train), "eval_rows": len(held_out)}
     write_json(metrics, {**report, "provenance": provenance})
     log.info("wrote %s to %s, metrics to %s", report, out, metrics)

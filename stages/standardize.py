@@ -3,7 +3,8 @@
     python -m stages.standardize --data data/sharegpt --out data/standardized --metrics metrics/standardize.json
 
 `{"from": "human", "value": ...}` becomes `{"role": "user", "content": ...}` and `gpt` becomes `assistant`,
-the form that chat templates and TRL's `SFTTrainer` read.
+the form that chat templates and TRL's `SFTTrainer` read. unsloth's function runs on ranges of conversations in a
+worker per core (`stages.workers`), in memory, written in order.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
+from datasets.table import InMemoryTable
 
 from stages import params
 from stages.files import write_json
 from stages.params import require
+from stages.workers import STATE, cores, read_rows, row_ranges, run
 
 log = logging.getLogger("standardize")
+
+ROWS_PER_TASK = 32768  # conversations a worker standardizes at a time: one row group of to_sharegpt's files
 
 
 @dataclass(frozen=True)
@@ -36,38 +41,54 @@ class StandardizeConfig:
 
 
 def standardize(dataset: Dataset, config: StandardizeConfig) -> Dataset:
-    """unsloth's `standardize_sharegpt` with this stage's role aliases, in this process (no worker pool)."""
+    """unsloth's `standardize_sharegpt` with this stage's role aliases, in this process (`standardize_file` runs
+    the workers)."""
     from unsloth import standardize_sharegpt
 
     return standardize_sharegpt(dataset, **asdict(config), num_proc=1)
 
 
-def standardize_file(source: Path, target: Path, config: StandardizeConfig, rows_per_batch: int = 16384) -> int:
-    """Standardize the conversations of parquet file `source` into `target`, `rows_per_batch` at a time; returns
-    how many were written.
+def standardize_rows(task: tuple[Path, int, int]) -> pa.Table:
+    """`standardize` of conversations `start` to `stop` of a parquet file, as a dataset held in memory."""
+    source, start, stop = task
+    batch = read_rows(source, start, stop)
+    standardized = standardize(Dataset(InMemoryTable(batch)), STATE["config"]).data.table
+    assert standardized.num_rows == batch.num_rows, f"{source}: rows {start}-{stop}, {standardized.num_rows} out"
+    return standardized
 
-    Each batch goes through `standardize` as a dataset held in memory, and is written as it comes: neither the
-    input nor the output is copied whole into a cache file and memory-mapped (3x the text of the training rows).
+
+def standardize_file(
+    source: Path, target: Path, config: StandardizeConfig, rows_per_batch: int = ROWS_PER_TASK, workers: int = 1
+) -> int:
+    """Standardize the conversations of parquet file `source` into `target`, `rows_per_batch` at a time over
+    `workers` processes, written in order as they come; returns how many were written.
+
+    No batch is copied into a cache file and memory-mapped (3x the text of the training rows), and only the batches
+    in flight are held in memory.
     """
+    ranges = [(source, start, stop) for start, stop in row_ranges(source, rows_per_batch)]
+    if not ranges:
+        raise ValueError(f"{source}: no conversations to standardize")
     written = 0
     writer = None
     try:
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=rows_per_batch):
-            standardized = standardize(Dataset(pa.Table.from_batches([batch])), config).data.table
-            assert standardized.num_rows == batch.num_rows, f"{source}: {batch.num_rows} in, {standardized.num_rows}"
+        for standardized in run(standardize_rows, ranges, workers, {"config": config}):
             writer = writer or pq.ParquetWriter(target, standardized.schema)
             writer.write_table(standardized)
             written += standardized.num_rows
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:
-        raise ValueError(f"{source}: no conversations to standardize")
     return written
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import unsloth  # noqa: F401, I001  # isort: skip  (imported once, before the workers fork)
+    from datasets.utils.logging import disable_progress_bar
+
+    # force: importing unsloth has configured the root logger already, which would silence this one
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    disable_progress_bar()  # one bar per batch and worker would interleave
     config = params.load(StandardizeConfig, params_path, "standardize")
     log.info("config: %s", asdict(config))
 
@@ -76,7 +97,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     for split in ("train", "eval"):
         source = data / f"{split}.parquet"
         conversations_in = pq.ParquetFile(source).metadata.num_rows
-        conversations = standardize_file(source, out / f"{split}.parquet", config)
+        conversations = standardize_file(source, out / f"{split}.parquet", config, workers=cores())
         counts |= {f"{split}_conversations_in": conversations_in, f"{split}_conversations": conversations}
         log.info("%s: %d conversations -> %s", split, conversations, out / f"{split}.parquet")
     write_json(metrics, counts)

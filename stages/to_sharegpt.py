@@ -5,6 +5,7 @@
 Training rows are merged `conversation_extension` at a time into multi-turn conversations, as unsloth does;
 held-out rows stay single-turn so that each is scored on its own. Text only: no tokenizer, model or chat template
 is read here (the tokenize stage encodes the conversations), so changing the model does not rerun this stage.
+unsloth's conversion runs on ranges of rows in a worker per core (`stages.workers`), in memory, in order.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
 
 from stages import params
 from stages.files import write_json
 from stages.params import require
+from stages.workers import STATE, cores, read_rows, row_ranges, run
 
 log = logging.getLogger("to_sharegpt")
+
+ROWS_PER_TASK = 32768  # rows a worker converts at a time: one row group of fetch's files
 
 
 @dataclass(frozen=True)
@@ -97,25 +102,36 @@ def extension_orders(n: int, conversation_extension: int, random_state: int) -> 
     ]
 
 
-def write_extended(single: Dataset, orders: list[Any], path: Path, rows_per_batch: int = 32768) -> None:
-    """Write the conversations `orders` make of `single`'s rows to a parquet file.
+def convert_rows(task: tuple[Path, int, int]) -> tuple[pa.Table, int]:
+    """`convert` of rows `start` to `stop` of a parquet file, in memory (no cache file written); the table of their
+    one-turn conversations and how many whitespace-only cells were blanked."""
+    from datasets.table import InMemoryTable
+
+    source, start, stop = task
+    config = STATE["config"]
+    rows = Dataset(InMemoryTable(read_rows(source, start, stop)))
+    blanked = whitespace_cells(rows, prompt_columns(config.merged_prompt))
+    single = convert(rows, config).data.table
+    assert single.num_rows == stop - start, f"{source}: rows {start}-{stop}, {single.num_rows} conversations"
+    return single, blanked
+
+
+def write_extended(single: pa.ChunkedArray, orders: list[Any], path: Path, rows_per_batch: int = 32768) -> None:
+    """Write the conversations `orders` make of the one-turn conversations `single` to a parquet file.
 
     The same permutations as unsloth's shuffles give the same conversations with Arrow `take`s, written batch by
     batch, without the shuffled copies and the row-by-row Python merge that cost unsloth minutes and gigabytes on
     518k rows. Only one batch's messages are ever copied. A test holds the output equal to unsloth's own.
     """
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    column = single.data.column("conversations")  # chunked as the dataset's file holds it: not combined
-    schema = pa.schema([("conversations", column.type)])
+    schema = pa.schema([("conversations", single.type)])
     with pq.ParquetWriter(path, schema) as writer:
         for first in range(0, max(len(single), 1), rows_per_batch):
             rows = np.arange(first, min(first + rows_per_batch, len(single)))
             # row i's parts, one after another: its own messages, then those of orders[1][i], ...
-            parts = take_rows(column, np.stack([order[rows] for order in orders], axis=1).ravel())
+            parts = take_rows(single, np.stack([order[rows] for order in orders], axis=1).ravel())
             sizes = pc.list_value_length(parts).to_numpy(zero_copy_only=False).reshape(-1, len(orders)).sum(axis=1)
             offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32())
             merged = pa.ListArray.from_arrays(offsets, parts.flatten())
@@ -126,7 +142,6 @@ def take_rows(column: Any, indices: Any) -> Any:
     """`column[indices]` as one array, taken chunk by chunk: Arrow's own `take` on a chunked list column first
     concatenates every chunk, a copy of the whole column for each batch."""
     import numpy as np
-    import pyarrow as pa
 
     bounds = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
     chunk_of = np.searchsorted(bounds, indices, side="right") - 1
@@ -149,18 +164,23 @@ def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     import unsloth  # noqa: F401, I001  # isort: skip  (before transformers, as unsloth asks)
+    from datasets.utils.logging import disable_progress_bar
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # force: importing unsloth has configured the root logger already, which would silence this one
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    disable_progress_bar()  # one bar per range of rows and worker would interleave
     config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
     log.info("config: %s", asdict(config))
 
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):
-        rows = Dataset.from_parquet(str(data / f"{split}.parquet"))
-        rows_in, blanked = len(rows), whitespace_cells(rows, prompt_columns(config.merged_prompt))
-        single = convert(rows, config)
-        del rows  # and its file's memory map: only the converted rows are read from here on
+        source = data / f"{split}.parquet"
+        ranges = [(source, start, stop) for start, stop in row_ranges(source, ROWS_PER_TASK)]
+        require(bool(ranges), f"{source}: no rows to convert")
+        converted = list(run(convert_rows, ranges, cores(), {"config": config}))
+        single = pa.concat_tables([table for table, _ in converted]).column("conversations")
+        rows_in, blanked = ranges[-1][2], sum(blanked for _, blanked in converted)
         orders = extension_orders(len(single), extension, config.random_state)
         write_extended(single, orders, out / f"{split}.parquet")
         conversations = pq.ParquetFile(out / f"{split}.parquet").metadata.num_rows  # counted without reading

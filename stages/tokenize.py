@@ -27,10 +27,8 @@ import argparse
 import hashlib
 import itertools
 import logging
-import multiprocessing
 import os
 import shutil
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig, token
 from stages.files import write_json
 from stages.model import ModelConfig, load_tokenizer
 from stages.params import require
+from stages.workers import STATE, cores, read_rows, row_ranges, run
 
 log = logging.getLogger("tokenize")
 
@@ -200,15 +199,6 @@ def summary(lengths: np.ndarray, limit: int) -> dict[str, int]:
     }
 
 
-def read_rows(source: Path, start: int, stop: int) -> list[list[dict[str, str]]]:
-    """Conversations `start` to `stop` of a standardized parquet file, reading only the row groups that hold them."""
-    file = pq.ParquetFile(source)
-    bounds = np.cumsum([0] + [file.metadata.row_group(i).num_rows for i in range(file.num_row_groups)])
-    groups = [i for i in range(file.num_row_groups) if bounds[i] < stop and bounds[i + 1] > start]
-    table = file.read_row_groups(groups, columns=["conversations"])
-    return table.column("conversations").slice(start - int(bounds[groups[0]]), stop - start).to_pylist()
-
-
 @dataclass(frozen=True)
 class Shard:
     source: Path
@@ -216,27 +206,8 @@ class Shard:
     stop: int
     verbatim: bool  # fill layouts (`Chat.fast_pieces`) rather than render each conversation
 
-
-_WORKER: dict[str, Any] = {}  # what every worker process of a phase shares, set once by `_init` (forked, not pickled)
-
-
-def _init(state: dict[str, Any]) -> None:
-    _WORKER.clear()
-    _WORKER.update(state)
-
-
-def run(task: Callable[[Any], Any], items: list[Any], workers: int, state: dict[str, Any]) -> Iterator[Any]:
-    """`task(item)` of each item, in order, over `workers` processes forked with `state` (the tokenizer and the
-    arrays in it are inherited, not reloaded or pickled)."""
-    if min(workers, len(items)) <= 1:
-        _init(state)
-        try:
-            yield from map(task, items)
-        finally:
-            _WORKER.clear()
-        return
-    with multiprocessing.get_context("fork").Pool(min(workers, len(items)), _init, (state,)) as pool:
-        yield from pool.imap(task, items)
+    def conversations(self) -> list[list[dict[str, str]]]:
+        return read_rows(self.source, self.start, self.stop, ["conversations"]).column(0).to_pylist()
 
 
 def digests(texts: list[str]) -> np.ndarray:
@@ -266,8 +237,8 @@ def survey(shard: Shard) -> tuple[Layout, np.ndarray] | None:
     Where the layout is used, `CHECKED_PER_SHARD` conversations are also rendered through the template itself; a
     difference means the template does not pass contents through verbatim, and the stage starts over without it.
     """
-    chat = _WORKER["chat"]
-    conversations = read_rows(shard.source, shard.start, shard.stop)
+    chat = STATE["chat"]
+    conversations = shard.conversations()
     if shard.verbatim:
         checked = np.unique(np.linspace(0, len(conversations) - 1, CHECKED_PER_SHARD, dtype=np.int64))
         if any(chat.fast_pieces(conversations[i]) != chat.pieces(conversations[i]) for i in checked):
@@ -281,9 +252,9 @@ def encode_distinct(task: tuple[Shard, np.ndarray]) -> tuple[np.ndarray, np.ndar
     """Phase two: the token ids of the pieces of a shard at `wanted` (those whose text occurs there first), as their
     lengths and their ids end to end."""
     shard, wanted = task
-    pieces = split(_WORKER["chat"], read_rows(shard.source, shard.start, shard.stop), shard.verbatim)
+    pieces = split(STATE["chat"], shard.conversations(), shard.verbatim)
     texts = [text for conversation in pieces for text, _ in conversation]
-    ids = token_ids(_WORKER["chat"].tokenizer, [texts[i] for i in wanted.tolist()])
+    ids = token_ids(STATE["chat"].tokenizer, [texts[i] for i in wanted.tolist()])
     lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
     return lengths, np.fromiter(itertools.chain.from_iterable(ids), np.int32, count=int(lengths.sum()))
 
@@ -292,10 +263,10 @@ def assemble_shard(task: tuple[Layout, np.ndarray, Path]) -> tuple[np.ndarray, d
     """Phase three: a shard's conversations from the ids of the texts its pieces are (`numbers`), into its part file;
     its full lengths and counts."""
     layout, numbers, part = task
-    piece_tokens = _WORKER["lengths"][numbers]
-    into = np.repeat(_WORKER["offsets"][numbers] - (np.cumsum(piece_tokens) - piece_tokens), piece_tokens)
-    flat = _WORKER["ids"][into + np.arange(len(into))]
-    table, full, counts = assemble(layout, piece_tokens, flat, _WORKER["max_length"], _WORKER["config"])
+    piece_tokens = STATE["lengths"][numbers]
+    into = np.repeat(STATE["offsets"][numbers] - (np.cumsum(piece_tokens) - piece_tokens), piece_tokens)
+    flat = STATE["ids"][into + np.arange(len(into))]
+    table, full, counts = assemble(layout, piece_tokens, flat, STATE["max_length"], STATE["config"])
     with pa.OSFile(str(part), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
         writer.write_table(table)
     return full, counts
@@ -317,9 +288,7 @@ def tokenize_split(
     parts.mkdir(parents=True)
     state: dict[str, Any] = {"chat": chat}
     for verbatim in (True, False):
-        shards = [
-            Shard(source, start, min(start + SHARD_ROWS, total), verbatim) for start in range(0, total, SHARD_ROWS)
-        ]
+        shards = [Shard(source, start, stop, verbatim) for start, stop in row_ranges(source, SHARD_ROWS)]
         surveys = list(run(survey, shards, workers, state))
         if all(found is not None for found in surveys):
             break
@@ -354,11 +323,6 @@ def tokenize_split(
                     writer.write_batch(batch)
     shutil.rmtree(parts)
     return counts | summary(np.concatenate([full for full, _ in results]), max_length)
-
-
-def cores() -> int:
-    """The cores this process may run on (its affinity mask: `taskset` or a container's cpuset)."""
-    return len(os.sched_getaffinity(0))
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:

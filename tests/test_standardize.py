@@ -46,8 +46,9 @@ def test_output_is_unsloths_own(sample_rows: list[dict[str, str]]) -> None:
     assert standardize(dataset, CONFIG).to_list() == standardize_sharegpt(dataset).to_list()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_a_file_standardized_batch_by_batch_is_unsloths_own_on_the_whole(
-    sample_rows: list[dict[str, str]], tmp_path: Path
+    sample_rows: list[dict[str, str]], tmp_path: Path, workers: int
 ) -> None:
     conversations = [
         [{"from": "human", "value": row["user"]}, {"from": "gpt", "value": row["assistant"]}] * (1 + i % 3)
@@ -55,7 +56,7 @@ def test_a_file_standardized_batch_by_batch_is_unsloths_own_on_the_whole(
     ]
     dataset = Dataset.from_dict({"conversations": conversations})
     dataset.to_parquet(tmp_path / "sharegpt.parquet")
-    written = standardize_file(tmp_path / "sharegpt.parquet", tmp_path / "out.parquet", CONFIG, rows_per_batch=7)
+    written = standardize_file(tmp_path / "sharegpt.parquet", tmp_path / "out.parquet", CONFIG, 7, workers)
     assert written == len(conversations)
     assert Dataset.from_parquet(str(tmp_path / "out.parquet")).to_list() == standardize_sharegpt(dataset).to_list()
 

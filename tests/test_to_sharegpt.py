@@ -37,7 +37,7 @@ def first_turn(system: str) -> list[dict[str, str]]:
 def extended(dataset: Dataset, extension: int, random_state: int, path: Path, rows_per_batch: int = 7) -> Dataset:
     single = convert(dataset, CONFIG)
     orders = extension_orders(len(single), extension, random_state)
-    write_extended(single, orders, path, rows_per_batch)
+    write_extended(single.data.column("conversations"), orders, path, rows_per_batch)
     return Dataset.from_parquet(str(path))
 
 
@@ -75,8 +75,8 @@ def test_rows_held_in_several_chunks_give_what_one_chunk_gives(
     whole = Dataset.from_list(chunked.to_list())
     assert whole.data.column("conversations").num_chunks == 1
     orders = extension_orders(len(whole), 3, 3407)
-    write_extended(chunked, orders, tmp_path / "chunked.parquet", rows_per_batch=5)
-    write_extended(whole, orders, tmp_path / "whole.parquet", rows_per_batch=1000)
+    write_extended(chunked.data.column("conversations"), orders, tmp_path / "chunked.parquet", rows_per_batch=5)
+    write_extended(whole.data.column("conversations"), orders, tmp_path / "whole.parquet", rows_per_batch=1000)
     written = Dataset.from_parquet(str(tmp_path / "chunked.parquet")).to_list()
     assert written == Dataset.from_parquet(str(tmp_path / "whole.parquet")).to_list()
     assert len(written) == len(whole)
