@@ -38,8 +38,9 @@ class ModelConfig:
         )
 
 
-def load_base(config: ModelConfig) -> tuple[Any, Any]:
-    """Load `(model, tokenizer)` with unsloth's `FastLanguageModel.from_pretrained`, 4-bit or not as decided."""
+def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)` with unsloth's `FastLanguageModel.from_pretrained`, 4-bit or not as decided; one
+    of several processes (`local_rank`) loads the whole model onto its own GPU."""
     import torch
     from unsloth import FastLanguageModel
 
@@ -47,12 +48,17 @@ def load_base(config: ModelConfig) -> tuple[Any, Any]:
         isinstance(config.load_in_4bit, bool),
         f"model.load_in_4bit must be decided before loading (stages.fit.resolved), got {config.load_in_4bit!r}",
     )
+    placement = {}
+    if local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        placement = {"device_map": {"": local_rank}}
     return FastLanguageModel.from_pretrained(
         model_name=config.model_name,
         revision=config.revision,
         max_seq_length=config.max_seq_length,
         load_in_4bit=config.load_in_4bit,
         dtype=getattr(torch, config.dtype) if config.dtype else None,
+        **placement,
     )
 
 

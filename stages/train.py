@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -26,6 +27,7 @@ from typing import Any
 
 from stages import checkpoints, fit, params
 from stages.chat import PROBE, PROBE_FILE, Chat, ChatConfig
+from stages.distributed import World, launched, per_process, processes, restart_under_launcher
 from stages.files import file_hash, write_csv
 from stages.model import ModelConfig, load_base, mixed_precision, record_precision
 from stages.params import require
@@ -97,6 +99,7 @@ class TrainConfig:
     save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
     save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
     micro_batch_size: str | None = None  # auto = the largest split of the effective batch the GPU holds (stages.fit)
+    devices: str | int = 1  # processes, one per GPU: auto = every visible GPU (stages.distributed)
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -121,10 +124,11 @@ class TrainConfig:
             self.micro_batch_size in (None, "auto"),
             f"train.micro_batch_size must be null or auto, got {self.micro_batch_size!r}",
         )
+        processes(self.devices, visible_gpus=0)  # auto or a number >= 1; checked against the GPUs at launch
 
 
 # `train.*` keys that this stage reads itself; the others are SFTConfig's
-STAGE_KEYS = ("eval_rows", "micro_batch_size")
+STAGE_KEYS = ("eval_rows", "micro_batch_size", "devices")
 
 
 def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LOSS_COLUMNS) -> list[dict[str, float]]:
@@ -227,7 +231,8 @@ def make_trainer(
 
     class MarkComplete(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            checkpoints.mark_complete(output_dir, state.global_step)
+            if state.is_world_process_zero:
+                checkpoints.mark_complete(output_dir, state.global_step)
 
     if config.eval_steps is not None and eval_set is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
@@ -243,6 +248,8 @@ def make_trainer(
             # the tokens/s and padding share of `project_trainer`: the Trainer's own count, a host sync per micro-batch
             # that cost 1.2-1.7 % of the 8B shape's tokens/s on an H200 (BENCHMARKS.md), kept over a hand-made one
             include_num_input_tokens_seen="non_padding",
+            # several processes: every LoRA weight gets a gradient, so DDP need not search the graph for unused ones
+            ddp_find_unused_parameters=False if World.from_environ(dict(os.environ)).size > 1 else None,
             **mixed_precision(),
             **training_arguments(config),
         ),
@@ -297,6 +304,13 @@ def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> 
             gradient_accumulation_steps=chosen.gradient_accumulation_steps,
         ),
     )
+
+
+def visible_gpus() -> int:
+    """The CUDA GPUs this process may use (`CUDA_VISIBLE_DEVICES` applied); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> dict[str, Any]:
@@ -391,7 +405,26 @@ def main(
         **params.flatten("lora", lora),
         **params.flatten("train", train_config),
     }
+    # the number of processes is neither in the checkpoint folder's hash nor an MLflow parameter: a killed training
+    # resumes, and continues its run, on another number of GPUs (the run is tagged with its `world_size`)
+    del settings["train.devices"]
     log.info("config: %s", settings)
+    world = World.from_environ(dict(os.environ))
+    if world.size > 1:  # each process takes its share of the effective batch
+        per_device, accumulation = per_process(
+            train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps, world.size
+        )
+        train_config = replace(
+            train_config, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
+        )
+        log.info(
+            "rank %d of %d: %d per device x %d accumulation steps x %d processes",
+            world.rank,
+            world.size,
+            per_device,
+            accumulation,
+            world.size,
+        )
 
     # --- data: token ids and labels from the tokenize stage
     train_set, held_out = read_tokenized(data, train_config.eval_rows)
@@ -405,13 +438,15 @@ def main(
     if resume is not None:
         log.info("resuming from %s", resume)
 
-    with training_run(tracking, folder, resume, settings, files, digests, dict(os.environ)) as run:
+    run_context = training_run(tracking, folder, resume, settings, files, digests, dict(os.environ))
+    with run_context if world.main else contextlib.nullcontext() as run:  # rank 0 alone tracks and writes
         # --- model: 4-bit (or, fitted, 16-bit) base + LoRA adapter; `auto` settings decided for this GPU
         model_config, lora, train_config = fitted(model_config, lora, train_config)
-        chosen = fit_tags(model_config, lora, train_config)
+        chosen = fit_tags(model_config, lora, train_config) | {"world_size": world.size}
         log.info("fitted to this machine: %s", chosen)
-        mlflow.set_tags(chosen)  # tags, not params: a resumed run may land on another GPU
-        model, tokenizer = load_base(model_config)
+        if world.main:
+            mlflow.set_tags(chosen)  # tags, not params: a resumed run may land on another GPU or number of them
+        model, tokenizer = load_base(model_config, world.local_rank if world.size > 1 else None)
         chat = Chat(tokenizer, chat_config)  # a `chat.template` is saved with the adapter's tokenizer
         chat.check(padding=True)
         check_encoding(chat, data)
@@ -420,6 +455,8 @@ def main(
         # --- train
         trainer = make_trainer(model, tokenizer, train_set, model_config, train_config, folder, eval_set=held_out)
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if not world.main:
+            return
 
         # --- save and report: adapter + tokenizer + base precision, metrics, loss curves, MLflow artifacts
         model.save_pretrained(adapter)
@@ -466,4 +503,10 @@ if __name__ == "__main__":
     parser.add_argument("--eval-plot", type=Path, required=True, help="held-out loss during training, CSV")
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder of resumable checkpoints")
     args = parser.parse_args()
+    if not launched(dict(os.environ)):  # `train.devices` above 1: start again as that many processes under torchrun
+        count = processes(params.load(TrainConfig, args.params, "train").devices, visible_gpus())
+        if count > 1:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+            log.info("train.devices: %d processes, started by torch.distributed.run", count)
+            restart_under_launcher(count, "stages.train", sys.argv[1:])
     main(args.params, args.data, args.adapter, args.metrics, args.plot, args.eval_plot, args.checkpoints)

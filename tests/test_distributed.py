@@ -1,0 +1,183 @@
+"""train on several processes: torchrun started by the stage itself, the effective batch kept, rank 0 alone writing.
+
+On the CPU the processes talk over gloo, as on GPUs over NCCL: the same stage command, `train.devices: 2`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from datasets import Dataset
+
+from stages import tokenize
+from stages.distributed import World, launched, launcher, per_process, processes
+
+OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
+
+
+def test_devices_auto_takes_every_visible_gpu_and_one_process_without() -> None:
+    assert processes("auto", 2) == 2 and processes("auto", 0) == 1
+    assert processes(1, 2) == 1 and processes(2, 0) == 2  # on the CPU: gloo processes
+    with pytest.raises(ValueError, match=r"train.devices is 4 but this machine shows 2 GPU"):
+        processes(4, 2)
+    for bad in ("two", 0, True, 1.5):
+        with pytest.raises(ValueError, match="train.devices must be auto or a number of processes >= 1"):
+            processes(bad, 2)
+
+
+def test_the_effective_batch_is_kept_over_the_processes() -> None:
+    assert per_process(2, 4, 2) == (2, 2)  # 2 x 4 = 2 x 2 x 2
+    assert per_process(8, 1, 2) == (4, 1)
+    assert per_process(4, 1, 1) == (4, 1)
+    with pytest.raises(ValueError, match=r"= 3 x 1 cannot be split evenly over 2 processes"):
+        per_process(3, 1, 2)
+
+
+def test_the_launcher_is_torchrun_on_a_local_rendezvous_without_restarts() -> None:
+    command = launcher(2, "stages.train", ["--data", "d"])
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert {"--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--max-restarts=0"} <= set(
+        command
+    )
+    assert command[-4:] == ["-m", "stages.train", "--data", "d"]
+    assert World.from_environ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == World(1, 1, 2)
+    assert World.from_environ({}).main and not World(1, 1, 2).main
+    assert launched({"LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}) and not launched({"LOCAL_RANK": "0"})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sample_rows: list, root: Path) -> Path:
+    """A folder with the tokenized sample (one-turn conversations) and params for a short training."""
+    work = tmp_path_factory.mktemp("distributed")
+    standardized = work / "standardized"
+    standardized.mkdir()
+    conversations = [
+        [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
+        for row in sample_rows[:96]
+    ]
+    Dataset.from_dict({"conversations": conversations[:80]}).to_parquet(standardized / "train.parquet")
+    Dataset.from_dict({"conversations": conversations[80:]}).to_parquet(standardized / "eval.parquet")
+    settings = yaml.safe_load((root / "params.yaml").read_text())
+    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 256}
+    settings["train"] |= {
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 5.0e-3,
+        "max_steps": 6,
+        "warmup_steps": 1,
+        "optim": "adamw_torch",
+        "eval_steps": 3,
+        "eval_rows": 8,
+        "save_steps": None,
+    }
+    (work / "params.yaml").write_text(yaml.safe_dump(settings))
+    tokenize.main(work / "params.yaml", standardized, work / "tokenized", work / "tokenize.json")
+    return work
+
+
+def start_training(work: Path, out: Path, devices: int, exist_ok: bool = False, **train: object) -> subprocess.Popen:
+    """The train stage's command as dvc.yaml runs it, in `work`, with `train.devices` and other settings changed."""
+    settings = yaml.safe_load((work / "params.yaml").read_text())
+    settings["train"] |= {"devices": devices, **train}
+    out.mkdir(exist_ok=exist_ok)
+    (out / "params.yaml").write_text(yaml.safe_dump(settings))
+    paths = dict(zip(OUTPUTS, (out / name for name in OUTPUTS), strict=True))
+    command = [sys.executable, "-m", "stages.train", "--params", str(out / "params.yaml")]
+    command += ["--data", str(work / "tokenized"), "--adapter", str(paths["adapter"]), "--metrics"]
+    command += [str(paths["train.json"]), "--plot", str(paths["loss.csv"]), "--eval-plot", str(paths["eval_loss.csv"])]
+    command += ["--checkpoints", str(paths["checkpoints"])]
+    environ = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    log = (out / "train.log").open("w")
+    return subprocess.Popen(command, cwd=out, env=environ, stdout=log, stderr=subprocess.STDOUT)
+
+
+def losses(path: Path) -> list[float]:
+    with path.open() as f:
+        return [float(row["loss"]) for row in csv.DictReader(f)]
+
+
+def runs(work: Path) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
+
+
+def test_two_processes_train_as_one_with_the_same_effective_batch(workspace: Path) -> None:
+    one = start_training(workspace, workspace / "one", devices=1)
+    assert one.wait(timeout=600) == 0, (workspace / "one" / "train.log").read_text()[-3000:]
+    two = start_training(workspace, workspace / "two", devices=2)
+    assert two.wait(timeout=600) == 0, (workspace / "two" / "train.log").read_text()[-3000:]
+    log = (workspace / "two" / "train.log").read_text()
+    assert "rank 1 of 2: 4 per device x 1 accumulation steps x 2 processes" in log
+
+    # the same micro-batches in each optimizer step (two of 4 conversations), so the same curve up to float sums
+    assert losses(workspace / "two" / "loss.csv") == pytest.approx(losses(workspace / "one" / "loss.csv"), rel=1e-3)
+    # one MLflow run per training, not per process; one adapter; nothing else written, the checkpoints removed
+    found = runs(workspace)
+    assert sorted(run.data.tags["world_size"] for run in found) == ["1", "2"]
+    assert all(run.info.status == "FINISHED" for run in found)
+    written = {path.name for path in (workspace / "two").iterdir()}
+    assert written == {"params.yaml", "train.log", "adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints"}
+    assert not any((workspace / "two" / "checkpoints").iterdir())
+    assert (workspace / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_process_ends_the_whole_training_promptly(workspace: Path) -> None:
+    training = start_training(workspace, workspace / "killed", devices=2, max_steps=100_000, eval_steps=None)
+    launcher_process = psutil.Process(training.pid)
+    deadline = time.monotonic() + 300
+    workers: list[psutil.Process] = []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+        workers = launcher_process.children()
+    assert len(workers) == 2, (workspace / "killed" / "train.log").read_text()[-3000:]
+    while "'loss'" not in (workspace / "killed" / "train.log").read_text() and time.monotonic() < deadline:
+        time.sleep(1)  # both processes are training
+    rank_one = next(worker for worker in workers if worker.environ().get("RANK") == "1")
+    rank_one.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert training.wait(timeout=120) != 0  # the stage fails
+    assert time.monotonic() - killed_at < 60
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+
+
+def test_a_training_killed_on_two_processes_resumes_on_one(workspace: Path) -> None:
+    import mlflow
+
+    settings = {"max_steps": 40, "save_steps": 2, "eval_steps": None}
+    training = start_training(workspace, workspace / "resumed", devices=2, **settings)
+    folder = workspace / "resumed" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("*/checkpoint-*/complete.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert training.poll() is None, (workspace / "resumed" / "train.log").read_text()[-3000:]
+    for worker in psutil.Process(training.pid).children():
+        if worker.environ().get("RANK") == "1":
+            worker.send_signal(signal.SIGKILL)
+    assert training.wait(timeout=120) != 0
+    started = {run.info.run_id for run in runs(workspace)}
+
+    (workspace / "resumed" / "params.yaml").unlink()
+    (workspace / "resumed" / "train.log").rename(workspace / "killed.log")
+    resumed = start_training(workspace, workspace / "resumed", devices=1, exist_ok=True, **settings)
+    assert resumed.wait(timeout=600) == 0, (workspace / "resumed" / "train.log").read_text()[-3000:]
+    assert "resuming from" in (workspace / "resumed" / "train.log").read_text()
+    assert json.loads((workspace / "resumed" / "train.json").read_text())["global_step"] == 40
+    after = runs(workspace)
+    assert {run.info.run_id for run in after} == started  # the killed run's, continued
+    continued = mlflow.MlflowClient().get_run(next(r.info.run_id for r in after if "resumed_from" in r.data.tags))
+    assert continued.info.status == "FINISHED" and continued.data.tags["world_size"] == "1"
