@@ -5,8 +5,8 @@ machine without one), a number takes that many (on the CPU, processes that talk 
 more than one, the train stage starts again under PyTorch's own launcher, `torch.distributed.run` (torchrun), with
 the same arguments; each process then finds its rank in the environment the launcher sets. The effective batch of
 `params.yaml` (micro-batch x accumulation) is kept: each of N processes takes 1/N of the accumulation (or of the
-micro-batch).
-Rank 0 alone opens the MLflow run and writes the adapter, metrics and plots.
+micro-batch). Rank 0 alone opens the MLflow run and writes the adapter, metrics and plots. Several machines: the
+same command on each, with torchrun's own variables (`PET_NNODES`, `PET_RDZV_ENDPOINT`) saying where they meet.
 """
 
 from __future__ import annotations
@@ -54,21 +54,40 @@ def processes(devices: str | int, visible_gpus: int) -> int:
     return devices
 
 
-def launcher(count: int, module: str, arguments: list[str]) -> list[str]:
-    """The command that runs `python -m module arguments` as `count` processes under torchrun on this machine: a
-    c10d rendezvous on a free port of 127.0.0.1, no restarts (a failed process ends them all and the stage)."""
+# torchrun's own `PET_*` environment variables, where set, win over these defaults
+LAUNCH_DEFAULTS = {
+    "PET_RDZV_BACKEND": "--rdzv-backend=c10d",
+    "PET_RDZV_ENDPOINT": "--rdzv-endpoint=localhost:0",  # a free port of this machine: one node
+    "PET_MAX_RESTARTS": "--max-restarts=0",  # a failed process ends them all, and the stage
+}
+
+
+def launcher(count: int, module: str, arguments: list[str], environ: dict[str, str]) -> list[str]:
+    """The command that runs `python -m module arguments` as `count` processes on this machine under torchrun.
+
+    One machine by default: a c10d rendezvous on a free port of 127.0.0.1, no restarts. Several when torchrun's own
+    variables say so, the same on every machine: `PET_NNODES=2 PET_RDZV_ENDPOINT=<first machine>:29400 dvc repro`.
+    """
+    require(
+        not several_nodes(environ) or "PET_RDZV_ENDPOINT" in environ,
+        f"PET_NNODES={environ.get('PET_NNODES')} needs PET_RDZV_ENDPOINT=<host>:<port>, where the machines meet",
+    )
+    defaults = [flag for variable, flag in LAUNCH_DEFAULTS.items() if variable not in environ]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={count}",
-        "--rdzv-backend=c10d",
-        "--rdzv-endpoint=localhost:0",
-        "--max-restarts=0",
+        *defaults,
         "-m",
         module,
         *arguments,
     ]
+
+
+def several_nodes(environ: dict[str, str]) -> bool:
+    """Whether torchrun is told to meet other machines: `PET_NNODES` above 1 (`2`, or a range like `1:4`)."""
+    return environ.get("PET_NNODES", "1").split(":")[-1].strip() not in ("", "1")
 
 
 def launched(environ: dict[str, str]) -> bool:
@@ -96,7 +115,7 @@ def per_process(per_device: int, accumulation: int, world_size: int) -> tuple[in
 def restart_under_launcher(count: int, module: str, arguments: list[str]) -> None:
     """Replace this process with torchrun running `count` copies of `module` (DVC waits on the same process id,
     and a signal to it reaches the launcher, which stops every copy)."""
-    command = launcher(count, module, arguments)
+    command = launcher(count, module, arguments, dict(os.environ))
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)

@@ -27,7 +27,7 @@ from typing import Any
 
 from stages import checkpoints, fit, params
 from stages.chat import PROBE, PROBE_FILE, Chat, ChatConfig
-from stages.distributed import World, launched, per_process, processes, restart_under_launcher
+from stages.distributed import World, launched, per_process, processes, restart_under_launcher, several_nodes
 from stages.files import file_hash, write_csv
 from stages.model import ModelConfig, load_base, mixed_precision, record_precision
 from stages.params import require
@@ -503,10 +503,11 @@ if __name__ == "__main__":
     parser.add_argument("--eval-plot", type=Path, required=True, help="held-out loss during training, CSV")
     parser.add_argument("--checkpoints", type=Path, required=True, help="folder of resumable checkpoints")
     args = parser.parse_args()
-    if not launched(dict(os.environ)):  # `train.devices` above 1: start again as that many processes under torchrun
+    # `train.devices` above 1, or other machines to meet: start again as that many processes under torchrun
+    if not launched(dict(os.environ)):
         count = processes(params.load(TrainConfig, args.params, "train").devices, visible_gpus())
-        if count > 1:
+        if count > 1 or several_nodes(dict(os.environ)):
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-            log.info("train.devices: %d processes, started by torch.distributed.run", count)
+            log.info("train.devices: %d processes on this machine, started by torch.distributed.run", count)
             restart_under_launcher(count, "stages.train", sys.argv[1:])
     main(args.params, args.data, args.adapter, args.metrics, args.plot, args.eval_plot, args.checkpoints)

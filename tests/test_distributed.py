@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import yaml
 from datasets import Dataset
 
 from stages import tokenize
-from stages.distributed import World, launched, launcher, per_process, processes
+from stages.distributed import World, launched, launcher, per_process, processes, several_nodes
 
 OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
 
@@ -44,12 +45,18 @@ def test_the_effective_batch_is_kept_over_the_processes() -> None:
 
 
 def test_the_launcher_is_torchrun_on_a_local_rendezvous_without_restarts() -> None:
-    command = launcher(2, "stages.train", ["--data", "d"])
+    command = launcher(2, "stages.train", ["--data", "d"], {})
     assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert {"--nproc-per-node=2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", "--max-restarts=0"} <= set(
         command
     )
     assert command[-4:] == ["-m", "stages.train", "--data", "d"]
+    # several machines: torchrun's own variables replace the local defaults
+    nodes = {"PET_NNODES": "2", "PET_RDZV_ENDPOINT": "10.0.0.1:29400"}
+    assert not any(flag.startswith("--rdzv-endpoint") for flag in launcher(1, "stages.train", [], nodes))
+    assert several_nodes(nodes) and several_nodes({"PET_NNODES": "1:4"}) and not several_nodes({"PET_NNODES": "1"})
+    with pytest.raises(ValueError, match="PET_NNODES=2 needs PET_RDZV_ENDPOINT"):
+        launcher(1, "stages.train", [], {"PET_NNODES": "2"})
     assert World.from_environ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == World(1, 1, 2)
     assert World.from_environ({}).main and not World(1, 1, 2).main
     assert launched({"LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}) and not launched({"LOCAL_RANK": "0"})
@@ -85,7 +92,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sa
     return work
 
 
-def start_training(work: Path, out: Path, devices: int, exist_ok: bool = False, **train: object) -> subprocess.Popen:
+def start_training(
+    work: Path, out: Path, devices: int, exist_ok: bool = False, environ: dict[str, str] | None = None, **train: object
+) -> subprocess.Popen:
     """The train stage's command as dvc.yaml runs it, in `work`, with `train.devices` and other settings changed."""
     settings = yaml.safe_load((work / "params.yaml").read_text())
     settings["train"] |= {"devices": devices, **train}
@@ -96,10 +105,14 @@ def start_training(work: Path, out: Path, devices: int, exist_ok: bool = False, 
     command += ["--data", str(work / "tokenized"), "--adapter", str(paths["adapter"]), "--metrics"]
     command += [str(paths["train.json"]), "--plot", str(paths["loss.csv"]), "--eval-plot", str(paths["eval_loss.csv"])]
     command += ["--checkpoints", str(paths["checkpoints"])]
-    environ = os.environ | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
+    environ = (
+        os.environ
+        | (environ or {})
+        | {
+            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        }
+    )
     log = (out / "train.log").open("w")
     return subprocess.Popen(command, cwd=out, env=environ, stdout=log, stderr=subprocess.STDOUT)
 
@@ -116,16 +129,22 @@ def runs(work: Path) -> list:
     return mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
 
 
-def test_two_processes_train_as_one_with_the_same_effective_batch(workspace: Path) -> None:
+@pytest.fixture(scope="module")
+def single(workspace: Path) -> Path:
+    """The folder of a training on one process, whose loss curve the others are held to."""
     one = start_training(workspace, workspace / "one", devices=1)
     assert one.wait(timeout=600) == 0, (workspace / "one" / "train.log").read_text()[-3000:]
+    return workspace / "one"
+
+
+def test_two_processes_train_as_one_with_the_same_effective_batch(workspace: Path, single: Path) -> None:
     two = start_training(workspace, workspace / "two", devices=2)
     assert two.wait(timeout=600) == 0, (workspace / "two" / "train.log").read_text()[-3000:]
     log = (workspace / "two" / "train.log").read_text()
     assert "rank 1 of 2: 4 per device x 1 accumulation steps x 2 processes" in log
 
     # the same micro-batches in each optimizer step (two of 4 conversations), so the same curve up to float sums
-    assert losses(workspace / "two" / "loss.csv") == pytest.approx(losses(workspace / "one" / "loss.csv"), rel=1e-3)
+    assert losses(workspace / "two" / "loss.csv") == pytest.approx(losses(single / "loss.csv"), rel=1e-3)
     # one MLflow run per training, not per process; one adapter; nothing else written, the checkpoints removed
     found = runs(workspace)
     assert sorted(run.data.tags["world_size"] for run in found) == ["1", "2"]
@@ -181,3 +200,23 @@ def test_a_training_killed_on_two_processes_resumes_on_one(workspace: Path) -> N
     assert {run.info.run_id for run in after} == started  # the killed run's, continued
     continued = mlflow.MlflowClient().get_run(next(r.info.run_id for r in after if "resumed_from" in r.data.tags))
     assert continued.info.status == "FINISHED" and continued.data.tags["world_size"] == "1"
+
+
+def test_two_machines_meet_at_a_rendezvous_and_train_as_one(workspace: Path, single: Path) -> None:
+    # two launcher agents of one process each, as on two one-GPU machines, meeting at a c10d rendezvous on 127.0.0.1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = {"PET_NNODES": "2", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": "two-machines"}
+    machines = [workspace / "machine-a", workspace / "machine-b"]
+    before = {run.info.run_id for run in runs(workspace)}
+    trainings = [start_training(workspace, folder, devices=1, environ=nodes) for folder in machines]
+    for folder, training in zip(machines, trainings, strict=True):
+        assert training.wait(timeout=600) == 0, (folder / "train.log").read_text()[-3000:]
+    writers = [folder for folder in machines if (folder / "adapter").is_dir()]
+    assert len(writers) == 1  # rank 0's machine writes, the other nothing
+    other = next(folder for folder in machines if folder not in writers)
+    assert not any((other / name).exists() for name in ("adapter", "train.json", "loss.csv", "eval_loss.csv"))
+    assert losses(writers[0] / "loss.csv") == pytest.approx(losses(single / "loss.csv"), rel=1e-3)
+    new = [run for run in runs(workspace) if run.info.run_id not in before]
+    assert [run.data.tags["world_size"] for run in new] == ["2"]  # one MLflow run for both machines
