@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
 
     python -m benchmarks.train_speed [--shape llama-8b] [--steps 12] [--batch 4] [--lengths mixed|fixed]
-        [--setups project,project-auto,plain] [--profile]
+        [--setups project,project-auto,plain] [--profile] [--processes 2]
 
 On a random-weight model of a real shape (`benchmarks.shapes`), LoRA with the `lora.*` settings of params.yaml,
 `--batch` conversations per optimizer step, the same conversations for every setup:
@@ -19,6 +19,8 @@ autocast, and trains with a plain loop and 8-bit AdamW.
 Each runs in its own process (unsloth patches transformers when imported). The first `--warmup` steps are left
 out; tokens are counted from the batches each step consumed: effective (non-padding) tokens/s, the padding
 share, MFU (4 x matmul parameters x tokens: forward and input gradients, over 790 TFLOP/s) and peak GPU memory.
+With `--processes N` a project setup runs data-parallel under torchrun as the train stage does (`--batch` split
+over the processes, `stages.distributed`): tokens/s summed over them, MFU per GPU, the largest peak.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from stages.distributed import launcher
 
 MAX_LENGTH = 2048
 PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on this workplace's H100/H200 (the datasheet says 989)
@@ -127,6 +131,7 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
 
     from stages import params
     from stages.chat import Chat, ChatConfig
+    from stages.distributed import World, per_process
     from stages.model import ModelConfig, load_base
     from stages.tokenize import tokenized
     from stages.train import LoraConfig, TrainConfig, fit_tags, fitted, make_trainer
@@ -153,10 +158,16 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         padding_free=settings.get("padding_free"),
         packing=settings.get("packing", False),
     )
+    world = World.from_environ(dict(os.environ))  # under torchrun (`--processes`): each takes its share of the batch
+    per_device, accumulation = per_process(batch, 1, world.size)
+    config = dataclasses.replace(
+        config, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
+    )
     model_config, lora, config = fitted(model_config, lora, config)
     chosen = {key.removeprefix("fit."): value for key, value in fit_tags(model_config, lora, config).items()}
+    chosen |= {"processes": world.size} if world.size > 1 else {}
     print(f"settings: {chosen}", flush=True)
-    model, tokenizer = load_base(model_config)
+    model, tokenizer = load_base(model_config, world.local_rank if world.size > 1 else None)
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
     dataset = tokenized(chat, data, model_config.max_seq_length)  # as the tokenize stage writes them
@@ -240,6 +251,17 @@ SETUPS = {  # name: (code path, settings)
 }
 
 
+def combined(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from every process's result: tokens/s summed (the steps are synchronised, so the timed windows
+    match), padding share averaged, the largest peak memory and time, rank 0's settings."""
+    return ranks[0] | {
+        "tokens_per_s": sum(r["tokens_per_s"] for r in ranks),
+        "padding_share": sum(r["padding_share"] for r in ranks) / len(ranks),
+        "peak_gib": max(r["peak_gib"] for r in ranks),
+        "seconds": max(r["seconds"] for r in ranks),
+    }
+
+
 def matmul_parameters(model_dir: Path) -> float:
     """Parameters that every token multiplies through (all linear layers and the output layer)."""
     from types import SimpleNamespace
@@ -260,17 +282,19 @@ def main() -> None:
     parser.add_argument("--setups", default="project,plain", help=f"comma-separated, of {', '.join(SETUPS)}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-bench"))
     parser.add_argument("--profile", action="store_true", help="project setups: print where steps 4-5 spend time")
+    parser.add_argument("--processes", type=int, default=1, help="project setups: data-parallel, one per GPU")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work.resolve()
     model_dir = work / args.shape
     data = conversations(args.lengths, args.batch * args.steps)
 
-    if args.child:  # one setup, in this process
+    if args.child:  # one setup, in this process (one of `--processes` under torchrun)
         run, settings = SETUPS[args.child]
         result = run(str(model_dir), data, args.batch, args.steps, settings | {"profile": args.profile}, work)
         summary = result.pop("clock").summary(args.warmup)
-        (work / f"{args.child}.json").write_text(json.dumps(result | summary))
+        rank = os.environ.get("RANK", "0")
+        (work / f"{args.child}.rank{rank}.json").write_text(json.dumps(result | summary))
         return
 
     root = Path(__file__).resolve().parents[1]
@@ -286,16 +310,22 @@ def main() -> None:
     flops_per_token = 4 * matmul_parameters(model_dir)
     rows = []
     for setup in args.setups.split(","):
-        command = [sys.executable, "-m", "benchmarks.train_speed", *sys.argv[1:], "--child", setup]
+        arguments = [*sys.argv[1:], "--child", setup]
+        command = [sys.executable, "-m", "benchmarks.train_speed", *arguments]
+        if args.processes > 1:  # as the train stage starts itself: torchrun, one process per GPU
+            command = launcher(args.processes, "benchmarks.train_speed", arguments, {})
+        for stale in work.glob(f"{setup}.rank*.json"):
+            stale.unlink()
         if subprocess.run(command, check=False, env=env, cwd=root).returncode != 0:
             print(f"{setup} failed: see its output above", flush=True)
             continue
-        rows.append((setup, json.loads((work / f"{setup}.json").read_text())))
-    print(f"\n{args.shape}, LoRA r 4 q/k/v/o, batch {args.batch} per step, {args.lengths} lengths, {card}\n")
+        rows.append((setup, combined([json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))])))
+    processes = f", {args.processes} processes" if args.processes > 1 else ""
+    print(f"\n{args.shape}, LoRA r 4 q/k/v/o, batch {args.batch} per step{processes}, {args.lengths} lengths, {card}\n")
     print("| setup | settings | effective tokens/s | padding share | MFU | peak GiB | timed s |")
     print("|---|---|---|---|---|---|---|")
     for setup, r in rows:
-        mfu = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS
+        mfu = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS / args.processes  # per GPU
         plain = {"load_in_4bit": True, "use_gradient_checkpointing": True, "per_device_train_batch_size": args.batch}
         settings = r.get("settings") or plain
         described = ", ".join(f"{key} {value}" for key, value in settings.items())
