@@ -63,8 +63,8 @@ def standardize_file(
     """Standardize the conversations of parquet file `source` into `target`, `rows_per_batch` at a time over
     `workers` processes, written in order as they come; returns how many were written.
 
-    No batch is copied into a cache file and memory-mapped (3x the text of the training rows), and only the batches
-    in flight are held in memory.
+    No batch is copied into a cache file and memory-mapped (3x the text of the training rows): the workers' batches
+    come back in memory and are written in order as they arrive.
     """
     ranges = [(source, start, stop) for start, stop in row_ranges(source, rows_per_batch)]
     if not ranges:
