@@ -131,10 +131,10 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
 
     from stages import params
     from stages.chat import Chat, ChatConfig
-    from stages.distributed import World, per_process
+    from stages.distributed import World
     from stages.model import ModelConfig, load_base
     from stages.tokenize import tokenized
-    from stages.train import LoraConfig, TrainConfig, fit_tags, fitted, make_trainer
+    from stages.train import LoraConfig, TrainConfig, fit_tags, fitted, make_trainer, shared_out
 
     root = Path(__file__).resolve().parents[1]
     lora = dataclasses.replace(
@@ -159,15 +159,12 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         packing=settings.get("packing", False),
     )
     world = World.from_environ(dict(os.environ))  # under torchrun (`--processes`): each takes its share of the batch
-    per_device, accumulation = per_process(batch, 1, world.size)
-    config = dataclasses.replace(
-        config, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
-    )
+    config = shared_out(config, world)
     model_config, lora, config = fitted(model_config, lora, config)
     chosen = {key.removeprefix("fit."): value for key, value in fit_tags(model_config, lora, config).items()}
     chosen |= {"processes": world.size} if world.size > 1 else {}
     print(f"settings: {chosen}", flush=True)
-    model, tokenizer = load_base(model_config, world.local_rank if world.size > 1 else None)
+    model, tokenizer = load_base(model_config, world.gpu)
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
     dataset = tokenized(chat, data, model_config.max_seq_length)  # as the tokenize stage writes them

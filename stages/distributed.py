@@ -29,6 +29,11 @@ class World:
         """Whether this process writes: the adapter, metrics, plots, the MLflow run."""
         return self.rank == 0
 
+    @property
+    def gpu(self) -> int | None:
+        """The GPU this process loads the model onto, one of several; None alone (the loader's own placement)."""
+        return self.local_rank if self.size > 1 else None
+
     @classmethod
     def from_environ(cls, environ: dict[str, str]) -> World:
         """The world the launcher describes in `RANK`, `LOCAL_RANK` and `WORLD_SIZE`; one process without them."""

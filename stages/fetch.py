@@ -20,7 +20,7 @@ from typing import Any
 from datasets import Dataset, Value, load_dataset
 
 from stages import params
-from stages.files import file_hash, write_json
+from stages.files import digests, distinct, file_hash, write_json
 from stages.params import require
 
 log = logging.getLogger("fetch")
@@ -131,16 +131,15 @@ def check_schema(dataset: Dataset) -> list[str]:
 
 
 def row_digests(table: Any, batch_rows: int = 65536) -> Any:
-    """A 16-byte BLAKE2b digest of each row's (system, user, assistant), as a numpy array of `V16`."""
+    """The `stages.files.digests` of each row's (system, user, assistant), batch by batch."""
     import numpy as np
 
-    digests = bytearray()
+    parts = []
     for batch in table.select(list(TEXT_COLUMNS)).to_batches(max_chunksize=batch_rows):
-        for system, user, answer in zip(*(batch.column(c).to_pylist() for c in TEXT_COLUMNS), strict=True):
-            # the lengths in front tell where each text ends: ("ab", "c") and ("a", "bc") differ
-            key = f"{len(system)},{len(user)},{system}{user}{answer}"
-            digests += hashlib.blake2b(key.encode(), digest_size=16).digest()
-    return np.frombuffer(bytes(digests), dtype="V16")
+        columns = (batch.column(c).to_pylist() for c in TEXT_COLUMNS)
+        # the lengths in front tell where each text ends: ("ab", "c") and ("a", "bc") differ
+        parts.append(digests([f"{len(s)},{len(u)},{s}{u}{a}" for s, u, a in zip(*columns, strict=True)]))
+    return np.concatenate(parts) if parts else np.empty((0, 2), np.uint64)
 
 
 def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int]]:
@@ -171,7 +170,7 @@ def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int
         # the first row of each distinct (system, user, assistant) among the rows still alive, found by a 16-byte
         # digest per row: a hash table of the texts themselves would cost gigabytes on 518k rows
         alive_rows = np.flatnonzero(alive.to_numpy(zero_copy_only=False))
-        _, first = np.unique(row_digests(table)[alive_rows], return_index=True)
+        _, first = distinct(row_digests(table)[alive_rows])
         is_duplicate = np.ones(len(alive_rows), dtype=bool)
         is_duplicate[first] = False
         mask = np.zeros(n, dtype=bool)

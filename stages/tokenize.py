@@ -24,7 +24,6 @@ Finance-Instruct) and the conversations assembled from those ids.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import logging
 import os
@@ -39,7 +38,7 @@ import pyarrow.parquet as pq
 
 from stages import params
 from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig, token_ids
-from stages.files import write_json
+from stages.files import digests, distinct, write_json
 from stages.model import ModelConfig, load_tokenizer
 from stages.params import require
 from stages.workers import STATE, cores, read_rows, row_ranges, run
@@ -210,27 +209,6 @@ class Shard:
         return read_rows(self.source, self.start, self.stop, ["conversations"]).column(0).to_pylist()
 
 
-def digests(texts: list[str]) -> np.ndarray:
-    """A 128-bit digest of each text, as two uint64 columns: equal digests mean equal texts."""
-    joined = b"".join(hashlib.blake2b(text.encode(), digest_size=16).digest() for text in texts)
-    return np.frombuffer(joined, np.uint64).reshape(-1, 2)
-
-
-def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each piece's digest (`digests`): its text's number, texts numbered in the order they first occur, and
-    each number's first piece. `distinct([a, b, a])` -> `([0, 1, 0], [0, 1])`."""
-    order = np.argsort(keys[:, 0], kind="stable")  # on 64 bits (fast), runs split on the other 64
-    ordered = keys[order]
-    new = np.ones(len(order), bool)
-    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    first = order[new]  # a run's first piece, the stable sort keeping pieces in order within it
-    rank = np.empty(len(first), np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    number = np.empty(len(order), np.int64)
-    number[order] = rank[np.cumsum(new) - 1]
-    return number, np.sort(first)
-
-
 def survey(shard: Shard) -> tuple[Layout, np.ndarray] | None:
     """Phase one: the layout of a shard's pieces and each piece's digest; None where the layout did not hold.
 
@@ -250,7 +228,9 @@ def survey(shard: Shard) -> tuple[Layout, np.ndarray] | None:
 
 def encode_distinct(task: tuple[Shard, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Phase two: the token ids of the pieces of a shard at `wanted` (those whose text occurs there first), as their
-    lengths and their ids end to end."""
+    lengths and their ids end to end. The shard is read and split again rather than its texts kept from phase one:
+    kept, every shard's texts would be the whole split in memory; reading and splitting cost ~6 % of encoding
+    (8,192 conversations: 1.3 s against 21 s)."""
     shard, wanted = task
     pieces = split(STATE["chat"], shard.conversations(), shard.verbatim)
     texts = [text for conversation in pieces for text, _ in conversation]

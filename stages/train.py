@@ -306,6 +306,14 @@ def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> 
     )
 
 
+def shared_out(config: TrainConfig, world: World) -> TrainConfig:
+    """`config` with each of the world's processes taking its share of the effective batch (`per_process`)."""
+    per_device, accumulation = per_process(
+        config.per_device_train_batch_size, config.gradient_accumulation_steps, world.size
+    )
+    return replace(config, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation)
+
+
 def visible_gpus() -> int:
     """The CUDA GPUs this process may use (`CUDA_VISIBLE_DEVICES` applied); 0 without CUDA."""
     import torch
@@ -410,19 +418,14 @@ def main(
     del settings["train.devices"]
     log.info("config: %s", settings)
     world = World.from_environ(dict(os.environ))
-    if world.size > 1:  # each process takes its share of the effective batch
-        per_device, accumulation = per_process(
-            train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps, world.size
-        )
-        train_config = replace(
-            train_config, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation
-        )
+    train_config = shared_out(train_config, world)
+    if world.size > 1:
         log.info(
             "rank %d of %d: %d per device x %d accumulation steps x %d processes",
             world.rank,
             world.size,
-            per_device,
-            accumulation,
+            train_config.per_device_train_batch_size,
+            train_config.gradient_accumulation_steps,
             world.size,
         )
 
@@ -446,7 +449,7 @@ def main(
         log.info("fitted to this machine: %s", chosen)
         if world.main:
             mlflow.set_tags(chosen)  # tags, not params: a resumed run may land on another GPU or number of them
-        model, tokenizer = load_base(model_config, world.local_rank if world.size > 1 else None)
+        model, tokenizer = load_base(model_config, world.gpu)
         chat = Chat(tokenizer, chat_config)  # a `chat.template` is saved with the adapter's tokenizer
         chat.check(padding=True)
         check_encoding(chat, data)

@@ -12,7 +12,8 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
-from stages.tokenize import SHARD_ROWS, TokenizeConfig, digests, distinct, encode, main, summary
+from stages.files import digests, distinct
+from stages.tokenize import SHARD_ROWS, TokenizeConfig, encode, main, summary
 
 TWO_TURNS = [
     {"role": "system", "content": "You answer questions on corporate finance."},
@@ -184,7 +185,7 @@ def test_each_distinct_text_is_numbered_once_in_order_of_first_occurrence() -> N
     # two digests equal on their first 64 bits only: never one number, whatever their order
     collide = np.array([[5, 1], [5, 2], [5, 1], [4, 9]], np.uint64)
     numbers, first = distinct(collide)
-    assert numbers[0] != numbers[1] and numbers[1] != numbers[2]
+    assert numbers[0] != numbers[1] and numbers[1] != numbers[2] and numbers[0] == numbers[2]
     assert all((collide[first[n]] == collide[i]).all() for i, n in enumerate(numbers))
 
 
