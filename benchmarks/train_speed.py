@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
 
     python -m benchmarks.train_speed [--shape llama-8b] [--steps 12] [--batch 4] [--lengths mixed|fixed]
-        [--setups project,project-auto,plain] [--profile] [--processes 2]
+        [--setups project,project-auto,plain] [--profile] [--processes 1,2]
 
 On a random-weight model of a real shape (`benchmarks.shapes`), LoRA with the `lora.*` settings of params.yaml,
 `--batch` conversations per optimizer step, the same conversations for every setup:
@@ -19,8 +19,9 @@ autocast, and trains with a plain loop and 8-bit AdamW.
 Each runs in its own process (unsloth patches transformers when imported). The first `--warmup` steps are left
 out; tokens are counted from the batches each step consumed: effective (non-padding) tokens/s, the padding
 share, MFU (4 x matmul parameters x tokens: forward and input gradients, over 790 TFLOP/s) and peak GPU memory.
-With `--processes N` a project setup runs data-parallel under torchrun as the train stage does (`--batch` split
-over the processes, `stages.distributed`): tokens/s summed over them, MFU per GPU, the largest peak.
+With `--processes 1,2` each project setup runs once per count, data-parallel under torchrun as the train stage does
+(`--batch` split over the processes, `stages.distributed`): tokens/s summed over them, MFU per GPU, the largest peak,
+the speed-up over one process, and how far each step's loss is from the one-process run's (same batches, same order).
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         params.load(LoraConfig, root / "params.yaml", "lora"),
         use_gradient_checkpointing=settings.get("use_gradient_checkpointing", "unsloth"),
     )
+    stage = params.load(TrainConfig, root / "params.yaml", "train")
     model_config = ModelConfig(model_dir, None, MAX_LENGTH, settings.get("load_in_4bit", True), dtype=None)
     config = TrainConfig(
         per_device_train_batch_size=batch,
@@ -157,12 +159,12 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         micro_batch_size=settings.get("micro_batch_size"),
         padding_free=settings.get("padding_free"),
         packing=settings.get("packing", False),
+        train_sampling_strategy=settings.get("sampling", stage.train_sampling_strategy),
     )
     world = World.from_environ(dict(os.environ))  # under torchrun (`--processes`): each takes its share of the batch
     config = shared_out(config, world)
     model_config, lora, config = fitted(model_config, lora, config)
     chosen = {key.removeprefix("fit."): value for key, value in fit_tags(model_config, lora, config).items()}
-    chosen |= {"processes": world.size} if world.size > 1 else {}
     print(f"settings: {chosen}", flush=True)
     model, tokenizer = load_base(model_config, world.gpu)
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
@@ -184,7 +186,8 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
         profiled(trainer)
     else:
         trainer.train()
-    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # one per step
+    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": losses}
 
 
 def run_plain(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
@@ -231,7 +234,7 @@ def run_plain(model_dir: str, data: list, batch: int, steps: int, settings: dict
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.tick()
-    return {"clock": clock, "peak_gib": peak_gib()}
+    return {"clock": clock, "peak_gib": peak_gib(), "losses": []}
 
 
 AUTO = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_size": "auto"}
@@ -241,6 +244,7 @@ SETUPS = {  # name: (code path, settings)
     "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
     "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
     "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into 2,048-token rows
+    "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
     # the Trainer's own token count off (`include_num_input_tokens_seen`: a host sync per micro-batch): its cost
     "project-auto-uncounted": (run_project, AUTO | {"count_tokens": False}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
@@ -269,6 +273,18 @@ def matmul_parameters(model_dir: Path) -> float:
     return shape.linear_parameters + shape.hidden * shape.vocab
 
 
+def counts(text: str) -> list[int]:
+    """`--processes`: `"1,2"` -> `[1, 2]`."""
+    return [int(count) for count in text.split(",")]
+
+
+def loss_gap(losses: list[float], reference: list[float]) -> float:
+    """The largest relative difference between two loss curves, step by step (NaN if their lengths differ)."""
+    if len(losses) != len(reference) or not losses:
+        return float("nan")
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-8b")
@@ -279,7 +295,9 @@ def main() -> None:
     parser.add_argument("--setups", default="project,plain", help=f"comma-separated, of {', '.join(SETUPS)}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-bench"))
     parser.add_argument("--profile", action="store_true", help="project setups: print where steps 4-5 spend time")
-    parser.add_argument("--processes", type=int, default=1, help="project setups: data-parallel, one per GPU")
+    parser.add_argument(
+        "--processes", type=counts, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work.resolve()
@@ -307,29 +325,40 @@ def main() -> None:
     flops_per_token = 4 * matmul_parameters(model_dir)
     rows = []
     for setup in args.setups.split(","):
-        arguments = [*sys.argv[1:], "--child", setup]
-        command = [sys.executable, "-m", "benchmarks.train_speed", *arguments]
-        if args.processes > 1:  # as the train stage starts itself: torchrun, one process per GPU
-            command = launcher(args.processes, "benchmarks.train_speed", arguments, {})
-        for stale in work.glob(f"{setup}.rank*.json"):
-            stale.unlink()
-        if subprocess.run(command, check=False, env=env, cwd=root).returncode != 0:
-            print(f"{setup} failed: see its output above", flush=True)
-            continue
-        rows.append((setup, combined([json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))])))
-    processes = f", {args.processes} processes" if args.processes > 1 else ""
-    print(f"\n{args.shape}, LoRA r 4 q/k/v/o, batch {args.batch} per step{processes}, {args.lengths} lengths, {card}\n")
-    print("| setup | settings | effective tokens/s | padding share | MFU | peak GiB | timed s |")
-    print("|---|---|---|---|---|---|---|")
-    for setup, r in rows:
-        mfu = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS / args.processes  # per GPU
+        run = SETUPS[setup][0]
+        for count in args.processes if run is run_project else [1]:  # the baseline runs on one GPU
+            arguments = [*sys.argv[1:], "--child", setup]
+            command = [sys.executable, "-m", "benchmarks.train_speed", *arguments]
+            if count > 1:  # as the train stage starts itself: torchrun, one process per GPU
+                command = launcher(count, "benchmarks.train_speed", arguments, {})
+            for stale in work.glob(f"{setup}.rank*.json"):
+                stale.unlink()
+            if subprocess.run(command, check=False, env=env, cwd=root).returncode != 0:
+                print(f"{setup} on {count} processes failed: see its output above", flush=True)
+                continue
+            results = [json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))]
+            rows.append((setup, count, combined(results)))
+    print(f"\n{args.shape}, LoRA r 4 q/k/v/o, batch {args.batch} per step, {args.lengths} lengths, {card}\n")
+    print(
+        "| setup | processes | settings | effective tokens/s | × 1 process | padding share | MFU per GPU | peak GiB "
+        "| timed s | loss vs 1 process |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for setup, count, r in rows:
+        single = next((one for name, n, one in rows if name == setup and n == 1), None)
+        mfu = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS / count
         plain = {"load_in_4bit": True, "use_gradient_checkpointing": True, "per_device_train_batch_size": args.batch}
         settings = r.get("settings") or plain
         described = ", ".join(f"{key} {value}" for key, value in settings.items())
+        speedup = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}×" if single and count > 1 else ""
+        apart = f"{loss_gap(r['losses'], single['losses']):.2%}" if single and count > 1 else ""
         print(
-            f"| {setup} | {described} | {r['tokens_per_s']:,.0f} | {r['padding_share']:.1%} | {mfu:.1%} "
-            f"| {r['peak_gib']:.1f} | {r['seconds']:.1f} |"
+            f"| {setup} | {count} | {described} | {r['tokens_per_s']:,.0f} | {speedup} | {r['padding_share']:.1%} "
+            f"| {mfu:.1%} | {r['peak_gib']:.1f} | {r['seconds']:.1f} | {apart} |"
         )
+    for setup, count, r in rows:
+        if r["losses"]:
+            print(f"loss per step, {setup} on {count}: {' '.join(f'{loss:.4f}' for loss in r['losses'])}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run dvc.yaml's stage commands in order without DVC, on params.yaml with the demo's overrides.
 
-    python -m demo.run_stages [--set train.optim=adamw_8bit ...]
+    python -m demo.run_stages [--set train.optim=adamw_8bit ...] [--until tokenize]
 
 For machines that have the training stack but not DVC, such as the GPU check in BENCHMARKS.md: it overwrites
 params.yaml in place, so run it in a scratch copy of the project, never in your checkout.
@@ -30,7 +30,11 @@ def parse_set(assignment: str) -> tuple[str, str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", action="append", default=[], help="section.key=value, after the demo's overrides")
+    parser.add_argument("--until", help="the last stage to run (default: all of them)")
     args = parser.parse_args()
+    stages = yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    if args.until is not None and args.until not in stages:
+        parser.error(f"--until {args.until}: dvc.yaml has no such stage (it has {', '.join(stages)})")
 
     overrides = yaml.safe_load(OVERRIDES.read_text(encoding="utf-8"))
     for section, name, value in map(parse_set, args.set):
@@ -38,10 +42,12 @@ def main() -> None:
     params = apply_overrides(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")), overrides)
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
-    for name, stage in yaml.safe_load(Path("dvc.yaml").read_text(encoding="utf-8"))["stages"].items():
+    for name, stage in stages.items():
         start = time.perf_counter()
         subprocess.run(stage["cmd"], shell=True, check=True)
         print(f"stage {name}: {time.perf_counter() - start:.1f} s", flush=True)
+        if name == args.until:
+            break
 
 
 if __name__ == "__main__":

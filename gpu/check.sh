@@ -4,18 +4,7 @@
 # DVC need not be installed: demo/run_stages.py runs dvc.yaml's commands in order, in a scratch copy.
 # Every step has a time limit; a step that overruns is sent SIGABRT, and faulthandler prints where it hung.
 set -euo pipefail
-src=$(cd "$(dirname "$0")/.." && pwd)
-site=${SITE:-/tmp/site}
-[ -d "$site/unsloth" ] || { mkdir -p "$site" && tar -xJf "$src/gpu/site.tar.xz" -C "$site"; }
-work=$(mktemp -d)
-cp -r "$src/dvc.yaml" "$src/params.yaml" "$src/stages" "$src/tools" "$src/demo" "$src/data" "$work/"
-cd "$work"
-mkdir bin
-printf '#!/bin/sh\nexec %s -X faulthandler "$@"\n' "$(command -v python3)" > bin/python
-chmod +x bin/python
-export PATH="$work/bin:$PATH" PYTHONPATH="$site:$work" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_ENABLE_LOGGING=1
-export MLFLOW_TRACKING_URI="sqlite:///$work/mlflow.db"
-quiet() { grep --line-buffered -vE 'it/s\]|examples/s\]|s/it\]|_pytree|Warning' || true; }
+source "$(dirname "$0")/workspace.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU found"
 # a first import on a new machine compiles and patches for a while: print the stacks every 30 s to show where

@@ -79,6 +79,9 @@ class LoraConfig:
         )
 
 
+SAMPLING = ("random", "batch_rebalance", "group_by_length", "sequential")  # transformers' train_sampling_strategy
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     per_device_train_batch_size: int  # sequences per forward pass
@@ -100,6 +103,7 @@ class TrainConfig:
     save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
     micro_batch_size: str | None = None  # auto = the largest split of the effective batch the GPU holds (stages.fit)
     devices: str | int = 1  # processes, one per GPU: auto = every visible GPU (stages.distributed)
+    train_sampling_strategy: str = "random"  # random, or batch_rebalance: each step's conversations dealt by length
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -125,6 +129,10 @@ class TrainConfig:
             f"train.micro_batch_size must be null or auto, got {self.micro_batch_size!r}",
         )
         processes(self.devices, visible_gpus=0)  # auto or a number >= 1; checked against the GPUs at launch
+        require(
+            self.train_sampling_strategy in SAMPLING,
+            f"train.train_sampling_strategy must be one of {', '.join(SAMPLING)}, got {self.train_sampling_strategy!r}",
+        )
 
 
 # `train.*` keys that this stage reads itself; the others are SFTConfig's
@@ -204,12 +212,57 @@ def project_trainer(trainer_class: type) -> type:
                 self._since = time.perf_counter()
             super().log(logs, *args, **kwargs)
 
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            # `batch_rebalance`: transformers' sampler, given the lengths from the Arrow offsets (its own way reads
+            # every row in Python, on every process) and the run's seed (it would take 42 whatever `train.seed` says)
+            if self.args.train_sampling_strategy != "batch_rebalance":
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import BatchRebalanceSampler
+
+            rows = train_dataset if train_dataset is not None else self.train_dataset
+            return BatchRebalanceSampler(
+                lengths=token_counts(rows).to_pylist(),
+                effective_batch_size=self.args.train_batch_size
+                * self.args.gradient_accumulation_steps
+                * self.args.world_size,
+                dp_size=self.args.world_size,
+                grad_accum=self.args.gradient_accumulation_steps,
+                seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+                rank=self.args.process_index,
+                drop_last=self.args.dataloader_drop_last,
+            )
+
         def evaluate(self, *args: Any, **kwargs: Any) -> Any:
             result = super().evaluate(*args, **kwargs)
             self._since = self._since and time.perf_counter()  # evaluation time is not training time
             return result
 
     return ProjectTrainer
+
+
+def token_counts(rows: Any) -> Any:
+    """The number of tokens of each of the tokenized `rows` (a pyarrow array), read from the Arrow offsets."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(rows.with_format("arrow")["input_ids"])
+
+
+def attest_cut(rows: Any, max_length: int) -> None:
+    """Check that every row of the tokenized `rows` has at most `max_length` tokens (the tokenize stage cuts them
+    there), and say so to unsloth: without its `_unsloth_truncated_to` mark it turns padding-free batching off for
+    any dataset that is already tokenized, since it cannot cut the rows itself (on the 8B shape: 27.8 % of every
+    batch was padding, BENCHMARKS.md)."""
+    import pyarrow.compute as pc
+
+    lengths = token_counts(rows)
+    longest = pc.max(lengths).as_py()
+    if longest is not None and longest > max_length:
+        row = pc.index(lengths, longest).as_py()
+        raise ValueError(
+            f"row {row} of the tokenized data has {longest} tokens, more than model.max_seq_length {max_length}: "
+            "the tokenize stage cut it at another length; rerun it (dvc repro)"
+        )
+    rows._unsloth_truncated_to = max_length
 
 
 def make_trainer(
@@ -236,6 +289,9 @@ def make_trainer(
 
     if config.eval_steps is not None and eval_set is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
+    for rows in (train_set, eval_set):
+        if rows is not None:
+            attest_cut(rows, model_config.max_seq_length)
     return project_trainer(SFTTrainer)(
         model=model,
         processing_class=tokenizer,
@@ -382,6 +438,35 @@ def training_run(
         yield run
 
 
+@contextlib.contextmanager
+def machine_metrics(run: Any, world: World, tracking: TrackingConfig, environ: dict[str, str]) -> Iterator[None]:
+    """On several machines, the first process of each machine but rank 0's logs that machine's GPU, CPU and memory
+    use into the training's run, as `system/node<N>/...` (rank 0's run logs its own machine's as `system/...`).
+    Every process must enter: rank 0 sends the run's id to the others (the Trainer has joined them by now)."""
+    if world.size == 1:
+        yield
+        return
+    import mlflow
+    import torch.distributed
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    shared = [run.info.run_id if world.main else None]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    node = int(environ.get("GROUP_RANK", "0"))  # torchrun's number of this machine
+    if world.local_rank != 0 or node == 0:
+        yield
+        return
+    mlflow.set_tracking_uri(tracking_uri(environ, store_root(environ, Path.cwd())))
+    monitor = SystemMetricsMonitor(
+        shared[0], sampling_interval=tracking.system_metrics_seconds, resume_logging=True, node_id=f"node{node}"
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def record_adapter(run: Any, adapter: Path, registered_model: str | None) -> None:
     """The adapter as the run's artifacts, tagged with its SHA-256 (evaluate finds the run by it), and registered
     as a new version of `registered_model` unless that is null."""
@@ -457,7 +542,8 @@ def main(
 
         # --- train
         trainer = make_trainer(model, tokenizer, train_set, model_config, train_config, folder, eval_set=held_out)
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with machine_metrics(run, world, tracking, dict(os.environ)):
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if not world.main:
             return
 

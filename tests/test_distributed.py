@@ -87,6 +87,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, sa
         "eval_rows": 8,
         "save_steps": None,
     }
+    settings["tracking"]["system_metrics_seconds"] = 0.5  # samples within a training of seconds
     (work / "params.yaml").write_text(yaml.safe_dump(settings))
     tokenize.main(work / "params.yaml", standardized, work / "tokenized", work / "tokenize.json")
     return work
@@ -220,3 +221,6 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_one(workspace: Path, sin
     assert losses(writers[0] / "loss.csv") == pytest.approx(losses(single / "loss.csv"), rel=1e-3)
     new = [run for run in runs(workspace) if run.info.run_id not in before]
     assert [run.data.tags["world_size"] for run in new] == ["2"]  # one MLflow run for both machines
+    # with each machine's use of its GPUs, CPU and memory: rank 0's own, and the other's under its node number
+    logged = set(new[0].data.metrics)
+    assert {"system/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage"} <= logged, logged

@@ -15,7 +15,7 @@ from unsloth import FastLanguageModel
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
 from stages.tokenize import tokenized
-from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
+from stages.train import LoraConfig, TrainConfig, attest_cut, loss_rows, make_trainer
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 TRAIN = TrainConfig(
@@ -204,3 +204,12 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
     assert len(logged) == 3 and all(row["tokens_per_second"] > 0 for row in logged)
     shares = [row["padding_share"] for row in logged]
     assert all(0.1 < share < 0.9 for share in shares), shares
+
+
+def test_rows_are_said_to_be_cut_only_when_none_is_longer() -> None:
+    rows = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 9, [1] * 7], "labels": [[1] * 5, [1] * 9, [1] * 7]})
+    with pytest.raises(ValueError, match="row 1 of the tokenized data has 9 tokens, more than model.max_seq_length 8"):
+        attest_cut(rows, 8)
+    assert "_unsloth_truncated_to" not in vars(rows)
+    attest_cut(rows, 9)  # unsloth keeps padding-free batching for rows it is told are cut
+    assert vars(rows)["_unsloth_truncated_to"] == 9
