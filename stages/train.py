@@ -167,6 +167,26 @@ def training_arguments(config: TrainConfig) -> dict[str, Any]:
     return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
 
 
+def deal(indices: list[int], lengths: list[int], ranks: int, slots: int) -> list[list[list[int]]]:
+    """One optimizer step's conversations as `ranks` x `slots` micro-batches of near-equal tokens: longest first,
+    each to the micro-batch with the fewest tokens so far (every one gets one, given as many conversations); then
+    the heaviest `ranks` micro-batches are the first slot of each process, the next ones the second, and so on.
+    For padding-free batches, whose cost is their tokens: transformers' own split balances padded batches, which
+    left the two GPUs 9-18 % apart on the real length mix where this leaves them 0.6 % apart (BENCHMARKS.md).
+
+    `deal([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1)` -> `[[[0, 1]], [[2, 3]]]` (10 tokens each).
+    """
+    count = ranks * slots
+    batches: list[list[int]] = [[] for _ in range(count)]
+    tokens = [0] * count
+    for index, length in sorted(zip(indices, lengths, strict=True), key=lambda pair: (-pair[1], pair[0])):
+        lightest = min(range(count), key=lambda batch: (tokens[batch], batch))
+        batches[lightest].append(index)
+        tokens[lightest] += length
+    heaviest = sorted(range(count), key=lambda batch: (-tokens[batch], batch))
+    return [[batches[heaviest[slot * ranks + rank]] for slot in range(slots)] for rank in range(ranks)]
+
+
 def project_trainer(trainer_class: type) -> type:
     """`trainer_class`, adding to each training log the tokens/s and the share of padding since the last log,
     and resuming a checkpoint with the adapter in the dtype that unsloth's `get_peft_model` gave it.
@@ -213,14 +233,20 @@ def project_trainer(trainer_class: type) -> type:
             super().log(logs, *args, **kwargs)
 
         def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            # `batch_rebalance`: transformers' sampler, given the lengths from the Arrow offsets (its own way reads
-            # every row in Python, on every process) and the run's seed (it would take 42 whatever `train.seed` says)
+            # `batch_rebalance`: transformers' sampler (the same conversations per step on every process, shuffled
+            # with the run's seed, not its fixed 42), lengths from the Arrow offsets (it reads every row in Python,
+            # on every process); padding-free batches cost their tokens, so they are dealt by tokens (`deal`)
             if self.args.train_sampling_strategy != "batch_rebalance":
                 return super()._get_train_sampler(train_dataset)
             from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+            class TokenSampler(BatchRebalanceSampler):
+                def _assign(self, indices: list[int], lengths: list[int]) -> list[list[list[int]]]:
+                    return deal(indices, lengths, self.dp_size, self.grad_accum)
+
             rows = train_dataset if train_dataset is not None else self.train_dataset
-            return BatchRebalanceSampler(
+            sampler = TokenSampler if self.args.padding_free else BatchRebalanceSampler
+            return sampler(
                 lengths=token_counts(rows).to_pylist(),
                 effective_batch_size=self.args.train_batch_size
                 * self.args.gradient_accumulation_steps

@@ -15,7 +15,7 @@ from unsloth import FastLanguageModel
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
 from stages.tokenize import tokenized
-from stages.train import LoraConfig, TrainConfig, attest_cut, loss_rows, make_trainer
+from stages.train import LoraConfig, TrainConfig, attest_cut, deal, loss_rows, make_trainer
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 TRAIN = TrainConfig(
@@ -213,3 +213,24 @@ def test_rows_are_said_to_be_cut_only_when_none_is_longer() -> None:
     assert "_unsloth_truncated_to" not in vars(rows)
     attest_cut(rows, 9)  # unsloth keeps padding-free batching for rows it is told are cut
     assert vars(rows)["_unsloth_truncated_to"] == 9
+
+
+def test_a_steps_conversations_are_dealt_to_processes_and_micro_batches_by_tokens() -> None:
+    import random
+
+    generator = random.Random(0)
+    lengths = [generator.choice([40, 300, 900, 2048]) + generator.randrange(40) for _ in range(64)]
+    indices = list(range(100, 164))
+    for ranks, slots in ((2, 1), (2, 2), (4, 2), (1, 4)):
+        dealt = deal(indices, lengths, ranks, slots)
+        assert len(dealt) == ranks and all(len(batches) == slots for batches in dealt)
+        batches = [batch for rank in dealt for batch in rank]
+        assert sorted(i for batch in batches for i in batch) == indices and all(batches)  # each once, none empty
+        totals = [sum(lengths[i - 100] for batch in rank for i in batch) for rank in dealt]
+        assert max(totals) - min(totals) <= max(lengths)  # no process waits for more than one conversation
+        for slot in range(slots - 1):  # heavier micro-batches first, on every process alike
+            assert all(
+                sum(lengths[i - 100] for i in rank[slot]) >= sum(lengths[i - 100] for i in rank[slot + 1])
+                for rank in dealt
+            )
+    assert deal([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1) == [[[0, 1]], [[2, 3]]]
