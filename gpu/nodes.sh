@@ -28,7 +28,7 @@ python -c "
 import mlflow
 client = mlflow.MlflowClient()
 for r in mlflow.search_runs(experiment_names=['finance-deepseek'], output_format='list'):
-    gpus = sorted({k.split('_')[1] for k in r.data.metrics if k.startswith('system/gpu_')})
+    gpus = sorted({k[: k.index('gpu_') + 4] + k[k.index('gpu_') + 4 :].split('_')[0] for k in r.data.metrics if '/gpu_' in k})
     print('MLflow run', r.info.status, 'world_size', r.data.tags.get('world_size'), 'loss points:',
           len(client.get_metric_history(r.info.run_id, 'loss')), 'GPUs in system metrics:', gpus)
 "
