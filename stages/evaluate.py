@@ -184,6 +184,19 @@ def bar_rows(metrics: dict[str, float | int], benchmarks: list[BenchmarkConfig])
     ]
 
 
+def check_finite(adapter: Path) -> None:
+    """Refuse an adapter with a NaN or infinite weight (a diverged training's), naming the first such tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as weights:
+        for name in weights.keys():  # noqa: SIM118  # safe_open is not a mapping
+            if not weights.get_tensor(name).isfinite().all():
+                raise ValueError(
+                    f"{adapter}: {name} holds NaN or infinite values: the training that wrote it diverged; "
+                    "train again with a lower train.learning_rate"
+                )
+
+
 def main(
     params_path: Path, data: Path, texts: Path, adapter: Path, metrics: Path, samples_path: Path, bars: Path
 ) -> None:
@@ -195,6 +208,7 @@ def main(
     from peft import PeftModel
     from unsloth import FastLanguageModel
 
+    check_finite(adapter)
     chat_config = params.load(ChatConfig, params_path, "chat")
     config = params.load(EvaluateConfig, params_path, "evaluate")
     tracking = params.load(TrackingConfig, params_path, "tracking")

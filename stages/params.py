@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +38,60 @@ def build(cls: type[C], raw: dict[str, Any], section: str) -> C:
     ]
     if missing:
         raise ValueError(f"{section}.{missing[0]} is required")
-    return cls(**raw)
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: conform(value, hints[key], f"{section}.{key}") for key, value in raw.items()})
+
+
+# a number as YAML 1.1 (PyYAML) leaves it text: `1e-4` (no dot), `5E-5`
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def conform(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the type `hint` of a config field asks for, or `ValueError` naming `key`, the value and the type.
+    Where a number is asked for, an integer is taken as one, and so is text that is one (`learning_rate: 1e-4`
+    reaches Python as the text "1e-4").
+
+    `conform("1e-4", float, "train.learning_rate")` -> `0.0001`;
+    `conform(4.5, int, "lora.r")` raises `ValueError: lora.r must be an integer, got 4.5 (float)`.
+    """
+    if hint is Any:
+        return value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if value is None and type(None) in members:
+            return None
+        for member in (m for m in members if m is not type(None)):
+            try:
+                return conform(value, member, key)
+            except ValueError:
+                continue
+    elif hint is float and isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)
+    elif hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    elif typing.get_origin(hint) is list and isinstance(value, list):
+        (item,) = typing.get_args(hint)
+        return [conform(element, item, f"{key}[{i}]") for i, element in enumerate(value)]
+    elif (typing.get_origin(hint) is dict or hint is dict) and isinstance(value, dict):
+        return value
+    elif dataclasses.is_dataclass(hint) and isinstance(value, dict | hint):
+        return value  # built, naming its own keys, by the config that holds it
+    raise ValueError(f"{key} must be {described(hint)}, got {value!r} ({type(value).__name__})")
+
+
+def described(hint: Any) -> str:
+    """A type in the words of a params.yaml error: `described(int | None)` -> `'an integer or null'`."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(described(member) for member in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a list, each {described(typing.get_args(hint)[0])}"
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false", type(None): "null"}
+    names |= {dict: "a mapping", list: "a list"}
+    if typing.get_origin(hint) is dict or hint in names:
+        return names.get(hint, "a mapping")
+    return "a mapping" if dataclasses.is_dataclass(hint) else f"a {getattr(hint, '__name__', hint)}"
 
 
 def load(cls: type[C], params_path: Path, section: str) -> C:

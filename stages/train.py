@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -291,6 +292,23 @@ def attest_cut(rows: Any, max_length: int) -> None:
     rows._unsloth_truncated_to = max_length
 
 
+def finite_adapter(model: Any) -> bool:
+    """Whether every trainable (adapter) weight of `model` is finite: one check on the device, one sync."""
+    import torch
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return bool(torch.stack([torch.isfinite(p).all() for p in trainable]).all()) if trainable else True
+
+
+def diverged(step: int, what: str, config: TrainConfig) -> FloatingPointError:
+    """The error that ends a diverged training, saying what to change."""
+    return FloatingPointError(
+        f"training diverged at step {step}: {what}. No adapter is written from these weights; the complete "
+        f"checkpoints before this step are kept. Lower train.learning_rate ({config.learning_rate}) or raise "
+        "train.warmup_steps, then dvc repro"
+    )
+
+
 def make_trainer(
     model: Any,
     tokenizer: Any,
@@ -313,6 +331,23 @@ def make_trainer(
             if state.is_world_process_zero:
                 checkpoints.mark_complete(output_dir, state.global_step)
 
+    class StopDiverged(TrainerCallback):
+        # a non-finite loss or gradient norm ends the training (every process sees the same gathered values), and no
+        # checkpoint is written from non-finite adapter weights: the complete ones before stay, to resume from
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            bad = {k: v for k, v in (logs or {}).items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+            if bad or self.broken:
+                what = [f"{k} {v}" for k, v in bad.items()] + (["adapter weights not finite"] if self.broken else [])
+                raise diverged(state.global_step, ", ".join(what), config)
+
+        broken = False  # the adapter's weights went non-finite: no checkpoint of them, the log says why
+
+        def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            if control.should_save and not finite_adapter(model):
+                control.should_save, self.broken = False, True
+                if not control.should_log:
+                    raise diverged(state.global_step, "adapter weights not finite", config)
+
     if config.eval_steps is not None and eval_set is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
     for rows in (train_set, eval_set):
@@ -330,12 +365,13 @@ def make_trainer(
             # the tokens/s and padding share of `project_trainer`: the Trainer's own count, a host sync per micro-batch
             # that cost 1.2-1.7 % of the 8B shape's tokens/s on an H200 (BENCHMARKS.md), kept over a hand-made one
             include_num_input_tokens_seen="non_padding",
+            logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (StopDiverged ends the training)
             # several processes: every LoRA weight gets a gradient, so DDP need not search the graph for unused ones
             ddp_find_unused_parameters=False if World.from_environ(dict(os.environ)).size > 1 else None,
             **mixed_precision(),
             **training_arguments(config),
         ),
-        callbacks=[MarkComplete()],
+        callbacks=[MarkComplete(), StopDiverged()],
     )
 
 

@@ -15,7 +15,7 @@ from unsloth import FastLanguageModel
 from demo.tiny_model import BOS
 from stages.answers import final_answer, generate
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.evaluate import EvaluateConfig, Sample, bar_rows, evaluate_models, samples
+from stages.evaluate import EvaluateConfig, Sample, bar_rows, check_finite, evaluate_models, samples
 from stages.label_benchmarks import BenchmarkConfig, read_benchmark
 from stages.likelihood import by_length, nll_per_row, score, sequence_nll
 from stages.model import ModelConfig, load_base
@@ -260,3 +260,16 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     assert metrics["sentiment_tuned_accuracy"] > metrics["sentiment_base_accuracy"], metrics
     assert metrics["sentiment_tuned_macro_f1"] > metrics["sentiment_base_macro_f1"], metrics
     assert len(answered) == 8 and answered[0]["reference"] == TOY_ANSWER
+
+
+def test_an_adapter_with_non_finite_weights_is_refused(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    weights = {"base.lora_A.weight": torch.ones(2, 4), "base.lora_B.weight": torch.zeros(4, 2)}
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    check_finite(tmp_path)  # finite: accepted
+    weights["base.lora_B.weight"][1, 0] = float("nan")
+    save_file(weights, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="base.lora_B.weight holds NaN or infinite values"):
+        check_finite(tmp_path)

@@ -183,3 +183,33 @@ def test_bad_values_are_named(root: Path, cls: type, section: str, bad: dict, me
     raw = {**params.read_section(root / "params.yaml", section), **bad}
     with pytest.raises(ValueError, match=re.escape(message)):
         params.build(cls, raw, section)
+
+
+@pytest.mark.parametrize(
+    ("cls", "section", "bad", "message"),
+    [
+        (LoraConfig, "lora", {"r": "abc"}, "lora.r must be an integer, got 'abc' (str)"),
+        (LoraConfig, "lora", {"r": "8"}, "lora.r must be an integer, got '8' (str)"),
+        (LoraConfig, "lora", {"r": 4.5}, "lora.r must be an integer, got 4.5 (float)"),
+        (LoraConfig, "lora", {"r": True}, "lora.r must be an integer, got True (bool)"),
+        (LoraConfig, "lora", {"target_modules": "q_proj"}, "lora.target_modules must be a list, each text"),
+        (LoraConfig, "lora", {"target_modules": ["q_proj", 3]}, "lora.target_modules[1] must be text, got 3"),
+        (FetchConfig, "fetch", {"eval_size": "ten"}, "fetch.eval_size must be an integer, got 'ten' (str)"),
+        (TrainConfig, "train", {"learning_rate": "fast"}, "train.learning_rate must be a number, got 'fast'"),
+        (TrainConfig, "train", {"eval_steps": "often"}, "train.eval_steps must be an integer or null, got 'often'"),
+        (ModelConfig, "model", {"load_in_4bit": "yes"}, "model.load_in_4bit must be"),
+    ],
+)
+def test_wrong_types_are_named_with_the_expected_type(
+    root: Path, cls: type, section: str, bad: dict, message: str
+) -> None:
+    raw = {**params.read_section(root / "params.yaml", section), **bad}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        params.build(cls, raw, section)
+
+
+def test_a_number_written_as_1e_4_is_read_as_the_number(root: Path, tmp_path: Path) -> None:
+    text = (root / "params.yaml").read_text().replace("learning_rate: 2.0e-4", "learning_rate: 1e-4")
+    (tmp_path / "params.yaml").write_text(text)
+    assert yaml.safe_load(text)["train"]["learning_rate"] == "1e-4"  # YAML 1.1 leaves it text
+    assert params.load(TrainConfig, tmp_path / "params.yaml", "train").learning_rate == 1e-4

@@ -137,9 +137,9 @@ def test_the_trainer_learns_from_the_answers_and_their_end_token_only(
         )
 
 
-def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
-    """`stages.train.main` on token ids that another chat setting made (think blocks left out), so that it fails
-    after its run started, when it checks its tokenizer against the data."""
+def training_stage(tiny_model_dir: Path, tmp_path: Path, root: Path, tokenized_with: dict | None = None, **train):
+    """`stages.train.main` as dvc.yaml runs it, in `tmp_path`, on four two-turn conversations tokenized with the
+    chat settings `tokenized_with` (default: params.yaml's), with the `train` settings changed."""
     import yaml
 
     from stages import tokenize
@@ -151,11 +151,18 @@ def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
         Dataset.from_list([{"conversations": TWO_TURNS}] * 4).to_parquet(standardized / f"{split}.parquet")
     settings = yaml.safe_load((root / "params.yaml").read_text())
     settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 256}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings | {"chat": {"template": None, "think": "none"}}))
+    settings["train"] |= train
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings | {"chat": tokenized_with or settings["chat"]}))
     tokenize.main(tmp_path / "params.yaml", standardized, tmp_path / "tokenized", tmp_path / "tokenize.json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))  # chat.think: empty_block
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
     outputs = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
     return lambda: main(tmp_path / "params.yaml", tmp_path / "tokenized", *(tmp_path / name for name in outputs))
+
+
+def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
+    """A training that fails after its run started, when it checks its tokenizer against the data: the token ids
+    were made by another chat setting (think blocks left out)."""
+    return training_stage(tiny_model_dir, tmp_path, root, tokenized_with={"template": None, "think": "none"})
 
 
 def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
@@ -234,3 +241,26 @@ def test_a_steps_conversations_are_dealt_to_processes_and_micro_batches_by_token
                 for rank in dealt
             )
     assert deal([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1) == [[[0, 1]], [[2, 3]]]
+
+
+def test_a_diverged_training_fails_its_run_and_writes_no_adapter(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+) -> None:
+    import mlflow
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    settings = {"learning_rate": 1.0e30, "warmup_steps": 0, "optim": "adamw_torch", "max_steps": 8}
+    train = training_stage(tiny_model_dir, tmp_path, root, **settings, save_steps=1, eval_steps=None)
+    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+: loss nan"):
+        train()
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "train.json").exists()
+    (run,) = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
+    assert run.info.status == "FAILED" and "adapter_sha256" not in run.data.tags
+    assert not mlflow.MlflowClient().search_model_versions()  # nothing registered
+    logged = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")]
+    assert not math.isfinite(logged[-1]) and all(math.isfinite(loss) for loss in logged[:-1])  # shown, not hidden
+    saved = sorted((tmp_path / "checkpoints").glob("*/checkpoint-*/adapter_model.safetensors"))
+    assert saved  # the complete checkpoints before the divergence stay, and hold finite weights only
+    assert all(torch.isfinite(t).all() for path in saved for t in load_file(path).values())
