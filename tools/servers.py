@@ -44,6 +44,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 BUCKET = "finance-deepseek"  # the README's bucket: DVC's remote under dvc/, MLflow's artifacts under mlflow/
@@ -63,6 +64,7 @@ class Service:
     process: subprocess.Popen[bytes]
     log: Path
     cleanup: list[Path] = field(default_factory=list)
+    stop_signal: int = signal.SIGTERM  # PostgreSQL's fast shutdown is SIGINT (SIGTERM waits for its clients)
 
     def log_tail(self, chars: int = 4000) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.is_file() else ""
@@ -72,18 +74,18 @@ class Service:
         """Poll `ready` until it holds; raise `ServiceError` with the log if the process ends or time runs out."""
         deadline = time.monotonic() + timeout
         while not ready():
-            if self.process.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self.process.returncode}; {self.log}:\n{self.log_tail()}")
-            if time.monotonic() > deadline:
+            exited = self.process.poll() is not None
+            if exited or time.monotonic() > deadline:
                 self.stop()
-                raise ServiceError(f"{self.name} did not start within {timeout:.0f} s; {self.log}:\n{self.log_tail()}")
+                why = f"exited with {self.process.returncode}" if exited else f"did not start within {timeout:.0f} s"
+                raise ServiceError(f"{self.name} {why}; {self.log}:\n{self.log_tail()}")
             time.sleep(0.3)
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def stop(self) -> None:
         """Stop the process (and its process group), then delete its temporary folders."""
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, sig)
+                os.killpg(self.process.pid, self.stop_signal)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -133,7 +135,8 @@ class S3:
     access_key: str
     secret_key: str
 
-    def client(self):  # noqa: ANN201  (a boto3 client)
+    def client(self) -> Any:
+        """A boto3 S3 client of this store."""
         import boto3
 
         return boto3.client(
@@ -186,12 +189,14 @@ def start_s3(
     service = start("SeaweedFS S3", command, folder / "seaweedfs.log")
     store = S3(f"http://{LOOPBACK}:{port}", access_key, secret_key)
 
+    from botocore.exceptions import BotoCoreError, ClientError
+
     def ready() -> bool:
         if not listening(port):
             return False
         try:
             store.client().list_buckets()
-        except Exception:  # noqa: BLE001  (not answering yet: the filer starts after the gateway listens)
+        except (BotoCoreError, ClientError):  # not answering yet: the filer starts after the gateway listens
             return False
         return True
 
@@ -216,7 +221,6 @@ def pg_binary(name: str) -> str:
 @dataclass(frozen=True)
 class Postgres:
     port: int
-    socket_dir: Path
     user: str  # the role MLflow connects as, with a password (scram-sha-256 over TCP)
     password: str
 
@@ -251,6 +255,8 @@ def start_postgres(
     )
     log.write_text(init.stdout + init.stderr, encoding="utf-8")
     if init.returncode != 0:
+        if as_user:
+            shutil.rmtree(data, ignore_errors=True)
         raise ServiceError(f"initdb failed; {log}:\n{log.read_text(encoding='utf-8')[-4000:]}")
     command = [
         pg_binary("postgres"),
@@ -264,33 +270,30 @@ def start_postgres(
         f"listen_addresses={LOOPBACK}",
     ]
     service = start("PostgreSQL", command, log, user=as_user)
+    service.stop_signal = signal.SIGINT
     if as_user:
         service.cleanup.append(data)
-    server = Postgres(port, data, user, password)
-    service.wait_until(lambda: listening(port), timeout=60)
 
     import psycopg
-
-    def connect():  # noqa: ANN202
-        return psycopg.connect(host=str(data), port=port, user="postgres", dbname="postgres", autocommit=True)
-
-    service.wait_until(lambda: _answers(connect), timeout=60)
     from psycopg import sql
 
+    def connect() -> psycopg.Connection:
+        return psycopg.connect(host=str(data), port=port, user="postgres", dbname="postgres", autocommit=True)
+
+    def ready() -> bool:
+        try:
+            connect().close()
+        except psycopg.OperationalError:  # still starting up
+            return False
+        return True
+
+    service.wait_until(lambda: listening(port) and ready(), timeout=60)
     with connect() as connection:
         role = sql.Identifier(user)
         connection.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(role, sql.Literal(password)))
         for database in databases:
             connection.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), role))
-    return service, server
-
-
-def _answers(connect: Callable[[], object]) -> bool:
-    try:
-        connect().close()  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001  (still starting up)
-        return False
-    return True
+    return service, Postgres(port, user, password)
 
 
 # --- the MLflow tracking server
