@@ -65,6 +65,7 @@ class Service:
     log: Path
     cleanup: list[Path] = field(default_factory=list)
     stop_signal: int = signal.SIGTERM  # PostgreSQL's fast shutdown is SIGINT (SIGTERM waits for its clients)
+    stop_seconds: float = 30.0  # then SIGKILL
 
     def log_tail(self, chars: int = 4000) -> str:
         text = self.log.read_text(encoding="utf-8", errors="replace") if self.log.is_file() else ""
@@ -73,13 +74,16 @@ class Service:
     def wait_until(self, ready: Callable[[], bool], timeout: float) -> None:
         """Poll `ready` until it holds; raise `ServiceError` with the log if the process ends or time runs out."""
         deadline = time.monotonic() + timeout
-        while not ready():
-            exited = self.process.poll() is not None
-            if exited or time.monotonic() > deadline:
-                self.stop()
-                why = f"exited with {self.process.returncode}" if exited else f"did not start within {timeout:.0f} s"
-                raise ServiceError(f"{self.name} {why}; {self.log}:\n{self.log_tail()}")
-            time.sleep(0.3)
+        try:
+            while not ready():
+                exited = self.process.poll() is not None
+                if exited or time.monotonic() > deadline:
+                    why = f"exited with {self.process.returncode}" if exited else f"did not start in {timeout:.0f} s"
+                    raise ServiceError(f"{self.name} {why}; {self.log}:\n{self.log_tail()}")
+                time.sleep(0.3)
+        except BaseException:  # not started, or interrupted while starting: nothing is left running
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """Stop the process (and its process group), then delete its temporary folders."""
@@ -87,7 +91,7 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, self.stop_signal)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=self.stop_seconds)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=30)
@@ -185,8 +189,10 @@ def start_s3(
         f"-s3.config={config}",
         "-master.volumeSizeLimitMB=256",  # small volumes: the demo's files, a few GB on the disk at most
         "-master.telemetry=false",
+        "-volume.preStopSeconds=0",  # stop at once (the default waits 10 s for a load balancer to notice)
     ]
     service = start("SeaweedFS S3", command, folder / "seaweedfs.log")
+    service.stop_seconds = 5  # its filer waits 15 s for the S3 gateway's stream to end before it stops anyway
     store = S3(f"http://{LOOPBACK}:{port}", access_key, secret_key)
 
     from botocore.exceptions import BotoCoreError, ClientError
@@ -234,16 +240,14 @@ def start_postgres(
 ) -> tuple[Service, Postgres]:
     """A fresh PostgreSQL cluster on `port` of the loopback address, `databases` owned by the role `user`.
 
-    initdb refuses to run as root, so as root the cluster belongs to the `postgres` system user and lives in a
-    folder of /tmp that user can reach (deleted on stop); otherwise it lives in `folder`. The log is in `folder`.
+    The cluster lives in a new folder of the temporary directory, deleted on stop; its log in `folder`. initdb
+    refuses to run as root, so as root the cluster belongs to the `postgres` system user.
     """
     folder.mkdir(parents=True, exist_ok=True)
     as_user = "postgres" if os.geteuid() == 0 else None
+    data = Path(tempfile.mkdtemp(prefix="pg-"))  # short: the Unix socket's path may not pass 107 characters
     if as_user:
-        data = Path(tempfile.mkdtemp(prefix="pg-"))
         shutil.chown(data, as_user, as_user)
-    else:
-        data = folder / "pgdata"
     cluster = data / "cluster"
     log = folder / "postgres.log"
     init = subprocess.run(
@@ -255,8 +259,7 @@ def start_postgres(
     )
     log.write_text(init.stdout + init.stderr, encoding="utf-8")
     if init.returncode != 0:
-        if as_user:
-            shutil.rmtree(data, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
         raise ServiceError(f"initdb failed; {log}:\n{log.read_text(encoding='utf-8')[-4000:]}")
     command = [
         pg_binary("postgres"),
@@ -271,8 +274,7 @@ def start_postgres(
     ]
     service = start("PostgreSQL", command, log, user=as_user)
     service.stop_signal = signal.SIGINT
-    if as_user:
-        service.cleanup.append(data)
+    service.cleanup.append(data)
 
     import psycopg
     from psycopg import sql
@@ -390,17 +392,14 @@ class Team:
     mlflow_url: str
     admin: tuple[str, str]
 
-    def stop(self) -> None:
-        for service in reversed(self.services):
-            service.stop()
-
 
 @contextlib.contextmanager
 def local_team(folder: Path, mlflow_port: int, s3_port: int, host: str = LOOPBACK) -> Iterator[Team]:
-    """SeaweedFS, PostgreSQL and the MLflow server on this machine, with fresh random keys and passwords; all
-    stopped on exit."""
+    """SeaweedFS, PostgreSQL and the MLflow server on this machine, with fresh random keys and passwords and empty
+    stores (what an earlier start left in `folder` is deleted); all stopped on exit."""
+    for part in ("s3", "postgres", "mlflow"):
+        shutil.rmtree(folder / part, ignore_errors=True)
     services: list[Service] = []
-    team = None
     try:
         s3_service, s3 = start_s3(folder / "s3", s3_port, secrets.token_hex(10), secrets.token_hex(20))
         services.append(s3_service)
@@ -422,8 +421,7 @@ def local_team(folder: Path, mlflow_port: int, s3_port: int, host: str = LOOPBAC
             "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
         }
         services.append(start_mlflow(environ, folder / "mlflow", host, mlflow_port, workers=1))
-        team = Team(services, s3, postgres, f"http://{LOOPBACK}:{mlflow_port}", admin)
-        yield team
+        yield Team(services, s3, postgres, f"http://{LOOPBACK}:{mlflow_port}", admin)
     finally:
         for service in reversed(services):
             service.stop()
@@ -460,10 +458,11 @@ def main() -> None:
     user = commands.add_parser("add-user", help="a user of the tracking server (password on stdin), as its admin")
     user.add_argument("username")
     local = commands.add_parser("local", help="SeaweedFS, PostgreSQL and the MLflow server on this machine")
-    local.add_argument("--folder", type=Path, default=Path(".team"))
+    local.add_argument("--folder", type=Path, default=Path(".team"), help="their data and logs, emptied first")
     local.add_argument("--port", type=int, default=5000, help="the MLflow server's")
     local.add_argument("--s3-port", type=int, default=8333)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `kill` stops the services as Ctrl-C does
 
     if args.command == "mlflow":
         service = start_mlflow(os.environ, args.folder, args.host, args.port, args.workers)
@@ -485,9 +484,12 @@ def main() -> None:
 
 
 def _wait(service: Service) -> None:
-    with contextlib.suppress(KeyboardInterrupt):
-        service.process.wait()
-    service.stop()
+    """Wait for Ctrl-C (or `kill`), then stop `service`."""
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            service.process.wait()
+    finally:
+        service.stop()
 
 
 if __name__ == "__main__":
