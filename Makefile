@@ -3,8 +3,11 @@ VENV ?= .venv
 PYTHON ?= python3
 # Stage commands in dvc.yaml call `python`: the venv's, also inside DVC's temporary experiment copies.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+# `make mlflow-server`'s interface and port: MLFLOW_SERVER_HOST=0.0.0.0 serves the team's network
+MLFLOW_SERVER_HOST ?= 127.0.0.1
+MLFLOW_SERVER_PORT ?= 5000
 
-.PHONY: install demo test lint mlflow-ui
+.PHONY: install demo test lint mlflow-ui mlflow-server
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +29,6 @@ lint: install
 
 mlflow-ui: install
 	python -m tools.mlflow_ui --port 5000   # prints the runs page with the LoRA and result columns
+
+mlflow-server: install  # the team's tracking server: PostgreSQL, artifacts in S3, basic auth; see the README
+	python -m tools.servers mlflow --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT)

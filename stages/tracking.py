@@ -2,11 +2,15 @@
 
 Every number train or evaluate measures goes through `report`, so `metrics/<stage>.json`, `dvc metrics show` and
 the MLflow run agree. The store defaults to `sqlite:///<repo root>/mlflow.db`; the repo root is DVC's `DVC_ROOT`,
-which points at the real repo also when an experiment runs in a temporary copy (`dvc exp run --temp`).
+which points at the real repo also when an experiment runs in a temporary copy (`dvc exp run --temp`). A team's
+tracking server (`MLFLOW_TRACKING_URI=http://...`, with MLFLOW_TRACKING_USERNAME/PASSWORD) keeps the artifacts
+where it was told to (`tools/servers.py`); its database may refuse what SQLite stores, so parameter values, tags
+and run names pass through `storable` first.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -74,6 +78,37 @@ def register_adapter(name: str, run_id: str, artifact_uri: str) -> str:
     return str(version.version)
 
 
+# MLflow cuts a longer parameter value silently (`mlflow.utils.validation.MAX_PARAM_VAL_LENGTH`)
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000  # ... and a longer tag value (MAX_TAG_VAL_LENGTH)
+# the `runs.name` column: SQLite stores a longer name, PostgreSQL refuses the whole run
+MAX_RUN_NAME = 250
+
+
+def storable(value: object, limit: int) -> str:
+    """`value` as text that every MLflow store keeps as it is: NUL characters, which SQLite stores and PostgreSQL
+    refuses, written `\\x00`; a text longer than `limit` cut, ending in its length and SHA-256 so that two long
+    values that differ still differ.
+
+    `storable("a\\x00b", 10)` -> `'a\\\\x00b'`; `storable("x" * 100, 60)` ->
+    `'xxxxxxxxxxxxxxxxxxx… [100 chars, sha256 09ecb6ebc8bcefc7...]'` (60 characters)
+    """
+    text = str(value).replace("\x00", "\\x00")
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    tail = f"… [{len(text)} chars, sha256 {digest}...]"
+    return text[: limit - len(tail)] + tail
+
+
+def log_settings(settings: Mapping[str, object], tags: Mapping[str, object]) -> None:
+    """Log `settings` as the active run's parameters and `tags` as its tags, each value `storable`."""
+    import mlflow
+
+    mlflow.set_tags({key: storable(value, MAX_TAG_VALUE) for key, value in tags.items()})
+    mlflow.log_params({key: storable(value, MAX_PARAM_VALUE) for key, value in settings.items()})
+
+
 def store_root(environ: Mapping[str, str], cwd: Path) -> Path:
     """The folder that holds `mlflow.db` and `mlartifacts/`: DVC's repo root when DVC runs us, else `cwd`."""
     return Path(environ.get("DVC_ROOT") or cwd).resolve()
@@ -85,6 +120,14 @@ def tracking_uri(environ: Mapping[str, str], root: Path) -> str:
     `tracking_uri({}, Path("/repo"))` -> `'sqlite:////repo/mlflow.db'`.
     """
     return environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+
+
+def served(uri: str) -> bool:
+    """Whether `uri` is a tracking server, which keeps artifacts where it was told to (`--artifacts-destination`).
+
+    `served("http://127.0.0.1:5000")` -> True; `served("sqlite:////repo/mlflow.db")` -> False.
+    """
+    return uri.startswith(("http://", "https://"))
 
 
 def git_commit(cwd: Path) -> str:
@@ -131,18 +174,20 @@ def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
     """Point MLflow at `uri` and the experiment `name`, creating it with artifacts under `artifact_root`.
 
     The artifact location is explicit so that artifacts of runs made in DVC's temporary experiment copies land
-    beside the store rather than in a folder that DVC deletes afterwards. The experiment carries the runs-table
-    view `RUNS_VIEW`. Returns the experiment's id.
+    beside the store rather than in a folder that DVC deletes afterwards; a tracking server (`served`) chooses
+    its own. The experiment carries the runs-table view `RUNS_VIEW`. Returns the experiment's id.
     """
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(name)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment is not None
-        else mlflow.create_experiment(name, artifact_location=artifact_root.as_uri())
-    )
+    if experiment is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=None if served(uri) else artifact_root.as_uri())
+        except mlflow.exceptions.MlflowException:  # another clone created it a moment ago: that one is ours
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
+    experiment_id = (experiment or mlflow.get_experiment_by_name(name)).experiment_id
     tag, state = f"mlflow.sharedViewState.{RUNS_VIEW}", runs_view_state()
     if experiment is None or experiment.tags.get(tag) != state:
         mlflow.MlflowClient().set_experiment_tag(experiment_id, tag, state)
@@ -160,12 +205,12 @@ def runs_page(base_url: str, experiment_id: str) -> str:
 
 
 def run_name(environ: Mapping[str, str], commit: str) -> str:
-    """The MLflow run's name: the DVC experiment's, or for a plain `dvc repro` `repro-<commit>`.
+    """The MLflow run's name: the DVC experiment's (`storable`), or for a plain `dvc repro` `repro-<commit>`.
 
     `run_name({"DVC_EXP_NAME": "rank-8"}, "0a1b2c3d4e")` -> `'rank-8'`;
     `run_name({}, "0a1b2c3d4e")` -> `'repro-0a1b2c3'`.
     """
-    return environ.get("DVC_EXP_NAME") or f"repro-{commit[:7]}"
+    return storable(environ.get("DVC_EXP_NAME") or f"repro-{commit[:7]}", MAX_RUN_NAME)
 
 
 def report(metrics: Mapping[str, float | int], path: Path, prefix: str) -> None:

@@ -38,6 +38,7 @@ from stages.tracking import (
     git_commit,
     lock_hashes,
     log_data_inputs,
+    log_settings,
     register_adapter,
     report,
     run_name,
@@ -493,8 +494,7 @@ def training_run(
         checkpoints.remember_run(folder, run.info.run_id)
         locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
         tags = {"git_commit": commit, "dvc_exp_name": environ.get("DVC_EXP_NAME", ""), "stage": "train"}
-        mlflow.set_tags(tags | locked | ({"resumed_from": resume.name} if resume else {}))
-        mlflow.log_params(settings)
+        log_settings(settings, tags | locked | ({"resumed_from": resume.name} if resume else {}))
         if resume is None:
             log_data_inputs(files, digests)
         yield run

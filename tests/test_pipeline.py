@@ -6,12 +6,11 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import yaml
 from datasets import Dataset
 
 from demo.run import apply_overrides
+from tools.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -58,16 +58,17 @@ def clean_env() -> dict[str, str]:
     return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"}
 
 
-def run(command: list[str], cwd: Path) -> str:
-    """Run a command in `clean_env()`; return its output, failing loudly."""
-    result = subprocess.run(command, cwd=cwd, env=clean_env(), capture_output=True, text=True, check=False)
+def run(command: list[str], cwd: Path, env: Mapping[str, str] | None = None) -> str:
+    """Run a command in `clean_env()` plus `env`; return its output, failing loudly."""
+    environ = clean_env() | dict(env or {})
+    result = subprocess.run(command, cwd=cwd, env=environ, capture_output=True, text=True, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{output[-6000:]}"
     return output
 
 
-def dvc(*args: str, cwd: Path) -> str:
-    return run([sys.executable, "-m", "dvc", *args], cwd)
+def dvc(*args: str, cwd: Path, env: Mapping[str, str] | None = None) -> str:
+    return run([sys.executable, "-m", "dvc", *args], cwd, env)
 
 
 def ran_stages(output: str) -> set[str]:
@@ -166,7 +167,7 @@ def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo:
     assert all(m.value > 0 for m in client.get_metric_history(run_.info.run_id, "tokens_per_second"))
     (version,) = client.search_model_versions("name = 'finance-deepseek-adapter'")[-1:]
     assert version.run_id in {r.info.run_id for r in runs(repo)} and version.source.endswith("/adapter")
-    assert not list((repo / "models/checkpoints").iterdir())  # trained: nothing left to resume
+    assert [p.name for p in (repo / "models/checkpoints").iterdir()] == [".gitkeep"]  # trained: nothing to resume
 
 
 def test_export_runs_only_when_asked_and_generate_answers_from_a_logged_adapter(repo: Path, first_repro: str) -> None:
@@ -271,12 +272,6 @@ def test_experiment_with_rank_8_reruns_train_and_evaluate_only(repo: Path, rank_
     assert (first.data.params["lora.r"], second.data.params["lora.r"]) == ("4", "8")
     assert second.info.run_name == "rank-8" and second.info.status == "FINISHED"
     assert "evaluate/tuned_loss" in second.data.metrics
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -429,7 +424,7 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
     psutil.wait_procs(stage, timeout=60)
     assert dvc_process.wait(timeout=120) != 0  # killed before it finished
     assert not (repo / "models/adapter/adapter_model.safetensors").exists()
-    (folder,) = (repo / "models/checkpoints").iterdir()
+    (folder,) = (repo / "models/checkpoints").glob("[!.]*")  # .gitkeep apart
     (folder / "checkpoint-30").mkdir(exist_ok=True)  # as a kill in the middle of a save leaves it: no complete.json
     (folder / "checkpoint-30" / "adapter_model.safetensors").write_bytes(b"half written")
 

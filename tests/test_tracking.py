@@ -7,7 +7,18 @@ from pathlib import Path
 
 import mlflow
 
-from stages.tracking import RUNS_VIEW, report, run_name, runs_page, store_root, tracking_uri, use_experiment
+from stages.tracking import (
+    MAX_RUN_NAME,
+    RUNS_VIEW,
+    report,
+    run_name,
+    runs_page,
+    served,
+    storable,
+    store_root,
+    tracking_uri,
+    use_experiment,
+)
 
 
 def test_store_root_is_dvc_root_when_dvc_runs_us(tmp_path: Path) -> None:
@@ -33,6 +44,20 @@ def test_report_writes_the_file_and_the_run(tmp_path: Path) -> None:
 def test_runs_are_named_after_the_dvc_experiment_or_the_commit() -> None:
     assert run_name({"DVC_EXP_NAME": "rank-8"}, "0a1b2c3d4e5f") == "rank-8"
     assert run_name({}, "0a1b2c3d4e5f") == "repro-0a1b2c3"
+    assert len(run_name({"DVC_EXP_NAME": "e" * 300}, "0a1b2c3d4e5f")) == MAX_RUN_NAME  # PostgreSQL's column
+
+
+def test_storable_writes_nul_out_and_cuts_long_values_keeping_them_apart() -> None:
+    assert storable("a\x00b", 10) == "a\\x00b"
+    assert storable(["q_proj"], 20) == "['q_proj']"
+    one, other = storable("x" * 100, 60), storable("x" * 99 + "y", 60)
+    assert len(one) == len(other) == 60 and one != other
+    assert one.startswith("xxxx") and one.endswith("...]") and "100 chars, sha256 " in one
+
+
+def test_a_tracking_server_keeps_its_own_artifact_location_a_local_store_the_repo_root() -> None:
+    assert served("http://127.0.0.1:5000") and served("https://mlflow.example.com")
+    assert not served("sqlite:////repo/mlflow.db") and not served("postgresql://mlflow@db/mlflow")
 
 
 def test_the_experiment_carries_the_runs_view_with_lora_and_result_columns(tmp_path: Path) -> None:
