@@ -3,8 +3,10 @@
     python -m stages.fetch --out data/raw --metrics metrics/fetch.json
 
 Every row's fate is counted: `rows_in = rows_kept + sum(dropped_*)`, checked here and written to
-`metrics/fetch.json` with where the data came from. Exact duplicates are dropped before the held-out draw, and the
-draw happens before `to_sharegpt` merges rows into conversations, so no held-out row can appear in training.
+`metrics/fetch.json` with where the data came from. Exact duplicates (a whitespace-only system counting as empty,
+as to_sharegpt renders it) are dropped before the held-out draw, and the draw happens before `to_sharegpt` merges
+rows into conversations; a training row with the question and answer of a held-out row, whatever its system text,
+is dropped too (`dropped_same_as_held_out`): no held-out answer can appear in training.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset, Value, load_dataset
 
 from stages import params
@@ -62,9 +65,8 @@ def read_jsonl(path: Path) -> Dataset:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno})"
-                ) from None
+                message = error.msg.removesuffix(" at")  # "Unterminated string starting at"
+                raise ValueError(f"{path} line {number}: not valid JSON ({message} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
             for column in TEXT_COLUMNS:
@@ -130,16 +132,35 @@ def check_schema(dataset: Dataset) -> list[str]:
     return [column for column in found if column not in TEXT_COLUMNS]
 
 
-def row_digests(table: Any, batch_rows: int = 65536) -> Any:
-    """The `stages.files.digests` of each row's (system, user, assistant), batch by batch."""
-    import numpy as np
-
+def row_digests(table: Any, columns: tuple[str, ...] = TEXT_COLUMNS, batch_rows: int = 65536) -> Any:
+    """The `stages.files.digests` of each row's texts in `columns`, batch by batch."""
     parts = []
-    for batch in table.select(list(TEXT_COLUMNS)).to_batches(max_chunksize=batch_rows):
-        columns = (batch.column(c).to_pylist() for c in TEXT_COLUMNS)
+    for batch in table.select(list(columns)).to_batches(max_chunksize=batch_rows):
+        texts = zip(*(batch.column(c).to_pylist() for c in columns), strict=True)
         # the lengths in front tell where each text ends: ("ab", "c") and ("a", "bc") differ
-        parts.append(digests([f"{len(s)},{len(u)},{s}{u}{a}" for s, u, a in zip(*columns, strict=True)]))
+        parts.append(digests([",".join(str(len(t)) for t in row[:-1]) + "," + "".join(row) for row in texts]))
     return np.concatenate(parts) if parts else np.empty((0, 2), np.uint64)
+
+
+def blank(cells: Any) -> Any:
+    """Arrow mask of the text cells that are empty or all Unicode whitespace (no trimmed copy of the column)."""
+    import pyarrow.compute as pc
+
+    return pc.or_(pc.equal(cells, ""), pc.utf8_is_space(cells))
+
+
+def same_as_held_out(train: Dataset, held_out: Dataset) -> np.ndarray:
+    """Mask of the training rows whose question and answer are those of a held-out row, whatever their system
+    texts: trained on, they would put the held-out answers into training."""
+    pair = ("user", "assistant")
+
+    def keys(rows: Dataset) -> np.ndarray:  # a split's rows, gathered a batch at a time
+        batches = rows.with_format("arrow").iter(batch_size=65536)
+        return np.concatenate([row_digests(batch, pair) for batch in batches] or [np.empty((0, 2), np.uint64)])
+
+    number, _ = distinct(np.concatenate([keys(held_out), keys(train)]))  # held-out texts get the lowest numbers
+    held_out_texts = int(number[: len(held_out)].max()) + 1 if len(held_out) else 0
+    return number[len(held_out) :] < held_out_texts
 
 
 def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int]]:
@@ -148,7 +169,6 @@ def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int
     Rules apply in order (empty question, empty answer, duplicate), each row counted under the first that drops it.
     `[{"system": None, "user": "q", "assistant": ""}]` -> no rows, `{"rows_in": 1, "dropped_empty_answer": 1, ...}`.
     """
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     from datasets.table import InMemoryTable
@@ -158,19 +178,18 @@ def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int
     table = pa.table({column: pc.fill_null(source[column].cast(pa.string()), "") for column in TEXT_COLUMNS})
     n = table.num_rows
 
-    def blank(column: str) -> pa.Array:  # empty or all Unicode whitespace, without a trimmed copy of the column
-        return pc.or_(pc.equal(table[column], ""), pc.utf8_is_space(table[column]))
-
     no = pa.array([False] * n, pa.bool_())
-    empty_user = blank("user") if config.drop_empty_user else no
-    empty_answer = pc.and_not(blank("assistant"), empty_user) if config.drop_empty_answer else no
+    empty_user = blank(table["user"]) if config.drop_empty_user else no
+    empty_answer = pc.and_not(blank(table["assistant"]), empty_user) if config.drop_empty_answer else no
     alive = pc.invert(pc.or_(empty_user, empty_answer))
     duplicate = no
     if config.drop_duplicates:
         # the first row of each distinct (system, user, assistant) among the rows still alive, found by a 16-byte
-        # digest per row: a hash table of the texts themselves would cost gigabytes on 518k rows
+        # digest per row (a hash table of the texts themselves would cost gigabytes on 518k rows); a whitespace-only
+        # system counts as empty, as to_sharegpt renders it: rows that differ only there are one conversation
         alive_rows = np.flatnonzero(alive.to_numpy(zero_copy_only=False))
-        _, first = distinct(row_digests(table)[alive_rows])
+        system = pc.if_else(blank(table["system"]), "", table["system"])
+        _, first = distinct(row_digests(table.set_column(0, "system", system))[alive_rows])
         is_duplicate = np.ones(len(alive_rows), dtype=bool)
         is_duplicate[first] = False
         mask = np.zeros(n, dtype=bool)
@@ -225,6 +244,11 @@ def main(params_path: Path, out: Path, metrics: Path) -> None:
         log.info("ignoring columns not in the schema: %s", ignored)
     cleaned, counts = clean(dataset, config)
     train, held_out = split(cleaned, config.eval_size, config.seed)
+    leaking = same_as_held_out(train, held_out)
+    train = train.select(np.flatnonzero(~leaking))
+    counts |= {"rows_kept": counts["rows_kept"] - int(leaking.sum()), "dropped_same_as_held_out": int(leaking.sum())}
+    dropped = sum(value for key, value in counts.items() if key.startswith("dropped_"))
+    assert counts["rows_in"] == len(train) + len(held_out) + dropped, f"row accounting does not add up: {counts}"
 
     out.mkdir(parents=True, exist_ok=True)
     write_rows(train, out / "train.parquet")

@@ -64,6 +64,9 @@ def test_invalid_json_names_the_line(tmp_path: Path) -> None:
     path.write_text('{"system": "", "user": "q", "assistant": "a"}\n\n{"system": "", "user": "q",\n')
     with pytest.raises(ValueError, match=r"bad.jsonl line 3: not valid JSON"):
         read_jsonl(path)
+    path.write_text('{"system": "", "user": "q", "assistant": "unterminated}')
+    with pytest.raises(ValueError, match=r"line 1: not valid JSON \(Unterminated string starting at column 42\)"):
+        read_jsonl(path)
 
 
 def test_number_in_a_text_column_names_line_and_column(tmp_path: Path) -> None:
@@ -151,6 +154,15 @@ def test_cleaning_rules_can_be_turned_off() -> None:
     assert len(cleaned) == 2 and counts["rows_kept"] == 2
 
 
+def test_rows_differing_only_by_a_whitespace_system_are_duplicates() -> None:
+    dataset = Dataset.from_list(
+        [{"system": system, "user": "q", "assistant": "a"} for system in ("", "\n", " \t", None)]
+        + [{"system": "\nA", "user": "q", "assistant": "a"}]
+    )
+    cleaned, counts = clean(dataset, CONFIG)
+    assert cleaned["system"] == ["", "\nA"] and counts["dropped_duplicate"] == 3
+
+
 def test_duplicates_differing_only_in_system_are_distinct() -> None:
     dataset = Dataset.from_list(
         [{"system": "A", "user": "q", "assistant": "a"}, {"system": "B", "user": "q", "assistant": "a"}]
@@ -199,3 +211,25 @@ def test_main_writes_splits_counts_and_provenance(tmp_path: Path) -> None:
     assert (metrics["train_rows"], metrics["eval_rows"]) == (9, 3)
     assert metrics["provenance"]["source"] == str(source)
     assert len(Dataset.from_parquet(str(tmp_path / "raw" / "eval.parquet"))) == 3
+
+
+def test_no_held_out_question_and_answer_is_trained_on_whatever_its_system(tmp_path: Path) -> None:
+    # 40 pairs of rows that differ only in their system text, one of each pair said to be from a firm
+    records = [
+        {"system": system, "user": f"question {i}", "assistant": f"answer {i}"}
+        for i in range(40)
+        for system in ("", f"Firm {i}")
+    ]
+    source = write_jsonl(tmp_path / "rows.jsonl", records)
+    (tmp_path / "params.yaml").write_text(
+        f"fetch: {{dataset: {source}, revision: null, split: train, eval_size: 10, seed: 3,"
+        " drop_empty_user: true, drop_empty_answer: true, drop_duplicates: true}\n"
+    )
+    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+    train = Dataset.from_parquet(str(tmp_path / "raw" / "train.parquet"))
+    held_out = Dataset.from_parquet(str(tmp_path / "raw" / "eval.parquet"))
+    pairs = {(row["user"], row["assistant"]) for row in held_out}
+    assert not pairs & {(row["user"], row["assistant"]) for row in train}
+    metrics = json.loads((tmp_path / "fetch.json").read_text())
+    assert metrics["dropped_same_as_held_out"] == 80 - len(train) - len(held_out) > 0  # nothing else dropped
+    assert metrics["rows_in"] == metrics["train_rows"] + metrics["eval_rows"] + metrics["dropped_same_as_held_out"]
