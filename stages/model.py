@@ -62,6 +62,19 @@ def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, 
     )
 
 
+def linear_names(config: ModelConfig) -> set[str]:
+    """The names of the base model's linear layers (`q_proj`, `down_proj`, ...), which `lora.target_modules`
+    picks from: the model built from its configuration on the meta device, so no weight is read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(config.model_name, revision=config.revision)
+        )
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
 def load_tokenizer(config: ModelConfig) -> Any:
     """The base model's tokenizer alone (with its chat template): what the tokenize stage encodes with."""
     from transformers import AutoTokenizer

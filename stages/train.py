@@ -30,7 +30,7 @@ from stages import checkpoints, fit, params
 from stages.chat import PROBE, PROBE_FILE, Chat, ChatConfig
 from stages.distributed import World, launched, per_process, processes, restart_under_launcher, several_nodes
 from stages.files import file_hash, write_csv
-from stages.model import ModelConfig, load_base, mixed_precision, record_precision
+from stages.model import ModelConfig, linear_names, load_base, mixed_precision, record_precision
 from stages.params import require
 from stages.tracking import (
     TrackingConfig,
@@ -399,6 +399,22 @@ def check_encoding(chat: Chat, data: Path) -> None:
     )
 
 
+def check_names(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> None:
+    """Refuse, before any weight loads, a `lora.target_modules` entry that names no linear layer of the base model
+    and a `train.optim` that transformers does not know."""
+    from transformers.training_args import OptimizerNames
+
+    layers = linear_names(model_config)
+    for i, name in enumerate(lora.target_modules):
+        require(
+            name in layers,
+            f"lora.target_modules[{i}] is {name!r}, which names no linear layer of {model_config.model_name}; "
+            f"its layers: {', '.join(sorted(layers))}",
+        )
+    known = sorted(optimizer.value for optimizer in OptimizerNames)
+    require(config.optim in known, f"train.optim {config.optim!r} is not one of transformers': {', '.join(known)}")
+
+
 def fitted(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> tuple[Any, Any, Any]:
     """The three configs with their `auto` settings decided for this machine (`stages.fit`), the others as written."""
     model_config = fit.resolved(model_config)
@@ -529,6 +545,17 @@ def machine_metrics(run: Any, world: World, tracking: TrackingConfig, environ: d
         monitor.finish()
 
 
+def sort_target_modules(adapter: Path) -> None:
+    """Sort `target_modules` in the adapter's `adapter_config.json`: peft writes them from a set, in an order that
+    Python's hash seed changes from run to run, so that the same training gave another folder hash (and evaluate
+    ran again on bitwise-equal weights)."""
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def record_adapter(run: Any, adapter: Path, registered_model: str | None) -> None:
     """The adapter as the run's artifacts, tagged with its SHA-256 (evaluate finds the run by it), and registered
     as a new version of `registered_model` unless that is null."""
@@ -564,6 +591,7 @@ def main(
     # resumes, and continues its run, on another number of GPUs (the run is tagged with its `world_size`)
     del settings["train.devices"]
     log.info("config: %s", settings)
+    check_names(model_config, lora, train_config)
     world = World.from_environ(dict(os.environ))
     train_config = shared_out(train_config, world)
     if world.size > 1:
@@ -611,6 +639,7 @@ def main(
 
         # --- save and report: adapter + tokenizer + base precision, metrics, loss curves, MLflow artifacts
         model.save_pretrained(adapter)
+        sort_target_modules(adapter)
         tokenizer.save_pretrained(adapter)
         record_precision(adapter, model_config)
         losses = loss_rows(trainer.state.log_history)  # the whole run's, a resumed one's included

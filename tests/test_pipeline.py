@@ -442,3 +442,22 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
     assert all(r.info.status != "RUNNING" for r in runs(repo))
     losses = mlflow.MlflowClient().get_metric_history(latest.info.run_id, "loss")
     assert {m.step for m in losses} == set(range(1, 31))
+
+
+def test_training_again_under_another_hash_seed_writes_the_same_adapter(repo: Path, rank_8: str) -> None:
+    # the same inputs, the same bytes: a set written in its iteration order (peft's target_modules) would come out
+    # in another order under another PYTHONHASHSEED, and the adapter's hash would change with bitwise-equal weights
+    timed = {"metrics/train.json", "metrics/train_loss.csv", "metrics/eval_loss.csv"}  # they hold wall times
+
+    def trained() -> dict[str, str]:
+        outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["outs"]
+        return {out["path"]: out["md5"] for out in outs if out["path"] not in timed}
+
+    hashes = []
+    for seed in ("1", "2"):  # two seeds that order {q,k,v,o}_proj differently
+        output = dvc("repro", "--force", "--single-item", "train", cwd=repo, env={"PYTHONHASHSEED": seed})
+        assert ran_stages(output) == {"train"}
+        hashes.append(trained())
+    assert hashes[0] == hashes[1] and "models/adapter" in hashes[0]
+    config = json.loads((repo / "models/adapter/adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(config["target_modules"])

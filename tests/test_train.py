@@ -15,7 +15,7 @@ from unsloth import FastLanguageModel
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
 from stages.tokenize import tokenized
-from stages.train import LoraConfig, TrainConfig, attest_cut, deal, loss_rows, make_trainer
+from stages.train import LoraConfig, TrainConfig, attest_cut, check_names, deal, loss_rows, make_trainer
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 TRAIN = TrainConfig(
@@ -264,3 +264,21 @@ def test_a_diverged_training_fails_its_run_and_writes_no_adapter(
     saved = sorted((tmp_path / "checkpoints").glob("*/checkpoint-*/adapter_model.safetensors"))
     assert saved  # the complete checkpoints before the divergence stay, and hold finite weights only
     assert all(torch.isfinite(t).all() for path in saved for t in load_file(path).values())
+
+
+def test_unknown_target_modules_and_optimizers_are_refused_before_any_weight_loads(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+) -> None:
+    import mlflow
+
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    check_names(model_config, LoraConfig(r=4, target_modules=["q_proj", "down_proj", "lm_head"]), TRAIN)
+    with pytest.raises(ValueError, match=r"lora.target_modules\[1\] is 'qproj', which names no linear layer .*k_proj"):
+        check_names(model_config, LoraConfig(r=4, target_modules=["q_proj", "qproj"]), TRAIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    train = training_stage(tiny_model_dir, tmp_path, root, optim="adamw_9bit")
+    with pytest.raises(ValueError, match="train.optim 'adamw_9bit' is not one of transformers': .*adamw_8bit"):
+        train()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # not an earlier test's store
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # stopped before its run
