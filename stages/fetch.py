@@ -30,6 +30,7 @@ log = logging.getLogger("fetch")
 
 TEXT_COLUMNS = ("system", "user", "assistant")
 ROWS_PER_GROUP = 32768  # rows per parquet row group written: the ranges to_sharegpt's workers convert
+BAD_LINE_REASONS = ("unreadable_line", "non_text_cell")  # why a .jsonl line is left out (`fetch.bad_rows: drop`)
 LOCAL_FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
@@ -43,67 +44,83 @@ class FetchConfig:
     drop_empty_user: bool  # drop rows whose question is null, empty or whitespace
     drop_empty_answer: bool  # drop rows whose answer is null, empty or whitespace
     drop_duplicates: bool  # drop exact repeats of (system, user, assistant), keeping the first
+    bad_rows: str = "error"  # a .jsonl line that is no JSON object of text cells: error (named) or drop (counted)
 
     def __post_init__(self) -> None:
         require(bool(self.dataset.strip()), "fetch.dataset must not be empty")
+        require(self.bad_rows in ("error", "drop"), f"fetch.bad_rows must be error or drop, got {self.bad_rows!r}")
         require(self.eval_size >= 1, f"fetch.eval_size must be >= 1, got {self.eval_size}")
 
 
-def read_jsonl(path: Path) -> Dataset:
-    """Read a JSON-lines file, naming the line of the first undecodable, unparsable or non-text cell."""
-    rows = []
+def bad_line(path: Path, number: int, raw: bytes) -> tuple[str | None, Any]:
+    """A JSON-lines line read: `(None, row)`, or `(reason, message)` for a line that is no JSON object of text cells
+    (`unreadable_line`: not UTF-8, not JSON, not an object; `non_text_cell`: a number, list ... in a text column)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return "unreadable_line", f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        message = error.msg.removesuffix(" at")  # "Unterminated string starting at"
+        return "unreadable_line", f"{path} line {number}: not valid JSON ({message} at column {error.colno})"
+    if not isinstance(row, dict):
+        return "unreadable_line", f"{path} line {number}: expected a JSON object, got {type(row).__name__}"
+    for column in TEXT_COLUMNS:
+        cell = row.get(column)
+        if cell is not None and not isinstance(cell, str):
+            return "non_text_cell", (
+                f"{path} line {number}: column '{column}' holds {type(cell).__name__} {cell!r}, expected text"
+            )
+    return None, row
+
+
+def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, list[int]]]:
+    """Read a JSON-lines file; a bad line (`bad_line`) stops it naming the line, or with `bad_rows: drop` is left
+    out. Returns the rows and the numbers of the lines left out, by reason."""
+    rows, dropped = [], {reason: [] for reason in BAD_LINE_REASONS}
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                ) from None
-            if not line.strip():
+            if not raw.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                message = error.msg.removesuffix(" at")  # "Unterminated string starting at"
-                raise ValueError(f"{path} line {number}: not valid JSON ({message} at column {error.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
-            for column in TEXT_COLUMNS:
-                cell = row.get(column)
-                if cell is not None and not isinstance(cell, str):
-                    raise ValueError(
-                        f"{path} line {number}: column '{column}' holds {type(cell).__name__} {cell!r}, expected text"
-                    )
-            rows.append(row)
+            reason, read = bad_line(path, number, raw)
+            if reason is None:
+                rows.append(read)
+            elif bad_rows == "drop":
+                dropped[reason].append(number)
+            else:
+                raise ValueError(f"{read} (fetch.bad_rows: drop leaves such lines out, counted)")
     if not rows:
-        return Dataset.from_dict({column: [] for column in TEXT_COLUMNS})
+        return Dataset.from_dict({column: [] for column in TEXT_COLUMNS}), dropped
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns})
+    return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns}), dropped
 
 
-def load(config: FetchConfig) -> tuple[Dataset, dict[str, Any]]:
-    """Load the dataset from a local file (by its suffix) or the Hugging Face Hub; return it and its provenance."""
+def load(config: FetchConfig) -> tuple[Dataset, dict[str, Any], dict[str, list[int]]]:
+    """Load the dataset from a local file (by its suffix) or the Hugging Face Hub; return it, its provenance and
+    the lines of a .jsonl file left out by `fetch.bad_rows: drop`, by reason."""
+    dropped: dict[str, list[int]] = {reason: [] for reason in BAD_LINE_REASONS}
     suffix = Path(config.dataset).suffix.lower()
     if suffix in LOCAL_FORMATS:
         path = Path(config.dataset)
         if not path.is_file():
             raise FileNotFoundError(f"fetch.dataset: no such file: {path}")
         if suffix == ".jsonl":
-            dataset = read_jsonl(path)
+            dataset, dropped = read_jsonl(path, config.bad_rows)
         else:
             try:
                 dataset = load_dataset(LOCAL_FORMATS[suffix], data_files=str(path), split="train")
             except Exception as error:  # datasets wraps the parser's error; name the file, keep the cause
                 cause = error.__cause__ or error
                 raise ValueError(f"{path}: cannot be read as {suffix[1:]}: {cause}") from error
-        return dataset, {"source": str(path), "sha256": file_hash(path, "sha256")}
+        return dataset, {"source": str(path), "sha256": file_hash(path, "sha256")}, dropped
     dataset = load_dataset(config.dataset, split=config.split, revision=config.revision)
-    return dataset, {
+    provenance = {
         "source": config.dataset,
         "requested_revision": config.revision,
         "resolved_revision": resolved_revision(dataset),
     }
+    return dataset, provenance, dropped
 
 
 def resolved_revision(dataset: Dataset) -> str | None:
@@ -238,11 +255,16 @@ def main(params_path: Path, out: Path, metrics: Path) -> None:
     config = params.load(FetchConfig, params_path, "fetch")
     log.info("config: %s", asdict(config))
 
-    dataset, provenance = load(config)
+    dataset, provenance, bad = load(config)
+    for reason, lines in bad.items():
+        if lines:
+            log.warning("left out %d lines (%s), the first: %s", len(lines), reason, lines[:10])
     ignored = check_schema(dataset)
     if ignored:
         log.info("ignoring columns not in the schema: %s", ignored)
     cleaned, counts = clean(dataset, config)
+    counts["rows_in"] += sum(len(lines) for lines in bad.values())
+    counts |= {f"dropped_{reason}": len(lines) for reason, lines in bad.items()}
     train, held_out = split(cleaned, config.eval_size, config.seed)
     leaking = same_as_held_out(train, held_out)
     train = train.select(np.flatnonzero(~leaking))
@@ -254,7 +276,8 @@ def main(params_path: Path, out: Path, metrics: Path) -> None:
     write_rows(train, out / "train.parquet")
     write_rows(held_out, out / "eval.parquet")
     report = {**counts, "ignored_columns": len(ignored), "train_rows": len(train), "eval_rows": len(held_out)}
-    write_json(metrics, {**report, "provenance": provenance})
+    first_lines = {reason: lines[:10] for reason, lines in bad.items() if lines}  # where to look in the file
+    write_json(metrics, {**report, "provenance": provenance | ({"dropped_lines": first_lines} if first_lines else {})})
     log.info("wrote %s to %s, metrics to %s", report, out, metrics)
 
 

@@ -40,7 +40,7 @@ def test_load_local_file_by_suffix_with_its_hash(tmp_path: Path, suffix: str) ->
     path = tmp_path / f"data{suffix}"
     dataset = Dataset.from_list(rows(5))
     {".jsonl": dataset.to_json, ".csv": dataset.to_csv, ".parquet": dataset.to_parquet}[suffix](str(path))
-    loaded, provenance = load(replace(CONFIG, dataset=str(path)))
+    loaded, provenance, _ = load(replace(CONFIG, dataset=str(path)))
     assert loaded["user"] == [f"question {i}" for i in range(5)]
     assert provenance["source"] == str(path) and len(provenance["sha256"]) == 64
 
@@ -78,7 +78,7 @@ def test_number_in_a_text_column_names_line_and_column(tmp_path: Path) -> None:
 def test_numeric_column_in_parquet_is_named(tmp_path: Path) -> None:
     path = tmp_path / "data.parquet"
     Dataset.from_list([{"system": "", "user": "q", "assistant": 1}]).to_parquet(str(path))
-    dataset, _ = load(replace(CONFIG, dataset=str(path)))
+    dataset, _, _ = load(replace(CONFIG, dataset=str(path)))
     with pytest.raises(ValueError, match="column 'assistant' must hold text"):
         check_schema(dataset)
 
@@ -190,7 +190,7 @@ def test_one_row_dataset_leaves_nothing_to_train_on() -> None:
 
 def test_empty_dataset_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
-    dataset = read_jsonl(tmp_path / "empty.jsonl")
+    dataset, _ = read_jsonl(tmp_path / "empty.jsonl")
     with pytest.raises(ValueError, match="no rows left to train on"):
         split(clean(dataset, CONFIG)[0], eval_size=1, seed=0)
 
@@ -233,3 +233,24 @@ def test_no_held_out_question_and_answer_is_trained_on_whatever_its_system(tmp_p
     metrics = json.loads((tmp_path / "fetch.json").read_text())
     assert metrics["dropped_same_as_held_out"] == 80 - len(train) - len(held_out) > 0  # nothing else dropped
     assert metrics["rows_in"] == metrics["train_rows"] + metrics["eval_rows"] + metrics["dropped_same_as_held_out"]
+
+
+def test_bad_lines_stop_fetch_or_with_drop_are_left_out_counted_by_reason(tmp_path: Path) -> None:
+    good = rows(8)
+    lines = [json.dumps(row) for row in good[:3]] + ['{"system": "", "user": "q", "assistant": 42}', "not json"]
+    lines += [json.dumps(row) for row in good[3:]] + ["[1, 2]", '{"system": "", "user": ["q"], "assistant": "a"}']
+    source = tmp_path / "rows.jsonl"
+    source.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    settings = (
+        f"fetch: {{dataset: {source}, revision: null, split: train, eval_size: 2, seed: 1, drop_empty_user: true,"
+        " drop_empty_answer: true, drop_duplicates: true, bad_rows: POLICY}\n"
+    )
+    (tmp_path / "params.yaml").write_text(settings.replace("POLICY", "error"))
+    with pytest.raises(ValueError, match="rows.jsonl line 4: column 'assistant' holds int 42, expected text"):
+        main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+    (tmp_path / "params.yaml").write_text(settings.replace("POLICY", "drop"))
+    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+    metrics = json.loads((tmp_path / "fetch.json").read_text())
+    assert (metrics["dropped_non_text_cell"], metrics["dropped_unreadable_line"]) == (2, 3)
+    assert metrics["provenance"]["dropped_lines"] == {"non_text_cell": [4, 12], "unreadable_line": [5, 11, 13]}
+    assert metrics["rows_in"] == 13 and metrics["train_rows"] + metrics["eval_rows"] == 8  # every line accounted for
