@@ -1,6 +1,6 @@
 """fetch: load Finance-Instruct-500k (or a local file in its schema), check and clean it, hold out evaluation rows.
 
-    python -m stages.fetch --out data/raw --metrics metrics/fetch.json
+    python -m stages.fetch --sources data/sample data/source --out data/raw --metrics metrics/fetch.json
 
 Every row's fate is counted: `rows_in = rows_kept + sum(dropped_*)`, checked here and written to
 `metrics/fetch.json` with where the data came from. Exact duplicates (a whitespace-only system counting as empty,
@@ -96,15 +96,22 @@ def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, 
     return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns}), dropped
 
 
-def load(config: FetchConfig) -> tuple[Dataset, dict[str, Any], dict[str, list[int]]]:
+def load(config: FetchConfig, sources: tuple[Path, ...] = ()) -> tuple[Dataset, dict[str, Any], dict[str, list[int]]]:
     """Load the dataset from a local file (by its suffix) or the Hugging Face Hub; return it, its provenance and
-    the lines of a .jsonl file left out by `fetch.bad_rows: drop`, by reason."""
+    the lines of a .jsonl file left out by `fetch.bad_rows: drop`, by reason. With `sources` (the stage's DVC
+    dependencies), a local file must sit in one of those folders, where DVC sees it change."""
     dropped: dict[str, list[int]] = {reason: [] for reason in BAD_LINE_REASONS}
     suffix = Path(config.dataset).suffix.lower()
     if suffix in LOCAL_FORMATS:
         path = Path(config.dataset)
         if not path.is_file():
             raise FileNotFoundError(f"fetch.dataset: no such file: {path}")
+        inside = any(path.resolve().is_relative_to(folder.resolve()) for folder in sources)
+        if sources and not inside:
+            raise ValueError(
+                f"fetch.dataset: {path} is outside {', '.join(map(str, sources))}, the folders DVC watches for "
+                "fetch: an edit of it would not rerun the pipeline; move it into data/source/"
+            )
         if suffix == ".jsonl":
             dataset, dropped = read_jsonl(path, config.bad_rows)
         else:
@@ -250,12 +257,12 @@ def write_rows(dataset: Dataset, path: Path) -> None:
     pq.write_table(dataset.with_format("arrow")[:], path, row_group_size=ROWS_PER_GROUP)
 
 
-def main(params_path: Path, out: Path, metrics: Path) -> None:
+def main(params_path: Path, out: Path, metrics: Path, sources: tuple[Path, ...] = ()) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = params.load(FetchConfig, params_path, "fetch")
     log.info("config: %s", asdict(config))
 
-    dataset, provenance, bad = load(config)
+    dataset, provenance, bad = load(config, sources)
     for reason, lines in bad.items():
         if lines:
             log.warning("left out %d lines (%s), the first: %s", len(lines), reason, lines[:10])
@@ -284,7 +291,8 @@ def main(params_path: Path, out: Path, metrics: Path) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--sources", type=Path, nargs="*", default=[], help="folders a local dataset must be in")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
-    main(args.params, args.out, args.metrics)
+    main(args.params, args.out, args.metrics, tuple(args.sources))

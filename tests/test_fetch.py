@@ -254,3 +254,13 @@ def test_bad_lines_stop_fetch_or_with_drop_are_left_out_counted_by_reason(tmp_pa
     assert (metrics["dropped_non_text_cell"], metrics["dropped_unreadable_line"]) == (2, 3)
     assert metrics["provenance"]["dropped_lines"] == {"non_text_cell": [4, 12], "unreadable_line": [5, 11, 13]}
     assert metrics["rows_in"] == 13 and metrics["train_rows"] + metrics["eval_rows"] == 8  # every line accounted for
+
+
+def test_a_local_dataset_must_sit_where_dvc_watches_it(tmp_path: Path) -> None:
+    (tmp_path / "source").mkdir()
+    inside = write_jsonl(tmp_path / "source" / "rows.jsonl", rows(5))
+    outside = write_jsonl(tmp_path / "rows.jsonl", rows(5))
+    watched = (tmp_path / "sample", tmp_path / "source")
+    assert len(load(replace(CONFIG, dataset=str(inside)), watched)[0]) == 5
+    with pytest.raises(ValueError, match=r"fetch.dataset: .*rows.jsonl is outside .*sample, .*source, the folders DVC"):
+        load(replace(CONFIG, dataset=str(outside)), watched)

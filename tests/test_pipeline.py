@@ -252,6 +252,19 @@ def test_a_setting_makes_stale_exactly_the_stages_it_changes(
     assert {stage for stage in status if ":" not in stage} == stale, status  # export/dvc.yaml's apart
 
 
+def test_a_file_added_to_or_edited_in_the_local_data_folders_makes_fetch_stale(repo: Path, first_repro: str) -> None:
+    sample = repo / "data/sample/finance_instruct_sample.jsonl"
+    original = sample.read_bytes()
+    row = json.dumps({"system": "", "user": "Added question?", "assistant": "Added answer."}) + "\n"
+    for path, text in ((sample, original + row.encode()), (repo / "data/source/rows.jsonl", row.encode())):
+        try:
+            path.write_bytes(text)
+            status = json.loads(dvc("status", "--json", cwd=repo))
+        finally:
+            path.write_bytes(original) if path == sample else path.unlink()
+        assert {stage for stage in status if ":" not in stage} == {"fetch"}, (path, status)
+
+
 def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
     output = dvc("repro", cwd=repo)
     assert ran_stages(output) == set()
