@@ -51,6 +51,8 @@ OUTPUTS = [
     "metrics/evaluate_bars.csv",
 ]
 
+PICKLES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}  # weights that load by unpickling, which runs code
+
 
 def clean_env() -> dict[str, str]:
     """This environment without DVC's or MLflow's variables, this interpreter's environment first on PATH."""
@@ -131,6 +133,7 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: 
         lengths["train_conversations"] == json.loads((repo / "metrics/train.json").read_text())["train_conversations"]
     )
     assert json.loads((repo / "models/adapter/base_precision.json").read_text()) == {"load_in_4bit": True}
+    assert not [path.name for path in (repo / "models/adapter").iterdir() if path.suffix in PICKLES]  # safetensors
 
 
 def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(repo: Path, first_repro: str) -> None:
@@ -175,6 +178,7 @@ def test_export_runs_only_when_asked_and_generate_answers_from_a_logged_adapter(
     exported = dvc("repro", "export/dvc.yaml", cwd=repo)
     assert ran_stages(exported) == {"export/dvc.yaml:export"}
     assert (repo / "models/merged/config.json").is_file() and list((repo / "models/merged").glob("*.safetensors"))
+    assert not [path.name for path in (repo / "models/merged").iterdir() if path.suffix in PICKLES]
     (run_,) = runs(repo)[:1]
     answer = run(
         [
