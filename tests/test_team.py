@@ -30,6 +30,8 @@ from stages.files import file_hash
 from stages.tracking import MAX_PARAM_VALUE, MAX_RUN_NAME, log_settings, run_name
 from tools.servers import BUCKET, Team, free_port, local_team, team_environment
 
+HF_TOKEN = "hf_plantedTokenThatMustAppearNowhere0123"  # in every clone's environment, as on a machine with Hub access
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +142,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def alice(repo: Path, origin: Path, team: Team, users: dict[str, str]) -> Engineer:  # noqa: F811
     """The project's first clone: the remote set up once, the demo pipeline run on the team's stores, shared."""
-    alice = Engineer("alice", repo, team_environment(team, "alice", users["alice"]))
+    alice = Engineer("alice", repo, team_environment(team, "alice", users["alice"]) | {"HF_TOKEN": HF_TOKEN})
     run(["git", "branch", "-M", "main"], repo)
     run(["git", "remote", "add", "origin", str(origin)], repo)
     alice.follow(
@@ -163,7 +165,7 @@ def bob(
     run(["git", "clone", "-q", str(origin), str(clone)], clone.parent)
     run(["git", "config", "user.name", "Bob"], clone)
     run(["git", "config", "user.email", "bob@example.com"], clone)
-    bob = Engineer("bob", clone, team_environment(team, "bob", users["bob"]))
+    bob = Engineer("bob", clone, team_environment(team, "bob", users["bob"]) | {"HF_TOKEN": HF_TOKEN})
     bob.follow(*KEYS, "git pull && dvc pull dvc.yaml")
     # the demo's tiny model is built, not versioned (as `make demo` builds it)
     run(
@@ -278,6 +280,7 @@ def test_no_secret_reaches_git_dvc_lock_params_mlflow_or_a_log(
         "bob's password": users["bob"],
         "admin password": team.admin[1],
         "PostgreSQL password": team.postgres.password,
+        "Hugging Face token": HF_TOKEN,
     }
     history = run(["git", "log", "-p", "--all"], origin)
     places = {"git history": history, "server logs": "".join(s.log_tail(10**7) for s in team.services)}
@@ -291,6 +294,9 @@ def test_no_secret_reaches_git_dvc_lock_params_mlflow_or_a_log(
     for what, text in places.items():
         for secret_name, secret in planted.items():
             assert secret not in text, f"the {secret_name} is in the {what}"
+    for engineer in (alice, bob):  # the token is in no file of the clones (data, adapter, metrics, DVC's cache)
+        for path in engineer.clone.rglob("*"):
+            assert not path.is_file() or HF_TOKEN.encode() not in path.read_bytes(), path
     # the keys are where the README put them: a file git ignores
     assert team.s3.secret_key in (alice.clone / ".dvc/config.local").read_text()
     assert run(["git", "check-ignore", ".dvc/config.local"], alice.clone).strip() == ".dvc/config.local"
