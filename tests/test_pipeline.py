@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -302,28 +301,6 @@ def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Debian Chromium driven by Playwright (no browser download); `.ci/run` installs the package."""
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install Debian's chromium for the MLflow UI test (see .ci/run)")
-        pytest.skip("Debian's chromium is not installed: apt-get install chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        context = browser.new_context(viewport={"width": 1600, "height": 900})
-        # MLflow's assistant panel opens itself on a first visit and covers the page: keep it closed
-        context.add_init_script(
-            "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-            "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
-        )
-        yield context
-        browser.close()
 
 
 def screenshot(page: Any, name: str, tmp_path: Path) -> None:
