@@ -170,12 +170,19 @@ def runs_view_state() -> str:
     )
 
 
+# The UI opens an experiment in the view its kind asks for; without this tag MLflow 3's UI takes it for a GenAI
+# app's (traces, sessions). "finetuning" is one of the UI's machine-learning kinds (the runs table, model metrics);
+# the value is one of the UI's `ExperimentKind`s (mlflow/server/js), the tag the one mlflow.demo sets.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
+
+
 def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
     """Point MLflow at `uri` and the experiment `name`, creating it with artifacts under `artifact_root`.
 
     The artifact location is explicit so that artifacts of runs made in DVC's temporary experiment copies land
     beside the store rather than in a folder that DVC deletes afterwards; a tracking server (`served`) chooses
-    its own. The experiment carries the runs-table view `RUNS_VIEW`. Returns the experiment's id.
+    its own. The experiment carries the runs-table view `RUNS_VIEW` and, unless someone picked another kind in
+    the UI, the kind `EXPERIMENT_KIND`. Returns the experiment's id.
     """
     import mlflow
 
@@ -189,8 +196,11 @@ def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
                 raise
     experiment_id = (experiment or mlflow.get_experiment_by_name(name)).experiment_id
     tag, state = f"mlflow.sharedViewState.{RUNS_VIEW}", runs_view_state()
-    if experiment is None or experiment.tags.get(tag) != state:
+    tags = experiment.tags if experiment is not None else {}
+    if tags.get(tag) != state:
         mlflow.MlflowClient().set_experiment_tag(experiment_id, tag, state)
+    if EXPERIMENT_KIND[0] not in tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(name)
     return experiment_id
 
