@@ -170,10 +170,12 @@ def runs_view_state() -> str:
     )
 
 
-# The UI opens an experiment in the view its kind asks for; without this tag MLflow 3's UI takes it for a GenAI
-# app's (traces, sessions). "finetuning" is one of the UI's machine-learning kinds (the runs table, model metrics);
-# the value is one of the UI's `ExperimentKind`s (mlflow/server/js), the tag the one mlflow.demo sets.
+# What kind of experiment this is, for MLflow 3's UI: without the tag it is taken for a GenAI app's (traces,
+# sessions); "finetuning" is one of the UI's machine-learning kinds (`ExperimentKind` in mlflow/server/js), whose
+# view is "Model training" (the runs table, model metrics). MLflow 3.17's UI shows the view its GenAI / Model training
+# switch (or the address's `workflowType`) asks for, hence `WORKFLOW` in the address `runs_page` prints.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
+WORKFLOW = "machine_learning"  # the UI's workflow of the finetuning kind: its "Model training" view
 
 
 def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
@@ -206,12 +208,13 @@ def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
 
 
 def runs_page(base_url: str, experiment_id: str) -> str:
-    """The UI address of an experiment's runs table with the LoRA settings and key results as columns.
+    """The UI address of an experiment's runs table, in the Model training view, with the LoRA settings and key
+    results as columns.
 
     `runs_page("http://127.0.0.1:5000", "1")`
-    -> `'http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=lora-and-results'`
+    -> `'http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=lora-and-results&workflowType=machine_learning'`
     """
-    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}&workflowType={WORKFLOW}"
 
 
 def run_name(environ: Mapping[str, str], commit: str) -> str:

@@ -321,6 +321,11 @@ def test_mlflow_ui_shows_both_runs_their_rank_loss_chart_adapter_and_samples(
     page.goto(mlflow_ui)
     for run_ in (first, second):
         page.get_by_role("link", name=run_.info.run_name).wait_for(timeout=60_000)
+    # in the fine-tuning experiment's "Model training" view (runs, models), not the GenAI one (traces, sessions)
+    experiment = mlflow.get_experiment(first.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "finetuning"
+    sidebar = page.locator("aside").inner_text()
+    assert "Model registry" in sidebar and "Sessions" not in sidebar, sidebar
     for run_, r in ((first, "4"), (second, "8")):
         cell = page.locator(f'.ag-row[row-id="{run_.info.run_id}"] [col-id="params.`lora.r`"]')
         assert cell.inner_text().strip() == r
@@ -358,6 +363,14 @@ def test_plots_diff_draws_the_loss_curves_and_bars_of_two_experiments(repo: Path
     dvc("plots", "diff", "rank-4", "rank-8", "-o", "plots_diff", cwd=repo)
     page = (repo / "plots_diff" / "index.html").read_text(encoding="utf-8")
     assert "rank-4" in page and "rank-8" in page and "eval_loss" in page
+
+
+def test_the_readmes_commands_after_an_experiment_print_no_error_or_warning(repo: Path, rank_8: str) -> None:
+    # export/dvc.yaml's outputs (the merged model, metrics/export.json) trip none of them, exported or not
+    output = dvc("exp", "apply", "rank-8", cwd=repo) + dvc("metrics", "show", cwd=repo)
+    output += dvc("plots", "diff", "rank-8", "-o", "plots_applied", cwd=repo)
+    assert not any(word in output for word in ("ERROR", "WARNING", "failed")), output
+    assert "cdn.jsdelivr.net" not in (repo / "plots_applied/index.html").read_text(encoding="utf-8")
 
 
 def adapter_tensors(repo: Path) -> dict[str, Any]:

@@ -69,6 +69,7 @@ def test_the_experiment_carries_the_runs_view_with_lora_and_result_columns(tmp_p
     assert {"params.`lora.r`", "metrics.`evaluate/tuned_loss`"} <= set(state["selectedColumns"])
     assert runs_page("http://127.0.0.1:5000", experiment.experiment_id) == (
         f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+        "&workflowType=machine_learning"
     )
 
 
