@@ -4,7 +4,8 @@
 
 It builds the tiny DeepSeek-architecture model, then runs `dvc exp run --temp` with the
 overrides of `demo/params.yaml`: the experiment runs in a temporary copy, so the real run's `params.yaml` and
-`dvc.lock` stay untouched, and its metrics appear in `dvc exp show` and its run in the MLflow store.
+`dvc.lock` stay untouched, and its metrics appear in `dvc exp show` and its run in the MLflow store. It ends by
+printing the comparison of `python -m tools.compare` and the commands to look further.
 """
 
 from __future__ import annotations
@@ -55,10 +56,16 @@ def main() -> None:
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     print(
-        f"\nDemo finished: DVC experiment '{name}'.\n"
-        f"  metrics:      dvc exp show --only-changed      (or: dvc exp show --md)\n"
-        f"  its files:    dvc exp apply {name}   # writes metrics/, models/adapter, params.yaml to the workspace\n"
-        f"  MLflow UI:    make mlflow-ui   # then open http://127.0.0.1:5000, experiment 'finance-deepseek'\n"
+        f"\nDemo finished: DVC experiment '{name}'. Its changed settings and key results (python -m tools.compare):\n",
+        flush=True,
+    )
+    subprocess.run([sys.executable, "-m", "tools.compare"], check=False)  # a table, not a result: never fails the demo
+    print(
+        "\nWhere to look next (after `. .venv/bin/activate`):\n"
+        f"  dvc exp apply {name}   # its params, metrics and adapter into the workspace (git checkout . undoes)\n"
+        "  dvc metrics show                     # every stage's numbers\n"
+        f"  dvc plots diff {name}  # loss curves and base-vs-tuned bars: dvc_plots/index.html, drawn offline\n"
+        "  make mlflow-ui                       # the MLflow UI, experiment 'finance-deepseek', its fine-tuning view\n"
     )
 
 

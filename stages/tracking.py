@@ -170,12 +170,21 @@ def runs_view_state() -> str:
     )
 
 
+# What kind of experiment this is, for MLflow 3's UI: without the tag it is taken for a GenAI app's (traces,
+# sessions); "finetuning" is one of the UI's machine-learning kinds (`ExperimentKind` in mlflow/server/js), whose
+# view is "Model training" (the runs table, model metrics). MLflow 3.17's UI shows the view its GenAI / Model training
+# switch (or the address's `workflowType`) asks for, hence `WORKFLOW` in the address `runs_page` prints.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "finetuning")
+WORKFLOW = "machine_learning"  # the UI's workflow of the finetuning kind: its "Model training" view
+
+
 def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
     """Point MLflow at `uri` and the experiment `name`, creating it with artifacts under `artifact_root`.
 
     The artifact location is explicit so that artifacts of runs made in DVC's temporary experiment copies land
     beside the store rather than in a folder that DVC deletes afterwards; a tracking server (`served`) chooses
-    its own. The experiment carries the runs-table view `RUNS_VIEW`. Returns the experiment's id.
+    its own. The experiment carries the runs-table view `RUNS_VIEW` and, unless someone picked another kind in
+    the UI, the kind `EXPERIMENT_KIND`. Returns the experiment's id.
     """
     import mlflow
 
@@ -189,19 +198,23 @@ def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
                 raise
     experiment_id = (experiment or mlflow.get_experiment_by_name(name)).experiment_id
     tag, state = f"mlflow.sharedViewState.{RUNS_VIEW}", runs_view_state()
-    if experiment is None or experiment.tags.get(tag) != state:
+    tags = experiment.tags if experiment is not None else {}
+    if tags.get(tag) != state:
         mlflow.MlflowClient().set_experiment_tag(experiment_id, tag, state)
+    if EXPERIMENT_KIND[0] not in tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(name)
     return experiment_id
 
 
 def runs_page(base_url: str, experiment_id: str) -> str:
-    """The UI address of an experiment's runs table with the LoRA settings and key results as columns.
+    """The UI address of an experiment's runs table, in the Model training view, with the LoRA settings and key
+    results as columns.
 
     `runs_page("http://127.0.0.1:5000", "1")`
-    -> `'http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=lora-and-results'`
+    -> `'http://127.0.0.1:5000/#/experiments/1/runs?viewStateShareKey=lora-and-results&workflowType=machine_learning'`
     """
-    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+    return f"{base_url}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW}&workflowType={WORKFLOW}"
 
 
 def run_name(environ: Mapping[str, str], commit: str) -> str:

@@ -69,4 +69,14 @@ def test_the_experiment_carries_the_runs_view_with_lora_and_result_columns(tmp_p
     assert {"params.`lora.r`", "metrics.`evaluate/tuned_loss`"} <= set(state["selectedColumns"])
     assert runs_page("http://127.0.0.1:5000", experiment.experiment_id) == (
         f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
+        "&workflowType=machine_learning"
     )
+
+
+def test_the_experiment_opens_in_the_uis_finetuning_view_unless_a_user_picked_another(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = use_experiment(uri, "unit", tmp_path / "mlartifacts")
+    assert mlflow.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "finetuning"
+    mlflow.MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    use_experiment(uri, "unit", tmp_path / "mlartifacts")
+    assert mlflow.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

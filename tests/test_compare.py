@@ -1,0 +1,67 @@
+"""tools/compare.py: `dvc exp show --json` as a table of changed settings and key results that fits 160 columns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tools.compare import WIDTH, flatten, table
+
+
+def revision(name: str | None, timestamp: str, r: int, steps: int, loss: float | None) -> dict[str, Any]:
+    params = {"lora": {"r": r, "target_modules": ["q_proj", "v_proj"]}, "train": {"max_steps": steps}}
+    params["model"] = {"model_name": f"models/{'x' * 40}"}  # a long value, cut in the table
+    metrics: dict[str, Any] = {"metrics/export.json": {"error": {"type": "FileNotFoundError"}}}
+    if loss is not None:
+        metrics["metrics/evaluate.json"] = {
+            "data": {
+                "base_loss": 2.0,
+                "tuned_loss": loss,
+                "loss_change_pct": 100 * (loss - 2) / 2,
+                "tuned_rouge_l": 0.25,
+            }
+        }
+        metrics["metrics/train.json"] = {"data": {"tokens_per_second": 12440.4, "train_loss": 1.0}}
+    data = {"timestamp": timestamp, "params": {"params.yaml": {"data": params}}, "metrics": metrics}
+    return {"rev": "0123456789abcdef", "name": name, "data": data}
+
+
+def test_flatten_dots_nested_settings_and_keeps_lists() -> None:
+    assert flatten({"lora": {"r": 8, "target_modules": ["q"]}, "a": 1}) == {
+        "lora.r": 8,
+        "lora.target_modules": ["q"],
+        "a": 1,
+    }
+
+
+def test_the_table_shows_what_tells_experiments_apart_and_the_key_results() -> None:
+    workspace = revision(None, "", 4, 60, None) | {"rev": "workspace"}
+    experiments = [
+        revision("rank-16", "2026-11-30T10:05:00", 16, 30, 1.2),
+        revision("rank-8", "2026-11-30T10:00:00", 8, 30, 1.5),
+    ]
+    shown = [workspace, revision("main", "2026-11-29T09:00:00", 4, 60, None) | {"experiments": [{"revs": experiments}]}]
+    lines = table(shown).splitlines()
+    assert lines[0] == "Changed settings (as in the last experiment): train.max_steps=30"
+    header, first, second = lines[1:]
+    assert header.split() == ["experiment", "lora.r", "base", "loss", "tuned", "loss", "change", "ROUGE-L", "tokens/s"]
+    assert first.split() == ["rank-8", "8", "2.0000", "1.5000", "-25.0", "%", "0.250", "12,440"]  # oldest first
+    assert second.split()[:2] == ["rank-16", "16"]
+    assert max(map(len, lines)) <= WIDTH
+
+
+def test_settings_that_do_not_fit_move_above_the_table() -> None:
+    def experiment(i: int) -> dict[str, Any]:
+        exp = revision(f"e{i}", f"2026-11-30T10:0{i}:00", i, 30 + i, 1.0)
+        exp["data"]["params"]["params.yaml"]["data"]["model"]["model_name"] = f"models/{i}{'y' * 40}"
+        exp["data"]["params"]["params.yaml"]["data"]["lora"]["target_modules"] = [f"{'z' * 30}{i}"]
+        return exp
+
+    baseline = revision("main", "", 4, 60, None) | {"experiments": [{"revs": [experiment(i) for i in range(1, 4)]}]}
+    lines = table([baseline], width=90).splitlines()
+    assert max(map(len, lines)) <= 90
+    assert "experiment" in lines[-4] and [line.split()[0] for line in lines[-3:]] == ["e1", "e2", "e3"]
+    assert "model.model_name=" in " ".join(lines[:-4])
+
+
+def test_no_results_yet_says_what_to_run() -> None:
+    assert "make demo" in table([revision(None, "", 4, 60, None) | {"rev": "workspace"}])
