@@ -10,7 +10,7 @@ nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
 python -m demo.tiny_model data/sample/finance_instruct_sample.jsonl models/tiny-deepseek 2>&1 | tail -1
 timeout -s ABRT 300 python -m demo.run_stages --set train.optim=adamw_8bit --until tokenize 2>&1 | quiet
 train=$(python -c "import yaml; print(yaml.safe_load(open('dvc.yaml'))['stages']['train']['cmd'])")
-port=$(python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+port=$(python -c "from tools.servers import free_port; print(free_port())")
 export PET_NNODES=2 PET_RDZV_ENDPOINT="127.0.0.1:$port" PET_RDZV_ID=two-nodes
 for node in 0 1; do
   cp -r "$work" "$work.node$node"

@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from datasets import Dataset
 
 from stages import tokenize
 from stages.distributed import World, launched, launcher, per_process, processes, several_nodes
+from tools.servers import free_port
 
 OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
 
@@ -205,10 +205,7 @@ def test_a_training_killed_on_two_processes_resumes_on_one(workspace: Path) -> N
 
 def test_two_machines_meet_at_a_rendezvous_and_train_as_one(workspace: Path, single: Path) -> None:
     # two launcher agents of one process each, as on two one-GPU machines, meeting at a c10d rendezvous on 127.0.0.1
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    nodes = {"PET_NNODES": "2", "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}", "PET_RDZV_ID": "two-machines"}
+    nodes = {"PET_NNODES": "2", "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_ID": "two-machines"}
     machines = [workspace / "machine-a", workspace / "machine-b"]
     before = {run.info.run_id for run in runs(workspace)}
     trainings = [start_training(workspace, folder, devices=1, environ=nodes) for folder in machines]
