@@ -1,7 +1,7 @@
 """Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
 
     python -m benchmarks.train_speed [--shape llama-8b] [--steps 12] [--batch 4] [--lengths mixed|fixed]
-        [--setups project,project-auto,plain] [--profile] [--processes 1,2]
+        [--setups project,project-auto,bare,plain] [--profile] [--processes 1,2] [--repeat 3]
 
 On a random-weight model of a real shape (`benchmarks.shapes`), LoRA with the `lora.*` settings of params.yaml,
 `--batch` conversations per optimizer step, the same conversations for every setup:
@@ -15,13 +15,15 @@ checkpointing "unsloth", the whole batch in one pass), `project-auto` with every
 16-bit base where it fits, checkpointing only if needed, the largest micro-batch that fits). The baseline loads
 with `BitsAndBytesConfig` (NF4, bf16 compute), adds the
 LoRA with peft (`prepare_model_for_kbit_training`), uses SDPA, gradient checkpointing, a padded batch and bf16
-autocast, and trains with a plain loop and 8-bit AdamW.
+autocast, and trains with a plain loop and 8-bit AdamW. `bare` is unsloth + TRL's SFTTrainer as their documentation
+writes them on the same rows and split as `project-auto`, none of the project's code in the loop (`run_bare`).
 Each runs in its own process (unsloth patches transformers when imported). The first `--warmup` steps are left
 out; tokens are counted from the batches each step consumed: effective (non-padding) tokens/s, the padding
 share, MFU (4 x matmul parameters x tokens: forward and input gradients, over 790 TFLOP/s) and peak GPU memory.
 With `--processes 1,2` each project setup runs once per count, data-parallel under torchrun as the train stage does
 (`--batch` split over the processes, `stages.distributed`): tokens/s summed over them, MFU per GPU, the largest peak,
 the speed-up over one process, and how far each step's loss is from the one-process run's (same batches, same order).
+`--repeat N` runs every setup N times, each in fresh processes, and reports the median run (and each run's tokens/s).
 """
 
 from __future__ import annotations
@@ -190,6 +192,71 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
     return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": losses}
 
 
+def run_bare(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
+    """unsloth + TRL's SFTTrainer as their documentation writes them, none of the project's code in the loop: the
+    same rows as the project trains on (the tokenize stage's ids and labels), the same split of the batch and 16-bit
+    base without checkpointing as `project-auto` chooses (`stages.train.fitted`), library defaults for the rest
+    (no tracking, no token count, no callbacks). On rows of mixed length unsloth pads them (it turns padding-free
+    batching off for tokenized data), so compare it with the project on `--lengths fixed`."""
+    import unsloth  # noqa: F401, I001  # isort: skip
+    import dataclasses
+
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    from stages import params
+    from stages.chat import Chat, ChatConfig
+    from stages.model import ModelConfig
+    from stages.tokenize import tokenized
+    from stages.train import LoraConfig, TrainConfig, fitted
+
+    root = Path(__file__).resolve().parents[1]
+    lora = params.load(LoraConfig, root / "params.yaml", "lora")
+    split = TrainConfig(batch, 1, 2e-4, steps, 1.0, 0, 0.0, "adamw_8bit", "constant", 1, 3407, micro_batch_size="auto")
+    model_config = ModelConfig(model_dir, None, MAX_LENGTH, "auto", dtype=None)
+    model_config, lora, split = fitted(model_config, dataclasses.replace(lora, use_gradient_checkpointing="auto"), split)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_dir, max_seq_length=MAX_LENGTH, load_in_4bit=model_config.load_in_4bit, dtype=None
+    )
+    model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
+    chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=tokenized(chat, data, MAX_LENGTH),
+        args=SFTConfig(
+            output_dir=str(work / "bare"),
+            per_device_train_batch_size=split.per_device_train_batch_size,
+            gradient_accumulation_steps=split.gradient_accumulation_steps,
+            max_steps=steps,
+            learning_rate=2e-4,
+            lr_scheduler_type="constant",
+            optim="adamw_8bit",
+            logging_steps=1,
+            seed=3407,
+            bf16=True,
+            max_length=MAX_LENGTH,
+            report_to="none",
+            dataset_kwargs={"skip_prepare_dataset": True},
+        ),
+    )
+    clock = StepClock()
+    collate = trainer.data_collator
+    trainer.data_collator = lambda examples: clock.count(collate(examples))
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.tick()
+
+    trainer.add_callback(Tick())
+    trainer.train()
+    chosen = {"load_in_4bit": model_config.load_in_4bit, "use_gradient_checkpointing": lora.use_gradient_checkpointing}
+    chosen |= {"per_device_train_batch_size": split.per_device_train_batch_size}
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": losses}
+
+
 def run_plain(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
     import bitsandbytes as bnb
     import torch
@@ -248,6 +315,7 @@ SETUPS = {  # name: (code path, settings)
     # the Trainer's own token count off (`include_num_input_tokens_seen`: a host sync per micro-batch): its cost
     "project-auto-uncounted": (run_project, AUTO | {"count_tokens": False}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
+    "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {}),
 }
 
@@ -261,6 +329,13 @@ def combined(ranks: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_gib": max(r["peak_gib"] for r in ranks),
         "seconds": max(r["seconds"] for r in ranks),
     }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of repeated runs of one setup (each a fresh process), the one of median tokens/s (the lower middle of an even
+    count), with every run's tokens/s beside it."""
+    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
+    return ordered[(len(ordered) - 1) // 2] | {"each": [run["tokens_per_s"] for run in runs]}
 
 
 def matmul_parameters(model_dir: Path) -> float:
@@ -298,6 +373,7 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=counts, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
     )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each setup; the table gives the median")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work.resolve()
@@ -326,24 +402,27 @@ def main() -> None:
     rows = []
     for setup in args.setups.split(","):
         run = SETUPS[setup][0]
-        for count in args.processes if run is run_project else [1]:  # the baseline runs on one GPU
+        for count in args.processes if run is run_project else [1]:  # the baselines run on one GPU
             arguments = [*sys.argv[1:], "--child", setup]
             command = [sys.executable, "-m", "benchmarks.train_speed", *arguments]
             if count > 1:  # as the train stage starts itself: torchrun, one process per GPU
                 command = launcher(count, "benchmarks.train_speed", arguments, {})
-            for stale in work.glob(f"{setup}.rank*.json"):
-                stale.unlink()
-            if subprocess.run(command, check=False, env=env, cwd=root).returncode != 0:
-                print(f"{setup} on {count} processes failed: see its output above", flush=True)
-                continue
-            results = [json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))]
-            rows.append((setup, count, combined(results)))
+            runs = []
+            for _ in range(args.repeat):
+                for stale in work.glob(f"{setup}.rank*.json"):
+                    stale.unlink()
+                if subprocess.run(command, check=False, env=env, cwd=root).returncode != 0:
+                    print(f"{setup} on {count} processes failed: see its output above", flush=True)
+                    break
+                runs.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))]))
+            if runs:
+                rows.append((setup, count, median_run(runs)))
     print(f"\n{args.shape}, LoRA r 4 q/k/v/o, batch {args.batch} per step, {args.lengths} lengths, {card}\n")
     print(
-        "| setup | processes | settings | effective tokens/s | × 1 process | padding share | MFU per GPU | peak GiB "
-        "| timed s | loss vs 1 process |"
+        f"| setup | processes | settings | effective tokens/s (median of {args.repeat}) | each run | × 1 process "
+        "| padding share | MFU per GPU | peak GiB | timed s | loss vs 1 process |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for setup, count, r in rows:
         single = next((one for name, n, one in rows if name == setup and n == 1), None)
         mfu = r["tokens_per_s"] * flops_per_token / PEAK_FLOPS / count
@@ -353,7 +432,8 @@ def main() -> None:
         speedup = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}×" if single and count > 1 else ""
         apart = f"{loss_gap(r['losses'], single['losses']):.2%}" if single and count > 1 else ""
         print(
-            f"| {setup} | {count} | {described} | {r['tokens_per_s']:,.0f} | {speedup} | {r['padding_share']:.1%} "
+            f"| {setup} | {count} | {described} | {r['tokens_per_s']:,.0f} | {' '.join(f'{t:,.0f}' for t in r['each'])} "
+            f"| {speedup} | {r['padding_share']:.1%} "
             f"| {mfu:.1%} | {r['peak_gib']:.1f} | {r['seconds']:.1f} | {apart} |"
         )
     for setup, count, r in rows:
