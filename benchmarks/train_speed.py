@@ -182,8 +182,6 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
             clock.tick()
 
     trainer.add_callback(Tick())
-    if not settings.get("count_tokens", True):
-        trainer.args.include_num_input_tokens_seen = "no"
     if settings.get("profile"):
         profiled(trainer)
     else:
@@ -215,7 +213,8 @@ def run_bare(model_dir: str, data: list, batch: int, steps: int, settings: dict[
     lora = params.load(LoraConfig, root / "params.yaml", "lora")
     split = TrainConfig(batch, 1, 2e-4, steps, 1.0, 0, 0.0, "adamw_8bit", "constant", 1, 3407, micro_batch_size="auto")
     model_config = ModelConfig(model_dir, None, MAX_LENGTH, "auto", dtype=None)
-    model_config, lora, split = fitted(model_config, dataclasses.replace(lora, use_gradient_checkpointing="auto"), split)
+    lora = dataclasses.replace(lora, use_gradient_checkpointing="auto")
+    model_config, lora, split = fitted(model_config, lora, split)
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_dir, max_seq_length=MAX_LENGTH, load_in_4bit=model_config.load_in_4bit, dtype=None
     )
@@ -312,8 +311,6 @@ SETUPS = {  # name: (code path, settings)
     "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
     "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into 2,048-token rows
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
-    # the Trainer's own token count off (`include_num_input_tokens_seen`: a host sync per micro-batch): its cost
-    "project-auto-uncounted": (run_project, AUTO | {"count_tokens": False}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {}),
@@ -431,8 +428,9 @@ def main() -> None:
         described = ", ".join(f"{key} {value}" for key, value in settings.items())
         speedup = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}×" if single and count > 1 else ""
         apart = f"{loss_gap(r['losses'], single['losses']):.2%}" if single and count > 1 else ""
+        each = " ".join(f"{tokens:,.0f}" for tokens in r["each"])
         print(
-            f"| {setup} | {count} | {described} | {r['tokens_per_s']:,.0f} | {' '.join(f'{t:,.0f}' for t in r['each'])} "
+            f"| {setup} | {count} | {described} | {r['tokens_per_s']:,.0f} | {each} "
             f"| {speedup} | {r['padding_share']:.1%} "
             f"| {mfu:.1%} | {r['peak_gib']:.1f} | {r['seconds']:.1f} | {apart} |"
         )

@@ -193,9 +193,11 @@ def project_trainer(trainer_class: type) -> type:
     """`trainer_class`, adding to each training log the tokens/s and the share of padding since the last log,
     and resuming a checkpoint with the adapter in the dtype that unsloth's `get_peft_model` gave it.
 
-    Tokens are the Trainer's own count of non-padding positions (all of a padding-free batch), summed over every
-    process; positions are counted where the loss is computed in training mode, so evaluation batches and time are
-    left out, and padding is the share of positions that are not tokens.
+    Tokens are the non-padding positions of the training batches (all of a padding-free batch), summed over every
+    process; padding is the share of positions that are not tokens; evaluation batches and time are left out. They
+    are counted as the Trainer's `include_num_input_tokens_seen` counts them, but added up on the device and read
+    once per log (and before each checkpoint, which keeps the count), where the Trainer's own count reads them back
+    after every micro-batch: a host synchronisation that drained the GPU's queue each time (BENCHMARKS.md).
     """
 
     class ProjectTrainer(trainer_class):  # type: ignore[misc, valid-type]
@@ -208,29 +210,45 @@ def project_trainer(trainer_class: type) -> type:
                 if name in dtypes and parameter.dtype != dtypes[name]:
                     parameter.data = parameter.data.to(dtypes[name])
 
-        _positions = 0  # positions of the training batches since the last log, padding included (host-side numel)
-        _seen: int | None = None  # the Trainer's `num_input_tokens_seen` at the last log
+        _pending: Any = 0  # this process's tokens since the last count: a device tensor for batches with padding
+        _pending_positions = 0  # this process's positions since the last count, padding included (host-side numel)
+        _tokens = 0  # every process's tokens since the last log
+        _positions = 0  # every process's positions since the last log
         _since: float | None = None
 
-        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            if model.training:
-                self._positions += inputs["input_ids"].numel()
-                self._since = self._since or time.perf_counter()
-            return super().compute_loss(model, inputs, *args, **kwargs)
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self._since = self._since or time.perf_counter()
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+            ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+            self._pending = self._pending + (mask.sum() if mask is not None else ids.numel())
+            self._pending_positions += ids.numel()
+
+        def _count_tokens(self) -> None:
+            """Add the tokens and positions since the last count, summed over the processes, to the run's count
+            (`state.num_input_tokens_seen`, kept in checkpoints) and to this log interval's. One read, on every
+            process alike (it is a collective)."""
+            import torch
+
+            device = self.args.device
+            local = torch.stack([torch.as_tensor(n, device=device) for n in (self._pending, self._pending_positions)])
+            tokens, positions = self.accelerator.reduce(local.to(torch.int64), reduction="sum").tolist()
+            self.state.num_input_tokens_seen += tokens
+            self._tokens, self._positions = self._tokens + tokens, self._positions + positions
+            self._pending, self._pending_positions = 0, 0
+
+        def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+            self._count_tokens()  # the checkpoint's state holds the count a resumed run goes on from
+            super()._save_checkpoint(*args, **kwargs)
 
         def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+            self._count_tokens()
             if "loss" in logs and self._positions and self._since is not None:
-                # non-padding tokens, as the Trainer counts them (`include_num_input_tokens_seen`), since the last log
-                # (or since this session began: a resumed run's count starts where its checkpoint's did)
-                import torch
-
-                seen = self.state.num_input_tokens_seen
-                tokens = seen - (self._seen if self._seen is not None else self._initial_num_input_tokens_seen)
-                local = torch.tensor(self._positions, device=self.args.device)
-                positions = int(self.accelerator.gather(local).sum())  # every process's, as the tokens are
                 elapsed = time.perf_counter() - self._since
-                logs = logs | {"tokens_per_second": tokens / elapsed, "padding_share": 1.0 - tokens / positions}
-                self._seen, self._positions = seen, 0
+                padding = 1 - self._tokens / self._positions
+                logs = logs | {"tokens_per_second": self._tokens / elapsed, "padding_share": padding}
+                self._tokens, self._positions = 0, 0
                 self._since = time.perf_counter()
             super().log(logs, *args, **kwargs)
 
@@ -261,8 +279,10 @@ def project_trainer(trainer_class: type) -> type:
             )
 
         def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
             result = super().evaluate(*args, **kwargs)
-            self._since = self._since and time.perf_counter()  # evaluation time is not training time
+            if self._since is not None:  # evaluation time is not training time
+                self._since += time.perf_counter() - start
             return result
 
     return ProjectTrainer
@@ -363,8 +383,7 @@ def make_trainer(
             output_dir=str(output_dir),
             max_length=model_config.max_seq_length,
             report_to=["mlflow"],
-            # the tokens/s and padding share of `project_trainer`: the Trainer's own count, a host sync per micro-batch
-            # that cost 1.2-1.7 % of the 8B shape's tokens/s on an H200 (BENCHMARKS.md), kept over a hand-made one
+            # `num_input_tokens_seen` in the logs and checkpoints: non-padding tokens, counted by `project_trainer`
             include_num_input_tokens_seen="non_padding",
             logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (StopDiverged ends the training)
             # several processes: every LoRA weight gets a gradient, so DDP need not search the graph for unused ones
