@@ -6,7 +6,7 @@
 
 The fingerprint hashes every setting that decides the training and the bytes of its data, so a checkpoint of
 other parameters or other data lives in another folder and is never picked up. A checkpoint without
-`complete.json` (the process died while saving it) is deleted, never loaded. The folder is a DVC output with
+`complete.json` (its save was cut short: a kill, a full disk) is deleted, never loaded. The folder is a DVC output with
 `persist: true`, so DVC keeps it when the stage reruns after a crash; train deletes it once training finished.
 """
 
@@ -43,7 +43,7 @@ def latest(folder: Path) -> Path | None:
         if (path / COMPLETE).is_file():
             complete.append((int(match[1]), path))
         else:
-            log.warning("%s: incomplete (the process died while saving it): deleted", path)
+            log.warning("%s: incomplete (its save was cut short): deleted", path)
             shutil.rmtree(path)
     return max(complete)[1] if complete else None
 

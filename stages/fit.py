@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from stages.model import ModelConfig
+from stages.model import ModelConfig, base_config
 
 GIB = 2**30
 WEIGHTS_SHARE = 0.40  # a 16-bit base may take this share of the GPU; the rest is for activations
@@ -126,9 +126,7 @@ def gpu_memory() -> int | None:
 
 def model_shape(config: ModelConfig) -> Shape:
     """The base model's shape, from its config.json alone (no weights are read)."""
-    from transformers import AutoConfig
-
-    return Shape.of(AutoConfig.from_pretrained(config.model_name, revision=config.revision))
+    return Shape.of(base_config(config))
 
 
 def resolved(config: ModelConfig) -> ModelConfig:

@@ -27,6 +27,7 @@ class ModelConfig:
     max_seq_length: int  # longest sequence trained or scored, in tokens
     load_in_4bit: bool | str  # QLoRA: 4-bit NF4 base weights (bitsandbytes); auto = 16-bit where it fits
     dtype: str | None  # compute dtype; null = chosen from the hardware
+    trust_remote_code: bool = False  # run Python code shipped with the model (its auto_map); only for models you trust
 
     def __post_init__(self) -> None:
         require(bool(self.model_name.strip()), "model.model_name must not be empty")
@@ -58,6 +59,7 @@ def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, 
         max_seq_length=config.max_seq_length,
         load_in_4bit=config.load_in_4bit,
         dtype=getattr(torch, config.dtype) if config.dtype else None,
+        trust_remote_code=config.trust_remote_code,
         **placement,
     )
 
@@ -66,12 +68,10 @@ def linear_names(config: ModelConfig) -> set[str]:
     """The names of the base model's linear layers (`q_proj`, `down_proj`, ...), which `lora.target_modules`
     picks from: the model built from its configuration on the meta device, so no weight is read."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(
-            AutoConfig.from_pretrained(config.model_name, revision=config.revision)
-        )
+        model = AutoModelForCausalLM.from_config(base_config(config), trust_remote_code=config.trust_remote_code)
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
@@ -79,7 +79,18 @@ def load_tokenizer(config: ModelConfig) -> Any:
     """The base model's tokenizer alone (with its chat template): what the tokenize stage encodes with."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(config.model_name, revision=config.revision)
+    return AutoTokenizer.from_pretrained(
+        config.model_name, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+
+
+def base_config(config: ModelConfig) -> Any:
+    """The base model's configuration (`config.json`), read without its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        config.model_name, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
 
 
 def record_precision(adapter: Path, config: ModelConfig) -> None:

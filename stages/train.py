@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -564,6 +565,53 @@ def machine_metrics(run: Any, world: World, tracking: TrackingConfig, environ: d
         monitor.finish()
 
 
+def disk_full(error: BaseException | None) -> bool:
+    """Whether `error`, or one it arose from, says a disk is full: Python's `OSError` ENOSPC, or the message of the
+    Rust writers of tokenizers and safetensors (`Exception: No space left on device (os error 28)`)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if any(words in str(error) for words in ("No space left on device", "os error 28", "StorageFull")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def full_disk_named(*folders: Path) -> Iterator[None]:
+    """An error of a full disk while training or saving becomes one that names the folders written to and the space
+    left on their disks (the libraries' own messages name neither)."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        free = ", ".join(f"{folder}: {shutil.disk_usage(nearest(folder)).free:,} bytes free" for folder in folders)
+        raise OSError(
+            errno.ENOSPC,
+            f"a disk is full: the training could not write its checkpoint or adapter ({free}). Free some space "
+            "(or move models/ to a larger disk), then dvc repro: it resumes from the last complete checkpoint",
+        ) from error
+
+
+def nearest(path: Path) -> Path:
+    """`path`, or its closest folder that exists."""
+    return next(folder for folder in (path, *path.parents) if folder.exists())
+
+
+@contextlib.contextmanager
+def removed_unless_resumable(folder: Path) -> Iterator[None]:
+    """A training that fails removes its checkpoint folder unless it holds a complete checkpoint to resume from (a
+    diverged run keeps the ones before it diverged). A killed process removes nothing: the folder tells the next
+    attempt which MLflow run was left RUNNING (`training_run` marks it KILLED)."""
+    try:
+        yield
+    except BaseException:
+        if checkpoints.latest(folder) is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def sort_target_modules(adapter: Path) -> None:
     """Sort `target_modules` in the adapter's `adapter_config.json`: peft writes them from a set, in an order that
     Python's hash seed changes from run to run, so that the same training gave another folder hash (and evaluate
@@ -636,7 +684,9 @@ def main(
         log.info("resuming from %s", resume)
 
     run_context = training_run(tracking, folder, resume, settings, files, digests, dict(os.environ))
-    with run_context if world.main else contextlib.nullcontext() as run:  # rank 0 alone tracks and writes
+    tracked = run_context if world.main else contextlib.nullcontext()  # rank 0 alone tracks and writes
+    resumable = removed_unless_resumable(folder) if world.main else contextlib.nullcontext()
+    with resumable, tracked as run, full_disk_named(folder, adapter):
         # --- model: 4-bit (or, fitted, 16-bit) base + LoRA adapter; `auto` settings decided for this GPU
         model_config, lora, train_config = fitted(model_config, lora, train_config)
         chosen = fit_tags(model_config, lora, train_config) | {"world_size": world.size}
@@ -689,7 +739,7 @@ def main(
             plot,
             eval_plot,
         )
-    shutil.rmtree(folder)  # trained: the checkpoints served their purpose, a crash
+    shutil.rmtree(folder)  # trained: its checkpoints served their purpose
 
 
 if __name__ == "__main__":

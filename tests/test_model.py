@@ -1,12 +1,25 @@
-"""model: evaluate, export and generate load the base in the precision the adapter was trained in."""
+"""model: evaluate, export and generate load the base in the precision the adapter was trained in; no code shipped
+with a model runs unless `model.trust_remote_code` says so."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from stages.model import PRECISION_FILE, ModelConfig, load_base, record_precision, trained_precision
+from stages.fit import model_shape
+from stages.model import (
+    PRECISION_FILE,
+    ModelConfig,
+    linear_names,
+    load_base,
+    load_tokenizer,
+    record_precision,
+    trained_precision,
+)
 
 CONFIG = ModelConfig("m", None, 2048, load_in_4bit="auto", dtype=None)
 
@@ -30,3 +43,38 @@ def test_an_adapter_without_a_record_needs_an_explicit_setting(tmp_path: Path) -
 def test_auto_is_decided_before_loading() -> None:
     with pytest.raises(ValueError, match="model.load_in_4bit must be decided before loading"):
         load_base(CONFIG)
+
+
+REMOTE_CODE = """
+import os, pathlib
+pathlib.Path(os.environ["REMOTE_CODE_MARKER"]).write_text("the model's own code ran")
+from transformers import LlamaConfig, LlamaForCausalLM
+class ShippedConfig(LlamaConfig):
+    model_type = "llama"
+class ShippedModel(LlamaForCausalLM):
+    config_class = ShippedConfig
+"""
+
+
+def test_code_shipped_with_a_model_runs_only_when_trust_remote_code_is_on(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "model"  # the tiny model, with Python code of its own that its config.json points to
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "shipped.py").write_text(REMOTE_CODE)
+    config_file = folder / "config.json"
+    found = json.loads(config_file.read_text())
+    shipped = {"AutoConfig": "shipped.ShippedConfig", "AutoModelForCausalLM": "shipped.ShippedModel"}
+    config_file.write_text(json.dumps(found | {"auto_map": shipped}))
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("REMOTE_CODE_MARKER", str(marker))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+
+    config = ModelConfig(str(folder), None, 256, load_in_4bit=True, dtype=None)  # the default: off
+    assert not config.trust_remote_code
+    load_tokenizer(config), linear_names(config), model_shape(config)  # every loader of the stages
+    model, _ = load_base(config)
+    assert type(model).__name__ == "LlamaForCausalLM" and not marker.exists()
+
+    model, _ = load_base(replace(config, trust_remote_code=True))
+    assert type(model).__name__ == "ShippedModel" and marker.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -468,3 +469,26 @@ def test_training_again_under_another_hash_seed_writes_the_same_adapter(repo: Pa
     assert hashes[0] == hashes[1] and "models/adapter" in hashes[0]
     config = json.loads((repo / "models/adapter/adapter_config.json").read_text())
     assert config["target_modules"] == sorted(config["target_modules"])
+
+
+def test_a_full_disk_fails_the_training_clearly_with_its_run_failed_and_dvc_lock_unchanged(
+    repo: Path, rank_8: str
+) -> None:
+    lock = (repo / "dvc.lock").read_bytes()
+    earlier = {r.info.run_id for r in runs(repo)}
+    # the checkpoints' folder on a 64 KiB tmpfs, mounted in a mount namespace of this command alone (the user
+    # namespace maps this user to root there, so that it may mount): the first checkpoint fills it
+    script = 'mount -t tmpfs -o size=64k tmpfs models/checkpoints && exec "$0" -m dvc repro --force --single-item train'
+    command = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, sys.executable]
+    result = subprocess.run(command, cwd=repo, env=clean_env(), capture_output=True, text=True, check=False)
+    output = result.stdout + result.stderr
+    try:
+        assert result.returncode != 0, output[-3000:]
+        assert "OSError: [Errno 28] a disk is full" in output, output[-3000:]
+        assert re.search(r"models/checkpoints/\w+: 0 bytes free", output), output[-3000:]  # the folder, its space
+        assert (repo / "dvc.lock").read_bytes() == lock
+        (failed,) = [r for r in runs(repo) if r.info.run_id not in earlier]
+        assert failed.info.status == "FAILED" and "adapter_sha256" not in failed.data.tags
+        assert not (repo / "models/adapter").exists()
+    finally:
+        dvc("checkout", "train", cwd=repo)  # the outputs DVC removed before it ran the stage (README: troubleshooting)

@@ -4,6 +4,11 @@ stays frozen, and the labels the tokenize stage made are the ones the trainer le
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +20,16 @@ from unsloth import FastLanguageModel
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base
 from stages.tokenize import tokenized
-from stages.train import LoraConfig, TrainConfig, attest_cut, check_names, deal, loss_rows, make_trainer
+from stages.train import (
+    LoraConfig,
+    TrainConfig,
+    attest_cut,
+    check_names,
+    deal,
+    disk_full,
+    loss_rows,
+    make_trainer,
+)
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 TRAIN = TrainConfig(
@@ -137,6 +151,9 @@ def test_the_trainer_learns_from_the_answers_and_their_end_token_only(
         )
 
 
+TRAIN_OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")  # as stages.train.main takes them
+
+
 def training_stage(tiny_model_dir: Path, tmp_path: Path, root: Path, tokenized_with: dict | None = None, **train):
     """`stages.train.main` as dvc.yaml runs it, in `tmp_path`, on four two-turn conversations tokenized with the
     chat settings `tokenized_with` (default: params.yaml's), with the `train` settings changed."""
@@ -155,8 +172,7 @@ def training_stage(tiny_model_dir: Path, tmp_path: Path, root: Path, tokenized_w
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings | {"chat": tokenized_with or settings["chat"]}))
     tokenize.main(tmp_path / "params.yaml", standardized, tmp_path / "tokenized", tmp_path / "tokenize.json")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
-    outputs = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
-    return lambda: main(tmp_path / "params.yaml", tmp_path / "tokenized", *(tmp_path / name for name in outputs))
+    return lambda: main(tmp_path / "params.yaml", tmp_path / "tokenized", *(tmp_path / name for name in TRAIN_OUTPUTS))
 
 
 def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
@@ -165,7 +181,7 @@ def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
     return training_stage(tiny_model_dir, tmp_path, root, tokenized_with={"template": None, "think": "none"})
 
 
-def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
+def test_a_failed_run_is_failed_and_leaves_no_folder_and_one_killed_before_any_checkpoint_is_killed(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
 ) -> None:
     import mlflow
@@ -175,7 +191,7 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
         return sorted(found, key=lambda r: r.info.start_time)
 
     def statuses() -> list[str]:
-        return [r.info.status for r in started()]
+        return [r.info.status for r in started()] if (tmp_path / "mlflow.db").exists() else []
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
@@ -183,13 +199,27 @@ def test_a_failed_run_is_failed_and_one_killed_before_any_checkpoint_is_killed(
     for _ in range(2):  # the same settings and data each time, and no checkpoint to resume from
         with pytest.raises(ValueError, match="encoded by another tokenizer or chat template than this model's"):
             train()
+        assert list((tmp_path / "checkpoints").iterdir()) == []  # nothing to resume from: no folder left behind
     assert statuses() == ["FAILED", "FAILED"]  # a failed run stays failed when the training is tried again
 
-    second = started()[-1]
-    mlflow.MlflowClient().update_run(second.info.run_id, "RUNNING")  # as a SIGKILL leaves it: never ended
-    with pytest.raises(ValueError, match="encoded by another tokenizer or chat template than this model's"):
-        train()
-    assert statuses() == ["FAILED", "KILLED", "FAILED"]
+    # a training killed (SIGKILL) before its first checkpoint leaves its run RUNNING; the next attempt marks it KILLED
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    training_stage(tiny_model_dir, killed, root, max_steps=100_000, save_steps=None, eval_steps=None)
+    outputs = zip(("--adapter", "--metrics", "--plot", "--eval-plot", "--checkpoints"), TRAIN_OUTPUTS, strict=True)
+    command = [sys.executable, "-m", "stages.train", "--params", "params.yaml", "--data", "tokenized"]
+    command += [part for flag, name in outputs for part in (flag, name)]
+    for expected in (["FAILED", "FAILED", "RUNNING"], ["FAILED", "FAILED", "KILLED", "RUNNING"]):
+        with (killed / "train.log").open("w") as log:
+            environ = os.environ | {"PYTHONPATH": str(root)}
+            process = subprocess.Popen(command, cwd=killed, env=environ, stdout=log, stderr=log)
+            deadline = time.monotonic() + 300
+            while statuses() != expected and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            process.kill()
+        assert process.wait() == -signal.SIGKILL, (killed / "train.log").read_text()[-3000:]
+        assert statuses() == expected, (killed / "train.log").read_text()[-3000:]
+        assert not (killed / "adapter").exists()
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
@@ -289,3 +319,20 @@ def test_unknown_target_modules_and_optimizers_are_refused_before_any_weight_loa
         train()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # not an earlier test's store
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # stopped before its run
+
+
+def test_a_full_disk_is_told_from_other_errors_whichever_library_wrote() -> None:
+    import errno
+
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert disk_full(Exception("No space left on device (os error 28)"))  # tokenizers' Rust writer
+    assert disk_full(RuntimeError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "disk")
+        except OSError as cause:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed") from cause
+    except RuntimeError as chained:
+        assert disk_full(chained)  # torch.save's message, from the OSError underneath
+    assert not disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not disk_full(ValueError("loss nan"))
