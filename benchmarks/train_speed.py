@@ -303,6 +303,7 @@ def run_plain(model_dir: str, data: list, batch: int, steps: int, settings: dict
     return {"clock": clock, "peak_gib": peak_gib(), "losses": []}
 
 
+EXPANDABLE = "expandable_segments:True"
 AUTO = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_size": "auto"}
 SETUPS = {  # name: (code path, settings)
     "project": (run_project, {}),  # the seed's settings: 4-bit, checkpointing "unsloth", the batch as given
@@ -311,6 +312,9 @@ SETUPS = {  # name: (code path, settings)
     "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
     "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into 2,048-token rows
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
+    # PyTorch's caching allocator growing its segments instead of retrying cudaMalloc when padding-free batches of
+    # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
+    "project-auto-expandable": (run_project, AUTO | {"environ": {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {}),
@@ -408,7 +412,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 for stale in work.glob(f"{setup}.rank*.json"):
                     stale.unlink()
-                if subprocess.run(command, check=False, env=env, cwd=root).returncode != 0:
+                environ = env | SETUPS[setup][1].get("environ", {})  # read as the child's torch starts
+                if subprocess.run(command, check=False, env=environ, cwd=root).returncode != 0:
                     print(f"{setup} on {count} processes failed: see its output above", flush=True)
                     break
                 runs.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))]))
