@@ -5,8 +5,8 @@
 The training side is the standardized stage's `train.parquet` (`--train`; by default one generated in `--work`
 with `benchmarks.data_stages.make_rows`' length mix, each conversation three rows, as to_sharegpt merges them:
 ~2.4 GB of message text, ~0.8 GB distinct). The benchmark side: `--items` sentences of 5 to 40 words from the
-same vocabulary (every word known, the hashing's worst case), 2 % of them cut whole out of a training message and
-2 % sharing 13 words with one. Times the stage's own functions (`stages.contamination`): reading the messages and
+same vocabulary (every word known, the hashing's worst case), 4 % of them cut whole out of a training message and
+4 % sharing 13 words with one. Times the stage's own functions (`stages.contamination`): reading the messages and
 keeping the distinct ones, indexing the items, the search on `--processes` processes; checks that every planted
 item is found and prints a table.
 """

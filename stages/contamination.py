@@ -176,8 +176,7 @@ class Lookup:
 
 def distinct_messages(conversations: pa.ChunkedArray | pa.Array) -> pa.Array:
     """Every distinct message text of a `conversations` column (lists of `{"role", "content"}`)."""
-    messages = pc.list_flatten(conversations)
-    return pc.unique(pc.struct_field(messages, "content").cast(pa.large_string()))
+    return pc.unique(pc.struct_field(pc.list_flatten(conversations), "content"))  # unique first: 1/3 to copy
 
 
 def _search(span: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:  # in a worker process
