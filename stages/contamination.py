@@ -33,7 +33,7 @@ BYTES[ord("A") : ord("Z") + 1] += 32
 
 def words(texts: pa.Array | pa.ChunkedArray | list[str]) -> pa.ListArray:
     """Each text's words, normalised (none: null): `words(["Shares ROSE 5%.", "..."])` ->
-    `[["shares", "rose", "5"], None]`. One pass over the bytes, no regular expression: ~1 GB/s."""
+    `[["shares", "rose", "5"], None]`. One table lookup per byte, no regular expression (3 times as fast)."""
     if isinstance(texts, list):
         texts = pa.array(texts, pa.large_string())
     if isinstance(texts, pa.ChunkedArray):
@@ -138,7 +138,9 @@ class Index:
         found = np.unique(values[sites])
         lo = np.searchsorted(self.gram_hashes, found, side="left")
         hi = np.searchsorted(self.gram_hashes, found, side="right")
-        ngram = np.unique(np.concatenate([self.gram_items[a:b] for a, b in zip(lo, hi, strict=True)] + [[]]))
+        ngram = np.unique(
+            np.concatenate([self.gram_items[a:b] for a, b in zip(lo, hi, strict=True)] + [np.zeros(0, int)])
+        )
         ngram = ngram.astype(np.int64)
         exact = []
         for item in ngram[self.lengths[ngram] >= self.n]:  # a long item whole: where its first n-gram stands
