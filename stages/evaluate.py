@@ -1,14 +1,16 @@
 """evaluate: does the adapter help? Base and tuned model on the same held-out rows, answers and benchmarks.
 
-    python -m stages.evaluate --data data/tokenized --texts data/standardized --adapter models/adapter \
-        --metrics metrics/evaluate.json --samples metrics/evaluate_samples.json --bars metrics/evaluate_bars.csv
+    python -m stages.evaluate --data data/tokenized --texts data/standardized --benchmarks data/benchmark_items \
+        --adapter models/adapter --metrics metrics/evaluate.json --samples metrics/evaluate_samples.json \
+        --bars metrics/evaluate_bars.csv
 
 - loss and perplexity on the held-out conversations' learnt tokens, as the tokenize stage encoded them
   (`stages.likelihood`);
 - greedy answers to the first `num_samples` held-out prompts: ROUGE-L and token F1 against the reference, the
   share that end with EOS before `max_new_tokens`, mean answer length (`stages.answers`);
-- each local benchmark file (text + label from a fixed set): accuracy and macro-F1, the label predicted being
-  the one the model finds likeliest as the answer (`stages.label_benchmarks`).
+- each benchmark the benchmarks stage prepared (text + label from a fixed set): accuracy and macro-F1, the label
+  predicted being the one the model finds likeliest as the answer, on every item and on the items not found in
+  the training data (`stages.label_benchmarks`), with the share that was found there.
 
 The base model is the tuned one with its adapter disabled, loaded in the precision the adapter was trained in.
 The numbers go into the MLflow run that trained the adapter, found by the adapter's SHA-256
@@ -21,9 +23,8 @@ import argparse
 import contextlib
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,18 @@ from stages import params
 from stages.answers import answer_scores, final_answer, generate
 from stages.chat import Chat, ChatConfig
 from stages.files import write_csv, write_json
-from stages.label_benchmarks import BenchmarkConfig, classify, label_scores, read_benchmark
+from stages.label_benchmarks import Benchmark, benchmark_metrics, classify, read_benchmarks
 from stages.likelihood import Encoded, score
 from stages.model import ModelConfig, load_base, trained_precision
 from stages.params import require
 from stages.scoring import rouge_l
 from stages.tracking import (
+    MAX_TAG_VALUE,
     TrackingConfig,
     adapter_digest,
     find_training_run,
     report,
+    storable,
     store_root,
     tracking_uri,
     use_experiment,
@@ -56,7 +59,6 @@ class EvaluateConfig:
     num_samples: int  # held-out prompts answered greedily by both models
     max_new_tokens: int  # longest generated answer, in tokens
     generate_batch_size: int = 16  # prompts generated together
-    benchmarks: list[BenchmarkConfig] = field(default_factory=list)  # local label-set benchmarks
 
     def __post_init__(self) -> None:
         require(
@@ -66,17 +68,6 @@ class EvaluateConfig:
         require(self.num_samples >= 0, f"evaluate.num_samples must be >= 0, got {self.num_samples}")
         require(self.max_new_tokens >= 1, f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.generate_batch_size >= 1, "evaluate.generate_batch_size must be >= 1")
-        benchmarks = []
-        for i, raw in enumerate(self.benchmarks):
-            key = f"evaluate.benchmarks[{i}]"
-            require(isinstance(raw, dict | BenchmarkConfig), f"{key} must be a mapping with name, path, labels")
-            bench = raw if isinstance(raw, BenchmarkConfig) else params.build(BenchmarkConfig, raw, key)
-            require(bool(re.fullmatch(r"[A-Za-z0-9_]+", bench.name)), f"{key}.name must be letters, digits or _")
-            require(len(set(bench.labels)) >= 2, f"{key}.labels must hold at least two distinct labels")
-            benchmarks.append(bench)
-        names = [b.name for b in benchmarks]
-        require(len(set(names)) == len(names), f"evaluate.benchmarks: names repeat: {names}")
-        object.__setattr__(self, "benchmarks", benchmarks)
 
 
 @dataclass(frozen=True)
@@ -107,12 +98,17 @@ def samples(rows: list[dict[str, Any]], conversations: list[list[dict[str, str]]
 
 
 def evaluate_models(
-    model: Any, chat: Chat, encoded: list[Encoded], prompts: list[Sample], config: EvaluateConfig, max_length: int
+    model: Any,
+    chat: Chat,
+    encoded: list[Encoded],
+    prompts: list[Sample],
+    benchmarks: list[Benchmark],
+    config: EvaluateConfig,
+    max_length: int,
 ) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
     """Every measure of base (adapter disabled) and tuned model: the metrics and the answered samples."""
     tokenizer = chat.tokenizer
     references = [sample.reference for sample in prompts]
-    benchmarks = [(bench, read_benchmark(bench)) for bench in config.benchmarks]
 
     results: dict[str, dict[str, Any]] = {}
     for name in ("base", "tuned"):
@@ -122,8 +118,7 @@ def evaluate_models(
                 model, tokenizer, [s.prompt_ids for s in prompts], config.max_new_tokens, config.generate_batch_size
             )
             predictions = {
-                bench.name: classify(model, chat, bench, rows, max_length, config.batch_size)
-                for bench, rows in benchmarks
+                bench.name: classify(model, chat, bench, max_length, config.batch_size) for bench in benchmarks
             }
         results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
 
@@ -140,11 +135,10 @@ def evaluate_models(
     }
     for name, result in results.items():
         metrics |= {f"{name}_{key}": value for key, value in answer_scores(result["answers"], references).items()}
-    for bench, rows in benchmarks:
-        metrics[f"{bench.name}_rows"] = len(rows)
-        for name, result in results.items():
-            scores = label_scores(bench, rows, result["predictions"][bench.name])
-            metrics |= {f"{bench.name}_{name}_{key}": value for key, value in scores.items()}
+    for bench in benchmarks:
+        metrics |= benchmark_metrics(
+            bench, {name: result["predictions"][bench.name] for name, result in results.items()}
+        )
     sample_rows = [
         {
             "prompt": sample.question,
@@ -165,16 +159,17 @@ BAR_MEASURES = ("loss", "rouge_l", "token_f1", "eos_rate")
 MODELS = ("base", "tuned")
 
 
-def bar_rows(metrics: dict[str, float | int], benchmarks: list[BenchmarkConfig]) -> list[dict[str, Any]]:
-    """Base and tuned side by side for `dvc plots show`'s bar chart: one row per measure and model.
+def bar_rows(metrics: dict[str, float | int], benchmarks: list[str]) -> list[dict[str, Any]]:
+    """Base and tuned side by side for `dvc plots show`'s bar chart: one row per measure and model, the
+    benchmarks' (by name) accuracy and macro-F1 on every item and on the clean ones.
 
     `bar_rows({"base_loss": 2.0, "tuned_loss": 1.5}, [])`
     -> `[{"measure": "loss · base", "value": 2.0}, {"measure": "loss · tuned", "value": 1.5}]`
     """
     keys = [(measure, {m: f"{m}_{measure}" for m in MODELS}) for measure in BAR_MEASURES] + [
-        (f"{b.name} {kind}", {m: f"{b.name}_{m}_{kind}" for m in MODELS})
-        for b in benchmarks
-        for kind in ("accuracy", "macro_f1")
+        (f"{name} {kind.replace('_', ' ')}", {m: f"{name}_{m}_{kind}" for m in MODELS})
+        for name in benchmarks
+        for kind in ("accuracy", "macro_f1", "clean_accuracy", "clean_macro_f1")
     ]
     return [
         {"measure": f"{measure} · {m}", "value": metrics[key[m]]}
@@ -198,7 +193,14 @@ def check_finite(adapter: Path) -> None:
 
 
 def main(
-    params_path: Path, data: Path, texts: Path, adapter: Path, metrics: Path, samples_path: Path, bars: Path
+    params_path: Path,
+    data: Path,
+    texts: Path,
+    benchmark_items: Path,
+    adapter: Path,
+    metrics: Path,
+    samples_path: Path,
+    bars: Path,
 ) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
@@ -230,6 +232,7 @@ def main(
     encoded = [(row["input_ids"], row["labels"]) for row in rows]
     conversations = Dataset.from_parquet(str(texts / "eval.parquet"))["conversations"]
     prompts = samples(rows, conversations, config.num_samples)
+    benchmarks = read_benchmarks(benchmark_items)
 
     # --- models: the tuned model; the base model is the same with the adapter disabled
     model, tokenizer = load_base(model_config)
@@ -238,7 +241,9 @@ def main(
     chat = Chat(tokenizer, chat_config)
     chat.check(padding=True)
     start = time.perf_counter()
-    results, sample_rows = evaluate_models(model, chat, encoded, prompts, config, model_config.max_seq_length)
+    results, sample_rows = evaluate_models(
+        model, chat, encoded, prompts, benchmarks, config, model_config.max_seq_length
+    )
     results["evaluate_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -251,8 +256,15 @@ def main(
         log.warning("no MLflow run holds this adapter (store deleted?): recording evaluation in a new run")
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else "evaluate-only"):
         report(results, metrics, prefix="evaluate")
+        mlflow.set_tags(
+            {
+                f"benchmark.{bench.name}.{key}": storable(value, MAX_TAG_VALUE)
+                for bench in benchmarks
+                for key, value in bench.provenance.items()
+            }
+        )
         write_json(samples_path, {"samples": sample_rows})
-        write_csv(bars, bar_rows(results, config.benchmarks), ("measure", "value"))
+        write_csv(bars, bar_rows(results, [b.name for b in benchmarks]), ("measure", "value"))
         mlflow.log_artifact(str(bars), artifact_path="evaluate")
         if sample_rows:
             mlflow.log_table(
@@ -266,9 +278,10 @@ if __name__ == "__main__":
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--data", type=Path, required=True, help="folder of the tokenize stage's Arrow files")
     parser.add_argument("--texts", type=Path, required=True, help="folder of the standardized conversations")
+    parser.add_argument("--benchmarks", type=Path, required=True, help="folder of the benchmarks stage's files")
     parser.add_argument("--adapter", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True)
     parser.add_argument("--samples", type=Path, required=True)
     parser.add_argument("--bars", type=Path, required=True)
     args = parser.parse_args()
-    main(args.params, args.data, args.texts, args.adapter, args.metrics, args.samples, args.bars)
+    main(args.params, args.data, args.texts, args.benchmarks, args.adapter, args.metrics, args.samples, args.bars)

@@ -23,7 +23,7 @@ import numpy as np
 from datasets import Dataset, Value, load_dataset
 
 from stages import params
-from stages.files import digests, distinct, file_hash, write_json
+from stages.files import digests, distinct, file_hash, resolved_revision, write_json
 from stages.params import require
 
 log = logging.getLogger("fetch")
@@ -128,15 +128,6 @@ def load(config: FetchConfig, sources: tuple[Path, ...] = ()) -> tuple[Dataset, 
         "resolved_revision": resolved_revision(dataset),
     }
     return dataset, provenance, dropped
-
-
-def resolved_revision(dataset: Dataset) -> str | None:
-    """The Hub commit a loaded dataset came from: the last folder of its cache path (`.../0.0.0/<commit>/...`)."""
-    for cache_file in dataset.cache_files:
-        for part in reversed(Path(cache_file["filename"]).parts[:-1]):
-            if len(part) == 40 and all(c in "0123456789abcdef" for c in part):
-                return part
-    return None
 
 
 def check_schema(dataset: Dataset) -> list[str]:

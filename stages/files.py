@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+BENCHMARK_MANIFEST = "benchmarks.json"  # the benchmarks stage's list of its benchmarks, which evaluate reads
+
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     """Write `data` as indented, key-sorted JSON so the file diffs cleanly."""
@@ -59,3 +61,12 @@ def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     number = np.empty(len(order), np.int64)
     number[order] = rank[np.cumsum(new) - 1]
     return number, np.sort(first)
+
+
+def resolved_revision(dataset: Any) -> str | None:
+    """The Hub commit a loaded dataset came from: the last folder of its cache path (`.../0.0.0/<commit>/...`)."""
+    for cache_file in dataset.cache_files:
+        for part in reversed(Path(cache_file["filename"]).parts[:-1]):
+            if len(part) == 40 and all(c in "0123456789abcdef" for c in part):
+                return part
+    return None

@@ -16,7 +16,7 @@ from demo.tiny_model import BOS
 from stages.answers import final_answer, generate
 from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.evaluate import EvaluateConfig, Sample, bar_rows, check_finite, evaluate_models, samples
-from stages.label_benchmarks import BenchmarkConfig, read_benchmark
+from stages.label_benchmarks import Benchmark, benchmark_metrics, read_benchmarks, read_rows
 from stages.likelihood import by_length, nll_per_row, score, sequence_nll
 from stages.model import ModelConfig, load_base
 from stages.tokenize import tokenized
@@ -117,22 +117,32 @@ def test_final_answer_leaves_the_reasoning_out() -> None:
     assert final_answer("  Duration is 4.2 years. ") == "Duration is 4.2 years."
 
 
-SENTIMENT = BenchmarkConfig(
-    name="sentiment", path="", labels=["negative", "neutral", "positive"], instruction="Classify the sentiment."
+SENTIMENT = Benchmark(
+    name="sentiment",
+    labels=["negative", "neutral", "positive"],
+    instruction="Classify the sentiment.",
+    rows=[],
+    provenance={"source": "data/benchmarks/sentiment"},
 )
+CLEAN = '"exact": false, "ngram": false'
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         (
-            '{"text": "Shares rose.", "label": "positive"}\n{"text": "Shares fell.", "label": "bearish"}\n',
+            f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n'
+            f'{{"text": "Shares fell.", "label": "bearish", {CLEAN}}}\n',
             r":2: label 'bearish' is not one of \['negative', 'neutral', 'positive'\]",
         ),
-        ('{"text": "Shares rose.", "label": "positive"}\n{"text": "Shares fell.",\n', r":2: not valid JSON"),
-        ('{"label": "positive"}\n', r':1: expected an object with a non-empty "text" string'),
-        ('{"text": "  ", "label": "positive"}\n', r':1: expected an object with a non-empty "text" string'),
+        (
+            f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n{{"text": "Shares fell.",\n',
+            r":2: not valid JSON",
+        ),
+        (f'{{"label": "positive", {CLEAN}}}\n', r':1: expected an object with a non-empty "text" string'),
+        (f'{{"text": "  ", "label": "positive", {CLEAN}}}\n', r':1: expected an object with a non-empty "text" string'),
         ('["Shares rose.", "positive"]\n', r":1: expected an object"),
+        ('{"text": "Shares rose.", "label": "positive"}\n', r':1: expected "exact" and "ngram" flags'),
         ("\n\n", r": no rows"),
     ],
 )
@@ -140,45 +150,54 @@ def test_a_bad_benchmark_file_is_refused_naming_the_line(tmp_path: Path, content
     path = tmp_path / "bench.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
-        read_benchmark(replace(SENTIMENT, path=str(path)))
+        read_rows(path, SENTIMENT.labels)
 
 
 def test_a_missing_benchmark_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="evaluate.benchmarks sentiment: no file .*nowhere.jsonl"):
-        read_benchmark(replace(SENTIMENT, path=str(tmp_path / "nowhere.jsonl")))
+    with pytest.raises(FileNotFoundError, match="no benchmark file .*nowhere.jsonl: run the benchmarks stage"):
+        read_rows(tmp_path / "nowhere.jsonl", SENTIMENT.labels)
 
 
-def test_the_shipped_sentiment_sample_is_valid(root: Path) -> None:
-    rows = read_benchmark(replace(SENTIMENT, path=str(root / "data/benchmarks/sentiment_sample.jsonl")))
-    assert len(rows) == 30 and {row["label"] for row in rows} == set(SENTIMENT.labels)
+def test_the_benchmarks_are_read_in_the_stage_order_with_their_provenance(tmp_path: Path) -> None:
+    manifest = {"benchmarks": [{**vars(SENTIMENT), "name": name} for name in ("tfns", "fpb")], "ngram": 13}
+    for entry in manifest["benchmarks"]:
+        del entry["rows"]
+        (tmp_path / f"{entry['name']}.jsonl").write_text(f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n')
+    (tmp_path / "benchmarks.json").write_text(json.dumps(manifest))
+    tfns, fpb = read_benchmarks(tmp_path)
+    assert (tfns.name, fpb.name) == ("tfns", "fpb") and fpb.provenance == SENTIMENT.provenance
+    assert fpb.rows == [{"text": "Shares rose.", "label": "positive", "exact": False, "ngram": False}]
 
 
-@pytest.mark.parametrize(
-    ("benchmarks", "message"),
-    [
-        ([{"name": "s", "path": "x", "labels": ["a", "b"]}], r"evaluate.benchmarks\[0\].instruction is required"),
-        ([{"name": "s", "path": "x", "labels": ["a"], "instruction": ""}], r"benchmarks\[0\].labels must hold"),
-        ([{"name": "s-1", "path": "x", "labels": ["a", "b"], "instruction": ""}], r"benchmarks\[0\].name must be"),
-        (
-            [{"name": "s", "path": "x", "labels": ["a", "b"], "instruction": "", "weight": 2}],
-            r"evaluate.benchmarks\[0\].weight is not a known key",
-        ),
-        (["x.jsonl"], r"evaluate.benchmarks\[0\] must be a mapping"),
-        ([{"name": "s", "path": "x", "labels": ["a", "b"], "instruction": ""}] * 2, r"names repeat"),
-    ],
-)
-def test_bad_benchmark_settings_name_the_key(benchmarks: list, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        EvaluateConfig(max_rows=None, batch_size=1, num_samples=0, max_new_tokens=1, benchmarks=benchmarks)
+def test_the_clean_score_leaves_the_contaminated_rows_out() -> None:
+    rows = [
+        {"text": "a", "label": "positive", "exact": False, "ngram": False},
+        {"text": "b", "label": "negative", "exact": True, "ngram": False},
+        {"text": "c", "label": "neutral", "exact": False, "ngram": True},
+        {"text": "d", "label": "neutral", "exact": False, "ngram": False},
+    ]
+    bench = replace(SENTIMENT, rows=rows)
+    metrics = benchmark_metrics(bench, {"tuned": ["positive", "negative", "neutral", "positive"]})
+    assert metrics["sentiment_rows"] == 4 and metrics["sentiment_contaminated_rows"] == 2
+    assert metrics["sentiment_contaminated_share"] == 0.5 and metrics["sentiment_clean_rows"] == 2
+    assert metrics["sentiment_tuned_accuracy"] == 0.75  # the memorised rows count here ...
+    assert metrics["sentiment_tuned_clean_accuracy"] == 0.5  # ... and not here
+    # clean: positive right, neutral called positive: F1 positive 2/3, neutral 0, negative 0
+    assert metrics["sentiment_tuned_clean_macro_f1"] == pytest.approx((2 / 3) / 3)
+    every_row_seen = benchmark_metrics(replace(bench, rows=rows[1:3]), {"tuned": ["negative", "neutral"]})
+    assert every_row_seen["sentiment_clean_rows"] == 0 and "sentiment_tuned_clean_accuracy" not in every_row_seen
 
 
 def test_bar_rows_put_base_and_tuned_side_by_side() -> None:
     metrics = {"base_loss": 2.0, "tuned_loss": 1.5, "my_set_base_accuracy": 0.4, "my_set_tuned_accuracy": 0.9}
-    assert bar_rows(metrics, [replace(SENTIMENT, name="my_set")]) == [
+    metrics |= {"my_set_base_clean_accuracy": 0.3, "my_set_tuned_clean_accuracy": 0.6}
+    assert bar_rows(metrics, ["my_set"]) == [
         {"measure": "loss · base", "value": 2.0},
         {"measure": "loss · tuned", "value": 1.5},
         {"measure": "my_set accuracy · base", "value": 0.4},
         {"measure": "my_set accuracy · tuned", "value": 0.9},
+        {"measure": "my_set clean accuracy · base", "value": 0.3},
+        {"measure": "my_set clean accuracy · tuned", "value": 0.6},
     ]
 
 
@@ -230,13 +249,14 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     make_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
     FastLanguageModel.for_inference(model)
 
-    bench = tmp_path / "sentiment.jsonl"
-    bench.write_text(
-        "".join(
-            json.dumps({"text": f"Shares of firm {firm} {move}.", "label": label}) + "\n"
+    # firms never seen in training, the first two marked as found in the training data
+    bench = replace(
+        SENTIMENT,
+        rows=[
+            {"text": f"Shares of firm {firm} {move}.", "label": label, "exact": firm < 102, "ngram": False}
             for firm in range(100, 110)
             for move, label in MOVES.items()
-        )
+        ],
     )
     # firms never seen in training
     held_out = [row for row in toy_rows(range(100, 108)) if row[1]["content"] == TOY_ANSWER]
@@ -246,11 +266,12 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
         num_samples=8,
         max_new_tokens=16,
         generate_batch_size=4,
-        benchmarks=[replace(SENTIMENT, path=str(bench))],
     )
     rows = tokenized(chat, held_out, config.max_seq_length).to_list()
     encoded = [(row["input_ids"], row["labels"]) for row in rows]
-    metrics, answered = evaluate_models(model, chat, encoded, samples(rows, held_out, 8), settings, max_length=256)
+    metrics, answered = evaluate_models(
+        model, chat, encoded, samples(rows, held_out, 8), [bench], settings, max_length=256
+    )
 
     assert metrics["tuned_loss"] < 0.5 * metrics["base_loss"], metrics
     assert metrics["tuned_rouge_l"] > metrics["base_rouge_l"] + 0.5, ([s["tuned"] for s in answered], metrics)
@@ -259,6 +280,8 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     assert metrics["sentiment_rows"] == 30
     assert metrics["sentiment_tuned_accuracy"] > metrics["sentiment_base_accuracy"], metrics
     assert metrics["sentiment_tuned_macro_f1"] > metrics["sentiment_base_macro_f1"], metrics
+    assert metrics["sentiment_contaminated_rows"] == 6 and metrics["sentiment_clean_rows"] == 24
+    assert metrics["sentiment_tuned_clean_accuracy"] > metrics["sentiment_base_clean_accuracy"], metrics
     assert len(answered) == 8 and answered[0]["reference"] == TOY_ANSWER
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from demo.run import apply_overrides, set_param_flags
 from stages import params
+from stages.benchmarks import BenchmarksConfig
 from stages.chat import ChatConfig
 from stages.evaluate import EvaluateConfig
 from stages.export import ExportConfig
@@ -33,10 +34,11 @@ CONFIGS = {
     "lora": LoraConfig,
     "train": TrainConfig,
     "evaluate": EvaluateConfig,
+    "benchmarks": BenchmarksConfig,
     "export": ExportConfig,
     "tracking": TrackingConfig,
 }
-STAGES = ["fetch", "to_sharegpt", "standardize", "tokenize", "train", "evaluate"]
+STAGES = ["fetch", "to_sharegpt", "standardize", "tokenize", "train", "benchmarks", "evaluate"]
 
 
 def dvc_stages(root: Path) -> dict:
@@ -91,7 +93,7 @@ def test_each_stage_depends_on_exactly_the_project_files_it_imports(root: Path, 
 
 
 def test_the_data_stages_read_no_model_tokenizer_or_tracking_code(root: Path) -> None:
-    for stage in ("fetch", "to_sharegpt", "standardize"):
+    for stage in ("fetch", "to_sharegpt", "standardize", "benchmarks"):
         files = imported_files(root, f"stages.{stage}")
         assert files.isdisjoint({"stages/model.py", "stages/chat.py", "stages/tracking.py"}), (stage, files)
         assert not any(str(p).startswith(("model", "chat")) for p in dvc_stages(root)[stage]["params"]), stage

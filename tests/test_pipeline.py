@@ -49,6 +49,11 @@ OUTPUTS = [
     "metrics/evaluate.json",
     "metrics/evaluate_samples.json",
     "metrics/evaluate_bars.csv",
+    "data/benchmark_items/benchmarks.json",
+    "data/benchmark_items/fpb.jsonl",
+    "data/benchmark_items/fiqa_sa.jsonl",
+    "data/benchmark_items/tfns.jsonl",
+    "metrics/benchmarks.json",
 ]
 
 PICKLES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}  # weights that load by unpickling, which runs code
@@ -115,7 +120,15 @@ def first_repro(repo: Path) -> str:
 
 
 def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: str) -> None:
-    assert ran_stages(first_repro) == {"fetch", "to_sharegpt", "standardize", "tokenize", "train", "evaluate"}
+    assert ran_stages(first_repro) == {
+        "fetch",
+        "to_sharegpt",
+        "standardize",
+        "tokenize",
+        "train",
+        "benchmarks",
+        "evaluate",
+    }
     missing = [name for name in OUTPUTS if not (repo / name).is_file()]
     assert not missing
     adapter = json.loads((repo / "models/adapter/adapter_config.json").read_text())
@@ -125,7 +138,11 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: 
     assert evaluation["eval_rows"] == 40 and evaluation["eval_tokens"] > 0
     assert evaluation["tuned_loss"] < evaluation["base_loss"]
     assert evaluation["generated_samples"] == 8 and 0 <= evaluation["tuned_rouge_l"] <= 1
-    assert evaluation["sentiment_rows"] == 30 and 0 <= evaluation["sentiment_tuned_macro_f1"] <= 1
+    # the presets on the demo's local stand-ins; FPB's last sentence is a training answer of the sample
+    assert (evaluation["fpb_rows"], evaluation["fiqa_sa_rows"], evaluation["tfns_rows"]) == (31, 24, 24)
+    assert evaluation["fpb_contaminated_rows"] >= 1 and evaluation["tfns_contaminated_share"] == 0.0
+    assert 0 <= evaluation["fpb_tuned_macro_f1"] <= 1 and 0 <= evaluation["fpb_tuned_clean_accuracy"] <= 1
+    assert evaluation["fpb_clean_rows"] == 31 - evaluation["fpb_contaminated_rows"]
     lengths = json.loads((repo / "metrics/tokenize.json").read_text())
     assert 0 < lengths["train_tokens_p50"] <= lengths["train_tokens_p95"] <= lengths["train_tokens_max"]
     assert lengths["train_tokens_over_max_seq_length"] == 0  # the sample fits the demo's 512 tokens
@@ -144,6 +161,14 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "loss")
     assert [m.step for m in history] == list(range(1, 31))
     assert {"evaluate/base_loss", "evaluate/tuned_loss", "evaluate/tuned_rouge_l"} <= set(run_.data.metrics)
+    benchmark = {
+        "evaluate/tfns_tuned_accuracy",
+        "evaluate/tfns_tuned_clean_macro_f1",
+        "evaluate/fpb_contaminated_share",
+    }
+    assert benchmark <= set(run_.data.metrics)
+    assert run_.data.tags["benchmark.tfns.source"] == "data/benchmarks/tfns"
+    assert "data/benchmarks/tfns/validation.jsonl" in run_.data.tags["benchmark.tfns.sha256"]
     eval_history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "eval_loss")
     assert [m.step for m in eval_history] == [10, 20, 30]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_.info.run_id, "adapter")}
@@ -225,7 +250,7 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
     points = shown["loss"][0]["content"]["data"]["values"]
     assert {p["filename::field"] for p in points} == {"train_loss.csv::loss", "eval_loss.csv::eval_loss"}
     bars = {p["measure"] for p in shown["metrics/evaluate_bars.csv"][0]["content"]["data"]["values"]}
-    assert {"loss · base", "loss · tuned", "sentiment accuracy · tuned"} <= bars
+    assert {"loss · base", "loss · tuned", "tfns accuracy · tuned", "fpb clean macro f1 · base"} <= bars
     html = dvc("plots", "show", "-o", "plots", cwd=repo)
     page = (repo / "plots" / "index.html").read_text(encoding="utf-8")
     assert "index.html" in html and "eval_loss" in page and "tuned" in page
@@ -240,6 +265,7 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
         (("tokenize", "over_length"), "drop", {"tokenize"}),  # then train, once tokenize has rerun
         (("lora", "r"), 8, {"train"}),
         (("model", "load_in_4bit"), False, {"train", "evaluate"}),
+        (("benchmarks", "ngram"), 8, {"benchmarks"}),  # then evaluate, once benchmarks has rerun
     ],
 )
 def test_a_setting_makes_stale_exactly_the_stages_it_changes(
@@ -267,6 +293,17 @@ def test_a_file_added_to_or_edited_in_the_local_data_folders_makes_fetch_stale(r
         finally:
             path.write_bytes(original) if path == sample else path.unlink()
         assert {stage for stage in status if ":" not in stage} == {"fetch"}, (path, status)
+
+
+def test_an_edited_benchmark_file_makes_only_the_benchmarks_stage_stale(repo: Path, first_repro: str) -> None:
+    path = repo / "data/benchmarks/tfns/validation.jsonl"
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original + json.dumps({"text": "Stocks rally into the close", "label": 1}).encode() + b"\n")
+        status = json.loads(dvc("status", "--json", cwd=repo))
+    finally:
+        path.write_bytes(original)
+    assert {stage for stage in status if ":" not in stage} == {"benchmarks"}, status
 
 
 def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:

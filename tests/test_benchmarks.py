@@ -1,0 +1,175 @@
+"""benchmarks: presets resolve to their Hub settings and label maps, local folders in the presets' schema load
+through the Hub's code path, bad entries and rows are named, and the stage writes items flagged for contamination."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from datasets import Dataset
+
+from stages.benchmarks import PRESETS, BenchmarksConfig, items, label_word, load, main, resolve
+
+KEY = "benchmarks.sets[0]"
+
+
+def test_presets_resolve_to_the_published_datasets_and_label_maps() -> None:
+    fpb, fiqa, tfns = (resolve({"preset": name}, KEY) for name in ("fpb", "fiqa_sa", "tfns"))
+    assert (fpb.name, fpb.dataset, fpb.data_dir, fpb.split) == (
+        "fpb",
+        "takala/financial_phrasebank",
+        "sentences_50agree",
+        "train",
+    )
+    assert [label_word(fpb, value, "row", KEY) for value in (0, 1, 2)] == ["negative", "neutral", "positive"]
+    assert (tfns.dataset, tfns.split, tfns.text_column) == (
+        "zeroshot/twitter-financial-news-sentiment",
+        "validation",
+        "text",
+    )
+    # 0 Bearish, 1 Bullish, 2 Neutral
+    assert [label_word(tfns, value, "row", KEY) for value in (0, 1, 2)] == ["negative", "positive", "neutral"]
+    assert (fiqa.dataset, fiqa.split, fiqa.label_column) == ("TheFinAI/fiqa-sentiment-classification", "test", "score")
+    scores = (-0.5, -0.1, 0.0, 0.0999, 0.1, 0.8)  # FinGPT: < -0.1 negative, < 0.1 neutral, else positive
+    assert [label_word(fiqa, s, "row", KEY) for s in scores] == ["negative", *["neutral"] * 3, "positive", "positive"]
+
+
+def test_a_preset_is_one_line_with_any_field_overridden(root: Path) -> None:
+    sets = yaml.safe_load((root / "params.yaml").read_text())["benchmarks"]["sets"]
+    assert sets == [{"preset": name} for name in PRESETS]
+    bench = resolve({"preset": "tfns", "name": "tweets", "split": "train", "revision": "abc123"}, KEY)
+    assert (bench.name, bench.split, bench.revision, bench.text_column) == ("tweets", "train", "abc123", "text")
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ([{"preset": "fbp"}], r"benchmarks.sets\[0\].preset: unknown preset 'fbp'; known: fpb, fiqa_sa, tfns"),
+        ([{"preset": "fpb", "splits": "test"}], r"benchmarks.sets\[0\].splits is not a known key"),
+        ([{"preset": "tfns", "label_map": {0: "bearish"}}], r"sets\[0\].label_map maps 0 to 'bearish', not one of"),
+        ([{"preset": "fiqa_sa", "cuts": [0.0]}], r"sets\[0\].cuts must hold one fewer value than labels"),
+        ([{"preset": "fiqa_sa", "cuts": [0.1, -0.1]}], r"sets\[0\].cuts must increase"),
+        ([{"preset": "fiqa_sa", "label_map": {1: "positive"}}], r"sets\[0\]: give label_map or cuts, not both"),
+        ([{"preset": "fpb"}, {"preset": "fpb"}], r"benchmarks.sets: names repeat"),
+        ([{"preset": "fpb", "name": "f-p-b"}], r"sets\[0\].name must be letters, digits or _"),
+        ([{"name": "mine", "dataset": "data/benchmarks/mine.jsonl"}], r"benchmarks.sets\[0\].split is required"),
+        (["fpb"], r"benchmarks.sets\[0\] must be a mapping, e.g. \{preset: fpb\}"),
+    ],
+)
+def test_a_bad_entry_is_refused_naming_the_key(sets: list, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BenchmarksConfig(sets=sets)
+
+
+def test_a_bad_n_gram_length_is_named() -> None:
+    with pytest.raises(ValueError, match="benchmarks.ngram must be >= 1, got 0"):
+        BenchmarksConfig(sets=[], ngram=0)
+
+
+@pytest.mark.parametrize(
+    ("preset", "first"),
+    [
+        ("fpb", {"text": "Quarterly revenue rose 12% on strong loan demand.", "label": "positive"}),
+        ("fiqa_sa", {"text": "Barclays shares slide as investment bank revenue disappoints", "label": "negative"}),
+        ("tfns", {"text": "$KO - Coca-Cola misses on revenue, shares slip premarket", "label": "negative"}),
+    ],
+)
+def test_the_shipped_stand_ins_load_through_the_hub_code_path(
+    root: Path, monkeypatch: pytest.MonkeyPatch, preset: str, first: dict
+) -> None:
+    """The same `load_dataset(dataset, name, data_dir, split)` call as for the Hub, on a local folder laid out as
+    the Hub repository is (FPB: the parquet export's `<config>/train/`)."""
+    monkeypatch.chdir(root)
+    bench = resolve({"preset": preset, "dataset": f"data/benchmarks/{preset}", "revision": None}, KEY)
+    dataset, provenance = load(bench, KEY, (Path("data/benchmarks"),))
+    rows = items(bench, dataset, KEY)
+    assert rows[0] == first and len(rows) >= 24
+    assert {row["label"] for row in rows} == {"negative", "neutral", "positive"}
+    assert provenance["source"] == f"data/benchmarks/{preset}" and len(next(iter(provenance["sha256"].values()))) == 64
+
+
+def test_a_local_benchmark_must_be_where_dvc_sees_it_and_carry_no_hub_revision(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(root)
+    fpb = resolve({"preset": "fpb", "dataset": "data/benchmarks/fpb"}, KEY)  # the preset's revision kept
+    with pytest.raises(ValueError, match=r"sets\[0\].revision applies to Hub datasets; set it to null"):
+        load(fpb, KEY, (Path("data/benchmarks"),))
+    outside = resolve({"preset": "tfns", "dataset": str(tmp_path)}, KEY)
+    with pytest.raises(ValueError, match="is outside data/benchmarks, the folders DVC watches"):
+        load(outside, KEY, (Path("data/benchmarks"),))
+    missing = resolve({"preset": "tfns", "dataset": "data/benchmarks/nowhere"}, KEY)
+    with pytest.raises(FileNotFoundError, match=r"sets\[0\].dataset: no such file or folder data/benchmarks/nowhere"):
+        load(missing, KEY, (Path("data/benchmarks"),))
+
+
+@pytest.mark.parametrize(
+    ("preset", "rows", "message"),
+    [
+        ("tfns", {"text": ["up", "down"], "label": [1, 3]}, r"row 1: label 3 is not in benchmarks.sets\[0\].label_map"),
+        ("tfns", {"tweet": ["up"], "label": [1]}, r"has no column 'text'; it has \['tweet', 'label'\]"),
+        ("tfns", {"text": ["up", " "], "label": [1, 0]}, r"row 1: column 'text' holds ' ', expected non-empty text"),
+        ("fiqa_sa", {"sentence": ["up"], "score": ["high"]}, r"row 0: label 'high' is no finite number"),
+        ("tfns", {"text": [], "label": []}, r"has no rows"),
+    ],
+)
+def test_a_bad_row_is_named(preset: str, rows: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        items(resolve({"preset": preset}, KEY), Dataset.from_dict(rows), KEY)
+
+
+def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    tweets = [
+        ("$ACME beats on revenue and raises its outlook for the full year after strong demand", 1),
+        ("$ACME misses", 0),
+        ("Fed minutes due at 2 p.m. ET", 2),
+        ("Brent crude falls for a third straight session as stockpiles build and demand worries grow again", 0),
+    ]
+    folder = Path("data/benchmarks/tweets")
+    folder.mkdir(parents=True)
+    (folder / "validation.jsonl").write_text("".join(json.dumps({"text": t, "label": v}) + "\n" for t, v in tweets))
+    training = [
+        [
+            {
+                "role": "user",
+                "content": "Summarise: $acme BEATS on revenue and raises its outlook for the full year after",
+            },
+            {"role": "assistant", "content": "It did. After strong demand, yes."},
+        ],
+        [
+            {
+                "role": "user",
+                "content": "Why? crude falls for a third straight session as stockpiles build and demand worries",
+            },
+            {"role": "assistant", "content": "Fed minutes due at 2 p.m. ET"},
+        ],
+    ]
+    Path("data/standardized").mkdir(parents=True)
+    Dataset.from_dict({"conversations": training}).to_parquet("data/standardized/train.parquet")
+    entry = {"preset": "tfns", "name": "tweets", "dataset": str(folder)}
+    Path("params.yaml").write_text(yaml.safe_dump({"benchmarks": {"sets": [entry], "ngram": 13}}))
+
+    main(Path("params.yaml"), (Path("data/benchmarks"),), Path("data/standardized"), Path("out"), Path("m.json"))
+
+    written = [json.loads(line) for line in Path("out/tweets.jsonl").read_text().splitlines()]
+    assert [(row["label"], row["exact"], row["ngram"]) for row in written] == [
+        ("positive", False, True),  # its first 13 words are in a question: an n-gram, not whole
+        ("negative", False, False),
+        ("neutral", True, False),  # a whole answer; shorter than 13 words: exact only
+        ("negative", False, True),  # 13 words of it in a question
+    ]
+    manifest = json.loads(Path("out/benchmarks.json").read_text())
+    assert manifest["benchmarks"][0]["name"] == "tweets" and manifest["benchmarks"][0]["labels"][0] == "negative"
+    metrics = json.loads(Path("m.json").read_text())
+    assert (metrics["tweets_rows"], metrics["tweets_contaminated"], metrics["tweets_contaminated_share"]) == (
+        4,
+        3,
+        0.75,
+    )
+    assert (metrics["tweets_contaminated_exact"], metrics["tweets_contaminated_ngram"]) == (1, 2)
+    assert metrics["provenance"]["tweets"]["source"] == str(folder) and metrics["training_messages"] == 4
