@@ -22,6 +22,9 @@ def read_section(params_path: Path, section: str) -> dict[str, Any]:
     return params[section]
 
 
+MOVED = {"evaluate.benchmarks": "benchmarks.sets"}  # keys of earlier params.yaml files, and where they are now
+
+
 def build(cls: type[C], raw: dict[str, Any], section: str) -> C:
     """Construct the dataclass `cls` from `raw`, naming `section.key` for unknown or missing keys.
 
@@ -30,7 +33,9 @@ def build(cls: type[C], raw: dict[str, Any], section: str) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"{section}.{unknown[0]} is not a known key; expected one of {sorted(fields)}")
+        key = f"{section}.{unknown[0]}"
+        moved = f" (it moved to {MOVED[key]})" if key in MOVED else ""
+        raise ValueError(f"{key} is not a known key{moved}; expected one of {sorted(fields)}")
     missing = [
         name
         for name, f in fields.items()

@@ -158,6 +158,11 @@ def test_unknown_key_is_named() -> None:
         params.build(Example, {"rat": 1.0}, "ex")
 
 
+def test_a_key_of_an_earlier_params_file_says_where_it_moved() -> None:
+    with pytest.raises(ValueError, match=r"evaluate\.benchmarks is not a known key \(it moved to benchmarks\.sets\)"):
+        params.build(EvaluateConfig, {"benchmarks": []}, "evaluate")
+
+
 def test_missing_key_is_named() -> None:
     with pytest.raises(ValueError, match=r"ex\.rate is required"):
         params.build(Example, {"steps": 2}, "ex")
