@@ -89,6 +89,27 @@ class StepClock:
         return {"tokens_per_s": real / seconds, "padding_share": 1 - real / positions, "seconds": seconds}
 
 
+def clocked(trainer: Any) -> StepClock:
+    """A `StepClock` fed by `trainer`: the tokens of each batch its collator makes, a tick at each step's end."""
+    from transformers import TrainerCallback
+
+    clock = StepClock()
+    collate = trainer.data_collator
+    trainer.data_collator = lambda examples: clock.count(collate(examples))
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+            clock.tick()
+
+    trainer.add_callback(Tick())
+    return clock
+
+
+def step_losses(trainer: Any) -> list[float]:
+    """The loss logged at each step (`logging_steps` 1) of a trained `trainer`."""
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
 def peak_gib() -> float:
     """Peak GPU memory allocated by this process (each setup runs in a fresh one), or 0 on the CPU."""
     import torch
@@ -129,7 +150,6 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
     import unsloth  # noqa: F401, I001  # isort: skip
     import dataclasses
 
-    from transformers import TrainerCallback
     from unsloth import FastLanguageModel
 
     from stages import params
@@ -173,21 +193,12 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
     chat = Chat(tokenizer, params.load(ChatConfig, root / "params.yaml", "chat"))
     dataset = tokenized(chat, data, model_config.max_seq_length)  # as the tokenize stage writes them
     trainer = make_trainer(model, tokenizer, dataset, model_config, config, work / "out")
-    clock = StepClock()
-    collate = trainer.data_collator
-    trainer.data_collator = lambda examples: clock.count(collate(examples))
-
-    class Tick(TrainerCallback):
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            clock.tick()
-
-    trainer.add_callback(Tick())
+    clock = clocked(trainer)
     if settings.get("profile"):
         profiled(trainer)
     else:
         trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]  # one per step
-    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": losses}
+    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": step_losses(trainer)}
 
 
 def run_bare(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
@@ -199,7 +210,6 @@ def run_bare(model_dir: str, data: list, batch: int, steps: int, settings: dict[
     import unsloth  # noqa: F401, I001  # isort: skip
     import dataclasses
 
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
@@ -240,20 +250,11 @@ def run_bare(model_dir: str, data: list, batch: int, steps: int, settings: dict[
             dataset_kwargs={"skip_prepare_dataset": True},
         ),
     )
-    clock = StepClock()
-    collate = trainer.data_collator
-    trainer.data_collator = lambda examples: clock.count(collate(examples))
-
-    class Tick(TrainerCallback):
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            clock.tick()
-
-    trainer.add_callback(Tick())
+    clock = clocked(trainer)
     trainer.train()
     chosen = {"load_in_4bit": model_config.load_in_4bit, "use_gradient_checkpointing": lora.use_gradient_checkpointing}
     chosen |= {"per_device_train_batch_size": split.per_device_train_batch_size}
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": losses}
+    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": step_losses(trainer)}
 
 
 def run_plain(model_dir: str, data: list, batch: int, steps: int, settings: dict[str, Any], work: Path) -> dict:
