@@ -10,7 +10,7 @@ import pytest
 import torch
 from unsloth import FastLanguageModel
 
-from stages.chat import Chat, ChatConfig
+from stages.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.model import ModelConfig, load_base, mixed_precision
 from stages.tokenize import tokenized
 from stages.train import LoraConfig, TrainConfig, loss_rows, make_trainer
@@ -69,3 +69,40 @@ def test_auto_settings_fit_the_tiny_model_in_16_bit_without_checkpointing(tiny_m
     assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (8, 1)
     model, _ = load_base(config)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def summed_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], keys: tuple[str, ...]) -> float:
+    """The loss summed over every learnt token of `batches` (the model's mean times the tokens it averaged), with
+    only `keys` of each batch given to the model."""
+    total = 0.0
+    with torch.no_grad():
+        for batch in batches:
+            learnt = int((batch["labels"][..., 1:] != IGNORE_INDEX).sum())
+            total += float(model(**{key: batch[key] for key in keys if key in batch}).loss) * learnt
+    return total
+
+
+def test_packed_rows_keep_conversations_apart(tiny_model_dir: Path, tmp_path: Path, sample_rows: list) -> None:
+    """`train.packing`: conversations concatenated into rows must not attend to each other. The summed loss of the
+    packed rows equals that of the same conversations one by one (float32, within 1e-4 relative); the same packed
+    rows read as single sequences (no position ids) differ by far more, so the check can tell the two apart."""
+    config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="float32")
+    model, tokenizer = load_base(config)
+    model = FastLanguageModel.get_peft_model(model, **LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).__dict__)
+    conversations = [
+        [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
+        for row in sample_rows[:12]
+    ]
+    data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
+    packed = make_trainer(model, tokenizer, data, config, replace(TRAIN, packing=True, padding_free=True), tmp_path)
+    assert len(packed.train_dataset) < len(conversations)  # packing took place
+    one_by_one = make_trainer(model, tokenizer, data, config, replace(TRAIN, per_device_train_batch_size=1), tmp_path)
+    rows, singles = list(packed.get_train_dataloader()), list(one_by_one.get_train_dataloader())
+    assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in rows) == sum(
+        int((b["labels"] != IGNORE_INDEX).sum()) for b in singles
+    )
+    keys = tuple(rows[0])  # everything the collator gives: ids, labels, position ids / sequence lengths
+    apart, alone = summed_loss(model, rows, keys), summed_loss(model, singles, tuple(singles[0]))
+    assert abs(apart - alone) <= 1e-4 * abs(alone), (apart, alone)
+    merged = summed_loss(model, rows, ("input_ids", "labels"))
+    assert abs(merged - alone) > 1e-2 * abs(alone), (merged, alone)
