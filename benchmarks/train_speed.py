@@ -117,10 +117,46 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def profiled(trainer: Any) -> None:
-    """Train under torch.profiler and print the 25 operators that took the most time in steps 4 and 5."""
+PHASES = {  # the Trainer's parts, as the profile's markers name them (`benchmarks.gaps` splits the idle time by them)
+    "get_batch_samples": "fetch",
+    "data_collator": "collate",
+    "training_step": "micro_batch",
+    "_prepare_inputs": "to_device",
+    "compute_loss": "forward",
+    "_clip_grad_norm": "clip",
+    "_maybe_log_save_evaluate": "log_save_evaluate",
+    "log": "log",
+}
+
+
+def marked(trainer: Any) -> None:
+    """Wrap the Trainer's parts (`PHASES`, the backward, the step callbacks) in profiler markers."""
+    import torch
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with torch.profiler.record_function(label):
+                return inner(*args, **kwargs)
+
+        setattr(owner, name, run)
+
+    for name, label in PHASES.items():
+        wrap(trainer, name, label)
+    wrap(trainer.accelerator, "backward", "backward")
+    for event in ("on_step_begin", "on_substep_end", "on_step_end"):
+        wrap(trainer.callback_handler, event, event)
+
+
+def profiled(trainer: Any, trace: Path) -> None:
+    """Train under torch.profiler over steps 5-7 (steady: after the first log and allocations); print the operators
+    that took the most device and host time, write the chrome trace to `trace` and print where the GPU waited
+    (`benchmarks.gaps`)."""
     import torch
     from transformers import TrainerCallback
+
+    from benchmarks import gaps
 
     device = torch.cuda.is_available()
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device else [])
@@ -128,17 +164,20 @@ def profiled(trainer: Any) -> None:
 
     def report(profile: Any) -> None:
         averages = profile.key_averages()
-        print(f"profile of steps 4-5:\n{averages.table(sort_by=key, row_limit=25)}", flush=True)
+        print(f"profile of steps 5-7:\n{averages.table(sort_by=key, row_limit=25)}", flush=True)
         # the host's side: where it waits for the device (synchronisations) and what it spends launching
-        print(f"host time of steps 4-5:\n{averages.table(sort_by='self_cpu_time_total', row_limit=20)}", flush=True)
+        print(f"host time of steps 5-7:\n{averages.table(sort_by='self_cpu_time_total', row_limit=20)}", flush=True)
+        profile.export_chrome_trace(str(trace))
+        print(f"where the GPU waited, steps 5-7 ({trace}):\n{gaps.report(gaps.summary(gaps.read(trace)))}", flush=True)
 
-    schedule = torch.profiler.schedule(wait=2, warmup=1, active=2, repeat=1)
+    schedule = torch.profiler.schedule(wait=3, warmup=1, active=3, repeat=1)
     profiler = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=report)
 
     class Step(TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             profiler.step()
 
+    marked(trainer)
     trainer.add_callback(Step())
     with profiler:
         trainer.train()
@@ -195,7 +234,7 @@ def run_project(model_dir: str, data: list, batch: int, steps: int, settings: di
     trainer = make_trainer(model, tokenizer, dataset, model_config, config, work / "out")
     clock = clocked(trainer)
     if settings.get("profile"):
-        profiled(trainer)
+        profiled(trainer, work / "trace.json.gz")
     else:
         trainer.train()
     return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": step_losses(trainer)}
@@ -371,7 +410,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setups", default="project,plain", help=f"comma-separated, of {', '.join(SETUPS)}")
     parser.add_argument("--work", type=Path, default=Path("/tmp/train-bench"))
-    parser.add_argument("--profile", action="store_true", help="project setups: print where steps 4-5 spend time")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="project setups: print where steps 5-7 spend time, and where the GPU waits",
+    )
     parser.add_argument(
         "--processes", type=counts, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
     )

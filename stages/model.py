@@ -49,6 +49,8 @@ def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, 
         isinstance(config.load_in_4bit, bool),
         f"model.load_in_4bit must be decided before loading (stages.fit.resolved), got {config.load_in_4bit!r}",
     )
+    if torch.cuda.is_available() and flash_varlen():
+        log.info("padding-free attention: one flash varlen call per layer (torch %s)", torch.__version__)
     placement = {}
     if local_rank is not None and torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -62,6 +64,51 @@ def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, 
         trust_remote_code=config.trust_remote_code,
         **placement,
     )
+
+
+def flash_varlen() -> bool:
+    """Whether unsloth runs the attention of a padding-free batch as one call of torch's flash varlen kernel per
+    layer; where its own check refuses the installed torch, give it that kernel.
+
+    unsloth takes the kernel only from a torch whose `varlen_attn` has `enable_gqa` (2.12 on); with an older one (the
+    GPU image's 2.11) it makes one cuDNN call per run of equal lengths, with a copy and a fill around each: ~8 calls
+    per layer on the data's length mix, ~10 % of the 8B shape's GPU time (BENCHMARKS.md, session 11). What it calls
+    on 2.12+, `aten._flash_attention_forward` and `_backward` over `cu_seqlens` with a window (`_LeanFlashVarlen`),
+    is in torch's flash build before that too, and takes grouped K/V heads as they are. False where torch has no
+    flash kernel, or unsloth no longer has the parts named here (then it keeps its own choice).
+    """
+    import torch
+    from unsloth.utils import attention_dispatch as dispatch
+
+    if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
+        return True
+    lean = getattr(dispatch, "_LeanFlashVarlen", None)
+    if lean is None or not hasattr(dispatch, "_LEAN_VARLEN") or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    schema = str(torch.ops.aten._flash_attention_forward.default._schema)
+    if "window_size_left" not in schema or "window_size_right" not in schema:
+        return False
+
+    def varlen_attn(
+        query: Any,
+        key: Any,
+        value: Any,
+        cu_seq_q: Any,
+        cu_seq_k: Any,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float | None = None,
+        window_size: tuple[int, int] = (-1, -1),
+        enable_gqa: bool = False,
+    ) -> Any:
+        # unsloth passes one cu_seqlens for queries and keys, and grouped K/V heads unexpanded (enable_gqa)
+        return lean.apply(query, key, value, cu_seq_q, max_q, tuple(window_size) == (-1, 0), scale, *window_size)
+
+    dispatch._TORCH_VARLEN_ATTN = varlen_attn
+    dispatch._LEAN_VARLEN = True
+    dispatch._varlen_can_use_cudnn = lambda *args, **kwargs: False  # 2.11's varlen has no cuDNN path either
+    return True
 
 
 def linear_names(config: ModelConfig) -> set[str]:

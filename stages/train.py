@@ -486,6 +486,21 @@ def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -
     }
 
 
+def batching_tags(args: Any, model_config: ModelConfig) -> dict[str, str]:
+    """How the trainer lays conversations out in its batches and runs their attention, as the MLflow run is tagged:
+    `packed` rows (TRL's bfd), `padding-free` batches (whole conversations in one row, no pad token) or `padded`
+    ones; attention `flash-varlen` (one call of torch's flash kernel per layer over a row's conversations, in 16 bits:
+    `stages.model.flash_varlen`) or `sdpa` (PyTorch's scaled_dot_product_attention, per run of equal lengths)."""
+    import torch
+
+    from stages.model import flash_varlen
+
+    layout = "packed" if args.packing else "padding-free" if args.padding_free else "padded"
+    sixteen_bit = model_config.dtype != "float32"  # flash has no float32 kernel
+    flash = layout != "padded" and sixteen_bit and torch.cuda.is_available() and flash_varlen()
+    return {"fit.batching": layout, "fit.attention": "flash-varlen" if flash else "sdpa"}
+
+
 # --- the MLflow run: opened (or continued) at the start of a training, given the adapter at its end
 
 
@@ -701,6 +716,10 @@ def main(
 
         # --- train
         trainer = make_trainer(model, tokenizer, train_set, model_config, train_config, folder, eval_set=held_out)
+        layout = batching_tags(trainer.args, model_config)
+        log.info("batches: %s", layout)
+        if world.main:
+            mlflow.set_tags(layout)
         with machine_metrics(run, world, tracking, dict(os.environ)):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         if not world.main:

@@ -174,6 +174,7 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_.info.run_id, "adapter")}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json"} <= artifacts
     assert run_.data.tags["git_commit"] == run(["git", "rev-parse", "HEAD"], repo).strip()
+    assert (run_.data.tags["fit.batching"], run_.data.tags["fit.attention"]) == ("padded", "sdpa")  # on the CPU
 
 
 def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:

@@ -24,6 +24,7 @@ from stages.train import (
     LoraConfig,
     TrainConfig,
     attest_cut,
+    batching_tags,
     check_names,
     deal,
     disk_full,
@@ -238,6 +239,7 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
     # questions 1 to 22 words long; 2 steps of 2 x 4 conversations: the whole epoch
     config = replace(TRAIN, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4)
     trainer = make_trainer(model, tokenizer, rows, model_config, config, tmp_path)
+    assert batching_tags(trainer.args, model_config) == {"fit.batching": "padded", "fit.attention": "sdpa"}  # the CPU
     if padding_free:  # as on CUDA (unsloth's CPU backend turns padding-free batching off): one row, no attention mask
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
