@@ -71,8 +71,8 @@ def flash_varlen() -> bool:
     layer; where its own check refuses the installed torch, give it that kernel.
 
     unsloth takes the kernel only from a torch whose `varlen_attn` has `enable_gqa` (2.12 on); with an older one (the
-    GPU image's 2.11) it makes one cuDNN call per run of equal lengths, with a copy and a fill around each: ~8 calls
-    per layer on the data's length mix, ~10 % of the 8B shape's GPU time (BENCHMARKS.md, session 11). What it calls
+    GPU image's 2.11) it makes one cuDNN call per run of equal lengths, with copies and fills around them: ~8 calls
+    per layer on the data's length mix, which made the 8B shape 6 % slower (BENCHMARKS.md, session 11). What it calls
     on 2.12+, `aten._flash_attention_forward` and `_backward` over `cu_seqlens` with a window (`_LeanFlashVarlen`),
     is in torch's flash build before that too, and takes grouped K/V heads as they are. False where torch has no
     flash kernel, or unsloth no longer has the parts named here (then it keeps its own choice).
