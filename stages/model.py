@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = (None, "float16", "bfloat16", "float32")
 PRECISION_FILE = "base_precision.json"  # in the adapter's folder: how train loaded the base
+VARLEN_SWITCHES = ("UNSLOTH_TORCH_VARLEN", "UNSLOTH_LEAN_VARLEN")  # unsloth's switches of its varlen attention path
 
 
 @dataclass(frozen=True)
@@ -74,16 +76,23 @@ def flash_varlen() -> bool:
     GPU image's 2.11) it makes one cuDNN call per run of equal lengths, with copies and fills around them: ~8 calls
     per layer on the data's length mix, which made the 8B shape 6 % slower (BENCHMARKS.md, session 11). What it calls
     on 2.12+, `aten._flash_attention_forward` and `_backward` over `cu_seqlens` with a window (`_LeanFlashVarlen`),
-    is in torch's flash build before that too, and takes grouped K/V heads as they are. False where torch has no
-    flash kernel, or unsloth no longer has the parts named here (then it keeps its own choice).
+    is in torch's flash build before that too, and takes grouped K/V heads as they are. False where there is no flash
+    kernel (a GPU before Ampere, ROCm, a build without it), where unsloth's varlen path is turned off
+    (`UNSLOTH_TORCH_VARLEN=0`, `UNSLOTH_LEAN_VARLEN=0`), or where unsloth no longer has the parts named here: then
+    it keeps its own choice.
     """
     import torch
     from unsloth.utils import attention_dispatch as dispatch
 
+    flash = torch.backends.cuda.is_flash_attention_available() and torch.version.hip is None
+    if not flash or torch.cuda.get_device_capability()[0] < 8:
+        return False
     if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
         return True
+    if any(os.environ.get(name, "1").lower() in ("0", "false", "no", "off") for name in VARLEN_SWITCHES):
+        return False
     lean = getattr(dispatch, "_LeanFlashVarlen", None)
-    if lean is None or not hasattr(dispatch, "_LEAN_VARLEN") or not torch.backends.cuda.is_flash_attention_available():
+    if lean is None or not hasattr(dispatch, "_LEAN_VARLEN"):
         return False
     schema = str(torch.ops.aten._flash_attention_forward.default._schema)
     if "window_size_left" not in schema or "window_size_right" not in schema:
