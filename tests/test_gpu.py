@@ -120,6 +120,7 @@ def test_batched_conversations_keep_apart(
     data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
     together = replace(TRAIN, packing=True, padding_free=True) if packing else replace(TRAIN, padding_free=True)
     batched = make_trainer(model, tokenizer, data, config, replace(together, per_device_train_batch_size=6), tmp_path)
+    assert not packing or len(batched.train_dataset) < len(conversations)  # packing took place
     one_by_one = make_trainer(model, tokenizer, data, config, replace(TRAIN, per_device_train_batch_size=1), tmp_path)
     rows, singles = list(batched.get_train_dataloader()), list(one_by_one.get_train_dataloader())
     assert all(len(row["input_ids"]) == 1 for row in rows) and len(rows) < len(singles)  # shared rows
