@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from demo.tiny_model import BOS, EOS
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think
 
 TWO_TURNS = [
     {"role": "system", "content": "You are an analyst."},

@@ -19,8 +19,8 @@ import pytest
 import yaml
 from datasets import Dataset
 
+from finetune.training.distributed import World, launched, launcher, per_process, processes, several_nodes
 from stages import tokenize
-from stages.distributed import World, launched, launcher, per_process, processes, several_nodes
 from tools.servers import free_port
 
 OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")

@@ -13,12 +13,12 @@ from peft import get_peft_model
 from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
-from stages.answers import final_answer, generate
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
+from finetune.evaluation.answers import final_answer, generate
+from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, read_benchmarks, read_rows
+from finetune.evaluation.likelihood import by_length, nll_per_row, score, sequence_nll
+from finetune.model.load import ModelConfig, load_base
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.evaluate import EvaluateConfig, Sample, bar_rows, check_finite, evaluate_models, samples
-from stages.label_benchmarks import Benchmark, benchmark_metrics, read_benchmarks, read_rows
-from stages.likelihood import by_length, nll_per_row, score, sequence_nll
-from stages.model import ModelConfig, load_base
 from stages.tokenize import tokenized
 from stages.train import TrainConfig, make_trainer
 

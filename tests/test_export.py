@@ -12,8 +12,8 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
+from finetune.model.load import ModelConfig, load_base
 from stages.export import ExportConfig, main
-from stages.model import ModelConfig, load_base
 
 
 def test_the_merged_model_computes_what_base_and_adapter_compute(

@@ -8,9 +8,9 @@ import pytest
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from stages.answers import generate
-from stages.chat import Chat, ChatConfig
-from stages.model import ModelConfig, load_base
+from finetune.evaluation.answers import generate
+from finetune.model.load import ModelConfig, load_base
+from finetune.tokens.chat import Chat, ChatConfig
 from tools.generate import adapter_folder, messages, stream_answer
 
 

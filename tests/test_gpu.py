@@ -10,8 +10,8 @@ import pytest
 import torch
 from unsloth import FastLanguageModel
 
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, load_base, mixed_precision
+from finetune.model.load import ModelConfig, load_base, mixed_precision
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.tokenize import tokenized
 from stages.train import LoraConfig, TrainConfig, batching_tags, loss_rows, make_trainer
 
@@ -101,7 +101,7 @@ def test_batched_conversations_keep_apart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Conversations that share a row must not attend to each other: `train.packing` (TRL's bfd rows, float32) and
-    padding-free batches (16-bit, where unsloth runs torch's flash varlen kernel, `stages.model.flash_varlen`). The
+    padding-free batches (16-bit, where unsloth runs torch's flash varlen kernel, `finetune.model.load.flash_varlen`). The
     rows' summed loss equals that of the same conversations one by one within 2e-5 relative (measured on an H200:
     4e-8 in float32, 1e-8 in bf16); the same rows read as single sequences (no position ids) differ by more than
     ten times that (5e-4 and 3e-3 there), so the check can tell the two apart."""

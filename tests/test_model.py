@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.fit import model_shape
-from stages.model import (
+from finetune.model.fit import model_shape
+from finetune.model.load import (
     PRECISION_FILE,
     ModelConfig,
     linear_names,

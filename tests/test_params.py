@@ -11,17 +11,17 @@ import pytest
 import yaml
 
 from demo.run import apply_overrides, set_param_flags
-from stages import params
+from finetune.config import params
+from finetune.model.load import ModelConfig
+from finetune.tokens.chat import ChatConfig
+from finetune.tracking.runs import TrackingConfig
 from stages.benchmarks import BenchmarksConfig
-from stages.chat import ChatConfig
 from stages.evaluate import EvaluateConfig
 from stages.export import ExportConfig
 from stages.fetch import FetchConfig
-from stages.model import ModelConfig
 from stages.standardize import StandardizeConfig
 from stages.to_sharegpt import ToSharegptConfig
 from stages.tokenize import TokenizeConfig
-from stages.tracking import TrackingConfig
 from stages.train import LoraConfig, TrainConfig
 
 CONFIGS = {

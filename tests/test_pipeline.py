@@ -178,7 +178,7 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
 
 
 def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:
-    from stages.files import file_hash
+    from finetune.data.files import file_hash
 
     client = mlflow.MlflowClient()
     (run_,) = runs(repo)[:1]

@@ -11,8 +11,8 @@ import yaml
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
-from stages.files import digests, distinct
+from finetune.data.files import digests, distinct
+from finetune.tokens.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
 from stages.tokenize import SHARD_ROWS, TokenizeConfig, encode, main, summary
 
 TWO_TURNS = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import mlflow
 
-from stages.tracking import (
+from finetune.tracking.runs import (
     MAX_RUN_NAME,
     RUNS_VIEW,
     report,

@@ -17,8 +17,8 @@ import torch
 from datasets import Dataset
 from unsloth import FastLanguageModel
 
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, load_base
+from finetune.model.load import ModelConfig, load_base
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from stages.tokenize import tokenized
 from stages.train import (
     LoraConfig,
