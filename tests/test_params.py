@@ -12,17 +12,18 @@ import yaml
 
 from demo.run import apply_overrides, set_param_flags
 from finetune.config import params
+from finetune.data.cleaning import FetchConfig
+from finetune.evaluation.base_vs_tuned import EvaluateConfig
+from finetune.evaluation.benchmark_sets import BenchmarksConfig
 from finetune.model.load import ModelConfig
 from finetune.tokens.chat import ChatConfig
-from finetune.tracking.runs import TrackingConfig
-from stages.benchmarks import BenchmarksConfig
-from stages.evaluate import EvaluateConfig
+from finetune.tokens.encode import TokenizeConfig
+from finetune.tracking.store import TrackingConfig
+from finetune.training.config import LoraConfig, TrainConfig
 from stages.export import ExportConfig
-from stages.fetch import FetchConfig
 from stages.standardize import StandardizeConfig
 from stages.to_sharegpt import ToSharegptConfig
-from stages.tokenize import TokenizeConfig
-from stages.train import LoraConfig, TrainConfig
+from tools.deps import imported_files, project_imports, stage_definitions
 
 CONFIGS = {
     "fetch": FetchConfig,
@@ -49,39 +50,6 @@ def test_stages_are_the_pipeline_in_order(root: Path) -> None:
     assert list(dvc_stages(root)) == STAGES
 
 
-def project_imports(root: Path, path: Path) -> set[str]:
-    """The project files (`stages/*.py`) the module at `path` imports, anywhere in it (inside functions too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        for name in names:
-            file = Path(*name.split(".")).with_suffix(".py")
-            if name.startswith("stages.") and (root / file).is_file():
-                found.add(file.as_posix())
-    return found
-
-
-def imported_files(root: Path, module: str) -> set[str]:
-    """`module`'s own file and every project file it imports, transitively."""
-    start = Path(*module.split(".")).with_suffix(".py").as_posix()
-    seen, todo = set(), [start]
-    while todo:
-        file = todo.pop()
-        if file not in seen:
-            seen.add(file)
-            todo += project_imports(root, root / file)
-    return seen
-
-
-def stage_definitions(root: Path) -> dict[str, dict]:
-    """Every stage of the pipeline and of the optional export pipeline, by name."""
-    return dvc_stages(root) | yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]
-
-
 @pytest.mark.parametrize("stage", [*STAGES, "export"])
 def test_each_stage_depends_on_exactly_the_project_files_it_imports(root: Path, stage: str) -> None:
     definition = stage_definitions(root)[stage]
@@ -95,16 +63,28 @@ def test_each_stage_depends_on_exactly_the_project_files_it_imports(root: Path, 
 def test_the_data_stages_read_no_model_tokenizer_or_tracking_code(root: Path) -> None:
     for stage in ("fetch", "to_sharegpt", "standardize", "benchmarks"):
         files = imported_files(root, f"stages.{stage}")
-        assert files.isdisjoint({"stages/model.py", "stages/chat.py", "stages/tracking.py"}), (stage, files)
+        assert not any(f.startswith(("finetune/model/", "finetune/tokens/", "finetune/tracking/")) for f in files)
         assert not any(str(p).startswith(("model", "chat")) for p in dvc_stages(root)[stage]["params"]), stage
 
 
 def test_the_import_walk_follows_imports_inside_functions(tmp_path: Path) -> None:
     (tmp_path / "stages").mkdir()
-    (tmp_path / "stages/a.py").write_text("from stages import b\n")
-    (tmp_path / "stages/b.py").write_text("def f():\n    from stages.c import g\n")
+    (tmp_path / "finetune/lib").mkdir(parents=True)
+    (tmp_path / "stages/a.py").write_text("from finetune.lib import b\n")
+    (tmp_path / "finetune/lib/b.py").write_text("def f():\n    from stages.c import g\n")
     (tmp_path / "stages/c.py").write_text("import json\n")
-    assert imported_files(tmp_path, "stages.a") == {"stages/a.py", "stages/b.py", "stages/c.py"}
+    assert imported_files(tmp_path, "stages.a") == {"stages/a.py", "finetune/lib/b.py", "stages/c.py"}
+
+
+def test_stages_holds_the_stages_alone_and_the_library_imports_none(root: Path) -> None:
+    scripts = {path.stem for path in (root / "stages").glob("*.py")} - {"__init__"}
+    assert scripts == set(stage_definitions(root))
+    for path in (root / "finetune").rglob("*.py"):
+        imported = project_imports(root, path)
+        assert not any(f.startswith(("stages/", "tools/", "perf/")) for f in imported), path
+        if path.name == "__init__.py":  # a docstring at most: importing a package runs nothing
+            body = ast.parse(path.read_text(encoding="utf-8")).body
+            assert all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body), path
 
 
 def test_the_optional_export_stage_runs_from_the_repo_root(root: Path) -> None:

@@ -28,7 +28,7 @@ import pytest
 from test_pipeline import clean_env, dvc, ran_stages, repo, run  # noqa: F401  (repo: the fixture, reused)
 
 from finetune.data.files import file_hash
-from finetune.tracking.runs import MAX_PARAM_VALUE, MAX_RUN_NAME, log_settings, run_name
+from finetune.tracking.records import MAX_PARAM_VALUE, MAX_RUN_NAME, log_settings, run_name
 from tools.servers import BUCKET, Team, free_port, local_team, team_environment
 
 # in every clone's environment, as on a machine with Hub access; made here, so that no file of the project holds it

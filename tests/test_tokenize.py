@@ -13,7 +13,9 @@ from transformers import AutoTokenizer
 
 from finetune.data.files import digests, distinct
 from finetune.tokens.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
-from stages.tokenize import SHARD_ROWS, TokenizeConfig, encode, main, summary
+from finetune.tokens.encode import TokenizeConfig, encode, summary
+from finetune.tokens.shards import SHARD_ROWS
+from stages.tokenize import main
 
 TWO_TURNS = [
     {"role": "system", "content": "You answer questions on corporate finance."},

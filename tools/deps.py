@@ -75,8 +75,11 @@ def main() -> None:
             print(f"  - {file}")
         if listed != imported:
             wrong = True
-            print(f"  # dvc.yaml lists more: {sorted(set(listed) - set(imported))}, misses: "
-                  f"{sorted(set(imported) - set(listed))}", file=sys.stderr)
+            print(
+                f"  # dvc.yaml lists more: {sorted(set(listed) - set(imported))}, misses: "
+                f"{sorted(set(imported) - set(listed))}",
+                file=sys.stderr,
+            )
     sys.exit(1 if wrong and args.check else 0)
 
 
