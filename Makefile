@@ -30,5 +30,5 @@ lint: install
 mlflow-ui: install
 	python -m tools.mlflow_ui --port 5000   # prints the runs page with the LoRA and result columns
 
-mlflow-server: install  # the team's tracking server: PostgreSQL, artifacts in S3, basic auth; see the README
+mlflow-server: install  # the team's tracking server: PostgreSQL, artifacts in S3, basic auth; see docs/team.md
 	python -m tools.servers mlflow --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT)

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -14,31 +15,13 @@ from demo.run import apply_overrides, set_param_flags
 from finetune.config import params
 from finetune.data.cleaning import FetchConfig
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
-from finetune.evaluation.benchmark_sets import BenchmarksConfig
 from finetune.model.load import ModelConfig
-from finetune.tokens.chat import ChatConfig
-from finetune.tokens.encode import TokenizeConfig
-from finetune.tracking.store import TrackingConfig
 from finetune.training.config import LoraConfig, TrainConfig
-from stages.export import ExportConfig
-from stages.standardize import StandardizeConfig
 from stages.to_sharegpt import ToSharegptConfig
 from tools.deps import imported_files, project_imports, stage_definitions
+from tools.params_schema import SECTIONS, params_schema, rendered
 
-CONFIGS = {
-    "fetch": FetchConfig,
-    "to_sharegpt": ToSharegptConfig,
-    "standardize": StandardizeConfig,
-    "tokenize": TokenizeConfig,
-    "model": ModelConfig,
-    "chat": ChatConfig,
-    "lora": LoraConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "benchmarks": BenchmarksConfig,
-    "export": ExportConfig,
-    "tracking": TrackingConfig,
-}
+CONFIGS = SECTIONS  # params.yaml's sections and the config each loads into (tools/params_schema.py)
 STAGES = ["fetch", "to_sharegpt", "standardize", "tokenize", "train", "benchmarks", "evaluate"]
 
 
@@ -105,6 +88,36 @@ def test_every_params_key_is_commented(root: Path) -> None:
     for number, line in enumerate((root / "params.yaml").read_text().splitlines(), 1):
         if line.startswith("  ") and ":" in line:
             assert "  # " in line, f"params.yaml:{number} has no comment: {line.strip()}"
+
+
+def test_params_schema_json_is_what_the_configs_give(root: Path) -> None:
+    assert (root / "params.schema.json").read_text(encoding="utf-8") == rendered(), "run python -m tools.params_schema"
+    assert (root / "params.yaml").read_text().startswith("# yaml-language-server: $schema=params.schema.json\n")
+
+
+def test_params_yaml_and_the_demo_settings_match_the_schema(root: Path) -> None:
+    schema = params_schema()
+    base = yaml.safe_load((root / "params.yaml").read_text())
+    jsonschema.validate(base, schema)
+    jsonschema.validate(apply_overrides(base, yaml.safe_load((root / "demo/params.yaml").read_text())), schema)
+    for section in schema["properties"].values():
+        assert all(key["description"] for key in section["properties"].values()), section
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"lora": {"rank": 8}}, ["lora"]),  # an unknown key
+        ({"train": {"max_steps": "many"}}, ["train", "max_steps"]),  # a wrong type
+        ({"benchmarks": {"sets": [{"preset": "nope"}]}}, ["benchmarks", "sets", 0, "preset"]),
+    ],
+)
+def test_the_schema_flags_what_the_stages_refuse(root: Path, change: dict, path: list) -> None:
+    params_file = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in change.items():
+        params_file[section] |= values
+    errors = list(jsonschema.Draft202012Validator(params_schema()).iter_errors(params_file))
+    assert [list(error.absolute_path) for error in errors] == [path], [error.message for error in errors]
 
 
 def test_demo_overrides_name_real_keys_and_load(root: Path, tmp_path: Path) -> None:

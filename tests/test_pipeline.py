@@ -360,7 +360,7 @@ def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
 
 
 def screenshot(page: Any, name: str, tmp_path: Path) -> None:
-    """Save a screenshot; `UI_SCREENSHOTS=docs/screenshots` refreshes the README's."""
+    """Save a screenshot; `UI_SCREENSHOTS=docs/screenshots` refreshes those docs/experiments.md shows."""
     folder = Path(os.environ.get("UI_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(folder / f"{name}.png"))
@@ -529,4 +529,4 @@ def test_a_full_disk_fails_the_training_clearly_with_its_run_failed_and_dvc_lock
         assert failed.info.status == "FAILED" and "adapter_sha256" not in failed.data.tags
         assert not (repo / "models/adapter").exists()
     finally:
-        dvc("checkout", "train", cwd=repo)  # the outputs DVC removed before it ran the stage (README: troubleshooting)
+        dvc("checkout", "train", cwd=repo)  # the outputs DVC removed before it ran the stage (docs/troubleshooting.md)

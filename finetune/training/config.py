@@ -62,9 +62,7 @@ class TrainConfig:
     padding_free: bool | None = None  # batches without pad tokens; null = unsloth's choice (on where supported)
     save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
     save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
-    micro_batch_size: str | None = (
-        None  # auto = the largest split of the effective batch the GPU holds (finetune.model.fit)
-    )
+    micro_batch_size: str | None = None  # auto = the largest split of the effective batch that fits (model.fit)
     devices: str | int = 1  # processes, one per GPU: auto = every visible GPU (finetune.training.distributed)
     train_sampling_strategy: str = "random"  # random, or batch_rebalance: each step's conversations dealt by length
 
