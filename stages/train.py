@@ -49,12 +49,13 @@ log = logging.getLogger("train")
 def main(
     params_path: Path, data: Path, adapter: Path, checkpoints: Path, metrics: Path, plot: Path, eval_plot: Path
 ) -> None:
+    import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
     import mlflow
     from unsloth import FastLanguageModel
 
     from finetune.training.adapter import save_adapter
     from finetune.training.batching import batching_tags
-    from finetune.training.trainer import build_trainer  # imports unsloth first: it patches transformers and trl
+    from finetune.training.trainer import build_trainer  # here, not above: torchrun's restart needs none of these
 
     # --- settings: the sections this stage declares in dvc.yaml, logged as resolved
     model_config = load(ModelConfig, params_path, "model")
@@ -74,13 +75,8 @@ def main(
     world = World.from_environ(dict(os.environ))
     train_config = fit.split_batch_over_processes(train_config, world)
     if world.size > 1:
-        log.info(
-            "rank %d of %d: %d per device x %d accumulation steps",
-            world.rank,
-            world.size,
-            train_config.per_device_train_batch_size,
-            train_config.gradient_accumulation_steps,
-        )
+        share = (train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps, world.size)
+        log.info("rank %d of %d: %d per device x %d accumulation steps x %d processes", world.rank, world.size, *share)
 
     # --- data: token ids and labels from the tokenize stage
     train_set, held_out = read_tokenized(data, train_config.eval_rows)

@@ -121,6 +121,7 @@ def test_a_bad_row_is_named(preset: str, rows: dict, message: str) -> None:
         labelled_items(resolve({"preset": preset}, KEY), Dataset.from_dict(rows), KEY)
 
 
+@pytest.mark.slow  # the stage's worker processes
 def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,8 +20,8 @@ TWO_TURNS = [
 
 
 @pytest.fixture
-def tokenizer(tiny_model_dir: Path):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer(tiny_tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 def test_golden_two_turn_rendering_with_an_empty_think_block(tokenizer) -> None:

@@ -23,6 +23,8 @@ from finetune.training.distributed import World, launched, launcher, per_process
 from stages import tokenize
 from tools.servers import free_port
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
 
 

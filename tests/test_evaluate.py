@@ -24,6 +24,8 @@ from finetune.training.adapter import check_finite
 from finetune.training.config import TrainConfig
 from finetune.training.trainer import build_trainer
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 MESSAGES = [
     {"role": "user", "content": "What is a basis point?"},
     {"role": "assistant", "content": "One hundredth of a percentage point."},

@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from finetune.model.load import ModelConfig, load_base
 from stages.export import ExportConfig, main
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 
 def test_the_merged_model_computes_what_base_and_adapter_compute(
     tiny_model_dir: Path, tmp_path: Path, root: Path

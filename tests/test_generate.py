@@ -13,6 +13,8 @@ from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import Chat, ChatConfig
 from tools.generate import adapter_folder, messages, stream_answer
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 
 def test_messages_put_the_system_text_first() -> None:
     assert messages("Hi", None) == [{"role": "user", "content": "Hi"}]

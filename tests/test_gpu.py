@@ -11,6 +11,7 @@ import torch
 from unsloth import FastLanguageModel
 
 from finetune.model.load import ModelConfig, load_base, mixed_precision
+from finetune.model.patches import apply_speed_patches
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.batching import batching_tags
@@ -18,7 +19,7 @@ from finetune.training.config import LoraConfig, TrainConfig
 from finetune.training.data import loss_rows
 from finetune.training.trainer import build_trainer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 TRAIN = TrainConfig(
     per_device_train_batch_size=8,
@@ -40,6 +41,7 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    apply_speed_patches()
     model, tokenizer = load_base(config)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # NF4 weights, on the GPU
     assert next(model.parameters()).is_cuda and mixed_precision()["bf16"] != mixed_precision()["fp16"]
@@ -104,13 +106,14 @@ def test_batched_conversations_keep_apart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Conversations that share a row must not attend to each other: `train.packing` (TRL's bfd rows, float32) and
-    padding-free batches (16-bit, where unsloth runs torch's flash varlen kernel, `finetune.model.patches.flash_varlen`). The
-    rows' summed loss equals that of the same conversations one by one within 2e-5 relative (measured on an H200:
-    4e-8 in float32, 1e-8 in bf16); the same rows read as single sequences (no position ids) differ by more than
-    ten times that (5e-4 and 3e-3 there), so the check can tell the two apart."""
+    padding-free batches (16-bit, where unsloth runs torch's flash varlen kernel: `finetune.model.patches`, applied
+    here as train applies it). The rows' summed loss equals that of the same conversations one by one within 2e-5
+    relative (measured on an H200: 4e-8 in float32, 1e-8 in bf16); the same rows read as single sequences (no
+    position ids) differ by more than ten times that (5e-4 and 3e-3 there), so the check can tell the two apart."""
     from unsloth.utils import attention_dispatch as dispatch
 
     config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype=dtype)
+    apply_speed_patches()
     model, tokenizer = load_base(config)
     varlen = dispatch._LeanFlashVarlen.apply
     calls = []

@@ -21,6 +21,8 @@ from finetune.model.load import (
     trained_precision,
 )
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 CONFIG = ModelConfig("m", None, 2048, load_in_4bit="auto", dtype=None)
 
 

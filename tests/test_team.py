@@ -34,7 +34,7 @@ from tools.servers import BUCKET, Team, free_port, local_team, team_environment
 # in every clone's environment, as on a machine with Hub access; made here, so that no file of the project holds it
 HF_TOKEN = f"hf_{secrets.token_hex(16)}"
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("data/raw", "data/sharegpt", "data/standardized", "data/tokenized", "models/adapter")  # DVC-cached outputs

@@ -13,6 +13,8 @@ from unsloth.chat_templates import to_sharegpt
 from finetune.data.sharegpt import extension_orders, write_extended
 from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, main, prompt_columns, whitespace_cells
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 CONFIG = ToSharegptConfig(
     merged_prompt="{user}[[\nYour input is:\n{system}]]",
     output_column_name="assistant",

@@ -26,6 +26,8 @@ from finetune.training.data import loss_rows
 from finetune.training.failures import disk_full
 from finetune.training.trainer import build_trainer
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 TRAIN = TrainConfig(
     per_device_train_batch_size=4,
