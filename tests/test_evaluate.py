@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from examples import tiny_training
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from unsloth import FastLanguageModel
@@ -21,7 +22,6 @@ from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.adapter import check_finite
-from finetune.training.config import TrainConfig
 from finetune.training.trainer import build_trainer
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
@@ -234,19 +234,7 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     )
     model, tokenizer = load_base(config)
     model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    train = TrainConfig(
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=1.0e-2,
-        max_steps=150,
-        num_train_epochs=1.0,
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        logging_steps=10,
-        seed=3407,
-    )
+    train = tiny_training(per_device_train_batch_size=8, max_steps=150, logging_steps=10)
     chat = Chat(tokenizer, ChatConfig())
     data = tokenized(chat, toy_rows(range(0, 100)), config.max_seq_length)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from examples import tiny_training
 from unsloth import FastLanguageModel
 
 from finetune.model.load import ModelConfig, load_base, mixed_precision
@@ -15,25 +16,13 @@ from finetune.model.patches import apply_speed_patches
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.batching import batching_tags
-from finetune.training.config import LoraConfig, TrainConfig
+from finetune.training.config import LoraConfig
 from finetune.training.data import loss_rows
 from finetune.training.trainer import build_trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-TRAIN = TrainConfig(
-    per_device_train_batch_size=8,
-    gradient_accumulation_steps=1,
-    learning_rate=1.0e-2,
-    max_steps=15,
-    num_train_epochs=1.0,
-    warmup_steps=0,
-    weight_decay=0.0,
-    optim="adamw_8bit",
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    seed=3407,
-)
+TRAIN = tiny_training(per_device_train_batch_size=8, max_steps=15, optim="adamw_8bit")
 
 
 def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

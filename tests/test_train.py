@@ -15,33 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from examples import LORA, TINY_TRAINING
 from unsloth import FastLanguageModel
 
 from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.batching import batching_tags, check_cut, split_step_by_tokens
-from finetune.training.config import LoraConfig, TrainConfig, check_names
+from finetune.training.config import LoraConfig, check_names
 from finetune.training.data import loss_rows
 from finetune.training.failures import disk_full
 from finetune.training.trainer import build_trainer
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
-LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-TRAIN = TrainConfig(
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=1,
-    learning_rate=1.0e-2,
-    max_steps=25,
-    num_train_epochs=1.0,
-    warmup_steps=0,
-    weight_decay=0.0,
-    optim="adamw_torch",
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    seed=3407,
-)
+TRAIN = TINY_TRAINING
 
 
 def toy_conversations(n: int) -> list[list[dict[str, str]]]:
