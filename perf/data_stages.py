@@ -1,17 +1,20 @@
 """Benchmark: fetch -> to_sharegpt -> standardize -> tokenize on 518,185 rows shaped like Finance-Instruct-500k.
 
-    python -m perf.data_stages [--rows 518185] [--work /tmp/bench-data] [--cores 1,2]
+    python -m perf.data_stages [--params params.yaml] [--rows 518185] [--work /tmp/bench-data] [--cores 1,2]
 
 Generates rows with the real data's length mix (answers ~1 kB, questions ~400 B, a quarter of the system
 prompts non-empty, many `"\\n"`), runs each stage of this project as its own process (`python -m stages.<name>`,
-as `dvc repro` does), and, in the same run:
-- the seed's way: unsloth's `to_sharegpt(..., conversation_extension=3)` then `standardize_sharegpt`, called
-  directly, and whether the project's training conversations equal the seed's;
+as `dvc repro` does) with the settings of `--params` (its `fetch.dataset` the generated rows, its `model.model_name`
+the tokenizer's folder), and, in the same run:
+- the seed's way: unsloth's `to_sharegpt` (with the `to_sharegpt` settings: merged prompt, answer column,
+  `conversation_extension`, seed) then `standardize_sharegpt`, called directly, and whether the project's training
+  conversations equal the seed's;
 - the tokenize stage on each number of cores of `--cores` (pinned with `taskset`), against the tokenizer's own
   batch encode of the same text (the conversations rendered as the chat template renders them, untimed; then the
   Rust core's `encode_batch_fast`, timed, on the same cores, all of them busy: `tokenizer(texts)` calls it and adds
   offsets, so it is the faster of the two).
-Prints wall time and peak resident memory per step.
+Prints the settings the stages ran (read back from the settings file they read), then wall time and peak resident
+memory per step.
 """
 
 from __future__ import annotations
@@ -81,13 +84,13 @@ def measured(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> t
 
 
 TOKENIZER_OWN = """
-import os, sys, time
+import json, os, sys, time
 os.environ["TOKENIZERS_PARALLELISM"] = "true"
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 from finetune.tokens.chat import Chat, ChatConfig
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[2])
-chat = Chat(tokenizer, ChatConfig())
+chat = Chat(tokenizer, ChatConfig(**json.loads(sys.argv[3])))
 timed, tokens = 0.0, 0
 for split in ("train", "eval"):
     for batch in pq.ParquetFile(f"{sys.argv[1]}/{split}.parquet").iter_batches(batch_size=2048):
@@ -100,20 +103,40 @@ print(timed, tokens)
 """
 
 SEED_STYLE = """
-import sys, unsloth
+import json, sys, unsloth
 from datasets import Dataset
 from unsloth import standardize_sharegpt
 from unsloth.chat_templates import to_sharegpt
 rows = Dataset.from_parquet(sys.argv[1])
 rows = rows.map(lambda b: {"system": ["" if not s.strip() else s for s in b["system"]]}, batched=True)
-out = to_sharegpt(rows, merged_prompt="{user}[[\\nYour input is:\\n{system}]]", output_column_name="assistant",
-                  conversation_extension=3)
+out = to_sharegpt(rows, **json.loads(sys.argv[3]))
 standardize_sharegpt(out).to_parquet(sys.argv[2])
 """
 
 
-def main() -> None:
+def header(rows: int, settings: Path, tokenizer: Path) -> str:
+    """What the stages ran: the settings that shape the work, read back from the file they read."""
+    from finetune.config.params import load
+    from finetune.data.cleaning import FetchConfig
+    from finetune.model.load import ModelConfig
+    from finetune.tokens.chat import ChatConfig
+    from finetune.tokens.encode import TokenizeConfig
+    from stages.to_sharegpt import ToSharegptConfig
+
+    fetch, sharegpt = load(FetchConfig, settings, "fetch"), load(ToSharegptConfig, settings, "to_sharegpt")
+    tokenize, model = load(TokenizeConfig, settings, "tokenize"), load(ModelConfig, settings, "model")
+    chat = load(ChatConfig, settings, "chat")
+    return (
+        f"{rows:,} rows generated, fetch.eval_size {fetch.eval_size}, drop_duplicates {fetch.drop_duplicates}, "
+        f"to_sharegpt.conversation_extension {sharegpt.conversation_extension}, tokenize.over_length "
+        f"{tokenize.over_length}, train_on_responses_only {tokenize.train_on_responses_only}, model.max_seq_length "
+        f"{model.max_seq_length}, chat.think {chat.think}, tokenizer of {tokenizer}; {os.cpu_count()} cores"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file, as the stages read")
     parser.add_argument("--rows", type=int, default=518_185)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench-data"))
     parser.add_argument("--skip-seed", action="store_true", help="leave out the seed-style baseline")
@@ -128,14 +151,14 @@ def main() -> None:
     )
     parser.add_argument("--reuse", action="store_true", help="tokenize the data stages' output of an earlier run")
     parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)  # internal: write the rows and exit
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.generate:
         from datasets import Dataset
 
         Dataset.from_dict(make_rows(args.rows, seed=0)).to_parquet(str(args.generate))
         return
     root = Path(__file__).resolve().parents[1]
-    work = args.work
+    work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "HF_DATASETS_CACHE": str(work / "hf-cache")}
@@ -152,53 +175,35 @@ def main() -> None:
         sample = root / "data" / "sample" / "finance_instruct_sample.jsonl"
         build = [python, "-m", "demo.tiny_model", str(sample), str(tokenizer)]
         subprocess.run(build, check=True, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["fetch"] |= {"dataset": str(source), "eval_size": 500}
-    params["model"] |= {"model_name": str(tokenizer.resolve())}
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    params = yaml.safe_load(args.params.read_text(encoding="utf-8"))
+    params["fetch"] |= {"dataset": str(source.resolve()), "revision": None}
+    params["model"] |= {"model_name": str(tokenizer.resolve()), "revision": None}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+
+    def stage(name: str, **paths: str) -> list[str]:  # as dvc.yaml runs it, the paths relative to `work`
+        flags = [item for key, value in paths.items() for item in (f"--{key}", value)]
+        return [python, "-m", f"stages.{name}", "--params", "params.yaml", *flags, "--metrics", f"{name}.json"]
 
     steps = {
-        "fetch": [python, "-m", "stages.fetch", "--params", "params.yaml", "--out", "raw", "--metrics", "fetch.json"],
-        "to_sharegpt": [
-            python,
-            "-m",
-            "stages.to_sharegpt",
-            "--params",
-            "params.yaml",
-            "--data",
-            "raw",
-            "--out",
-            "sharegpt",
-            "--metrics",
-            "to_sharegpt.json",
-        ],
-        "standardize": [
-            python,
-            "-m",
-            "stages.standardize",
-            "--params",
-            "params.yaml",
-            "--data",
-            "sharegpt",
-            "--out",
-            "standardized",
-            "--metrics",
-            "standardize.json",
-        ],
+        "fetch": stage("fetch", sources=".", out="raw"),  # the generated rows.parquet is in `work`
+        "to_sharegpt": stage("to_sharegpt", data="raw", out="sharegpt"),
+        "standardize": stage("standardize", data="sharegpt", out="standardized"),
     }
     if args.reuse and (work / "standardized" / "train.parquet").is_file():
         steps = {}  # the data stages' output of an earlier run: tokenize alone
     results = {name: measured(command, work, env, work / f"{name}.log") for name, command in steps.items()}
     total = sum(wall for wall, _ in results.values())
     peak = max((rss for _, rss in results.values()), default=0.0)
-    print(f"\n{args.rows:,} rows, {os.cpu_count()} cores\n")
+    print(f"\n{header(args.rows, work / 'params.yaml', tokenizer)}\n")
     print("| step | wall s | peak RSS GB |\n|---|---|---|")
     for name, (wall, rss) in results.items():
         print(f"| {name} | {wall:.1f} | {rss:.2f} |")
     print(f"| **project, three data stages** | **{total:.1f}** | **{peak:.2f}** |")
     if not args.skip_seed:
         seed_out = work / "seed.parquet"
-        seed_command = [python, "-c", SEED_STYLE, str(work / "raw" / "train.parquet"), str(seed_out)]
+        # the to_sharegpt settings the stage ran, passed to unsloth's function of the same arguments
+        options = json.dumps(params["to_sharegpt"])
+        seed_command = [python, "-c", SEED_STYLE, str(work / "raw" / "train.parquet"), str(seed_out), options]
         wall, rss = measured(seed_command, work, env, work / "seed.log")
         from datasets import Dataset
 
@@ -210,10 +215,11 @@ def main() -> None:
     stats = {}
     for cores in [int(n) for n in args.cores.split(",") if n]:  # --cores "": the data stages alone
         pinned = ["taskset", "-c", f"0-{cores - 1}"] if cores < len(os.sched_getaffinity(0)) else []
-        stage = [*pinned, python, "-m", "stages.tokenize", "--params", "params.yaml", "--data", "standardized"]
-        wall, rss = measured([*stage, "--out", "tokenized", "--metrics", "tokenize.json"], work, env, work / "tok.log")
+        tokenize = [*pinned, *stage("tokenize", data="standardized", out="tokenized")]
+        wall, rss = measured(tokenize, work, env, work / "tok.log")
         print(f"| the stage, process start to end | {cores} | {wall:.1f} | {rss:.2f} |", flush=True)
-        own = [*pinned, python, "-c", TOKENIZER_OWN, str(work / "standardized"), str(tokenizer)]
+        chat = json.dumps(params["chat"])  # the same chat settings as the stage: the same text
+        own = [*pinned, python, "-c", TOKENIZER_OWN, str(work / "standardized"), str(tokenizer), chat]
         output = subprocess.run(own, check=True, env=env, cwd=root, capture_output=True, text=True).stdout.split()
         fast, tokens = float(output[-2]), int(output[-1])
         stats = json.loads((work / "tokenize.json").read_text())

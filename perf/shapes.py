@@ -4,16 +4,20 @@
 
 The tokenizer is the demo's (trained on the embedded sample, DeepSeek's special tokens and chat template); its
 ids are a subset of the model's vocabulary, which keeps the real size so that the output layer costs what it does.
+Prints the shape as written to the folder's config.json, and the parameter count.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 SHAPES = {
-    # a few hundred thousand parameters: for trying the benchmarks on the CPU
+    # a few hundred thousand parameters: for trying the speed scripts on the CPU (their smoke tests use it)
     "tiny": {
         "architecture": "llama",
         "hidden_size": 64,
@@ -50,6 +54,7 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
 }
+SAMPLE = Path("data/sample/finance_instruct_sample.jsonl")  # the demo's sample, relative to the project root
 
 
 def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
@@ -69,24 +74,44 @@ def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output, max_shard_size="4GB")
     tokenizer.save_pretrained(output)
-    print(f"{shape}: {model.num_parameters() / 1e9:.2f} B parameters -> {output}", flush=True)
+    print(f"{shape}: {described(output)}, {model.num_parameters():,} parameters -> {output}", flush=True)
 
 
-def main() -> None:
+def described(model_dir: Path) -> str:
+    """The shape of the model in `model_dir`, read from its config.json: what a speed script's table header shows.
+
+    `described(Path("/tmp/tiny"))` -> `"llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"`.
+    """
+    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return (
+        f"{config['model_type']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} key/value), "
+        f"MLP {config['intermediate_size']}, vocabulary {config['vocab_size']:,}"
+    )
+
+
+def ensure(shape: str, model_dir: Path, root: Path, env: dict[str, str]) -> None:
+    """Build the model of `shape` into `model_dir` (`python -m perf.shapes`, its own process) unless it is there."""
+    if not (model_dir / "config.json").exists():
+        command = [sys.executable, "-m", "perf.shapes", shape, str(model_dir), "--corpus", str(root / SAMPLE)]
+        subprocess.run(command, check=True, env=env, cwd=root)
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("output", type=Path)
-    parser.add_argument("--corpus", type=Path, default=Path("data/sample/finance_instruct_sample.jsonl"))
-    args = parser.parse_args()
+    parser.add_argument("--corpus", type=Path, default=SAMPLE, help="JSONL rows the tokenizer is trained on")
+    args = parser.parse_args(argv)
     build(args.shape, args.output, args.corpus)
 
 

@@ -71,7 +71,7 @@ RERUNS = {
     **{f"tools/{name}.py": NONE for name in ("compare", "deps", "generate", "mlflow_ui", "params_schema")},
     **{f"tools/{name}.py": NONE for name in ("servers", "vega_page")},
     **{f"perf/{name}.py": NONE for name in ("contamination_speed", "data_stages", "evaluate_speed", "gaps")},
-    **{f"perf/{name}.py": NONE for name in ("shapes", "train_speed")},
+    **{f"perf/{name}.py": NONE for name in ("shapes", "train_baselines", "train_measure", "train_speed")},
 }
 
 
