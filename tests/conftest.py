@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ SLOW_MODULE = re.compile(r"^pytestmark = .*\bslow\b", re.MULTILINE)  # a module 
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller (make test: -n auto) runs no test; its workers import what they need
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker, and the stages it starts, its own compiled trainers
+        folder = Path(tempfile.gettempdir()) / f"unsloth-compiled-{os.getpid()}-{os.environ['PYTEST_XDIST_WORKER']}"
+        os.environ["UNSLOTH_COMPILE_LOCATION"] = str(folder)
     if config.getoption("markexpr") != FAST:
         import unsloth  # noqa: F401  # first: it patches transformers, trl and peft
 

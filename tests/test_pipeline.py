@@ -332,6 +332,9 @@ def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
 
 @pytest.fixture(scope="module")
 def rank_8(repo: Path, first_repro: str) -> str:
+    """The experiment `lora.r=8`, after the first repro's results were saved as the experiment `rank-4` (dvc.yaml's
+    stages: export/dvc.yaml's outputs exist only where someone exported)."""
+    dvc("exp", "save", "dvc.yaml", "-n", "rank-4", cwd=repo)
     return dvc("exp", "run", "-S", "lora.r=8", "-n", "rank-8", cwd=repo)
 
 
@@ -429,7 +432,6 @@ def test_mlflow_ui_shows_both_runs_their_rank_loss_chart_adapter_and_samples(
 
 
 def test_plots_diff_draws_the_loss_curves_and_bars_of_two_experiments(repo: Path, rank_8: str) -> None:
-    dvc("exp", "run", "-S", "lora.r=4", "-n", "rank-4", cwd=repo)
     shown = json.loads(dvc("plots", "diff", "rank-4", "rank-8", "--json", cwd=repo))["data"]
     for plot in ("loss", "metrics/evaluate_bars.csv"):
         assert {point["rev"] for point in shown[plot][0]["content"]["data"]["values"]} == {"rank-4", "rank-8"}
