@@ -77,9 +77,9 @@ def test_train_speed_prints_the_lora_and_length_it_trained_with(
     arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
     arguments += ["--setups", "project,bare,plain", "--steps", "7", "--warmup", "2", "--batch", "2"]
     status = main([*arguments, "--profile", "--processes", "1,2"])
-    out = capfd.readouterr().out
+    out, err = capfd.readouterr()
 
-    assert status == 0, out[-3000:]
+    assert status == 0, out[-3000:] + err[-5000:]
     assert "LoRA r 8, alpha 32, dropout 0.0 on down_proj/q_proj/v_proj" in out  # as the models carried it
     assert "max_seq_length 256, " in out and "batch 2 conversations per step, 7 steps (2 untimed)" in out
     assert f"settings of {params}" in out
