@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from finetune.evaluation.base_vs_tuned import EvaluateConfig
 from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig
 from finetune.model.load import PRECISION_FILE
 from perf.data_stages import single_turns, text
-from perf.shapes import described, ensure
+from perf.shapes import child_environment, described, ensure
 
 # the published sets' sizes: FPB sentences_50agree; FiQA-SA's three splits together (822 + 117 + 234: the preset
 # scores the 234 of test, a set overridden to score them all scores these); TFNS validation
@@ -209,11 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(__file__).resolve().parents[1]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-    }
+    env = child_environment(root, work)
 
     # --- inputs: the model, the settings the stages read, the adapter, the held-out conversations, the benchmarks
     model = work / args.shape

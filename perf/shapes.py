@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,12 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def child_environment(root: Path, work: Path) -> dict[str, str]:
+    """The environment of a speed script's children: the project on the path, a fresh MLflow store in `work`, and
+    none of the caller's other MLflow variables (an experiment or run id of another store would be looked up in this
+    one, and refused)."""
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return inherited | {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}

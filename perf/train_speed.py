@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.training.distributed import launcher
-from perf.shapes import described, ensure
+from perf.shapes import child_environment, described, ensure
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
 
@@ -266,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    env = child_environment(root, work)
     work.mkdir(parents=True, exist_ok=True)
     ensure(args.shape, model_dir, root, env)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
