@@ -7,7 +7,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 MLFLOW_SERVER_HOST ?= 127.0.0.1
 MLFLOW_SERVER_PORT ?= 5000
 
-.PHONY: install demo test lint mlflow-ui mlflow-server
+.PHONY: install demo test test-fast lint mlflow-ui mlflow-server
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,12 @@ install: $(VENV)/.installed
 demo: install
 	python -m demo.run
 
-test: install
+test: install  # ruff, then every test, end to end included, a module per core at a time; the 15 slowest printed
 	ruff check .
-	python -m pytest
+	python -m pytest -n auto --dist loadfile --durations=15
+
+test-fast: install  # the tests that need no model, unsloth, subprocess or server: a change to a pure function
+	python -m pytest -m "not slow" -q
 
 lint: install
 	ruff check . && ruff format --check .
@@ -30,5 +33,5 @@ lint: install
 mlflow-ui: install
 	python -m tools.mlflow_ui --port 5000   # prints the runs page with the LoRA and result columns
 
-mlflow-server: install  # the team's tracking server: PostgreSQL, artifacts in S3, basic auth; see the README
+mlflow-server: install  # the team's tracking server: PostgreSQL, artifacts in S3, basic auth; see docs/team.md
 	python -m tools.servers mlflow --host $(MLFLOW_SERVER_HOST) --port $(MLFLOW_SERVER_PORT)

@@ -7,8 +7,9 @@ set -euo pipefail
 source "$(dirname "$0")/workspace.sh"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no GPU found"
-# a first import on a new machine compiles and patches for a while: print the stacks every 30 s to show where
-timeout -s ABRT "${IMPORT_LIMIT:-240}" python -c "import faulthandler, time; faulthandler.dump_traceback_later(30, \
+# a first import on a new machine compiles and patches for a while (30-35 s on an H200): print the stacks every 90 s to
+# show where it hangs. A dump at 30 s, inside trl's dataclass definitions, once ended in a segfault (2026-12-03).
+timeout -s ABRT "${IMPORT_LIMIT:-240}" python -c "import faulthandler, time; faulthandler.dump_traceback_later(90, \
 repeat=True); t = time.time(); import unsloth; print(f'import unsloth: {time.time() - t:.0f} s')" 2>&1 | quiet
 python -m demo.tiny_model data/sample/finance_instruct_sample.jsonl models/tiny-deepseek 2>&1 | tail -1
 timeout -s ABRT "${PIPELINE_LIMIT:-420}" python -m demo.run_stages --set train.optim=adamw_8bit 2>&1 | quiet

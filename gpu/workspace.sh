@@ -4,7 +4,7 @@ src=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 site=${SITE:-/tmp/site}
 [ -d "$site/unsloth" ] || { mkdir -p "$site" && tar -xJf "$src/gpu/site.tar.xz" -C "$site"; }
 work=$(mktemp -d)
-cp -r "$src/dvc.yaml" "$src/params.yaml" "$src/stages" "$src/tools" "$src/demo" "$src/data" "$work/"
+cp -r "$src/dvc.yaml" "$src/params.yaml" "$src/stages" "$src/finetune" "$src/tools" "$src/demo" "$src/perf" "$src/data" "$work/"
 cd "$work"
 mkdir bin
 printf '#!/bin/sh\nexec %s -X faulthandler "$@"\n' "$(command -v python3)" > bin/python

@@ -5,20 +5,19 @@
 Optional, so it lives in `export/dvc.yaml`: `dvc repro` (the root pipeline) never runs it; `dvc repro
 export/dvc.yaml` does, after train if the adapter is stale. The merge is unsloth's `save_pretrained_merged`, which
 dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft.
-The base is loaded in the precision the adapter was trained in (`stages.model.trained_precision`).
+The base is loaded in the precision the adapter was trained in (`finetune.model.load.trained_precision`).
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages import params
-from stages.files import write_json
-from stages.model import ModelConfig, load_base, trained_precision
-from stages.params import require
+from finetune.config import cli
+from finetune.config.params import flatten, load, require
+from finetune.data.files import write_json
+from finetune.model.load import ModelConfig, load_with_adapter
 
 log = logging.getLogger("export")
 
@@ -42,17 +41,12 @@ def folder_bytes(folder: Path) -> int:
 
 
 def main(params_path: Path, adapter: Path, out: Path, metrics: Path) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers and peft
-    from peft import PeftModel
     from unsloth.save import patch_saving_functions
 
-    model_config = trained_precision(params.load(ModelConfig, params_path, "model"), adapter)
-    config = params.load(ExportConfig, params_path, "export")
-    log.info("config: %s", {**params.flatten("model", model_config), **params.flatten("export", config)})
-
-    model, tokenizer = load_base(model_config)
-    model = PeftModel.from_pretrained(model, str(adapter))
+    config = load(ExportConfig, params_path, "export")
+    model, tokenizer, model_config = load_with_adapter(load(ModelConfig, params_path, "model"), adapter)
+    log.info("config: %s", {**flatten("model", model_config), **flatten("export", config)})
     patch_saving_functions(model)  # unsloth's merged save, as get_peft_model would have attached it
     model.save_pretrained_merged(
         str(out), tokenizer, save_method=config.save_method, max_shard_size=config.max_shard_size
@@ -64,10 +58,8 @@ def main(params_path: Path, adapter: Path, out: Path, metrics: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--adapter", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    main(args.params, args.adapter, args.out, args.metrics)
+    main(
+        **cli.arguments(
+            __doc__, adapter="the trained adapter's folder", out="the merged model's folder", metrics="JSON"
+        )
+    )

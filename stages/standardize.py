@@ -4,12 +4,11 @@
 
 `{"from": "human", "value": ...}` becomes `{"role": "user", "content": ...}` and `gpt` becomes `assistant`,
 the form that chat templates and TRL's `SFTTrainer` read. unsloth's function runs on ranges of conversations in a
-worker per core (`stages.workers`), in memory, written in order.
+worker per core (`finetune.data.parallel`), in memory, written in order.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,14 +18,12 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
-from stages import params
-from stages.files import write_json
-from stages.params import require
-from stages.workers import STATE, cores, read_rows, row_ranges, run
+from finetune.config import cli
+from finetune.config.params import load, require
+from finetune.data.files import ROWS_PER_GROUP, write_json
+from finetune.data.parallel import STATE, cores, read_rows, row_ranges, run
 
 log = logging.getLogger("standardize")
-
-ROWS_PER_TASK = 32768  # conversations a worker standardizes at a time: one row group of to_sharegpt's files
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,7 @@ def standardize_rows(task: tuple[Path, int, int]) -> pa.Table:
 
 
 def standardize_file(
-    source: Path, target: Path, config: StandardizeConfig, rows_per_batch: int = ROWS_PER_TASK, workers: int = 1
+    source: Path, target: Path, config: StandardizeConfig, rows_per_batch: int = ROWS_PER_GROUP, workers: int = 1
 ) -> int:
     """Standardize the conversations of parquet file `source` into `target`, `rows_per_batch` at a time over
     `workers` processes, written in order as they come; returns how many were written.
@@ -86,10 +83,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     import unsloth  # noqa: F401, I001  # isort: skip  (imported once, before the workers fork)
     from datasets.utils.logging import disable_progress_bar
 
-    # force: importing unsloth has configured the root logger already, which would silence this one
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     disable_progress_bar()  # one bar per batch and worker would interleave
-    config = params.load(StandardizeConfig, params_path, "standardize")
+    config = load(StandardizeConfig, params_path, "standardize")
     log.info("config: %s", asdict(config))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -104,10 +99,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    main(args.params, args.data, args.out, args.metrics)
+    main(
+        **cli.arguments(
+            __doc__, data="folder of the ShareGPT conversations", out="folder of the messages", metrics="JSON"
+        )
+    )

@@ -5,12 +5,11 @@
 Training rows are merged `conversation_extension` at a time into multi-turn conversations, as unsloth does;
 held-out rows stay single-turn so that each is scored on its own. Text only: no tokenizer, model or chat template
 is read here (the tokenize stage encodes the conversations), so changing the model does not rerun this stage.
-unsloth's conversion runs on ranges of rows in a worker per core (`stages.workers`), in memory, in order.
+unsloth's conversion runs on ranges of rows in a worker per core (`finetune.data.parallel`), in memory, in order.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -21,14 +20,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from stages import params
-from stages.files import write_json
-from stages.params import require
-from stages.workers import STATE, cores, read_rows, row_ranges, run
+from finetune.config import cli
+from finetune.config.params import load, require
+from finetune.data.files import ROWS_PER_GROUP, write_json
+from finetune.data.parallel import STATE, cores, read_rows, row_ranges, run
+from finetune.data.sharegpt import extension_orders, write_extended
 
 log = logging.getLogger("to_sharegpt")
-
-ROWS_PER_TASK = 32768  # rows a worker converts at a time: one row group of fetch's files
 
 
 @dataclass(frozen=True)
@@ -89,19 +87,6 @@ def convert(dataset: Dataset, config: ToSharegptConfig) -> Dataset:
     )
 
 
-def extension_orders(n: int, conversation_extension: int, random_state: int) -> list[Any]:
-    """The rows of each conversation: conversation i is rows `orders[0][i], orders[1][i], ...`.
-
-    unsloth appends to row `i` the rows `perm_j[i]` of `single.shuffle(seed=random_state + j)` for
-    j = 1 .. extension - 1, where a shuffle's permutation is `np.random.default_rng(seed).permutation(n)`.
-    """
-    import numpy as np
-
-    return [np.arange(n)] + [
-        np.random.default_rng(random_state + j).permutation(n) for j in range(1, conversation_extension)
-    ]
-
-
 def convert_rows(task: tuple[Path, int, int]) -> tuple[pa.Table, int]:
     """`convert` of rows `start` to `stop` of a parquet file, in memory (no cache file written); the table of their
     one-turn conversations and how many whitespace-only cells were blanked."""
@@ -116,45 +101,6 @@ def convert_rows(task: tuple[Path, int, int]) -> tuple[pa.Table, int]:
     return single, blanked
 
 
-def write_extended(single: pa.ChunkedArray, orders: list[Any], path: Path, rows_per_batch: int = 32768) -> None:
-    """Write the conversations `orders` make of the one-turn conversations `single` to a parquet file.
-
-    The same permutations as unsloth's shuffles give the same conversations with Arrow `take`s, written batch by
-    batch, without the shuffled copies and the row-by-row Python merge that cost unsloth minutes and gigabytes on
-    518k rows. Only one batch's messages are ever copied. A test holds the output equal to unsloth's own.
-    """
-    import numpy as np
-    import pyarrow.compute as pc
-
-    schema = pa.schema([("conversations", single.type)])
-    with pq.ParquetWriter(path, schema) as writer:
-        for first in range(0, max(len(single), 1), rows_per_batch):
-            rows = np.arange(first, min(first + rows_per_batch, len(single)))
-            # row i's parts, one after another: its own messages, then those of orders[1][i], ...
-            parts = take_rows(single, np.stack([order[rows] for order in orders], axis=1).ravel())
-            sizes = pc.list_value_length(parts).to_numpy(zero_copy_only=False).reshape(-1, len(orders)).sum(axis=1)
-            offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]), pa.int32())
-            merged = pa.ListArray.from_arrays(offsets, parts.flatten())
-            writer.write_table(pa.table({"conversations": merged}, schema=schema))
-
-
-def take_rows(column: Any, indices: Any) -> Any:
-    """`column[indices]` as one array, taken chunk by chunk: Arrow's own `take` on a chunked list column first
-    concatenates every chunk, a copy of the whole column for each batch."""
-    import numpy as np
-
-    bounds = np.cumsum([0] + [len(chunk) for chunk in column.chunks])
-    chunk_of = np.searchsorted(bounds, indices, side="right") - 1
-    grouped = np.argsort(chunk_of, kind="stable")  # the indices chunk by chunk
-    chunks, starts = np.unique(chunk_of[grouped], return_index=True)
-    taken = [
-        column.chunk(c).take(pa.array(indices[positions] - bounds[c], pa.int64()))
-        for c, positions in zip(chunks, np.split(grouped, starts[1:]), strict=True)
-    ]
-    in_chunk_order = pa.concat_arrays(taken) if taken else pa.array([], column.type)
-    return in_chunk_order.take(pa.array(np.argsort(grouped), pa.int64()))  # back in the order asked
-
-
 def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
     """How many cells of `columns` are non-empty but whitespace only (those `blank_whitespace` empties)."""
     import pyarrow.compute as pc
@@ -166,17 +112,15 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     import unsloth  # noqa: F401, I001  # isort: skip  (before transformers, as unsloth asks)
     from datasets.utils.logging import disable_progress_bar
 
-    # force: importing unsloth has configured the root logger already, which would silence this one
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     disable_progress_bar()  # one bar per range of rows and worker would interleave
-    config = params.load(ToSharegptConfig, params_path, "to_sharegpt")
+    config = load(ToSharegptConfig, params_path, "to_sharegpt")
     log.info("config: %s", asdict(config))
 
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):
         source = data / f"{split}.parquet"
-        ranges = [(source, start, stop) for start, stop in row_ranges(source, ROWS_PER_TASK)]
+        ranges = [(source, start, stop) for start, stop in row_ranges(source, ROWS_PER_GROUP)]
         require(bool(ranges), f"{source}: no rows to convert")
         converted = list(run(convert_rows, ranges, cores(), {"config": config}))
         single = pa.concat_tables([table for table, _ in converted]).column("conversations")
@@ -196,10 +140,4 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--metrics", type=Path, required=True)
-    args = parser.parse_args()
-    main(args.params, args.data, args.out, args.metrics)
+    main(**cli.arguments(__doc__, data="folder of fetch's splits", out="folder of the conversations", metrics="JSON"))

@@ -1,25 +1,52 @@
-"""Shared fixtures: the project root, the embedded sample, and the tiny DeepSeek-architecture model.
+"""Shared fixtures: the project root, the embedded sample, the tiny DeepSeek-architecture tokenizer and model.
 
-unsloth is imported first, as in the stages: it patches transformers, trl and peft when it loads.
+Two loops (`make test-fast`, `make test`). Tests that need a model, unsloth, a subprocess or a server are marked
+`slow` (module by module: `pytestmark = pytest.mark.slow`); `make test-fast` runs the others, without importing
+unsloth, and fails if one of them imports it. The whole suite imports unsloth first, before any test module
+imports transformers, trl or peft: it patches them as it loads.
 """
 
 from __future__ import annotations
 
-import unsloth  # noqa: F401, I001  # isort: skip
-
 import json
 import os
+import re
 import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from demo.tiny_model import build_model, train_tokenizer
-
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "finance_instruct_sample.jsonl"
+FAST = "not slow"  # the marker expression of `make test-fast`
+SLOW_MODULE = re.compile(r"^pytestmark = .*\bslow\b", re.MULTILINE)  # a module marked slow as a whole
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller (make test: -n auto) runs no test; its workers import what they need
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker, and the stages it starts, its own compiled trainers
+        folder = Path(tempfile.gettempdir()) / f"unsloth-compiled-{os.getpid()}-{os.environ['PYTEST_XDIST_WORKER']}"
+        os.environ["UNSLOTH_COMPILE_LOCATION"] = str(folder)
+    if config.getoption("markexpr") != FAST:
+        import unsloth  # noqa: F401  # first: it patches transformers, trl and peft
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The fast loop does not even import a module marked slow as a whole: its imports (unsloth, torch models) are
+    most of what makes it slow."""
+    if config.getoption("markexpr") == FAST and collection_path.suffix == ".py":
+        return bool(SLOW_MODULE.search(collection_path.read_text(encoding="utf-8"))) or None
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.getoption("markexpr") == FAST and "unsloth" in sys.modules:
+        pytest.exit("a test of the fast loop imported unsloth: mark its module slow (pytestmark = pytest.mark.slow)", 1)
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +60,22 @@ def sample_rows() -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict[str, str]]) -> Path:
+    """The demo's tokenizer (DeepSeek's special tokens and chat template), trained once per test session the way
+    `python -m demo.tiny_model` trains it."""
+    from demo.tiny_model import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-tokenizer")
+    texts = [row[column] for row in sample_rows for column in ("system", "user", "assistant")]
+    train_tokenizer(texts, vocab_size=1024).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict[str, str]]) -> Path:
-    """The demo's tiny model, built once per test session the way `python -m demo.tiny_model` builds it."""
+    """The demo's tiny model and its tokenizer, built once per test session as `python -m demo.tiny_model` does."""
+    from demo.tiny_model import build_model, train_tokenizer
+
     out = tmp_path_factory.mktemp("tiny-deepseek")
     texts = [row[column] for row in sample_rows for column in ("system", "user", "assistant")]
     tokenizer = train_tokenizer(texts, vocab_size=1024)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from datasets import Dataset
 
-from stages.benchmarks import PRESETS, BenchmarksConfig, items, label_word, load, main, resolve
+from finetune.evaluation.benchmark_sets import PRESETS, BenchmarksConfig, label_word, labelled_items, resolve
+from stages.benchmarks import load_set, main
 
 KEY = "benchmarks.sets[0]"
 
@@ -83,8 +84,8 @@ def test_the_shipped_stand_ins_load_through_the_hub_code_path(
     the Hub repository is (FPB: the parquet export's `<config>/train/`)."""
     monkeypatch.chdir(root)
     bench = resolve({"preset": preset, "dataset": f"data/benchmarks/{preset}", "revision": None}, KEY)
-    dataset, provenance = load(bench, KEY, (Path("data/benchmarks"),))
-    rows = items(bench, dataset, KEY)
+    dataset, provenance = load_set(bench, KEY, (Path("data/benchmarks"),))
+    rows = labelled_items(bench, dataset, KEY)
     assert rows[0] == first and len(rows) >= 24
     assert {row["label"] for row in rows} == {"negative", "neutral", "positive"}
     assert provenance["source"] == f"data/benchmarks/{preset}" and len(next(iter(provenance["sha256"].values()))) == 64
@@ -96,13 +97,13 @@ def test_a_local_benchmark_must_be_where_dvc_sees_it_and_carry_no_hub_revision(
     monkeypatch.chdir(root)
     fpb = resolve({"preset": "fpb", "dataset": "data/benchmarks/fpb"}, KEY)  # the preset's revision kept
     with pytest.raises(ValueError, match=r"sets\[0\].revision applies to Hub datasets; set it to null"):
-        load(fpb, KEY, (Path("data/benchmarks"),))
+        load_set(fpb, KEY, (Path("data/benchmarks"),))
     outside = resolve({"preset": "tfns", "dataset": str(tmp_path)}, KEY)
     with pytest.raises(ValueError, match="is outside data/benchmarks, the folders DVC watches"):
-        load(outside, KEY, (Path("data/benchmarks"),))
+        load_set(outside, KEY, (Path("data/benchmarks"),))
     missing = resolve({"preset": "tfns", "dataset": "data/benchmarks/nowhere"}, KEY)
     with pytest.raises(FileNotFoundError, match=r"sets\[0\].dataset: no such file or folder data/benchmarks/nowhere"):
-        load(missing, KEY, (Path("data/benchmarks"),))
+        load_set(missing, KEY, (Path("data/benchmarks"),))
 
 
 @pytest.mark.parametrize(
@@ -117,9 +118,10 @@ def test_a_local_benchmark_must_be_where_dvc_sees_it_and_carry_no_hub_revision(
 )
 def test_a_bad_row_is_named(preset: str, rows: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        items(resolve({"preset": preset}, KEY), Dataset.from_dict(rows), KEY)
+        labelled_items(resolve({"preset": preset}, KEY), Dataset.from_dict(rows), KEY)
 
 
+@pytest.mark.slow  # the stage's worker processes
 def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from demo.tiny_model import BOS, EOS
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think
 
 TWO_TURNS = [
     {"role": "system", "content": "You are an analyst."},
@@ -20,8 +20,8 @@ TWO_TURNS = [
 
 
 @pytest.fixture
-def tokenizer(tiny_model_dir: Path):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer(tiny_tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 def test_golden_two_turn_rendering_with_an_empty_think_block(tokenizer) -> None:

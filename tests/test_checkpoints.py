@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages import checkpoints
+from finetune.training import checkpoints
 
 
 def test_the_fingerprint_changes_with_any_setting_or_data_digest() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from stages.contamination import Index, Lookup, contamination, distinct_messages, words
+from finetune.evaluation.contamination import Index, Lookup, contamination, distinct_messages, words
 
 LONG = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007"  # 17 words
 SHORT = "Shares of the bank fell 5% on Monday."  # 8 words

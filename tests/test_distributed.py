@@ -19,9 +19,11 @@ import pytest
 import yaml
 from datasets import Dataset
 
+from finetune.training.distributed import World, launched, launcher, per_process, processes, several_nodes
 from stages import tokenize
-from stages.distributed import World, launched, launcher, per_process, processes, several_nodes
 from tools.servers import free_port
+
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")
 
@@ -156,26 +158,7 @@ def test_two_processes_train_as_one_with_the_same_effective_batch(workspace: Pat
     assert (workspace / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_killed_process_ends_the_whole_training_promptly(workspace: Path) -> None:
-    training = start_training(workspace, workspace / "killed", devices=2, max_steps=100_000, eval_steps=None)
-    launcher_process = psutil.Process(training.pid)
-    deadline = time.monotonic() + 300
-    workers: list[psutil.Process] = []
-    while len(workers) < 2 and time.monotonic() < deadline:
-        time.sleep(1)
-        workers = launcher_process.children()
-    assert len(workers) == 2, (workspace / "killed" / "train.log").read_text()[-3000:]
-    while "'loss'" not in (workspace / "killed" / "train.log").read_text() and time.monotonic() < deadline:
-        time.sleep(1)  # both processes are training
-    rank_one = next(worker for worker in workers if worker.environ().get("RANK") == "1")
-    rank_one.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert training.wait(timeout=120) != 0  # the stage fails
-    assert time.monotonic() - killed_at < 60
-    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
-
-
-def test_a_training_killed_on_two_processes_resumes_on_one(workspace: Path) -> None:
+def test_a_killed_process_ends_the_whole_training_promptly_and_it_resumes_on_one(workspace: Path) -> None:
     import mlflow
 
     settings = {"max_steps": 120, "save_steps": 2, "eval_steps": None}  # time to kill it after its first save
@@ -183,12 +166,15 @@ def test_a_training_killed_on_two_processes_resumes_on_one(workspace: Path) -> N
     folder = workspace / "resumed" / "checkpoints"
     deadline = time.monotonic() + 300
     while not list(folder.glob("*/checkpoint-*/complete.json")) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.5)  # both processes are training, and one checkpoint is complete
     assert training.poll() is None, (workspace / "resumed" / "train.log").read_text()[-3000:]
-    for worker in psutil.Process(training.pid).children():
-        if worker.environ().get("RANK") == "1":
-            worker.send_signal(signal.SIGKILL)
-    assert training.wait(timeout=120) != 0
+    workers = psutil.Process(training.pid).children()
+    assert len(workers) == 2, (workspace / "resumed" / "train.log").read_text()[-3000:]
+    next(worker for worker in workers if worker.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert training.wait(timeout=120) != 0  # the stage fails, promptly, and leaves no process behind
+    assert time.monotonic() - killed_at < 60
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
     started = {run.info.run_id for run in runs(workspace)}
 
     (workspace / "resumed" / "params.yaml").unlink()

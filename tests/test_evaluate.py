@@ -8,19 +8,23 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from examples import tiny_training
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
-from stages.answers import final_answer, generate
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.evaluate import EvaluateConfig, Sample, bar_rows, check_finite, evaluate_models, samples
-from stages.label_benchmarks import Benchmark, benchmark_metrics, read_benchmarks, read_rows
-from stages.likelihood import by_length, nll_per_row, score, sequence_nll
-from stages.model import ModelConfig, load_base
-from stages.tokenize import tokenized
-from stages.train import TrainConfig, make_trainer
+from finetune.evaluation.answers import final_answer, generate
+from finetune.evaluation.base_vs_tuned import EvaluateConfig, Sample, bar_rows, evaluate_models, held_out_samples
+from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, read_benchmarks, read_rows
+from finetune.evaluation.likelihood import by_length, nll_per_row, score, sequence_nll
+from finetune.model.load import ModelConfig, load_base
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
+from finetune.tokens.encode import tokenized
+from finetune.training.adapter import check_finite
+from finetune.training.trainer import build_trainer
+
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 MESSAGES = [
     {"role": "user", "content": "What is a basis point?"},
@@ -51,11 +55,11 @@ def test_samples_are_the_first_held_out_prompts_kept_whole(chat: Chat) -> None:
     assert [row["row"] for row in rows] == [1, 2]  # and left with no answer token: tokenize dropped it
     rows = tokenized(chat, conversations, max_length=4096).to_list()
     rows[0] |= {"input_ids": rows[0]["input_ids"][:40]}  # as a cut inside the prompt would leave it
-    (first,) = samples(rows, conversations, limit=1)
+    (first,) = held_out_samples(rows, conversations, limit=1)
     assert first == Sample(chat.prompt_ids(MESSAGES[:1]), MESSAGES[0]["content"], MESSAGES[1]["content"])
-    assert len(samples(rows, conversations, limit=5)) == 2
+    assert len(held_out_samples(rows, conversations, limit=5)) == 2
     with pytest.raises(ValueError, match="held-out conversation 1 must end with an assistant turn"):
-        samples(rows, [long_question, MESSAGES[::-1]], limit=1)
+        held_out_samples(rows, [long_question, MESSAGES[::-1]], limit=1)
 
 
 def test_encode_scores_the_answer_as_trained_and_cuts_at_max_length(chat: Chat) -> None:
@@ -230,23 +234,11 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     )
     model, tokenizer = load_base(config)
     model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    train = TrainConfig(
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        learning_rate=1.0e-2,
-        max_steps=150,
-        num_train_epochs=1.0,
-        warmup_steps=0,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        logging_steps=10,
-        seed=3407,
-    )
+    train = tiny_training(per_device_train_batch_size=8, max_steps=150, logging_steps=10)
     chat = Chat(tokenizer, ChatConfig())
     data = tokenized(chat, toy_rows(range(0, 100)), config.max_seq_length)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    make_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
+    build_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
     FastLanguageModel.for_inference(model)
 
     # firms never seen in training, the first two marked as found in the training data
@@ -270,7 +262,7 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     rows = tokenized(chat, held_out, config.max_seq_length).to_list()
     encoded = [(row["input_ids"], row["labels"]) for row in rows]
     metrics, answered = evaluate_models(
-        model, chat, encoded, samples(rows, held_out, 8), [bench], settings, max_length=256
+        model, chat, encoded, held_out_samples(rows, held_out, 8), [bench], settings, max_length=256
     )
 
     assert metrics["tuned_loss"] < 0.5 * metrics["base_loss"], metrics

@@ -12,8 +12,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
+from finetune.model.load import ModelConfig, load_base
 from stages.export import ExportConfig, main
-from stages.model import ModelConfig, load_base
+
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 
 def test_the_merged_model_computes_what_base_and_adapter_compute(

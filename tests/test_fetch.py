@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from stages.fetch import FetchConfig, check_schema, clean, load, main, read_jsonl, resolved_revision, split
+from finetune.data.cleaning import FetchConfig, check_schema, clean, read_jsonl, split
+from finetune.data.sources import resolved_revision
+from stages.fetch import load_rows, main
 
 CONFIG = FetchConfig(
     dataset="unused.jsonl",
@@ -40,14 +42,14 @@ def test_load_local_file_by_suffix_with_its_hash(tmp_path: Path, suffix: str) ->
     path = tmp_path / f"data{suffix}"
     dataset = Dataset.from_list(rows(5))
     {".jsonl": dataset.to_json, ".csv": dataset.to_csv, ".parquet": dataset.to_parquet}[suffix](str(path))
-    loaded, provenance, _ = load(replace(CONFIG, dataset=str(path)))
+    loaded, provenance, _ = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
     assert loaded["user"] == [f"question {i}" for i in range(5)]
     assert provenance["source"] == str(path) and len(provenance["sha256"]) == 64
 
 
 def test_missing_local_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="fetch.dataset: no such file: .*nope.jsonl"):
-        load(replace(CONFIG, dataset=str(tmp_path / "nope.jsonl")))
+        load_rows(replace(CONFIG, dataset=str(tmp_path / "nope.jsonl")), (tmp_path,))
 
 
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
@@ -78,7 +80,7 @@ def test_number_in_a_text_column_names_line_and_column(tmp_path: Path) -> None:
 def test_numeric_column_in_parquet_is_named(tmp_path: Path) -> None:
     path = tmp_path / "data.parquet"
     Dataset.from_list([{"system": "", "user": "q", "assistant": 1}]).to_parquet(str(path))
-    dataset, _, _ = load(replace(CONFIG, dataset=str(path)))
+    dataset, _, _ = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
     with pytest.raises(ValueError, match="column 'assistant' must hold text"):
         check_schema(dataset)
 
@@ -87,7 +89,7 @@ def test_unreadable_csv_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text('system,user,assistant\n"","q","a"\n"","unterminated\n')
     with pytest.raises(ValueError, match=r"bad.csv: cannot be read as csv"):
-        load(replace(CONFIG, dataset=str(path)))
+        load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
 
 
 def test_missing_column_lists_what_was_found() -> None:
@@ -204,7 +206,7 @@ def test_main_writes_splits_counts_and_provenance(tmp_path: Path) -> None:
         f"fetch: {{dataset: {source}, revision: null, split: train, eval_size: 3, seed: 1,"
         " drop_empty_user: true, drop_empty_answer: true, drop_duplicates: true}\n"
     )
-    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+    main(tmp_path / "params.yaml", (tmp_path,), tmp_path / "raw", tmp_path / "fetch.json")
     metrics = json.loads((tmp_path / "fetch.json").read_text())
     assert metrics["rows_in"] == 15 and metrics["rows_kept"] == 12
     assert (metrics["dropped_duplicate"], metrics["dropped_empty_answer"]) == (2, 1)
@@ -225,7 +227,7 @@ def test_no_held_out_question_and_answer_is_trained_on_whatever_its_system(tmp_p
         f"fetch: {{dataset: {source}, revision: null, split: train, eval_size: 10, seed: 3,"
         " drop_empty_user: true, drop_empty_answer: true, drop_duplicates: true}\n"
     )
-    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+    main(tmp_path / "params.yaml", (tmp_path,), tmp_path / "raw", tmp_path / "fetch.json")
     train = Dataset.from_parquet(str(tmp_path / "raw" / "train.parquet"))
     held_out = Dataset.from_parquet(str(tmp_path / "raw" / "eval.parquet"))
     pairs = {(row["user"], row["assistant"]) for row in held_out}
@@ -247,9 +249,9 @@ def test_bad_lines_stop_fetch_or_with_drop_are_left_out_counted_by_reason(tmp_pa
     )
     (tmp_path / "params.yaml").write_text(settings.replace("POLICY", "error"))
     with pytest.raises(ValueError, match="rows.jsonl line 4: column 'assistant' holds int 42, expected text"):
-        main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+        main(tmp_path / "params.yaml", (tmp_path,), tmp_path / "raw", tmp_path / "fetch.json")
     (tmp_path / "params.yaml").write_text(settings.replace("POLICY", "drop"))
-    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "fetch.json")
+    main(tmp_path / "params.yaml", (tmp_path,), tmp_path / "raw", tmp_path / "fetch.json")
     metrics = json.loads((tmp_path / "fetch.json").read_text())
     assert (metrics["dropped_non_text_cell"], metrics["dropped_unreadable_line"]) == (2, 3)
     assert metrics["provenance"]["dropped_lines"] == {"non_text_cell": [4, 12], "unreadable_line": [5, 11, 13]}
@@ -261,6 +263,6 @@ def test_a_local_dataset_must_sit_where_dvc_watches_it(tmp_path: Path) -> None:
     inside = write_jsonl(tmp_path / "source" / "rows.jsonl", rows(5))
     outside = write_jsonl(tmp_path / "rows.jsonl", rows(5))
     watched = (tmp_path / "sample", tmp_path / "source")
-    assert len(load(replace(CONFIG, dataset=str(inside)), watched)[0]) == 5
+    assert len(load_rows(replace(CONFIG, dataset=str(inside)), watched)[0]) == 5
     with pytest.raises(ValueError, match=r"fetch.dataset: .*rows.jsonl is outside .*sample, .*source, the folders DVC"):
-        load(replace(CONFIG, dataset=str(outside)), watched)
+        load_rows(replace(CONFIG, dataset=str(outside)), watched)

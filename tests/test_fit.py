@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from stages.fit import GIB, Shape, activation_bytes_per_token, load_in_4bit, plan, weight_bytes
-from stages.model import ModelConfig
+from finetune.model.fit import GIB, Shape, activation_bytes_per_token, load_in_4bit, plan, weight_bytes
+from finetune.model.load import ModelConfig
 
 LLAMA_8B = Shape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False)
 H100 = int(79.2 * GIB)

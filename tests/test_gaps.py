@@ -1,4 +1,4 @@
-"""benchmarks.gaps: the GPU's idle time in a profiler trace, put down to the host's innermost phase and to the CUDA
+"""perf.gaps: the GPU's idle time in a profiler trace, put down to the host's innermost phase and to the CUDA
 calls that blocked it (what BENCHMARKS.md's profile tables are made of)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import gzip
 import json
 from pathlib import Path
 
-from benchmarks.gaps import read, report, summary
+from perf.gaps import read, report, summary
 
 
 def event(cat: str, name: str, start: float, end: float) -> dict:

@@ -8,10 +8,12 @@ import pytest
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from stages.answers import generate
-from stages.chat import Chat, ChatConfig
-from stages.model import ModelConfig, load_base
+from finetune.evaluation.answers import generate
+from finetune.model.load import ModelConfig, load_base
+from finetune.tokens.chat import Chat, ChatConfig
 from tools.generate import adapter_folder, messages, stream_answer
+
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 
 def test_messages_put_the_system_text_first() -> None:

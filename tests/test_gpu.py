@@ -8,28 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from examples import tiny_training
 from unsloth import FastLanguageModel
 
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, load_base, mixed_precision
-from stages.tokenize import tokenized
-from stages.train import LoraConfig, TrainConfig, batching_tags, loss_rows, make_trainer
+from finetune.model.load import ModelConfig, load_base, mixed_precision
+from finetune.model.patches import apply_speed_patches
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
+from finetune.tokens.encode import tokenized
+from finetune.training.batching import batching_tags
+from finetune.training.config import LoraConfig
+from finetune.training.data import loss_rows
+from finetune.training.trainer import build_trainer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-TRAIN = TrainConfig(
-    per_device_train_batch_size=8,
-    gradient_accumulation_steps=1,
-    learning_rate=1.0e-2,
-    max_steps=15,
-    num_train_epochs=1.0,
-    warmup_steps=0,
-    weight_decay=0.0,
-    optim="adamw_8bit",
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    seed=3407,
-)
+TRAIN = tiny_training(per_device_train_batch_size=8, max_steps=15, optim="adamw_8bit")
 
 
 def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,6 +30,7 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    apply_speed_patches()
     model, tokenizer = load_base(config)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # NF4 weights, on the GPU
     assert next(model.parameters()).is_cuda and mixed_precision()["bf16"] != mixed_precision()["fp16"]
@@ -46,7 +40,7 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
         for i in range(32)
     ]
     data = tokenized(Chat(tokenizer, ChatConfig()), rows, config.max_seq_length)
-    trainer = make_trainer(model, tokenizer, data, config, TRAIN, tmp_path / "out")
+    trainer = build_trainer(model, tokenizer, data, config, TRAIN, tmp_path / "out")
     assert trainer.args.padding_free  # the tokenized rows are known to be cut: unsloth keeps padding-free batching
     assert batching_tags(trainer.args, config) == {"fit.batching": "padding-free", "fit.attention": "flash-varlen"}
     trainer.train()
@@ -60,12 +54,12 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
 def test_auto_settings_fit_the_tiny_model_in_16_bit_without_checkpointing(tiny_model_dir: Path, tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
-    from stages.train import fitted
+    from finetune.model.fit import fit_to_machine
 
     config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit="auto", dtype=None)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_gradient_checkpointing="auto")
     train = replace(TRAIN, per_device_train_batch_size=2, gradient_accumulation_steps=4, micro_batch_size="auto")
-    config, lora, train = fitted(config, lora, train)
+    config, lora, train = fit_to_machine(config, lora, train)
     assert config.load_in_4bit is False and lora.use_gradient_checkpointing is False
     assert (train.per_device_train_batch_size, train.gradient_accumulation_steps) == (8, 1)
     model, _ = load_base(config)
@@ -101,13 +95,14 @@ def test_batched_conversations_keep_apart(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Conversations that share a row must not attend to each other: `train.packing` (TRL's bfd rows, float32) and
-    padding-free batches (16-bit, where unsloth runs torch's flash varlen kernel, `stages.model.flash_varlen`). The
-    rows' summed loss equals that of the same conversations one by one within 2e-5 relative (measured on an H200:
-    4e-8 in float32, 1e-8 in bf16); the same rows read as single sequences (no position ids) differ by more than
-    ten times that (5e-4 and 3e-3 there), so the check can tell the two apart."""
+    padding-free batches (16-bit, where unsloth runs torch's flash varlen kernel: `finetune.model.patches`, applied
+    here as train applies it). The rows' summed loss equals that of the same conversations one by one within 2e-5
+    relative (measured on an H200: 4e-8 in float32, 1e-8 in bf16); the same rows read as single sequences (no
+    position ids) differ by more than ten times that (5e-4 and 3e-3 there), so the check can tell the two apart."""
     from unsloth.utils import attention_dispatch as dispatch
 
     config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype=dtype)
+    apply_speed_patches()
     model, tokenizer = load_base(config)
     varlen = dispatch._LeanFlashVarlen.apply
     calls = []
@@ -119,9 +114,9 @@ def test_batched_conversations_keep_apart(
     ]
     data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
     together = replace(TRAIN, packing=True, padding_free=True) if packing else replace(TRAIN, padding_free=True)
-    batched = make_trainer(model, tokenizer, data, config, replace(together, per_device_train_batch_size=6), tmp_path)
+    batched = build_trainer(model, tokenizer, data, config, replace(together, per_device_train_batch_size=6), tmp_path)
     assert not packing or len(batched.train_dataset) < len(conversations)  # packing took place
-    one_by_one = make_trainer(model, tokenizer, data, config, replace(TRAIN, per_device_train_batch_size=1), tmp_path)
+    one_by_one = build_trainer(model, tokenizer, data, config, replace(TRAIN, per_device_train_batch_size=1), tmp_path)
     rows, singles = list(batched.get_train_dataloader()), list(one_by_one.get_train_dataloader())
     assert all(len(row["input_ids"]) == 1 for row in rows) and len(rows) < len(singles)  # shared rows
     assert sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in rows) == sum(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.fit import model_shape
-from stages.model import (
+from finetune.model.fit import model_shape
+from finetune.model.load import (
     PRECISION_FILE,
     ModelConfig,
     linear_names,
@@ -20,6 +20,8 @@ from stages.model import (
     record_precision,
     trained_precision,
 )
+
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 CONFIG = ModelConfig("m", None, 2048, load_in_4bit="auto", dtype=None)
 

@@ -7,37 +7,21 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
 from demo.run import apply_overrides, set_param_flags
-from stages import params
-from stages.benchmarks import BenchmarksConfig
-from stages.chat import ChatConfig
-from stages.evaluate import EvaluateConfig
-from stages.export import ExportConfig
-from stages.fetch import FetchConfig
-from stages.model import ModelConfig
-from stages.standardize import StandardizeConfig
+from finetune.config import params
+from finetune.data.cleaning import FetchConfig
+from finetune.evaluation.base_vs_tuned import EvaluateConfig
+from finetune.model.load import ModelConfig
+from finetune.training.config import LoraConfig, TrainConfig
 from stages.to_sharegpt import ToSharegptConfig
-from stages.tokenize import TokenizeConfig
-from stages.tracking import TrackingConfig
-from stages.train import LoraConfig, TrainConfig
+from tools.deps import imported_files, project_imports, stage_definitions
+from tools.params_schema import SECTIONS, params_schema, rendered
 
-CONFIGS = {
-    "fetch": FetchConfig,
-    "to_sharegpt": ToSharegptConfig,
-    "standardize": StandardizeConfig,
-    "tokenize": TokenizeConfig,
-    "model": ModelConfig,
-    "chat": ChatConfig,
-    "lora": LoraConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "benchmarks": BenchmarksConfig,
-    "export": ExportConfig,
-    "tracking": TrackingConfig,
-}
+CONFIGS = SECTIONS  # params.yaml's sections and the config each loads into (tools/params_schema.py)
 STAGES = ["fetch", "to_sharegpt", "standardize", "tokenize", "train", "benchmarks", "evaluate"]
 
 
@@ -47,39 +31,6 @@ def dvc_stages(root: Path) -> dict:
 
 def test_stages_are_the_pipeline_in_order(root: Path) -> None:
     assert list(dvc_stages(root)) == STAGES
-
-
-def project_imports(root: Path, path: Path) -> set[str]:
-    """The project files (`stages/*.py`) the module at `path` imports, anywhere in it (inside functions too)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        for name in names:
-            file = Path(*name.split(".")).with_suffix(".py")
-            if name.startswith("stages.") and (root / file).is_file():
-                found.add(file.as_posix())
-    return found
-
-
-def imported_files(root: Path, module: str) -> set[str]:
-    """`module`'s own file and every project file it imports, transitively."""
-    start = Path(*module.split(".")).with_suffix(".py").as_posix()
-    seen, todo = set(), [start]
-    while todo:
-        file = todo.pop()
-        if file not in seen:
-            seen.add(file)
-            todo += project_imports(root, root / file)
-    return seen
-
-
-def stage_definitions(root: Path) -> dict[str, dict]:
-    """Every stage of the pipeline and of the optional export pipeline, by name."""
-    return dvc_stages(root) | yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]
 
 
 @pytest.mark.parametrize("stage", [*STAGES, "export"])
@@ -95,16 +46,28 @@ def test_each_stage_depends_on_exactly_the_project_files_it_imports(root: Path, 
 def test_the_data_stages_read_no_model_tokenizer_or_tracking_code(root: Path) -> None:
     for stage in ("fetch", "to_sharegpt", "standardize", "benchmarks"):
         files = imported_files(root, f"stages.{stage}")
-        assert files.isdisjoint({"stages/model.py", "stages/chat.py", "stages/tracking.py"}), (stage, files)
+        assert not any(f.startswith(("finetune/model/", "finetune/tokens/", "finetune/tracking/")) for f in files)
         assert not any(str(p).startswith(("model", "chat")) for p in dvc_stages(root)[stage]["params"]), stage
 
 
 def test_the_import_walk_follows_imports_inside_functions(tmp_path: Path) -> None:
     (tmp_path / "stages").mkdir()
-    (tmp_path / "stages/a.py").write_text("from stages import b\n")
-    (tmp_path / "stages/b.py").write_text("def f():\n    from stages.c import g\n")
+    (tmp_path / "finetune/lib").mkdir(parents=True)
+    (tmp_path / "stages/a.py").write_text("from finetune.lib import b\n")
+    (tmp_path / "finetune/lib/b.py").write_text("def f():\n    from stages.c import g\n")
     (tmp_path / "stages/c.py").write_text("import json\n")
-    assert imported_files(tmp_path, "stages.a") == {"stages/a.py", "stages/b.py", "stages/c.py"}
+    assert imported_files(tmp_path, "stages.a") == {"stages/a.py", "finetune/lib/b.py", "stages/c.py"}
+
+
+def test_stages_holds_the_stages_alone_and_the_library_imports_none(root: Path) -> None:
+    scripts = {path.stem for path in (root / "stages").glob("*.py")} - {"__init__"}
+    assert scripts == set(stage_definitions(root))
+    for path in (root / "finetune").rglob("*.py"):
+        imported = project_imports(root, path)
+        assert not any(f.startswith(("stages/", "tools/", "perf/")) for f in imported), path
+        if path.name == "__init__.py":  # a docstring at most: importing a package runs nothing
+            body = ast.parse(path.read_text(encoding="utf-8")).body
+            assert all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body), path
 
 
 def test_the_optional_export_stage_runs_from_the_repo_root(root: Path) -> None:
@@ -125,6 +88,36 @@ def test_every_params_key_is_commented(root: Path) -> None:
     for number, line in enumerate((root / "params.yaml").read_text().splitlines(), 1):
         if line.startswith("  ") and ":" in line:
             assert "  # " in line, f"params.yaml:{number} has no comment: {line.strip()}"
+
+
+def test_params_schema_json_is_what_the_configs_give(root: Path) -> None:
+    assert (root / "params.schema.json").read_text(encoding="utf-8") == rendered(), "run python -m tools.params_schema"
+    assert (root / "params.yaml").read_text().startswith("# yaml-language-server: $schema=params.schema.json\n")
+
+
+def test_params_yaml_and_the_demo_settings_match_the_schema(root: Path) -> None:
+    schema = params_schema()
+    base = yaml.safe_load((root / "params.yaml").read_text())
+    jsonschema.validate(base, schema)
+    jsonschema.validate(apply_overrides(base, yaml.safe_load((root / "demo/params.yaml").read_text())), schema)
+    for section in schema["properties"].values():
+        assert all(key["description"] for key in section["properties"].values()), section
+
+
+@pytest.mark.parametrize(
+    ("change", "path"),
+    [
+        ({"lora": {"rank": 8}}, ["lora"]),  # an unknown key
+        ({"train": {"max_steps": "many"}}, ["train", "max_steps"]),  # a wrong type
+        ({"benchmarks": {"sets": [{"preset": "nope"}]}}, ["benchmarks", "sets", 0, "preset"]),
+    ],
+)
+def test_the_schema_flags_what_the_stages_refuse(root: Path, change: dict, path: list) -> None:
+    params_file = yaml.safe_load((root / "params.yaml").read_text())
+    for section, values in change.items():
+        params_file[section] |= values
+    errors = list(jsonschema.Draft202012Validator(params_schema()).iter_errors(params_file))
+    assert [list(error.absolute_path) for error in errors] == [path], [error.message for error in errors]
 
 
 def test_demo_overrides_name_real_keys_and_load(root: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from datasets import Dataset
 from demo.run import apply_overrides
 from tools.servers import free_port
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DATA_STAGES = ("fetch", "to_sharegpt", "standardize", "tokenize")
 OUTPUTS = [
@@ -114,9 +114,26 @@ def repo(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Path:
     return repo
 
 
+# the first repro's Python hash seed; the hash-seed test trains again under another (the two order {q,k,v,o}_proj
+# differently, so that a set written in its iteration order would come out in another order)
+HASH_SEEDS = ("1", "2")
+TIMED = {"metrics/train.json", "metrics/train_loss.csv", "metrics/eval_loss.csv"}  # train's outputs with wall times
+
+
+def trained(repo: Path) -> dict[str, str]:
+    """The MD5 of each of train's outputs that holds no wall time, as dvc.lock records them now."""
+    outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["outs"]
+    return {out["path"]: out["md5"] for out in outs if out["path"] not in TIMED}
+
+
 @pytest.fixture(scope="module")
 def first_repro(repo: Path) -> str:
-    return dvc("repro", cwd=repo)
+    output = dvc("repro", cwd=repo, env={"PYTHONHASHSEED": HASH_SEEDS[0]})
+    FIRST_TRAINED.update(trained(repo))
+    return output
+
+
+FIRST_TRAINED: dict[str, str] = {}  # train's output hashes after the first repro, for the hash-seed test
 
 
 def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: str) -> None:
@@ -178,7 +195,7 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
 
 
 def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:
-    from stages.files import file_hash
+    from finetune.data.files import file_hash
 
     client = mlflow.MlflowClient()
     (run_,) = runs(repo)[:1]
@@ -315,6 +332,9 @@ def test_second_repro_runs_nothing(repo: Path, first_repro: str) -> None:
 
 @pytest.fixture(scope="module")
 def rank_8(repo: Path, first_repro: str) -> str:
+    """The experiment `lora.r=8`, after the first repro's results were saved as the experiment `rank-4` (dvc.yaml's
+    stages: export/dvc.yaml's outputs exist only where someone exported)."""
+    dvc("exp", "save", "dvc.yaml", "-n", "rank-4", cwd=repo)
     return dvc("exp", "run", "-S", "lora.r=8", "-n", "rank-8", cwd=repo)
 
 
@@ -360,7 +380,7 @@ def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
 
 
 def screenshot(page: Any, name: str, tmp_path: Path) -> None:
-    """Save a screenshot; `UI_SCREENSHOTS=docs/screenshots` refreshes the README's."""
+    """Save a screenshot; `UI_SCREENSHOTS=docs/screenshots` refreshes those docs/experiments.md shows."""
     folder = Path(os.environ.get("UI_SCREENSHOTS") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(folder / f"{name}.png"))
@@ -412,7 +432,6 @@ def test_mlflow_ui_shows_both_runs_their_rank_loss_chart_adapter_and_samples(
 
 
 def test_plots_diff_draws_the_loss_curves_and_bars_of_two_experiments(repo: Path, rank_8: str) -> None:
-    dvc("exp", "run", "-S", "lora.r=4", "-n", "rank-4", cwd=repo)
     shown = json.loads(dvc("plots", "diff", "rank-4", "rank-8", "--json", cwd=repo))["data"]
     for plot in ("loss", "metrics/evaluate_bars.csv"):
         assert {point["rev"] for point in shown[plot][0]["content"]["data"]["values"]} == {"rank-4", "rank-8"}
@@ -493,20 +512,21 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
 def test_training_again_under_another_hash_seed_writes_the_same_adapter(repo: Path, rank_8: str) -> None:
     # the same inputs, the same bytes: a set written in its iteration order (peft's target_modules) would come out
     # in another order under another PYTHONHASHSEED, and the adapter's hash would change with bitwise-equal weights
-    timed = {"metrics/train.json", "metrics/train_loss.csv", "metrics/eval_loss.csv"}  # they hold wall times
-
-    def trained() -> dict[str, str]:
-        outs = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["train"]["outs"]
-        return {out["path"]: out["md5"] for out in outs if out["path"] not in timed}
-
-    hashes = []
-    for seed in ("1", "2"):  # two seeds that order {q,k,v,o}_proj differently
-        output = dvc("repro", "--force", "--single-item", "train", cwd=repo, env={"PYTHONHASHSEED": seed})
-        assert ran_stages(output) == {"train"}
-        hashes.append(trained())
-    assert hashes[0] == hashes[1] and "models/adapter" in hashes[0]
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["lora"]["r"] = 4  # the first repro's settings, whatever experiment the workspace holds
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    output = dvc("repro", "--force", "--single-item", "train", cwd=repo, env={"PYTHONHASHSEED": HASH_SEEDS[1]})
+    assert ran_stages(output) == {"train"}
+    assert trained(repo) == FIRST_TRAINED and "models/adapter" in FIRST_TRAINED
     config = json.loads((repo / "models/adapter/adapter_config.json").read_text())
     assert config["target_modules"] == sorted(config["target_modules"])
+
+
+def test_the_two_hash_seeds_order_the_target_modules_apart() -> None:
+    # the hash-seed test means something only if the seeds' set orders differ
+    code = "print(list({'q_proj', 'k_proj', 'v_proj', 'o_proj'}))"
+    orders = {s: run([sys.executable, "-c", code], Path.cwd(), {"PYTHONHASHSEED": s}) for s in HASH_SEEDS}
+    assert orders[HASH_SEEDS[0]] != orders[HASH_SEEDS[1]], orders
 
 
 def test_a_full_disk_fails_the_training_clearly_with_its_run_failed_and_dvc_lock_unchanged(
@@ -529,4 +549,4 @@ def test_a_full_disk_fails_the_training_clearly_with_its_run_failed_and_dvc_lock
         assert failed.info.status == "FAILED" and "adapter_sha256" not in failed.data.tags
         assert not (repo / "models/adapter").exists()
     finally:
-        dvc("checkout", "train", cwd=repo)  # the outputs DVC removed before it ran the stage (README: troubleshooting)
+        dvc("checkout", "train", cwd=repo)  # the outputs DVC removed before it ran the stage (docs/troubleshooting.md)

@@ -13,6 +13,8 @@ import pytest
 
 from tools.vega_page import BUILDS, page
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 # every plotted mark's items by mark type, per plot, once vega-embed has drawn them (axes and legends left out)
 DRAWN_MARKS = """
 async () => {

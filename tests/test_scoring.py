@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stages.scoring import accuracy, lcs_length, macro_f1, rouge_l, token_f1, words
+from finetune.evaluation.scoring import accuracy, lcs_length, macro_f1, rouge_l, token_f1, words
 
 
 def test_words_drop_case_punctuation_and_articles() -> None:

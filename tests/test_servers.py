@@ -9,6 +9,8 @@ import pytest
 
 from tools.servers import LOOPBACK, ServiceError, server_environment, start_postgres
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 SERVER = {
     "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow@db.example.com:5432/mlflow",
     "MLFLOW_AUTH_DATABASE_URI": "postgresql://mlflow@db.example.com:5432/mlflow_auth",

@@ -12,6 +12,8 @@ from unsloth import standardize_sharegpt
 
 from stages.standardize import StandardizeConfig, standardize, standardize_file
 
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
 CONFIG = StandardizeConfig(
     aliases_for_system=["system"],
     aliases_for_user=["user", "human", "input"],

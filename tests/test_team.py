@@ -27,20 +27,20 @@ from typing import Any
 import pytest
 from test_pipeline import clean_env, dvc, ran_stages, repo, run  # noqa: F401  (repo: the fixture, reused)
 
-from stages.files import file_hash
-from stages.tracking import MAX_PARAM_VALUE, MAX_RUN_NAME, log_settings, run_name
+from finetune.data.files import file_hash
+from finetune.tracking.records import MAX_PARAM_VALUE, MAX_RUN_NAME, log_settings, run_name
 from tools.servers import BUCKET, Team, free_port, local_team, team_environment
 
 # in every clone's environment, as on a machine with Hub access; made here, so that no file of the project holds it
 HF_TOKEN = f"hf_{secrets.token_hex(16)}"
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("data/raw", "data/sharegpt", "data/standardized", "data/tokenized", "models/adapter")  # DVC-cached outputs
 ADAPTER = "models/adapter/adapter_model.safetensors"
 EXPERIMENT, MODEL = "finance-deepseek", "finance-deepseek-adapter"
-KEYS = (  # the README's commands that give a clone the bucket's keys
+KEYS = (  # docs/team.md's commands that give a clone the bucket's keys
     'dvc remote modify --local team access_key_id "$AWS_ACCESS_KEY_ID"',
     'dvc remote modify --local team secret_access_key "$AWS_SECRET_ACCESS_KEY"',
 )
@@ -48,8 +48,8 @@ SHARE = 'git add -A && git commit -m "results" && git push -u origin HEAD'
 
 
 def readme_commands(section: str = "Working as a team") -> set[str]:
-    """Every command line of the bash blocks of a README section, without trailing comments."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    """Every command line of the bash blocks of a section of docs/team.md, without trailing comments."""
+    text = (ROOT / "docs/team.md").read_text(encoding="utf-8")
     body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     lines = (line for block in re.findall(r"```bash\n(.*?)```", body, re.S) for line in block.splitlines())
     return {re.sub(r"\s+#.*$", "", line).strip() for line in lines if line.strip() and not line.startswith("#")}
@@ -59,8 +59,8 @@ README = readme_commands()
 
 
 def follow(command: str, cwd: Path, env: Mapping[str, str]) -> str:
-    """Run one of the README's team commands as written, in bash; its output."""
-    assert command in README, f"not a command of the README's 'Working as a team': {command}"
+    """Run one of docs/team.md's team commands as written, in bash; its output."""
+    assert command in README, f"not a command of docs/team.md's 'Working as a team': {command}"
     return run(["bash", "-euo", "pipefail", "-c", command], cwd, env)
 
 
@@ -84,7 +84,7 @@ class Engineer:
     log: list[tuple[str, str]] = field(default_factory=list)  # (command, what it printed), for the secrets test
 
     def follow(self, *commands: str) -> str:
-        """Run README commands in this clone, in order; the last one's output."""
+        """Run docs/team.md's commands in this clone, in order; the last one's output."""
         for command in commands:
             self.log.append((command, follow(command, self.clone, self.env)))
         return self.log[-1][1]
@@ -123,7 +123,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
 
 @pytest.fixture(scope="module")
 def users(team: Team) -> dict[str, str]:
-    """Alice and Bob, added by the admin with the README's command; their passwords."""
+    """Alice and Bob, added by the admin with docs/team.md's command; their passwords."""
     passwords = {"alice": "alice-" + hashlib.sha256(b"a").hexdigest()[:16], "bob": "bob-" + "5e1f" * 5}
     admin = {"MLFLOW_TRACKING_URI": team.mlflow_url, "MLFLOW_TRACKING_USERNAME": team.admin[0]}
     for name, password in passwords.items():
@@ -299,7 +299,7 @@ def test_no_secret_reaches_git_dvc_lock_params_mlflow_or_a_log(
     for engineer in (alice, bob):  # the token is in no file of the clones (data, adapter, metrics, DVC's cache)
         for path in engineer.clone.rglob("*"):
             assert not path.is_file() or HF_TOKEN.encode() not in path.read_bytes(), path
-    # the keys are where the README put them: a file git ignores
+    # the keys are where docs/team.md put them: a file git ignores
     assert team.s3.secret_key in (alice.clone / ".dvc/config.local").read_text()
     assert run(["git", "check-ignore", ".dvc/config.local"], alice.clone).strip() == ".dvc/config.local"
 

@@ -11,8 +11,8 @@ from demo.tiny_model import BOS, EOS, SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
+def tokenizer(tiny_tokenizer_dir: Path):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 def test_two_turn_golden_rendering(tokenizer) -> None:
@@ -48,6 +48,7 @@ def test_rendered_text_tokenizes_with_one_bos(tokenizer) -> None:
     assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
 
 
+@pytest.mark.slow  # builds the model
 def test_architecture_is_a_gqa_llama(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert config.model_type == "llama"

@@ -10,16 +10,10 @@ import yaml
 from datasets import Dataset, concatenate_datasets
 from unsloth.chat_templates import to_sharegpt
 
-from stages.to_sharegpt import (
-    ToSharegptConfig,
-    blank_whitespace,
-    convert,
-    extension_orders,
-    main,
-    prompt_columns,
-    whitespace_cells,
-    write_extended,
-)
+from finetune.data.sharegpt import extension_orders, write_extended
+from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, main, prompt_columns, whitespace_cells
+
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 CONFIG = ToSharegptConfig(
     merged_prompt="{user}[[\nYour input is:\n{system}]]",

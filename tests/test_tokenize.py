@@ -11,9 +11,11 @@ import yaml
 from datasets import Dataset
 from transformers import AutoTokenizer
 
-from stages.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
-from stages.files import digests, distinct
-from stages.tokenize import SHARD_ROWS, TokenizeConfig, encode, main, summary
+from finetune.data.files import digests, distinct
+from finetune.tokens.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
+from finetune.tokens.encode import TokenizeConfig, encode, summary
+from finetune.tokens.shards import SHARD_ROWS
+from stages.tokenize import main
 
 TWO_TURNS = [
     {"role": "system", "content": "You answer questions on corporate finance."},
@@ -25,8 +27,8 @@ TWO_TURNS = [
 
 
 @pytest.fixture(scope="module")
-def chat(tiny_model_dir: Path) -> Chat:
-    return Chat(AutoTokenizer.from_pretrained(tiny_model_dir), ChatConfig())
+def chat(tiny_tokenizer_dir: Path) -> Chat:
+    return Chat(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), ChatConfig())
 
 
 def conversations_of(sample_rows: list[dict[str, str]]) -> list[list[dict[str, str]]]:
@@ -69,12 +71,12 @@ def test_the_layout_fills_in_what_the_template_renders(chat: Chat, sample_rows: 
         assert chat.fast_pieces(messages) == chat.pieces(messages)
 
 
-def test_a_template_that_trims_contents_is_rendered_row_by_row(tiny_model_dir: Path) -> None:
+def test_a_template_that_trims_contents_is_rendered_row_by_row(tiny_tokenizer_dir: Path) -> None:
     trims = (
         "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] | trim }}"
         "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     )
-    chat = Chat(AutoTokenizer.from_pretrained(tiny_model_dir), ChatConfig(template=trims))
+    chat = Chat(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), ChatConfig(template=trims))
     messages = [{"role": "user", "content": "  spaced  "}, {"role": "assistant", "content": "ok"}]
     assert chat.layout(("user", "assistant")) is None
     assert chat.fast_pieces(messages) == chat.pieces(messages)
@@ -154,14 +156,15 @@ def run_stage(
     return json.loads((tmp_path / "tokenize.json").read_text())
 
 
+@pytest.mark.slow  # the stage's worker processes
 def test_the_stage_writes_every_split_in_order_whatever_the_shards(
-    tmp_path: Path, tiny_model_dir: Path, chat: Chat, sample_rows: list[dict]
+    tmp_path: Path, tiny_tokenizer_dir: Path, chat: Chat, sample_rows: list[dict]
 ) -> None:
     # three shards, two workers; turns recur within and across shards (first seen in any of them), as merged rows do
     merged = conversations_of(sample_rows)
     train = [LONG if i % 5 == 0 else merged[(7 * i) % len(merged)] for i in range(2 * SHARD_ROWS + 3)]
     train[-1] = [{"role": "user", "content": "Define duration."}, {"role": "assistant", "content": "Rate risk."}]
-    counts = run_stage(tmp_path, tiny_model_dir, train, [TWO_TURNS[1:3], LONG_ANSWER])
+    counts = run_stage(tmp_path, tiny_tokenizer_dir, train, [TWO_TURNS[1:3], LONG_ANSWER])
     written = Dataset.from_file(str(tmp_path / "tokenized" / "train.arrow"))
     expected, full, expected_counts = encode(chat, train, np.arange(len(train)), 64, TokenizeConfig())
     assert written.data.table.equals(expected)  # what encoding every piece of every conversation makes
@@ -195,9 +198,10 @@ def test_a_conversation_without_an_answer_is_named(chat: Chat) -> None:
         encode(chat, [TWO_TURNS, question_only], np.array([10, 11]), 4096, TokenizeConfig())
 
 
-def test_a_split_left_empty_is_refused_naming_the_keys(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.slow  # the stage's worker processes
+def test_a_split_left_empty_is_refused_naming_the_keys(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"train: every conversation was dropped .*model.max_seq_length"):
-        run_stage(tmp_path, tiny_model_dir, [LONG, LONG_ANSWER], [TWO_TURNS[1:3]], over_length="drop")
+        run_stage(tmp_path, tiny_tokenizer_dir, [LONG, LONG_ANSWER], [TWO_TURNS[1:3]], over_length="drop")
 
 
 def test_a_bad_over_length_policy_is_named() -> None:
@@ -205,8 +209,9 @@ def test_a_bad_over_length_policy_is_named() -> None:
         TokenizeConfig(over_length="cut")
 
 
+@pytest.mark.slow  # the stage's worker processes
 def test_a_template_that_reads_the_contents_is_caught_and_every_conversation_rendered(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_tokenizer_dir: Path
 ) -> None:
     # the layout renders placeholders, so it cannot see that this template writes more for a question ending in "?"
     reads = (
@@ -214,10 +219,10 @@ def test_a_template_that_reads_the_contents_is_caught_and_every_conversation_ren
         "{% if m['content'].endswith('?') %} (a question){% endif %}"
         "{% else %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     )
-    chat = Chat(AutoTokenizer.from_pretrained(tiny_model_dir), ChatConfig(template=reads))
+    chat = Chat(AutoTokenizer.from_pretrained(tiny_tokenizer_dir), ChatConfig(template=reads))
     train = [TWO_TURNS[1:3], [{"role": "user", "content": "Define beta."}, {"role": "assistant", "content": "Risk."}]]
     assert chat.layout(("user", "assistant")) is not None and chat.fast_pieces(train[0]) != chat.pieces(train[0])
-    run_stage(tmp_path, tiny_model_dir, train, train, template=reads)
+    run_stage(tmp_path, tiny_tokenizer_dir, train, train, template=reads)
     written = Dataset.from_file(str(tmp_path / "tokenized" / "train.arrow"))
     assert [(row["input_ids"], row["labels"]) for row in written] == [chat.encode(m) for m in train]
     assert "(a question)" in chat.tokenizer.decode(written[0]["input_ids"])

@@ -7,18 +7,9 @@ from pathlib import Path
 
 import mlflow
 
-from stages.tracking import (
-    MAX_RUN_NAME,
-    RUNS_VIEW,
-    report,
-    run_name,
-    runs_page,
-    served,
-    storable,
-    store_root,
-    tracking_uri,
-    use_experiment,
-)
+from finetune.tracking.records import MAX_RUN_NAME, report, run_name, storable
+from finetune.tracking.store import is_tracking_server, store_root, tracking_uri, use_experiment
+from finetune.tracking.ui import RUNS_VIEW, runs_page, save_runs_view
 
 
 def test_store_root_is_dvc_root_when_dvc_runs_us(tmp_path: Path) -> None:
@@ -56,14 +47,17 @@ def test_storable_writes_nul_out_and_cuts_long_values_keeping_them_apart() -> No
 
 
 def test_a_tracking_server_keeps_its_own_artifact_location_a_local_store_the_repo_root() -> None:
-    assert served("http://127.0.0.1:5000") and served("https://mlflow.example.com")
-    assert not served("sqlite:////repo/mlflow.db") and not served("postgresql://mlflow@db/mlflow")
+    assert is_tracking_server("http://127.0.0.1:5000") and is_tracking_server("https://mlflow.example.com")
+    assert not is_tracking_server("sqlite:////repo/mlflow.db")
+    assert not is_tracking_server("postgresql://mlflow@db/mlflow")
 
 
-def test_the_experiment_carries_the_runs_view_with_lora_and_result_columns(tmp_path: Path) -> None:
+def test_the_ui_launcher_gives_the_experiment_the_runs_view_with_lora_and_result_columns(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    use_experiment(uri, "unit", tmp_path / "mlartifacts")
-    use_experiment(uri, "unit", tmp_path / "mlartifacts")  # a second stage finds it and leaves it as it is
+    experiment_id = use_experiment(uri, "unit", tmp_path / "mlartifacts")
+    assert not any(tag.startswith("mlflow.sharedViewState.") for tag in mlflow.get_experiment(experiment_id).tags)
+    save_runs_view(experiment_id)
+    save_runs_view(experiment_id)  # a second launch finds it and leaves it as it is
     experiment = mlflow.get_experiment_by_name("unit")
     state = json.loads(experiment.tags[f"mlflow.sharedViewState.{RUNS_VIEW}"])
     assert {"params.`lora.r`", "metrics.`evaluate/tuned_loss`"} <= set(state["selectedColumns"])

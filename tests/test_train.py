@@ -15,37 +15,21 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from examples import LORA, TINY_TRAINING
 from unsloth import FastLanguageModel
 
-from stages.chat import IGNORE_INDEX, Chat, ChatConfig
-from stages.model import ModelConfig, load_base
-from stages.tokenize import tokenized
-from stages.train import (
-    LoraConfig,
-    TrainConfig,
-    attest_cut,
-    batching_tags,
-    check_names,
-    deal,
-    disk_full,
-    loss_rows,
-    make_trainer,
-)
+from finetune.model.load import ModelConfig, load_base
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
+from finetune.tokens.encode import tokenized
+from finetune.training.batching import batching_tags, check_cut, split_step_by_tokens
+from finetune.training.config import LoraConfig, check_names
+from finetune.training.data import loss_rows
+from finetune.training.failures import disk_full
+from finetune.training.trainer import build_trainer
 
-LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-TRAIN = TrainConfig(
-    per_device_train_batch_size=4,
-    gradient_accumulation_steps=1,
-    learning_rate=1.0e-2,
-    max_steps=25,
-    num_train_epochs=1.0,
-    warmup_steps=0,
-    weight_decay=0.0,
-    optim="adamw_torch",
-    lr_scheduler_type="constant",
-    logging_steps=1,
-    seed=3407,
-)
+pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
+
+TRAIN = TINY_TRAINING
 
 
 def toy_conversations(n: int) -> list[list[dict[str, str]]]:
@@ -89,7 +73,7 @@ def test_adapter_learns_and_base_stays_frozen(
     frozen_before = {name: b.detach().clone() for name, b in model.state_dict().items() if "lora_" not in name}
 
     data = tokenized(Chat(tokenizer, ChatConfig()), toy_conversations(32), model_config.max_seq_length)
-    trainer = make_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
+    trainer = build_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
     trainer.train()
 
     losses = [row["loss"] for row in loss_rows(trainer.state.log_history)]
@@ -131,7 +115,7 @@ def test_the_trainer_learns_from_the_answers_and_their_end_token_only(
     model, tokenizer = load_base(model_config)
     model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
     data = tokenized(Chat(tokenizer, ChatConfig()), [TWO_TURNS] * 4, model_config.max_seq_length)
-    trainer = make_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
+    trainer = build_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
     batch = next(iter(trainer.get_train_dataloader()))  # what the model is given: the collator's labels
     user, assistant, think = (tokenizer.convert_tokens_to_ids(t) for t in ("<｜User｜>", "<｜Assistant｜>", "<think>"))
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
@@ -152,7 +136,7 @@ def test_the_trainer_learns_from_the_answers_and_their_end_token_only(
         )
 
 
-TRAIN_OUTPUTS = ("adapter", "train.json", "loss.csv", "eval_loss.csv", "checkpoints")  # as stages.train.main takes them
+TRAIN_OUTPUTS = ("adapter", "checkpoints", "train.json", "loss.csv", "eval_loss.csv")  # as stages.train.main takes them
 
 
 def training_stage(tiny_model_dir: Path, tmp_path: Path, root: Path, tokenized_with: dict | None = None, **train):
@@ -207,7 +191,7 @@ def test_a_failed_run_is_failed_and_leaves_no_folder_and_one_killed_before_any_c
     killed = tmp_path / "killed"
     killed.mkdir()
     training_stage(tiny_model_dir, killed, root, max_steps=100_000, save_steps=None, eval_steps=None)
-    outputs = zip(("--adapter", "--metrics", "--plot", "--eval-plot", "--checkpoints"), TRAIN_OUTPUTS, strict=True)
+    outputs = zip(("--adapter", "--checkpoints", "--metrics", "--plot", "--eval-plot"), TRAIN_OUTPUTS, strict=True)
     command = [sys.executable, "-m", "stages.train", "--params", "params.yaml", "--data", "tokenized"]
     command += [part for flag, name in outputs for part in (flag, name)]
     for expected in (["FAILED", "FAILED", "RUNNING"], ["FAILED", "FAILED", "KILLED", "RUNNING"]):
@@ -238,7 +222,7 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
     rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
     # questions 1 to 22 words long; 2 steps of 2 x 4 conversations: the whole epoch
     config = replace(TRAIN, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4)
-    trainer = make_trainer(model, tokenizer, rows, model_config, config, tmp_path)
+    trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path)
     assert batching_tags(trainer.args, model_config) == {"fit.batching": "padded", "fit.attention": "sdpa"}  # the CPU
     if padding_free:  # as on CUDA (unsloth's CPU backend turns padding-free batching off): one row, no attention mask
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -255,9 +239,9 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
 def test_rows_are_said_to_be_cut_only_when_none_is_longer() -> None:
     rows = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 9, [1] * 7], "labels": [[1] * 5, [1] * 9, [1] * 7]})
     with pytest.raises(ValueError, match="row 1 of the tokenized data has 9 tokens, more than model.max_seq_length 8"):
-        attest_cut(rows, 8)
+        check_cut(rows, 8)
     assert "_unsloth_truncated_to" not in vars(rows)
-    attest_cut(rows, 9)  # unsloth keeps padding-free batching for rows it is told are cut
+    check_cut(rows, 9)  # unsloth keeps padding-free batching for rows it is told are cut
     assert vars(rows)["_unsloth_truncated_to"] == 9
 
 
@@ -268,7 +252,7 @@ def test_a_steps_conversations_are_dealt_to_processes_and_micro_batches_by_token
     lengths = [generator.choice([40, 300, 900, 2048]) + generator.randrange(40) for _ in range(64)]
     indices = list(range(100, 164))
     for ranks, slots in ((2, 1), (2, 2), (4, 2), (1, 4)):
-        dealt = deal(indices, lengths, ranks, slots)
+        dealt = split_step_by_tokens(indices, lengths, ranks, slots)
         assert len(dealt) == ranks and all(len(batches) == slots for batches in dealt)
         batches = [batch for rank in dealt for batch in rank]
         assert sorted(i for batch in batches for i in batch) == indices and all(batches)  # each once, none empty
@@ -279,7 +263,7 @@ def test_a_steps_conversations_are_dealt_to_processes_and_micro_batches_by_token
                 sum(lengths[i - 100] for i in rank[slot]) >= sum(lengths[i - 100] for i in rank[slot + 1])
                 for rank in dealt
             )
-    assert deal([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1) == [[[0, 1]], [[2, 3]]]
+    assert split_step_by_tokens([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1) == [[[0, 1]], [[2, 3]]]
 
 
 def test_a_diverged_training_fails_its_run_and_writes_no_adapter(

@@ -5,10 +5,10 @@
     python -m tools.generate --system "You are a credit analyst." --max-new-tokens 512 "..."
 
 The base model comes from `params.yaml`'s `model` section, loaded in the precision the adapter was trained in
-(`stages.model.trained_precision`), and the prompt is encoded by `stages.chat` with the `chat` section, exactly as
-tokenize encoded the training conversations: the same template, the same think block, the same token pieces.
-Greedy by default; `--temperature` > 0 samples. Not a pipeline stage (it lives outside `stages/`): nothing is
-written but the answer, on stdout.
+(`finetune.model.load.trained_precision`), and the prompt is encoded by `finetune.tokens.chat` with the `chat`
+section, exactly as tokenize encoded the training conversations: the same template, the same think block, the same
+token pieces. Greedy by default; `--temperature` > 0 samples. Not a pipeline stage (it lives outside `stages/`):
+nothing is written but the answer, on stdout.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from stages import params
-from stages.chat import Chat, ChatConfig
-from stages.model import ModelConfig, load_base, trained_precision
-from stages.tracking import store_root, tracking_uri
+from finetune.config import cli
+from finetune.config.params import load
+from finetune.model.load import ModelConfig, load_with_adapter
+from finetune.tokens.chat import Chat, ChatConfig
+from finetune.tracking.store import store_root, tracking_uri
 
 log = logging.getLogger("generate")
 
@@ -80,18 +80,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    cli.setup_logging()  # to stderr: stdout holds the answer alone
 
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers and peft
-    from peft import PeftModel
     from unsloth import FastLanguageModel
 
-    chat_config = params.load(ChatConfig, args.params, "chat")
+    chat_config = load(ChatConfig, args.params, "chat")
     folder = adapter_folder(args.adapter, args.run, store_root(os.environ, Path.cwd()))
-    model_config = trained_precision(params.load(ModelConfig, args.params, "model"), folder)
+    model, tokenizer, model_config = load_with_adapter(load(ModelConfig, args.params, "model"), folder)
     log.info("base %s + adapter %s", model_config.model_name, folder)
-    model, tokenizer = load_base(model_config)
-    model = PeftModel.from_pretrained(model, str(folder))
     FastLanguageModel.for_inference(model)
     chat = Chat(tokenizer, chat_config)
     chat.check(padding=False)

@@ -3,7 +3,7 @@
     python -m tools.mlflow_ui [--port 5000]      # what `make mlflow-ui` runs
 
 Not a pipeline stage: it lives outside `stages/`, so changing it reruns nothing. The table opens on the view
-`lora-and-results` (`stages.tracking.RUNS_VIEW`): one column per LoRA setting and key result.
+`lora-and-results` (`finetune.tracking.ui.RUNS_VIEW`): one column per LoRA setting and key result.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-from stages import params
-from stages.tracking import TrackingConfig, runs_page, store_root, tracking_uri, use_experiment
+from finetune.config.params import load
+from finetune.tracking.store import TrackingConfig, open_store, store_root, tracking_uri
+from finetune.tracking.ui import runs_page, save_runs_view
 
 
 def main() -> None:
@@ -24,10 +25,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=5000)
     args = parser.parse_args()
 
-    config = params.load(TrackingConfig, args.params, "tracking")
-    root = store_root(os.environ, Path.cwd())
-    uri = tracking_uri(os.environ, root)
-    experiment_id = use_experiment(uri, config.experiment_name, root / "mlartifacts")
+    experiment_id = open_store(load(TrackingConfig, args.params, "tracking"), os.environ, Path.cwd())
+    save_runs_view(experiment_id)
+    uri = tracking_uri(os.environ, store_root(os.environ, Path.cwd()))
     print(f"MLflow UI on {uri}: {runs_page(f'http://{args.host}:{args.port}', experiment_id)}", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
     os.execv(sys.executable, [*command, "--port", str(args.port)])

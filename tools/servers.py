@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
-BUCKET = "finance-deepseek"  # the README's bucket: DVC's remote under dvc/, MLflow's artifacts under mlflow/
+BUCKET = "finance-deepseek"  # the bucket of docs/team.md: DVC's remote under dvc/, MLflow's artifacts under mlflow/
 # every user may read and write every experiment and registered model: the team shares one experiment
 DEFAULT_PERMISSION = "EDIT"
 
@@ -346,7 +346,7 @@ def server_environment(environ: Mapping[str, str], folder: Path) -> dict[str, st
     """
     missing = [name for name in REQUIRED if not environ.get(name)]
     if missing:
-        raise ServiceError(f"set {', '.join(missing)} for the MLflow server (see README, 'Working as a team')")
+        raise ServiceError(f"set {', '.join(missing)} for the MLflow server (see docs/team.md, 'Working as a team')")
     for name in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI"):
         uri = urllib.parse.urlsplit(environ[name])
         if not uri.scheme.startswith("postgresql"):
@@ -435,7 +435,7 @@ def add_user(tracking_uri: str, username: str, password: str) -> None:
 
 
 def team_environment(team: Team, username: str, password: str) -> dict[str, str]:
-    """What a clone's shell needs for the team's stores: the README's S3_ENDPOINT, the bucket's keys (DVC and
+    """What a clone's shell needs for the team's stores: the S3_ENDPOINT of docs/team.md, the bucket's keys (DVC and
     boto3 read AWS_*), and the tracking server with one user's credentials."""
     return {
         "S3_ENDPOINT": team.s3.endpoint,

@@ -1,0 +1,41 @@
+"""A stage's command line: its paths as required arguments, `--params` for the settings file, logging set up once.
+
+    if __name__ == "__main__":
+        main(**cli.arguments(__doc__, data="folder of the raw splits", out="...", metrics="..."))
+
+Paths come from `dvc.yaml` (which owns them); settings come from `params.yaml`, never from a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """INFO and up to stderr, one line each. `force`: a library imported first (unsloth) may have configured the
+    root logger already, which would leave this one silent."""
+    logging.basicConfig(level=logging.INFO, format=FORMAT, force=True)
+
+
+def parser(doc: str, many: tuple[str, ...] = (), **paths: str) -> argparse.ArgumentParser:
+    """`--params` and one required path option per keyword (`out_dir` -> `--out-dir`), its value the help text;
+    the names in `many` take one or more paths."""
+    built = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    built.add_argument("--params", dest="params_path", type=Path, default=Path("params.yaml"), help="settings file")
+    for name, help_text in paths.items():
+        flag = "--" + name.replace("_", "-")
+        built.add_argument(flag, type=Path, required=True, nargs="+" if name in many else None, help=help_text)
+    return built
+
+
+def arguments(doc: str, many: tuple[str, ...] = (), **paths: str) -> dict[str, Any]:
+    """Parse this process's arguments with `parser` and set up logging: the keyword arguments of the stage's
+    `main` (`params_path`, then each path; a `many` path as a tuple)."""
+    parsed = vars(parser(doc, many, **paths).parse_args())
+    setup_logging()
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in parsed.items()}

@@ -1,0 +1,62 @@
+"""Greedy answers to held-out prompts and their scores against the reference answers (ROUGE-L, token F1, EOS)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.evaluation import scoring
+from finetune.evaluation.likelihood import by_length
+from finetune.tokens.chat import split_think
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # decoded, the end-of-sequence token left out (other special tokens, </think> say, kept)
+    tokens: int  # tokens generated, the end-of-sequence token included
+    ended: bool  # stopped with the end-of-sequence token before max_new_tokens
+
+
+def generate(
+    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+) -> list[Answer]:
+    """Greedy answers to prompts given as token ids, batched by length and left-padded by the tokenizer, in the
+    prompts' order."""
+    import torch
+
+    device = next(model.parameters()).device
+    answers: list[Answer | None] = [None] * len(prompts)
+    for batch in by_length([len(ids) for ids in prompts], batch_size):
+        padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt").to(
+            device
+        )
+        width = padded["input_ids"].shape[1]
+        with torch.no_grad():
+            output = model.generate(
+                **padded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        for i, new in zip(batch, output[:, width:].tolist(), strict=True):
+            ended = tokenizer.eos_token_id in new
+            kept = new[: new.index(tokenizer.eos_token_id) + 1] if ended else new
+            # special tokens are kept but EOS: </think> may be one, and split_think needs it
+            answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
+    return [answer for answer in answers if answer is not None]
+
+
+def final_answer(text: str) -> str:
+    """What follows any reasoning block, as the chat template keeps of an assistant turn."""
+    return split_think(text)[1]
+
+
+def answer_scores(answers: list[Answer], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-L and token F1 against the references, share ended with EOS, mean answer length in tokens."""
+    if not answers:
+        return {}
+    n = len(answers)
+    pairs = [(final_answer(a.text), r) for a, r in zip(answers, references, strict=True)]
+    return {
+        "rouge_l": sum(scoring.rouge_l(answer, reference) for answer, reference in pairs) / n,
+        "token_f1": sum(scoring.token_f1(answer, reference) for answer, reference in pairs) / n,
+        "eos_rate": sum(a.ended for a in answers) / n,
+        "answer_tokens": sum(a.tokens for a in answers) / n,
+    }

@@ -1,0 +1,142 @@
+"""Base and tuned model measured alike: the `evaluate` section, the held-out samples, every measure of both models
+(the base is the tuned one with its adapter disabled) and the rows of the base-vs-tuned bar chart."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.config.params import require
+from finetune.evaluation.answers import answer_scores, final_answer, generate
+from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, classify
+from finetune.evaluation.likelihood import Encoded, score
+from finetune.evaluation.scoring import rouge_l
+from finetune.tokens.chat import Chat
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    max_rows: int | None  # held-out rows scored; null = all
+    batch_size: int  # sequences per scoring forward pass
+    num_samples: int  # held-out prompts answered greedily by both models
+    max_new_tokens: int  # longest generated answer, in tokens
+    generate_batch_size: int = 16  # prompts generated together
+
+    def __post_init__(self) -> None:
+        require(
+            self.max_rows is None or self.max_rows >= 1, f"evaluate.max_rows must be >= 1 or null, got {self.max_rows}"
+        )
+        require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        require(self.num_samples >= 0, f"evaluate.num_samples must be >= 0, got {self.num_samples}")
+        require(self.max_new_tokens >= 1, f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(self.generate_batch_size >= 1, "evaluate.generate_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt_ids: list[int]  # the prompt of the conversation's last answer, as the tokenize stage encoded it
+    question: str  # the last user turn, for the samples table
+    reference: str  # the last answer as the data has it
+
+
+def held_out_samples(rows: list[dict[str, Any]], conversations: list[list[dict[str, str]]], limit: int) -> list[Sample]:
+    """The first `limit` held-out rows whose whole prompt was kept (a row cut inside its prompt is passed over):
+    `rows` as the tokenize stage wrote them (`row`, `input_ids`, `prompt_length`), their texts in `conversations`,
+    indexed by `row`."""
+    out = []
+    for row in rows:
+        if len(out) == limit:
+            break
+        if row["prompt_length"] < len(row["input_ids"]):
+            messages = conversations[row["row"]]
+            require(
+                messages[-1]["role"] == "assistant",
+                f"held-out conversation {row['row']} must end with an assistant turn, got {messages[-1:]!r}",
+            )
+            out.append(
+                Sample(row["input_ids"][: row["prompt_length"]], messages[-2]["content"], messages[-1]["content"])
+            )
+    return out
+
+
+def evaluate_models(
+    model: Any,
+    chat: Chat,
+    encoded: list[Encoded],
+    prompts: list[Sample],
+    benchmarks: list[Benchmark],
+    config: EvaluateConfig,
+    max_length: int,
+) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
+    """Every measure of base (adapter disabled) and tuned model: the metrics and the answered samples."""
+    tokenizer = chat.tokenizer
+    references = [sample.reference for sample in prompts]
+
+    results: dict[str, dict[str, Any]] = {}
+    for name in ("base", "tuned"):
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            loss = score(model, encoded, tokenizer.pad_token_id, config.batch_size)
+            answers = generate(
+                model, tokenizer, [s.prompt_ids for s in prompts], config.max_new_tokens, config.generate_batch_size
+            )
+            predictions = {
+                bench.name: classify(model, chat, bench, max_length, config.batch_size) for bench in benchmarks
+            }
+        results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
+
+    base, tuned = results["base"], results["tuned"]
+    metrics: dict[str, float | int] = {
+        "eval_rows": len(encoded),
+        "eval_tokens": tuned["loss"]["tokens"],
+        "base_loss": base["loss"]["loss"],
+        "base_perplexity": base["loss"]["perplexity"],
+        "tuned_loss": tuned["loss"]["loss"],
+        "tuned_perplexity": tuned["loss"]["perplexity"],
+        "loss_change_pct": 100.0 * (tuned["loss"]["loss"] - base["loss"]["loss"]) / base["loss"]["loss"],
+        "generated_samples": len(prompts),
+    }
+    for name, result in results.items():
+        metrics |= {f"{name}_{key}": value for key, value in answer_scores(result["answers"], references).items()}
+    for bench in benchmarks:
+        metrics |= benchmark_metrics(
+            bench, {name: result["predictions"][bench.name] for name, result in results.items()}
+        )
+    sample_rows = [
+        {
+            "prompt": sample.question,
+            "reference": sample.reference,
+            "base": b.text,
+            "tuned": t.text,
+            "base_rouge_l": rouge_l(final_answer(b.text), sample.reference),
+            "tuned_rouge_l": rouge_l(final_answer(t.text), sample.reference),
+            "base_ended": b.ended,
+            "tuned_ended": t.ended,
+        }
+        for sample, b, t in zip(prompts, base["answers"], tuned["answers"], strict=True)
+    ]
+    return metrics, sample_rows
+
+
+BAR_MEASURES = ("loss", "rouge_l", "token_f1", "eos_rate")
+MODELS = ("base", "tuned")
+
+
+def bar_rows(metrics: dict[str, float | int], benchmarks: list[str]) -> list[dict[str, Any]]:
+    """Base and tuned side by side for `dvc plots show`'s bar chart: one row per measure and model, the
+    benchmarks' (by name) accuracy and macro-F1 on every item and on the clean ones.
+
+    `bar_rows({"base_loss": 2.0, "tuned_loss": 1.5}, [])`
+    -> `[{"measure": "loss · base", "value": 2.0}, {"measure": "loss · tuned", "value": 1.5}]`
+    """
+    keys = [(measure, {m: f"{m}_{measure}" for m in MODELS}) for measure in BAR_MEASURES] + [
+        (f"{name} {kind.replace('_', ' ')}", {m: f"{name}_{m}_{kind}" for m in MODELS})
+        for name in benchmarks
+        for kind in ("accuracy", "macro_f1", "clean_accuracy", "clean_macro_f1")
+    ]
+    return [
+        {"measure": f"{measure} · {m}", "value": metrics[key[m]]}
+        for measure, key in keys
+        for m in MODELS
+        if key[m] in metrics
+    ]

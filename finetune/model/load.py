@@ -1,0 +1,146 @@
+"""The `model` section: which base model the stages load, and how (4-bit, sequence length, dtype).
+
+train decides `model.load_in_4bit: auto` for its GPU (`finetune.model.fit`) and records the precision it trained in
+with the adapter (`PRECISION_FILE`); evaluate, export and generate load the base in that same precision, with the
+adapter on it (`load_with_adapter`). No speed patch here (`finetune.model.patches`): tokenize reads this file for
+the tokenizer, and a patch is no reason to tokenize again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from finetune.config.params import require
+
+log = logging.getLogger(__name__)
+
+DTYPES = (None, "float16", "bfloat16", "float32")
+PRECISION_FILE = "base_precision.json"  # in the adapter's folder: how train loaded the base
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name: str  # Hub id or local folder of the base model
+    revision: str | None  # Hub commit, tag or branch; null = the default branch
+    max_seq_length: int  # longest sequence trained or scored, in tokens
+    load_in_4bit: bool | str  # QLoRA: 4-bit NF4 base weights (bitsandbytes); auto = 16-bit where it fits
+    dtype: str | None  # compute dtype; null = chosen from the hardware
+    trust_remote_code: bool = False  # run Python code shipped with the model (its auto_map); only for models you trust
+
+    def __post_init__(self) -> None:
+        require(bool(self.model_name.strip()), "model.model_name must not be empty")
+        require(self.max_seq_length >= 16, f"model.max_seq_length must be >= 16, got {self.max_seq_length}")
+        require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        require(
+            self.load_in_4bit in (True, False, "auto"),
+            f"model.load_in_4bit must be true, false or auto, got {self.load_in_4bit!r}",
+        )
+
+
+def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)` with unsloth's `FastLanguageModel.from_pretrained`, 4-bit or not as decided; one
+    of several processes (`local_rank`) loads the whole model onto its own GPU."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    require(
+        isinstance(config.load_in_4bit, bool),
+        f"model.load_in_4bit must be decided before loading (finetune.model.fit.resolved), got {config.load_in_4bit!r}",
+    )
+    placement = {}
+    if local_rank is not None and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        placement = {"device_map": {"": local_rank}}
+    return FastLanguageModel.from_pretrained(
+        model_name=config.model_name,
+        revision=config.revision,
+        max_seq_length=config.max_seq_length,
+        load_in_4bit=config.load_in_4bit,
+        dtype=getattr(torch, config.dtype) if config.dtype else None,
+        trust_remote_code=config.trust_remote_code,
+        **placement,
+    )
+
+
+def load_with_adapter(config: ModelConfig, adapter: Path) -> tuple[Any, Any, ModelConfig]:
+    """The base model in the precision `adapter` was trained in (`trained_precision`), the adapter on it, and the
+    tokenizer; also the config as loaded. For evaluate, export and generate."""
+    from peft import PeftModel
+
+    config = trained_precision(config, adapter)
+    model, tokenizer = load_base(config)
+    return PeftModel.from_pretrained(model, str(adapter)), tokenizer, config
+
+
+def linear_names(config: ModelConfig) -> set[str]:
+    """The names of the base model's linear layers (`q_proj`, `down_proj`, ...), which `lora.target_modules`
+    picks from: the model built from its configuration on the meta device, so no weight is read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base_config(config), trust_remote_code=config.trust_remote_code)
+    return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+def load_tokenizer(config: ModelConfig) -> Any:
+    """The base model's tokenizer alone (with its chat template): what the tokenize stage encodes with."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        config.model_name, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+
+
+def base_config(config: ModelConfig) -> Any:
+    """The base model's configuration (`config.json`), read without its weights."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        config.model_name, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+
+
+def record_precision(adapter: Path, config: ModelConfig) -> None:
+    """Write, beside the adapter's weights, the precision the base was trained in."""
+    (adapter / PRECISION_FILE).write_text(json.dumps({"load_in_4bit": config.load_in_4bit}) + "\n", encoding="utf-8")
+
+
+def trained_precision(config: ModelConfig, adapter: Path) -> ModelConfig:
+    """`config` with the base's precision as the adapter was trained (its `PRECISION_FILE`).
+
+    An adapter without that file (trained before it was written) is loaded as `model.load_in_4bit` says, which must
+    then be true or false: `auto` could decide otherwise on this machine than it did on the training's GPU.
+    """
+    path = adapter / PRECISION_FILE
+    if not path.is_file():
+        require(
+            isinstance(config.load_in_4bit, bool),
+            f"{adapter} does not record the precision it was trained in ({PRECISION_FILE}): set model.load_in_4bit "
+            "to true or false as in that training",
+        )
+        return config
+    recorded = json.loads(path.read_text(encoding="utf-8"))["load_in_4bit"]
+    if config.load_in_4bit not in ("auto", recorded):
+        log.warning(
+            "model.load_in_4bit is %s, but %s was trained on a base loaded with %s: loading it so",
+            config.load_in_4bit,
+            adapter,
+            recorded,
+        )
+    return replace(config, load_in_4bit=recorded)
+
+
+def mixed_precision() -> dict[str, bool]:
+    """Trainer precision flags for this hardware: bf16 where the GPU has it, else fp16; none on the CPU."""
+    import torch
+    from unsloth import is_bfloat16_supported
+
+    if not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    bf16 = bool(is_bfloat16_supported())
+    return {"bf16": bf16, "fp16": not bf16}

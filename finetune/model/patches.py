@@ -1,0 +1,77 @@
+"""Speed patches of the libraries, applied by the stages that train or score on the GPU (train, evaluate).
+
+Kept apart from the loading code (`finetune.model.load`): tokenize reads that file for the tokenizer, and editing a
+patch must not tokenize 771 M tokens again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+VARLEN_SWITCHES = ("UNSLOTH_TORCH_VARLEN", "UNSLOTH_LEAN_VARLEN")  # unsloth's switches of its varlen attention path
+
+
+def apply_speed_patches() -> bool:
+    """Apply every patch that fits this machine (on CUDA: `flash_varlen`); whether flash varlen attention is on."""
+    import torch
+
+    if not (torch.cuda.is_available() and flash_varlen()):
+        return False
+    log.info("padding-free attention: one flash varlen call per layer (torch %s)", torch.__version__)
+    return True
+
+
+def flash_varlen() -> bool:
+    """Whether unsloth runs the attention of a padding-free batch as one call of torch's flash varlen kernel per
+    layer; where its own check refuses the installed torch, give it that kernel.
+
+    unsloth takes the kernel only from a torch whose `varlen_attn` has `enable_gqa` (2.12 on); with an older one (the
+    GPU image's 2.11) it makes one cuDNN call per run of equal lengths, with copies and fills around them: ~8 calls
+    per layer on the data's length mix, which made the 8B shape 6 % slower (BENCHMARKS.md, session 11). What it calls
+    on 2.12+, `aten._flash_attention_forward` and `_backward` over `cu_seqlens` with a window (`_LeanFlashVarlen`),
+    is in torch's flash build before that too, and takes grouped K/V heads as they are. False where there is no flash
+    kernel (a GPU before Ampere, ROCm, a build without it), where unsloth's varlen path is turned off
+    (`UNSLOTH_TORCH_VARLEN=0`, `UNSLOTH_LEAN_VARLEN=0`), or where unsloth no longer has the parts named here: then
+    it keeps its own choice.
+    """
+    import torch
+    from unsloth.utils import attention_dispatch as dispatch
+
+    flash = torch.backends.cuda.is_flash_attention_available() and torch.version.hip is None
+    if not flash or torch.cuda.get_device_capability()[0] < 8:
+        return False
+    if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
+        return True
+    if any(os.environ.get(name, "1").lower() in ("0", "false", "no", "off") for name in VARLEN_SWITCHES):
+        return False
+    lean = getattr(dispatch, "_LeanFlashVarlen", None)
+    if lean is None or not hasattr(dispatch, "_LEAN_VARLEN"):
+        return False
+    schema = str(torch.ops.aten._flash_attention_forward.default._schema)
+    if "window_size_left" not in schema or "window_size_right" not in schema:
+        return False
+
+    def varlen_attn(
+        query: Any,
+        key: Any,
+        value: Any,
+        cu_seq_q: Any,
+        cu_seq_k: Any,
+        max_q: int,
+        max_k: int,
+        *,
+        scale: float | None = None,
+        window_size: tuple[int, int] = (-1, -1),
+        enable_gqa: bool = False,
+    ) -> Any:
+        # unsloth passes one cu_seqlens for queries and keys, and grouped K/V heads unexpanded (enable_gqa)
+        return lean.apply(query, key, value, cu_seq_q, max_q, tuple(window_size) == (-1, 0), scale, *window_size)
+
+    dispatch._TORCH_VARLEN_ATTN = varlen_attn
+    dispatch._LEAN_VARLEN = True
+    dispatch._varlen_can_use_cudnn = lambda *args, **kwargs: False  # 2.11's varlen has no cuDNN path either
+    return True

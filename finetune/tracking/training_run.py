@@ -1,0 +1,122 @@
+"""The MLflow run of a training: opened (or continued, after a kill) as it starts, given the adapter as it ends
+(tagged with its SHA-256, by which evaluate finds the run again: `finetune.tracking.adapter_run`).
+
+One run per training: a resumed training continues the run its killed attempt opened (the checkpoint folder
+remembers its id); a run left RUNNING by a kill with nothing to resume is marked KILLED; a training that raises
+ends its run FAILED. On several machines each machine's first process logs that machine's system metrics into it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from finetune.tracking.adapter_run import adapter_digest
+from finetune.tracking.records import git_commit, lock_hashes, log_data_inputs, log_settings, run_name
+from finetune.tracking.store import TrackingConfig, open_store, store_root, tracking_uri
+from finetune.training import checkpoints
+from finetune.training.distributed import World
+
+log = logging.getLogger(__name__)
+
+DATA_TAGS = ("data/raw", "data/sharegpt", "data/standardized", "data/tokenized")  # dvc.lock hashes tagged on the run
+
+
+def run_status(run_id: str) -> str | None:
+    """The MLflow run's status (RUNNING, FINISHED, FAILED, KILLED), or None if the store does not hold it."""
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+@contextlib.contextmanager
+def training_run(
+    tracking: TrackingConfig,
+    folder: Path,
+    resume: Path | None,
+    settings: dict[str, Any],
+    files: dict[str, Path],
+    digests: dict[str, str],
+    environ: Mapping[str, str],
+) -> Iterator[Any]:
+    """The MLflow run of this training, in the store at the repo root, continued from a killed attempt when it
+    resumes one (`folder` is its checkpoint folder). It carries the settings, the data (dataset inputs with DVC's
+    hashes, the `dvc.lock` tags) and the commit, and ends FAILED if the training raises."""
+    import mlflow
+
+    open_store(tracking, environ, Path.cwd())
+    commit = git_commit(Path.cwd())
+    earlier = checkpoints.run_id(folder)
+    status = run_status(earlier) if earlier is not None else None
+    if resume is None and status == "RUNNING":  # killed (a failed run was marked FAILED as it failed)
+        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
+    if resume is None or status is None:  # nothing of it is reused, or its store was deleted: a new run
+        earlier = None
+    name = None if earlier else run_name(environ, commit)
+    mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)
+    with mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run:
+        checkpoints.remember_run(folder, run.info.run_id)
+        locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
+        tags = {"git_commit": commit, "dvc_exp_name": environ.get("DVC_EXP_NAME", ""), "stage": "train"}
+        log_settings(settings, tags | locked | ({"resumed_from": resume.name} if resume else {}))
+        if resume is None:
+            log_data_inputs(files, digests)
+        yield run
+
+
+@contextlib.contextmanager
+def machine_metrics(run: Any, world: World, tracking: TrackingConfig, environ: Mapping[str, str]) -> Iterator[None]:
+    """On several machines, the first process of each machine but rank 0's logs that machine's GPU, CPU and memory
+    use into the training's run, as `system/node<N>/...` (rank 0's run logs its own machine's as `system/...`).
+    Every process must enter: rank 0 sends the run's id to the others (the Trainer has joined them by now)."""
+    if world.size == 1:
+        yield
+        return
+    import mlflow
+    import torch.distributed
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    shared = [run.info.run_id if world.main else None]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    node = int(environ.get("GROUP_RANK", "0"))  # torchrun's number of this machine
+    if world.local_rank != 0 or node == 0:
+        yield
+        return
+    mlflow.set_tracking_uri(tracking_uri(environ, store_root(environ, Path.cwd())))
+    monitor = SystemMetricsMonitor(
+        shared[0], sampling_interval=tracking.system_metrics_seconds, resume_logging=True, node_id=f"node{node}"
+    )
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def register_adapter(name: str, run_id: str, artifact_uri: str) -> str:
+    """Register the run's `adapter` artifacts as a new version of the registered model `name`; its version."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description="LoRA adapters trained by this project's train stage")
+    version = client.create_model_version(name, source=f"{artifact_uri}/adapter", run_id=run_id)
+    return str(version.version)
+
+
+def record_adapter(run: Any, adapter: Path, registered_model: str | None) -> None:
+    """The adapter as the run's artifacts, tagged with its SHA-256 (evaluate finds the run by it), and registered
+    as a new version of `registered_model` unless that is null."""
+    import mlflow
+
+    mlflow.log_artifacts(str(adapter), artifact_path="adapter")
+    mlflow.set_tag("adapter_sha256", adapter_digest(adapter))
+    if registered_model:
+        version = register_adapter(registered_model, run.info.run_id, run.info.artifact_uri)
+        log.info("adapter registered as %s version %s", registered_model, version)

@@ -1,0 +1,129 @@
+"""Random-weight models of the real distills' shapes: the same compute per token as the real models, no download.
+
+    python -m perf.shapes llama-8b /tmp/llama-8b     # DeepSeek-R1-Distill-Llama-8B's shape, bf16
+
+The tokenizer is the demo's (trained on the embedded sample, DeepSeek's special tokens and chat template); its
+ids are a subset of the model's vocabulary, which keeps the real size so that the output layer costs what it does.
+Prints the shape as written to the folder's config.json, and the parameter count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+SHAPES = {
+    # a few hundred thousand parameters: for trying the speed scripts on the CPU (their smoke tests use it)
+    "tiny": {
+        "architecture": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 224,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "vocab_size": 1024,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
+    # DeepSeek-R1-Distill-Llama-8B (Llama-3.1-8B)
+    "llama-8b": {
+        "architecture": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
+    # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2.5-Math-1.5B)
+    "qwen-1.5b": {
+        "architecture": "qwen2",
+        "hidden_size": 1536,
+        "intermediate_size": 8960,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 12,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    },
+}
+SAMPLE = Path("data/sample/finance_instruct_sample.jsonl")  # the demo's sample, relative to the project root
+
+
+def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
+    """Write a random-weight bf16 model of `shape` and the demo's tokenizer to `output` (on the GPU if there is one)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from demo.tiny_model import train_tokenizer
+
+    spec = dict(SHAPES[shape])
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokenizer = train_tokenizer([row[c] for row in rows for c in ("system", "user", "assistant")], vocab_size=1024)
+    config = AutoConfig.for_model(
+        spec.pop("architecture"),
+        **spec,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output, max_shard_size="4GB")
+    tokenizer.save_pretrained(output)
+    print(f"{shape}: {described(output)}, {model.num_parameters():,} parameters -> {output}", flush=True)
+
+
+def described(model_dir: Path) -> str:
+    """The shape of the model in `model_dir`, read from its config.json: what a speed script's table header shows.
+
+    `described(Path("/tmp/tiny"))` -> `"llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"`.
+    """
+    config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return (
+        f"{config['model_type']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+        f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} key/value), "
+        f"MLP {config['intermediate_size']}, vocabulary {config['vocab_size']:,}"
+    )
+
+
+def ensure(shape: str, model_dir: Path, root: Path, env: dict[str, str]) -> None:
+    """Build the model of `shape` into `model_dir` (`python -m perf.shapes`, its own process) unless it is there."""
+    if not (model_dir / "config.json").exists():
+        command = [sys.executable, "-m", "perf.shapes", shape, str(model_dir), "--corpus", str(root / SAMPLE)]
+        subprocess.run(command, check=True, env=env, cwd=root)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("shape", choices=sorted(SHAPES))
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--corpus", type=Path, default=SAMPLE, help="JSONL rows the tokenizer is trained on")
+    args = parser.parse_args(argv)
+    build(args.shape, args.output, args.corpus)
+
+
+if __name__ == "__main__":
+    main()
+
+
+def child_environment(root: Path, work: Path) -> dict[str, str]:
+    """The environment of a speed script's children: the project on the path, a fresh MLflow store in `work`, and
+    none of the caller's other MLflow variables (an experiment or run id of another store would be looked up in this
+    one, and refused)."""
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return inherited | {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}

@@ -1,0 +1,323 @@
+"""Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
+
+    python -m perf.train_speed [--params params.yaml] [--shape llama-8b] [--steps 12] [--batch 4]
+        [--lengths mixed|fixed] [--setups project,project-auto,bare,plain] [--profile] [--processes 1,2] [--repeat 3]
+
+On a random-weight model of a real shape (`perf.shapes`), with the settings of `--params` that the train stage reads
+(`model`: precision, dtype, `max_seq_length`; `lora`; `train`: learning rate, optimizer, schedule, packing, sampling;
+`chat`; `tokenize`), `--batch` conversations per optimizer step in one pass (unless an `auto` micro-batch splits it)
+for `--steps` steps, the same conversations for every setup:
+- `mixed`: three rows merged per conversation as `to_sharegpt` merges them, rows with the real data's length mix
+  (`perf.data_stages`), cut at `model.max_seq_length` tokens;
+- `fixed`: every conversation one long answer, cut at `model.max_seq_length`.
+
+The project's run calls `finetune.model.fit.fit_to_machine`, `finetune.model.load.load_base`, unsloth's
+`get_peft_model` and `finetune.training.trainer.build_trainer` (TRL's SFTTrainer as the stage builds it): `project`
+with the settings as `--params` writes them, `project-auto` with every `auto` setting (16-bit base where it fits,
+checkpointing only if needed, the largest micro-batch that fits), and the variants of `SETUPS`. The baselines
+(`perf.train_baselines`): `bare`, unsloth + TRL's SFTTrainer as their documentation writes them; `plain`,
+transformers + peft + bitsandbytes with a plain loop (CUDA only: skipped on the CPU). Each setup runs in its own
+process (unsloth patches transformers when imported). The first `--warmup` steps are left out; tokens are counted
+from the batches each step consumed: effective (non-padding) tokens/s, the padding share, MFU (4 x matmul parameters
+x tokens: forward and input gradients, over 790 TFLOP/s) and peak GPU memory. With `--processes 1,2` each project
+setup runs once per count, data-parallel under torchrun as the train stage does (`--batch` split over the processes,
+`finetune.training.distributed`; one GPU each, so skipped without enough): tokens/s summed over them, MFU per GPU,
+the largest peak, the speed-up over one process, and how far each step's loss is from the one-process run's (same
+batches, same order). `--repeat N` runs every setup N times, each in fresh processes, and reports the median run.
+The table's header shows the settings the runs report: the shape, `max_seq_length`, the LoRA the model carried.
+Exits 1 when a setup failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from finetune.training.distributed import launcher
+from perf.shapes import child_environment, described, ensure
+from perf.train_baselines import run_bare, run_plain
+from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
+
+PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on this workplace's H100/H200 (the datasheet says 989)
+
+
+def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Training conversations: `mixed` merges three generated rows each; `fixed` has one very long answer."""
+    from perf.data_stages import make_rows, single_turns
+
+    if kind == "fixed":
+        rows = make_rows(count, seed)
+        return [
+            [{"role": "user", "content": u}, {"role": "assistant", "content": (a + " ") * 40}]
+            for u, a in zip(rows["user"], rows["assistant"], strict=True)
+        ]
+    turns = single_turns(3 * count, seed)
+    return [turns[3 * i] + turns[3 * i + 1] + turns[3 * i + 2] for i in range(count)]
+
+
+def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
+    """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
+    `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
+    `finetune.model.fit.fit_to_machine`, as the stage decides them)."""
+    import unsloth  # noqa: F401, I001  # isort: skip
+    from unsloth import FastLanguageModel
+
+    from finetune.model import fit
+    from finetune.model.load import load_base
+    from finetune.model.patches import apply_speed_patches
+    from finetune.tokens.chat import Chat
+    from finetune.tokens.encode import tokenized
+    from finetune.training.distributed import World
+    from finetune.training.trainer import build_trainer
+
+    model_config = dataclasses.replace(
+        configs.model, load_in_4bit=settings.get("load_in_4bit", configs.model.load_in_4bit)
+    )
+    lora = dataclasses.replace(
+        configs.lora,
+        use_gradient_checkpointing=settings.get("use_gradient_checkpointing", configs.lora.use_gradient_checkpointing),
+    )
+    config = dataclasses.replace(
+        configs.train,
+        micro_batch_size=settings.get("micro_batch_size", configs.train.micro_batch_size),
+        padding_free=settings.get("padding_free", configs.train.padding_free),
+        packing=settings.get("packing", configs.train.packing),
+        train_sampling_strategy=settings.get("sampling", configs.train.train_sampling_strategy),
+    )
+    world = World.from_environ(dict(os.environ))  # under torchrun (`--processes`): each takes its share of the batch
+    config = fit.split_batch_over_processes(config, world)
+    model_config, lora, config = fit.fit_to_machine(model_config, lora, config)
+    chosen = {key.removeprefix("fit."): value for key, value in fit.fit_tags(model_config, lora, config).items()}
+    print(f"settings: {chosen}", flush=True)
+    apply_speed_patches()
+    model, tokenizer = load_base(model_config, world.gpu)
+    model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
+    chat = Chat(tokenizer, configs.chat)
+    dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
+    trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
+    clock = clocked(trainer)
+    if settings.get("profile"):
+        profiled(trainer, work / "trace.json.gz")
+    else:
+        trainer.train()
+    ran = {"lora": lora_ran(model), "max_seq_length": model_config.max_seq_length}
+    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": step_losses(trainer)} | ran
+
+
+EXPANDABLE = "expandable_segments:True"
+AUTO = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_size": "auto"}
+SETUPS = {  # name: (code path, settings over --params')
+    "project": (run_project, {}),  # the settings as --params writes them (the real run's: 4-bit, checkpointing)
+    "project-nogc": (run_project, {"use_gradient_checkpointing": False}),
+    "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
+    "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
+    "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into full-length rows
+    "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
+    # PyTorch's caching allocator growing its segments instead of retrying cudaMalloc when padding-free batches of
+    # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
+    "project-auto-expandable": (run_project, AUTO | {"environ": {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}}),
+    "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
+    "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
+    "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
+}
+
+
+def combined(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from every process's result: tokens/s summed (the steps are synchronised, so the timed windows
+    match), padding share averaged, the largest peak memory and time, rank 0's settings."""
+    return ranks[0] | {
+        "tokens_per_s": sum(r["tokens_per_s"] for r in ranks),
+        "padding_share": sum(r["padding_share"] for r in ranks) / len(ranks),
+        "peak_gib": max(r["peak_gib"] for r in ranks),
+        "seconds": max(r["seconds"] for r in ranks),
+    }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of repeated runs of one setup (each a fresh process), the one of median tokens/s (the lower middle of an even
+    count), with every run's tokens/s beside it."""
+    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
+    return ordered[(len(ordered) - 1) // 2] | {"each": [run["tokens_per_s"] for run in runs]}
+
+
+def matmul_parameters(model_dir: Path) -> float:
+    """Parameters that every token multiplies through (all linear layers and the output layer)."""
+    from types import SimpleNamespace
+
+    from finetune.model.fit import Shape
+
+    shape = Shape.of(SimpleNamespace(**json.loads((model_dir / "config.json").read_text())))
+    return shape.linear_parameters + shape.hidden * shape.vocab
+
+
+def counts(text: str) -> list[int]:
+    """`--processes`: `"1,2"` -> `[1, 2]`."""
+    return [int(count) for count in text.split(",")]
+
+
+def loss_gap(losses: list[float], reference: list[float]) -> float:
+    """The largest relative difference between two loss curves, step by step (NaN if their lengths differ)."""
+    if len(losses) != len(reference) or not losses:
+        return float("nan")
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+
+
+def lora_text(lora: dict[str, Any]) -> str:
+    """A LoRA as a run reports it (`lora_ran`), for the header.
+
+    `{"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"], "rslora": False}`
+    -> `"LoRA r 8, alpha 16, dropout 0.0 on q_proj/v_proj"`.
+    """
+    text = f"LoRA r {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {'/'.join(lora['targets'])}"
+    return text + (", rsLoRA" if lora["rslora"] else "")
+
+
+def header(shape: str, model_dir: Path, rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace) -> str:
+    """The table's title: the shape, and the sequence length and LoRA the runs report (each setup's own where they
+    differ), the batch, steps and lengths, the machine."""
+    import torch
+
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    ran = {json.dumps({"max_seq_length": r["max_seq_length"], "lora": r["lora"]}, sort_keys=True) for _, _, r in rows}
+    if len(ran) == 1:
+        one = json.loads(next(iter(ran)))
+        settings = f"max_seq_length {one['max_seq_length']}, {lora_text(one['lora'])}"
+    else:
+        settings = "; ".join(
+            f"{setup}: max_seq_length {r['max_seq_length']}, {lora_text(r['lora'])}" for setup, _, r in rows
+        )
+    return (
+        f"{shape} ({described(model_dir)}), {settings}, batch {args.batch} conversations per step, {args.steps} steps "
+        f"({args.warmup} untimed), {args.lengths} lengths, settings of {args.params}, {card}"
+    )
+
+
+def table(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace, flops_per_token: float) -> list[str]:
+    """One line per setup and number of processes, the median of its repeats."""
+    import torch
+
+    lines = [
+        f"| setup | processes | settings | effective tokens/s (median of {args.repeat}) | each run | × 1 process "
+        "| padding share | MFU per GPU | peak GiB | timed s | loss vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for setup, count, r in rows:
+        single = next((one for name, n, one in rows if name == setup and n == 1), None)
+        mfu = f"{r['tokens_per_s'] * flops_per_token / PEAK_FLOPS / count:.1%}" if torch.cuda.is_available() else "-"
+        described_settings = ", ".join(f"{key} {value}" for key, value in r["settings"].items())
+        speedup = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}×" if single and count > 1 else ""
+        apart = f"{loss_gap(r['losses'], single['losses']):.2%}" if single and count > 1 else ""
+        each = " ".join(f"{tokens:,.0f}" for tokens in r["each"])
+        lines.append(
+            f"| {setup} | {count} | {described_settings} | {r['tokens_per_s']:,.0f} | {each} | {speedup} "
+            f"| {r['padding_share']:.1%} | {mfu} | {r['peak_gib']:.1f} | {r['seconds']:.1f} | {apart} |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file, as the stages read")
+    parser.add_argument("--shape", default="llama-8b")
+    parser.add_argument("--lengths", choices=("mixed", "fixed"), default="mixed")
+    parser.add_argument("--batch", type=int, default=4, help="conversations per optimizer step")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
+    parser.add_argument("--setups", default="project,plain", help=f"comma-separated, of {', '.join(SETUPS)}")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/train-bench"))
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"project setups: print where steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1]} spend time, and where the "
+        "GPU waits",
+    )
+    parser.add_argument(
+        "--processes", type=counts, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each setup; the table gives the median")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = [setup for setup in args.setups.split(",") if setup not in SETUPS]
+    if unknown:
+        parser.error(f"--setups: unknown {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    if not 1 <= args.warmup < args.steps:
+        parser.error(f"--warmup must be >= 1 and below --steps ({args.steps}), got {args.warmup}")
+    if args.profile and args.steps < PROFILED_STEPS[1]:
+        parser.error(f"--profile records steps {PROFILED_STEPS[0]}-{PROFILED_STEPS[1]}: --steps must be at least 7")
+    work = args.work.resolve()
+    model_dir = work / args.shape
+
+    if args.child:  # one setup, in this process (one of `--processes` under torchrun)
+        run, settings = SETUPS[args.child]
+        data = conversations(args.lengths, args.batch * args.steps)
+        loaded = configs(args.params, model_dir, args.batch, args.steps)
+        result = run(loaded, data, settings | {"profile": args.profile}, work)
+        summary = result.pop("clock").summary(args.warmup)
+        rank = os.environ.get("RANK", "0")
+        (work / f"{args.child}.rank{rank}.json").write_text(json.dumps(result | summary))
+        return 0
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    env = child_environment(root, work)
+    work.mkdir(parents=True, exist_ok=True)
+    ensure(args.shape, model_dir, root, env)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # LoRA: forward (2 per parameter) and the backward's input gradients (2); frozen weights get no gradient
+    flops_per_token = 4 * matmul_parameters(model_dir)
+    # the children read the same settings file and work folder, wherever they start
+    passed = [
+        *(argv if argv is not None else sys.argv[1:]),
+        "--params",
+        str(args.params.resolve()),
+        "--work",
+        str(work),
+    ]
+    rows, failed = [], []
+    for setup in args.setups.split(","):
+        run, settings = SETUPS[setup]
+        if settings.get("cuda") and not gpus:
+            print(f"{setup}: skipped, it needs a CUDA GPU (bitsandbytes NF4 on cuda:0) and this machine has none")
+            continue
+        for count in args.processes if run is run_project else [1]:  # the baselines run on one GPU
+            if count > max(gpus, 1):
+                print(f"{setup} on {count} processes: skipped, it needs {count} GPUs and this machine has {gpus}")
+                continue
+            arguments = [*passed, "--child", setup]
+            command = [sys.executable, "-m", "perf.train_speed", *arguments]
+            if count > 1:  # as the train stage starts itself: torchrun, one process per GPU
+                command = launcher(count, "perf.train_speed", arguments, {})
+            runs = []
+            for _ in range(args.repeat):
+                for stale in work.glob(f"{setup}.rank*.json"):
+                    stale.unlink()
+                environ = env | settings.get("environ", {})  # read as the child's torch starts
+                if subprocess.run(command, check=False, env=environ, cwd=root).returncode != 0:
+                    print(f"{setup} on {count} processes failed: see its output above", flush=True)
+                    failed.append(f"{setup} on {count}")
+                    break
+                runs.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))]))
+            if runs:
+                rows.append((setup, count, median_run(runs)))
+    if rows:
+        print(f"\n{header(args.shape, model_dir, rows, args)}\n")
+        print("\n".join(table(rows, args, flops_per_token)))
+    for setup, count, r in rows:
+        if r["losses"]:
+            print(f"loss per step, {setup} on {count}: {' '.join(f'{loss:.4f}' for loss in r['losses'])}")
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    elif not rows:
+        print("no setup ran", flush=True)
+    return 1 if failed or not rows else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""perf/: every speed script runs as a user runs it, on the tiny shape on the CPU, small sizes, nothing timed; the
+table's header shows the settings it ran (read from the params file it was given, not written into the script).
+
+The settings file differs from params.yaml where the header shows it (`lora.r` 8, not 4; other targets, alpha,
+sequence length, `benchmarks.ngram`), so a header that describes params.yaml's values instead of the run's fails.
+`gaps` has its own tests (tests/test_gaps.py); GPU-only setups (train_speed's `plain`, several processes) are
+skipped by the script on the CPU, which the test checks it says.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "down_proj"]}  # params.yaml: 4, 16, q/k/v/o
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def settings(folder: Path, **sections: dict[str, Any]) -> Path:
+    """params.yaml with `sections`' keys overridden, written to `folder`."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in sections.items():
+        params[section] |= values
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_shape(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shape, built once by `python -m perf.shapes` (the scripts build it in `--work` unless it is there)."""
+    from perf.shapes import main
+
+    folder = tmp_path_factory.mktemp("shapes") / "tiny"
+    main(["tiny", str(folder), "--corpus", str(ROOT / "data" / "sample" / "finance_instruct_sample.jsonl")])
+    return folder
+
+
+def work_with(tmp_path: Path, tiny_shape: Path) -> Path:
+    """A work folder holding the tiny shape already (a link: it is built once per session)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "tiny").symlink_to(tiny_shape, target_is_directory=True)
+    return work
+
+
+def test_shapes_writes_the_shape_it_names(tiny_shape: Path) -> None:
+    from perf.shapes import SHAPES, described
+
+    config = json.loads((tiny_shape / "config.json").read_text(encoding="utf-8"))
+    spec = SHAPES["tiny"]
+    assert (config["model_type"], config["hidden_size"]) == (spec["architecture"], spec["hidden_size"])
+    assert (config["num_hidden_layers"], config["num_key_value_heads"]) == (2, 1)
+    assert (tiny_shape / "tokenizer.json").is_file() and (tiny_shape / "model.safetensors").is_file()
+    assert described(tiny_shape) == "llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"
+
+
+def test_train_speed_prints_the_lora_and_length_it_trained_with(
+    tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from perf.train_speed import main
+
+    params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
+    arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
+    arguments += ["--setups", "project,bare,plain", "--steps", "7", "--warmup", "2", "--batch", "2"]
+    status = main([*arguments, "--profile", "--processes", "1,2"])
+    out, err = capfd.readouterr()
+
+    assert status == 0, out[-3000:] + err[-5000:]
+    assert "LoRA r 8, alpha 32, dropout 0.0 on down_proj/q_proj/v_proj" in out  # as the models carried it
+    assert "max_seq_length 256, " in out and "batch 2 conversations per step, 7 steps (2 untimed)" in out
+    assert f"settings of {params}" in out
+    assert "| project | 1 | load_in_4bit True, use_gradient_checkpointing unsloth, per_device_train_batch_size 2" in out
+    assert "| bare | 1 | " in out
+    assert "profile of steps 5-7" in out and "where the GPU waited" in out
+    if cuda():
+        assert "| plain | 1 | " in out
+    else:
+        assert "plain: skipped, it needs a CUDA GPU" in out
+        assert "project on 2 processes: skipped, it needs 2 GPUs and this machine has 0" in out
+    assert "LoRA r 4" not in out
+
+
+def test_train_speed_refuses_an_unknown_setup_and_a_profile_too_short() -> None:
+    from perf.train_speed import main
+
+    with pytest.raises(SystemExit):
+        main(["--setups", "project,fast"])
+    with pytest.raises(SystemExit):
+        main(["--setups", "project", "--profile", "--steps", "6"])
+
+
+def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
+    tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from perf.evaluate_speed import main
+
+    evaluate = {"batch_size": 4, "generate_batch_size": 2}
+    params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256}, evaluate=evaluate)
+    work = work_with(tmp_path, tiny_shape)
+    main(
+        ["--params", str(params), "--shape", "tiny", "--work", str(work), "--rows", "6", "--samples", "2"]
+        + ["--max-new-tokens", "4", "--benchmark-items", "5"]
+    )
+    out = capfd.readouterr().out
+
+    header = next(line for line in out.splitlines() if line.startswith("tiny ("))
+    assert "base in 4-bit" in header and "max_seq_length 256" in header
+    assert "LoRA r 8, alpha 32 on down_proj/q_proj/v_proj" in header  # the adapter's own config
+    assert "batch_size 4, 2 samples x max_new_tokens 4, generate_batch_size 2" in header
+    head, _, values = [line for line in out.splitlines() if line.startswith("|")][-3:]
+    row = dict(zip(head.strip("| ").split(" | "), values.strip("| ").split(" | "), strict=True))
+    assert (row["fpb items"], row["fiqa_sa items"], row["tfns items"], row["samples answered"]) == ("5", "5", "5", "2")
+    assert float(row["evaluate stage wall s"]) >= float(row["evaluation s"]) > 0
+    assert row["peak GPU GiB"] != "-" if cuda() else row["peak GPU GiB"] == "-"
+    assert len((work / "benchmarks" / "fpb" / "sentences_50agree" / "train.jsonl").read_text().splitlines()) == 5
+
+
+def test_the_benchmark_stand_ins_load_as_the_stage_loads_them_at_their_real_sizes(tmp_path: Path) -> None:
+    """Each preset's stand-in, in its Hub schema and of its published size, is read by the benchmarks stage's own
+    loader and label mapping (no model: the scoring itself is the evaluate_speed run's)."""
+    from finetune.evaluation.benchmark_sets import labelled_items
+    from perf.evaluate_speed import REAL_ITEMS, benchmark_items, load_sets, settings_file
+    from stages.benchmarks import load_set
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    written, items = settings_file(params, tmp_path / "tiny", tmp_path / "benchmarks", {}, "real")
+    assert items == REAL_ITEMS == {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388}
+    for i, bench in enumerate(load_sets(written)):
+        dataset, provenance = load_set(bench, f"benchmarks.sets[{i}]", (tmp_path / "benchmarks",))
+        rows = labelled_items(bench, dataset, f"benchmarks.sets[{i}]")
+        assert len(rows) == items[bench.name] and {row["label"] for row in rows} == set(bench.labels)
+        assert "sha256" in provenance  # a local folder, not the Hub
+    fiqa = [json.loads(line) for line in (tmp_path / "benchmarks" / "fiqa_sa" / "test.jsonl").open()]
+    assert all(-1 <= row["score"] <= 1 for row in fiqa) and set(fiqa[0]) == {"sentence", "score"}
+    with pytest.raises(ValueError, match="no real size known for 'headlines'"):
+        benchmark_items("real", "headlines")
+
+
+def test_data_stages_runs_the_stages_with_the_settings_it_prints(
+    tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from perf.data_stages import main
+
+    params = settings(
+        tmp_path, fetch={"eval_size": 20}, to_sharegpt={"conversation_extension": 2}, model={"max_seq_length": 512}
+    )
+    arguments = ["--params", str(params), "--rows", "150", "--work", str(tmp_path / "work"), "--cores", "1"]
+    main([*arguments, "--tokenizer", str(tiny_shape)])
+    out = capfd.readouterr().out
+
+    assert "150 rows generated, fetch.eval_size 20" in out
+    assert "to_sharegpt.conversation_extension 2" in out and "model.max_seq_length 512" in out
+    assert "training conversations identical to the seed style: True" in out  # with the same to_sharegpt settings
+    assert "| standardize | " in out and "| the stage, process start to end | 1 | " in out
+
+
+def test_contamination_speed_finds_what_it_planted_by_the_ngram_of_the_params(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from perf.contamination_speed import main
+
+    params = settings(tmp_path, benchmarks={"ngram": 9})
+    main(["--params", str(params), "--work", str(tmp_path), "--conversations", "1500", "--items", "100"])
+    out = capsys.readouterr().out
+
+    assert "1,500 conversations of" in out and "benchmarks.ngram 9, " in out
+    planted = re.search(r"planted 9 words found by the n-gram: (\d+)/(\d+)", out)
+    assert planted and planted[1] == planted[2] != "0", out
