@@ -20,9 +20,9 @@ install: $(VENV)/.installed
 demo: install
 	python -m demo.run
 
-test: install  # ruff, then every test, end to end included, a module per core at a time; the 15 slowest printed
+test: install  # ruff, then every test, end to end included; the 15 slowest printed at the end
 	ruff check .
-	python -m pytest -n auto --dist loadfile --durations=15
+	python -m pytest --durations=15
 
 test-fast: install  # the tests that need no model, unsloth, subprocess or server: a change to a pure function
 	python -m pytest -m "not slow" -q
