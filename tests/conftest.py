@@ -28,7 +28,7 @@ SLOW_MODULE = re.compile(r"^pytestmark = .*\bslow\b", re.MULTILINE)  # a module 
 
 def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
-        return  # pytest-xdist's controller (make test: -n auto) runs no test; its workers import what they need
+        return  # pytest-xdist's controller (pytest -n auto) runs no test; its workers import what they need
     if "PYTEST_XDIST_WORKER" in os.environ:  # each worker, and the stages it starts, its own compiled trainers
         folder = Path(tempfile.gettempdir()) / f"unsloth-compiled-{os.getpid()}-{os.environ['PYTEST_XDIST_WORKER']}"
         os.environ["UNSLOTH_COMPILE_LOCATION"] = str(folder)
