@@ -157,7 +157,7 @@ def header(shape: str, work: Path, args: argparse.Namespace) -> str:
     base = f"base in {'4-bit' if four_bit else '16-bit'}, dtype {model.dtype or 'auto'}"
     return (
         f"{shape} ({described(work / shape)}), {base}, max_seq_length {model.max_seq_length}, {lora}; evaluate: "
-        f"max_rows {evaluate.max_rows}, batch_size {evaluate.batch_size}, {evaluate.num_samples} samples x "
+        f"max_rows {evaluate.max_rows}, batch_tokens {evaluate.batch_tokens}, {evaluate.num_samples} samples x "
         f"max_new_tokens {evaluate.max_new_tokens}, generate_batch_size {evaluate.generate_batch_size}; "
         f"benchmarks ngram {ngram}; settings of {args.params}; {card}"
     )

@@ -17,7 +17,15 @@ from demo.tiny_model import BOS
 from finetune.evaluation.answers import final_answer, generate
 from finetune.evaluation.base_vs_tuned import EvaluateConfig, Sample, bar_rows, evaluate_models, held_out_samples
 from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, read_benchmarks, read_rows
-from finetune.evaluation.likelihood import by_length, nll_per_row, score, sequence_nll
+from finetune.evaluation.likelihood import (
+    by_length,
+    by_tokens,
+    choice_nll,
+    nll_per_row,
+    score,
+    sequence_nll,
+    shared_length,
+)
 from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
@@ -34,8 +42,9 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model_dir: Path):
+    """The tiny model in float32: scores that must agree do to the fifth digit (bfloat16 rounds at the third)."""
     config = ModelConfig(
-        model_name=str(tiny_model_dir), revision=None, max_seq_length=256, load_in_4bit=True, dtype=None
+        model_name=str(tiny_model_dir), revision=None, max_seq_length=256, load_in_4bit=False, dtype="float32"
     )
     model, tokenizer = load_base(config)
     model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -81,10 +90,10 @@ def test_padding_never_enters_the_loss(model_and_tokenizer, chat: Chat) -> None:
     together = sequence_nll(model, rows, tokenizer.pad_token_id)
     assert [count for _, count in together] == [count for _, count in alone]
     assert [nll for nll, _ in together] == pytest.approx([nll for nll, _ in alone], rel=1e-4)
-    per_row = nll_per_row(model, rows, tokenizer.pad_token_id, batch_size=2)
+    per_row = nll_per_row(model, rows, tokenizer.pad_token_id, max_tokens=1024)
     assert [c for _, c in per_row] == [c for _, c in together]
     assert [n for n, _ in per_row] == pytest.approx([n for n, _ in together], rel=1e-4)
-    scored = score(model, rows, tokenizer.pad_token_id, batch_size=1)
+    scored = score(model, rows, tokenizer.pad_token_id, max_tokens=1)
     tokens, nll = sum(c for _, c in alone), sum(n for n, _ in alone)
     assert scored["tokens"] == tokens
     assert scored["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
@@ -94,14 +103,48 @@ def test_batches_by_length_cover_every_row_once() -> None:
     assert by_length([3, 9, 1, 8], 2) == [[1, 3], [0, 2]]
     batches = by_length(list(range(10)), 3)
     assert sorted(i for batch in batches for i in batch) == list(range(10)) and len(batches[-1]) == 1
+    assert by_tokens([3, 9, 1, 8], 18) == [[1, 3], [0, 2]]
+    assert by_tokens([3, 9, 1, 8], 8) == [[1], [3], [0, 2]]  # a row longer than the budget goes alone
+    batches = by_tokens(list(range(1, 11)), 12)
+    assert sorted(i for batch in batches for i in batch) == list(range(10))
+    assert all(len(batch) * (max(batch) + 1) <= 12 or len(batch) == 1 for batch in batches)
+
+
+def full_choice_nll(model, pad_id: int, choices: list[tuple[list[int], list[int]]]) -> list[float]:
+    """Each choice scored whole, one sequence each, on the learnt tokens after the ones all choices share."""
+    shared = max(shared_length([ids for ids, _ in choices]), 1)
+    masked = [(ids, [IGNORE_INDEX] * shared + labels[shared:]) for ids, labels in choices]
+    return [nll for nll, _ in sequence_nll(model, masked, pad_id)]
+
+
+def test_each_choice_scores_as_its_whole_sequence_with_the_prompt_run_once(model_and_tokenizer, chat: Chat) -> None:
+    model, tokenizer = model_and_tokenizer
+    labels = ["positive", "negative", "neutral", "mildly negative"]  # answers of different token lengths
+    questions = ["Rates rose.", "Shares of the bank fell sharply after the report.", "Rates fell.", "Flat."]
+    rows = [
+        chat.encode_many([[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for a in labels])
+        for q in questions
+    ]
+    expected = [full_choice_nll(model, tokenizer.pad_token_id, row) for row in rows]
+    assert len({round(value, 2) for values in expected for value in values}) == 16  # the choices score apart
+    for max_tokens in (1, 64, 4096):  # one row a pass, some, all of equal length together
+        got = choice_nll(model, rows, max_tokens)
+        assert [v for values in got for v in values] == pytest.approx([v for e in expected for v in e], rel=1e-5)
+    with model.disable_adapter():  # the base model continues from its own keys and values
+        base = choice_nll(model, rows, 4096)[1]
+        assert base == pytest.approx(full_choice_nll(model, tokenizer.pad_token_id, rows[1]), rel=1e-5)
+    assert base != pytest.approx(expected[1], rel=1e-3)
+    assert shared_length([[1, 2, 3], [1, 2, 4], [1, 5]]) == 1
+    with pytest.raises(ValueError, match="row 0: expected two or more different choices"):
+        choice_nll(model, [[rows[0][0], rows[0][0]]], 4096)
 
 
 def test_disabling_the_adapter_changes_the_score(model_and_tokenizer, chat: Chat) -> None:
     model, tokenizer = model_and_tokenizer
     rows = chat.encode_many([MESSAGES], 256)
     with model.disable_adapter():
-        base = score(model, rows, tokenizer.pad_token_id, batch_size=1)
-    tuned = score(model, rows, tokenizer.pad_token_id, batch_size=1)
+        base = score(model, rows, tokenizer.pad_token_id, max_tokens=1)
+    tuned = score(model, rows, tokenizer.pad_token_id, max_tokens=1)
     assert base["tokens"] == tuned["tokens"] and base["loss"] != tuned["loss"]
 
 
@@ -254,7 +297,7 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     held_out = [row for row in toy_rows(range(100, 108)) if row[1]["content"] == TOY_ANSWER]
     settings = EvaluateConfig(
         max_rows=None,
-        batch_size=8,
+        batch_tokens=1024,
         num_samples=8,
         max_new_tokens=16,
         generate_batch_size=4,

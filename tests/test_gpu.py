@@ -128,3 +128,37 @@ def test_batched_conversations_keep_apart(
     assert bool(calls) == (dtype != "float32")  # flash has no float32 kernel: unsloth's per-segment SDPA runs there
     merged = summed_loss(model, rows, ("input_ids", "labels"))
     assert abs(merged - alone) > 10 * TOGETHER * abs(alone), (merged, alone)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 5e-3)])
+def test_label_choices_continue_from_the_prompts_keys_and_values(
+    dtype: str, tolerance: float, tiny_model_dir: Path
+) -> None:
+    """evaluate's label scoring on unsloth's CUDA inference path (`for_inference`): each label continued from the
+    prompt's cached keys and values scores as its whole sequence does, base and tuned. On the CPU, positions off by
+    the prompt's length moved the scores by 1.5 %; bfloat16 rounding moves them by about 0.1 %."""
+    from finetune.evaluation.likelihood import choice_nll, sequence_nll, shared_length
+
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype=dtype)
+    apply_speed_patches()
+    model, tokenizer = load_base(config)
+    model = FastLanguageModel.get_peft_model(model, **LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).__dict__)
+    FastLanguageModel.for_inference(model)
+    chat = Chat(tokenizer, ChatConfig())
+    labels = ["positive", "negative", "neutral", "mildly negative"]
+    rows = [
+        chat.encode_many([[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for a in labels])
+        for q in ("Rates rose.", "Shares of the bank fell sharply after the report.", "Rates fell.")
+    ]
+
+    def whole(choices: list[tuple[list[int], list[int]]]) -> list[float]:
+        shared = max(shared_length([ids for ids, _ in choices]), 1)
+        masked = [(ids, [IGNORE_INDEX] * shared + learnt[shared:]) for ids, learnt in choices]
+        return [nll for nll, _ in sequence_nll(model, masked, tokenizer.pad_token_id)]
+
+    for adapter in (True, False):
+        with model.disable_adapter() if not adapter else torch.no_grad():
+            got = [v for values in choice_nll(model, rows, 4096) for v in values]
+            expected = [v for row in rows for v in whole(row)]
+        print(f"{dtype}, adapter {adapter}: cached {got[:4]}, whole {expected[:4]}")
+        assert got == pytest.approx(expected, rel=tolerance)

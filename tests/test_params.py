@@ -176,7 +176,7 @@ def test_missing_section_is_named(tmp_path: Path) -> None:
         (FetchConfig, "fetch", {"eval_size": 0}, "fetch.eval_size must be >= 1"),
         (ModelConfig, "model", {"dtype": "fp8"}, "model.dtype must be one of"),
         (ToSharegptConfig, "to_sharegpt", {"conversation_extension": 0}, "to_sharegpt.conversation_extension"),
-        (EvaluateConfig, "evaluate", {"batch_size": 0}, "evaluate.batch_size must be >= 1"),
+        (EvaluateConfig, "evaluate", {"batch_tokens": 0}, "evaluate.batch_tokens must be >= 1"),
     ],
 )
 def test_bad_values_are_named(root: Path, cls: type, section: str, bad: dict, message: str) -> None:

@@ -108,7 +108,7 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
 ) -> None:
     from perf.evaluate_speed import main
 
-    evaluate = {"batch_size": 4, "generate_batch_size": 2}
+    evaluate = {"batch_tokens": 512, "generate_batch_size": 2}
     params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256}, evaluate=evaluate)
     work = work_with(tmp_path, tiny_shape)
     main(
@@ -120,7 +120,7 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
     header = next(line for line in out.splitlines() if line.startswith("tiny ("))
     assert "base in 4-bit" in header and "max_seq_length 256" in header
     assert "LoRA r 8, alpha 32 on down_proj/q_proj/v_proj" in header  # the adapter's own config
-    assert "batch_size 4, 2 samples x max_new_tokens 4, generate_batch_size 2" in header
+    assert "batch_tokens 512, 2 samples x max_new_tokens 4, generate_batch_size 2" in header
     head, _, values = [line for line in out.splitlines() if line.startswith("|")][-3:]
     row = dict(zip(head.strip("| ").split(" | "), values.strip("| ").split(" | "), strict=True))
     assert (row["fpb items"], row["fiqa_sa items"], row["tfns items"], row["samples answered"]) == ("5", "5", "5", "2")

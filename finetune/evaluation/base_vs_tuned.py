@@ -18,7 +18,7 @@ from finetune.tokens.chat import Chat
 @dataclass(frozen=True)
 class EvaluateConfig:
     max_rows: int | None  # held-out rows scored; null = all
-    batch_size: int  # sequences per scoring forward pass
+    batch_tokens: int  # tokens per scoring forward pass (rows x the longest of them)
     num_samples: int  # held-out prompts answered greedily by both models
     max_new_tokens: int  # longest generated answer, in tokens
     generate_batch_size: int = 16  # prompts generated together
@@ -27,7 +27,7 @@ class EvaluateConfig:
         require(
             self.max_rows is None or self.max_rows >= 1, f"evaluate.max_rows must be >= 1 or null, got {self.max_rows}"
         )
-        require(self.batch_size >= 1, f"evaluate.batch_size must be >= 1, got {self.batch_size}")
+        require(self.batch_tokens >= 1, f"evaluate.batch_tokens must be >= 1, got {self.batch_tokens}")
         require(self.num_samples >= 0, f"evaluate.num_samples must be >= 0, got {self.num_samples}")
         require(self.max_new_tokens >= 1, f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.generate_batch_size >= 1, "evaluate.generate_batch_size must be >= 1")
@@ -76,12 +76,12 @@ def evaluate_models(
     results: dict[str, dict[str, Any]] = {}
     for name in ("base", "tuned"):
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            loss = score(model, encoded, tokenizer.pad_token_id, config.batch_size)
+            loss = score(model, encoded, tokenizer.pad_token_id, config.batch_tokens)
             answers = generate(
                 model, tokenizer, [s.prompt_ids for s in prompts], config.max_new_tokens, config.generate_batch_size
             )
             predictions = {
-                bench.name: classify(model, chat, bench, max_length, config.batch_size) for bench in benchmarks
+                bench.name: classify(model, chat, bench, max_length, config.batch_tokens) for bench in benchmarks
             }
         results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
 

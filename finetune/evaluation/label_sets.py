@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune.data.files import BENCHMARK_MANIFEST
 from finetune.evaluation import scoring
-from finetune.evaluation.likelihood import nll_per_row
+from finetune.evaluation.likelihood import choice_nll
 from finetune.tokens.chat import Chat
 
 
@@ -66,17 +66,24 @@ def read_benchmarks(folder: Path) -> list[Benchmark]:
     ]
 
 
-def classify(model: Any, chat: Chat, bench: Benchmark, max_length: int, batch_size: int) -> list[str]:
+def classify(model: Any, chat: Chat, bench: Benchmark, max_length: int, max_tokens: int) -> list[str]:
     """The label whose rendering as the answer (end-of-turn included) is likeliest after each row's prompt."""
     conversations = []
     for row in bench.rows:
         question = f"{bench.instruction}\n\n{row['text']}" if bench.instruction else row["text"]
         for label in bench.labels:
             conversations.append([{"role": "user", "content": question}, {"role": "assistant", "content": label}])
-    encoded = chat.encode_many(conversations, max_length)
-    nll = [value for value, _ in nll_per_row(model, encoded, chat.tokenizer.pad_token_id, batch_size)]
+    encoded = chat.encode_many(conversations)
     k = len(bench.labels)
-    return [bench.labels[min(range(k), key=lambda j: nll[i * k + j])] for i in range(len(bench.rows))]
+    for number in range(len(bench.rows)):
+        longest = max(len(ids) for ids, _ in encoded[number * k : (number + 1) * k])
+        if longest > max_length:
+            raise ValueError(
+                f"{bench.name} row {number + 1}: its prompt and label take {longest} tokens, more than "
+                f"model.max_seq_length {max_length}: shorten the text or raise model.max_seq_length"
+            )
+    nll = choice_nll(model, [encoded[i * k : (i + 1) * k] for i in range(len(bench.rows))], max_tokens)
+    return [bench.labels[min(range(k), key=lambda j: scores[j])] for scores in nll]
 
 
 def label_scores(labels: list[str], expected: list[str], predicted: list[str]) -> dict[str, float]:

@@ -1,7 +1,8 @@
-"""Loss and perplexity on the learnt tokens of held-out conversations (answers only: prompt and padding masked).
+"""Loss and perplexity on the learnt tokens of held-out conversations (answers only: prompt and padding masked),
+and the likelihood of each of a prompt's possible answers.
 
-Used by evaluate for the held-out loss of base and tuned model, and for the label benchmarks (each label's
-likelihood as the answer).
+Used by evaluate for the held-out loss of base and tuned model (`score`), and for the label benchmarks (each label's
+likelihood as the answer: `choice_nll`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,21 @@ def sequence_nll(model: Any, batch: list[Encoded], pad_id: int) -> list[tuple[fl
     return [(float(n), int(c)) for n, c in zip(nll.tolist(), counts.tolist(), strict=True)]
 
 
+def by_tokens(sizes: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices in batches of similar size, longest first, each at most `max_tokens` once padded to its longest row
+    (a longer row goes alone): least padding, and any out-of-memory comes at once.
+
+    `by_tokens([3, 9, 1, 8], 18)` -> `[[1, 3], [0, 2]]`.
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if batches and (len(batches[-1]) + 1) * sizes[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def by_length(sizes: list[int], batch_size: int) -> list[list[int]]:
     """Indices in batches of similar size, longest first: least padding, and any out-of-memory comes at once.
 
@@ -42,20 +58,83 @@ def by_length(sizes: list[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def nll_per_row(model: Any, encoded: list[Encoded], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
-    """`sequence_nll` of every row, computed in batches by length, returned in the rows' order."""
+def nll_per_row(model: Any, encoded: list[Encoded], pad_id: int, max_tokens: int) -> list[tuple[float, int]]:
+    """`sequence_nll` of every row, computed in batches of at most `max_tokens` padded tokens, in the rows' order."""
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    for batch in by_length([len(ids) for ids, _ in encoded], batch_size):
+    for batch in by_tokens([len(ids) for ids, _ in encoded], max_tokens):
         for i, result in zip(batch, sequence_nll(model, [encoded[i] for i in batch], pad_id), strict=True):
             out[i] = result
     return out
 
 
-def score(model: Any, encoded: list[Encoded], pad_id: int, batch_size: int) -> dict[str, float]:
+def score(model: Any, encoded: list[Encoded], pad_id: int, max_tokens: int) -> dict[str, float]:
     """Mean loss per learnt token over all rows, and its perplexity."""
-    rows = nll_per_row(model, encoded, pad_id, batch_size)
+    rows = nll_per_row(model, encoded, pad_id, max_tokens)
     tokens = sum(count for _, count in rows)
     if tokens == 0:
         raise ValueError(f"no learnt token in the {len(encoded)} held-out conversations: nothing to score")
     loss = sum(nll for nll, _ in rows) / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
+
+
+def shared_length(sequences: list[list[int]]) -> int:
+    """How many first tokens all the sequences share. `shared_length([[1, 2, 3], [1, 2, 4]])` -> 2."""
+    shortest = min(len(ids) for ids in sequences)
+    return next((i for i in range(shortest) if len({ids[i] for ids in sequences}) > 1), shortest)
+
+
+def choice_nll(model: Any, rows: list[list[Encoded]], max_tokens: int) -> list[list[float]]:
+    """Per row, for each of its choices (a prompt and one possible answer, encoded), the summed negative
+    log-likelihood of the choice's learnt tokens after the tokens that all the row's choices share: what tells them
+    apart, the shared tokens scoring the same in each.
+
+    The shared prompt runs once, and every choice continues from its keys and values (cut two tokens early, so that
+    each choice's pass has two tokens or more and runs as a prefill, never as a one-token decoding step): a row of k
+    choices costs its prompt once, not k times. Rows whose cached prompts are equally long and whose choices
+    continue with the same tokens batch together, with no padding at all, up to `max_tokens` tokens a pass.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, choices in enumerate(rows):
+        if len(choices) < 2 or len({tuple(ids) for ids, _ in choices}) < len(choices):
+            raise ValueError(f"row {index}: expected two or more different choices, got {len(choices)}")
+        shared = max(shared_length([ids for ids, _ in choices]), 1)  # the first token has no prediction
+        cached = max(shared - 2, 0)
+        tails = tuple((tuple(ids[cached:]), tuple(labels[shared:])) for ids, labels in choices)
+        groups.setdefault((cached, shared, tails), []).append(index)
+
+    out: list[list[float]] = [[] for _ in rows]
+    for (cached, shared, tails), members in groups.items():
+        width = cached + max(len(tail) for tail, _ in tails)
+        step = max(1, max_tokens // width)
+        for start in range(0, len(members), step):
+            batch = members[start : start + step]
+            past = None
+            with torch.no_grad():
+                if cached:
+                    prompts = torch.tensor([rows[i][0][0][:cached] for i in batch], device=device)
+                    past = model(input_ids=prompts, use_cache=True, logits_to_keep=1).past_key_values
+                    if past is None:
+                        raise RuntimeError(f"{type(model).__name__} returned no keys and values to continue from")
+                for tail, learnt in tails:
+                    length = len(tail) - 1  # the choice's tokens but the last, predicting the next each
+                    inputs = torch.tensor([tail[:-1]] * len(batch), device=device)
+                    logits = model(
+                        input_ids=inputs,
+                        past_key_values=past,
+                        position_ids=torch.arange(cached, cached + length, device=device).expand(len(batch), -1),
+                        attention_mask=torch.ones(len(batch), cached + length, dtype=torch.long, device=device),
+                        use_cache=past is not None,
+                    ).logits[:, shared - cached - 1 :]
+                    grown = past.get_seq_length() - cached if hasattr(past, "get_seq_length") else 0
+                    if grown:
+                        past.crop(-grown)  # a cache that the pass extended in place goes back to the prompt
+                    targets = torch.tensor(learnt, device=device).expand(len(batch), -1)
+                    nll = torch.nn.functional.cross_entropy(
+                        logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+                    ).sum(dim=1)
+                    for i, value in zip(batch, nll.tolist(), strict=True):
+                        out[i].append(value)
+    return out
