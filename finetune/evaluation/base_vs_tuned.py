@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +15,8 @@ from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, classif
 from finetune.evaluation.likelihood import Encoded, score
 from finetune.evaluation.scoring import rouge_l
 from finetune.tokens.chat import Chat
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,13 +80,19 @@ def evaluate_models(
     results: dict[str, dict[str, Any]] = {}
     for name in ("base", "tuned"):
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            clock = time.perf_counter()
             loss = score(model, encoded, tokenizer.pad_token_id, config.batch_tokens)
+            log.info("%s: held-out loss of %d rows in %.1f s", name, len(encoded), time.perf_counter() - clock)
+            clock = time.perf_counter()
             answers = generate(
                 model, tokenizer, [s.prompt_ids for s in prompts], config.max_new_tokens, config.generate_batch_size
             )
-            predictions = {
-                bench.name: classify(model, chat, bench, max_length, config.batch_tokens) for bench in benchmarks
-            }
+            log.info("%s: %d answers in %.1f s", name, len(answers), time.perf_counter() - clock)
+            predictions = {}
+            for bench in benchmarks:
+                clock = time.perf_counter()
+                predictions[bench.name] = classify(model, chat, bench, max_length, config.batch_tokens)
+                log.info("%s: %s, %d items in %.1f s", name, bench.name, len(bench.rows), time.perf_counter() - clock)
         results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
 
     base, tuned = results["base"], results["tuned"]

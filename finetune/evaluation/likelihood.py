@@ -83,15 +83,24 @@ def shared_length(sequences: list[list[int]]) -> int:
     return next((i for i in range(shortest) if len({ids[i] for ids in sequences}) > 1), shortest)
 
 
+def repeat_rows(past: Any, times: int) -> Any:
+    """Keys and values of a batch with each row repeated `times` times in place (rows 0, 0, 1, 1, ... for 2)."""
+    if hasattr(past, "batch_repeat_interleave"):  # a transformers Cache
+        past.batch_repeat_interleave(times)
+        return past
+    return tuple(tuple(tensor.repeat_interleave(times, dim=0) for tensor in layer) for layer in past)
+
+
 def choice_nll(model: Any, rows: list[list[Encoded]], max_tokens: int) -> list[list[float]]:
     """Per row, for each of its choices (a prompt and one possible answer, encoded), the summed negative
     log-likelihood of the choice's learnt tokens after the tokens that all the row's choices share: what tells them
     apart, the shared tokens scoring the same in each.
 
-    The shared prompt runs once, and every choice continues from its keys and values (cut two tokens early, so that
-    each choice's pass has two tokens or more and runs as a prefill, never as a one-token decoding step): a row of k
-    choices costs its prompt once, not k times. Rows whose cached prompts are equally long and whose choices
-    continue with the same tokens batch together, with no padding at all, up to `max_tokens` tokens a pass.
+    The shared prompt runs once, and its keys and values, repeated for each choice, are where all the row's choices
+    continue from, in one pass (the cache stops two tokens early, so that each choice's pass has two tokens or more
+    and runs as a prefill, never as a one-token decoding step): a row of k choices costs its prompt once, not k
+    times. Rows whose cached prompts are equally long and whose choices continue with the same tokens batch together
+    with no padding, up to `max_tokens` prompt tokens a pass (the choices' pass holds k times their keys and values).
     """
     import torch
 
@@ -107,8 +116,12 @@ def choice_nll(model: Any, rows: list[list[Encoded]], max_tokens: int) -> list[l
 
     out: list[list[float]] = [[] for _ in rows]
     for (cached, shared, tails), members in groups.items():
-        width = cached + max(len(tail) for tail, _ in tails)
-        step = max(1, max_tokens // width)
+        k, longest = len(tails), max(len(tail) for tail, _ in tails) - 1  # each choice's tokens but its last
+        # the choices side by side, each row's k in a block: padded at the end, where no target looks
+        inputs = [list(tail[:-1]) + [tail[-1]] * (longest - len(tail) + 1) for tail, _ in tails]
+        skip = [IGNORE_INDEX] * (shared - cached - 1)  # predictions of tokens all the choices share
+        targets = [skip + list(learnt) + [IGNORE_INDEX] * (longest - len(skip) - len(learnt)) for _, learnt in tails]
+        step = max(1, max_tokens // (cached + longest + 1))
         for start in range(0, len(members), step):
             batch = members[start : start + step]
             past = None
@@ -118,23 +131,21 @@ def choice_nll(model: Any, rows: list[list[Encoded]], max_tokens: int) -> list[l
                     past = model(input_ids=prompts, use_cache=True, logits_to_keep=1).past_key_values
                     if past is None:
                         raise RuntimeError(f"{type(model).__name__} returned no keys and values to continue from")
-                for tail, learnt in tails:
-                    length = len(tail) - 1  # the choice's tokens but the last, predicting the next each
-                    inputs = torch.tensor([tail[:-1]] * len(batch), device=device)
-                    logits = model(
-                        input_ids=inputs,
-                        past_key_values=past,
-                        position_ids=torch.arange(cached, cached + length, device=device).expand(len(batch), -1),
-                        attention_mask=torch.ones(len(batch), cached + length, dtype=torch.long, device=device),
-                        use_cache=past is not None,
-                    ).logits[:, shared - cached - 1 :]
-                    grown = past.get_seq_length() - cached if hasattr(past, "get_seq_length") else 0
-                    if grown:
-                        past.crop(-grown)  # a cache that the pass extended in place goes back to the prompt
-                    targets = torch.tensor(learnt, device=device).expand(len(batch), -1)
-                    nll = torch.nn.functional.cross_entropy(
-                        logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-                    ).sum(dim=1)
-                    for i, value in zip(batch, nll.tolist(), strict=True):
-                        out[i].append(value)
+                    past = repeat_rows(past, k)
+                logits = model(
+                    input_ids=torch.tensor(inputs * len(batch), device=device),
+                    past_key_values=past,
+                    position_ids=torch.arange(cached, cached + longest, device=device).expand(len(batch) * k, -1),
+                    attention_mask=torch.ones(len(batch) * k, cached + longest, dtype=torch.long, device=device),
+                    use_cache=past is not None,
+                ).logits
+                nll = torch.nn.functional.cross_entropy(
+                    logits.float().transpose(1, 2),
+                    torch.tensor(targets * len(batch), device=device),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="none",
+                ).sum(dim=1)
+            values = nll.view(len(batch), k).tolist()
+            for i, row in zip(batch, values, strict=True):
+                out[i] = row
     return out

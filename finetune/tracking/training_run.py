@@ -97,6 +97,12 @@ def machine_metrics(run: Any, world: World, tracking: TrackingConfig, environ: M
         yield
     finally:
         monitor.finish()
+        # what was sampled since the monitor last logged, which it leaves unlogged when it stops: all of a short
+        # training's samples, where the machine was too busy to log within the training
+        last = monitor.aggregate_metrics()
+        if last:
+            monitor.publish_metrics(last)
+            monitor.mlflow_logger.flush()
 
 
 def register_adapter(name: str, run_id: str, artifact_uri: str) -> str:
