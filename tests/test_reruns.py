@@ -69,14 +69,15 @@ RERUNS = {
     **{f"stages/{stage}.py": {stage} for stage in ALL},
     # tools and speed scripts: nothing
     **{f"tools/{name}.py": NONE for name in ("compare", "deps", "generate", "mlflow_ui", "params_schema")},
-    **{f"tools/{name}.py": NONE for name in ("servers", "vega_page")},
+    "tools/vega_page.py": NONE,
+    **{f"tools/servers/{name}.py": NONE for name in ("__main__", "process", "s3", "postgres", "mlflow_server", "team")},
     **{f"perf/{name}.py": NONE for name in ("contamination_speed", "data_stages", "evaluate_speed", "gaps")},
     **{f"perf/{name}.py": NONE for name in ("shapes", "train_baselines", "train_measure", "train_speed")},
 }
 
 
 def code_files(root: Path) -> set[str]:
-    """Every Python file of the project's code but the packages' (empty) `__init__.py`."""
+    """Every Python file of the project's code but the packages' `__init__.py` (empty, or names from its modules)."""
     folders = ("stages", "finetune", "tools", "perf")
     return {str(path.relative_to(root)) for folder in folders for path in (root / folder).rglob("*.py")} - {
         str(path.relative_to(root)) for path in root.glob("*/**/__init__.py")

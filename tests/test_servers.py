@@ -1,4 +1,4 @@
-"""tools/servers.py: the MLflow server is configured by the environment; a service that cannot start says why."""
+"""tools.servers: the MLflow server is configured by the environment; a service that cannot start says why."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The store defaults to `sqlite:///<repo root>/mlflow.db`; the repo root is DVC's `DVC_ROOT`, which points at the
 real repo also when an experiment runs in a temporary copy (`dvc exp run --temp`). A team's tracking server
 (`MLFLOW_TRACKING_URI=http://...`, with MLFLOW_TRACKING_USERNAME/PASSWORD) keeps the artifacts where it was told
-to (`tools/servers.py`).
+to (`tools/servers/`).
 """
 
 from __future__ import annotations
