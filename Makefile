@@ -20,9 +20,9 @@ install: $(VENV)/.installed
 demo: install
 	python -m demo.run
 
-test: install  # ruff, then every test, end to end included; the 15 slowest printed at the end
+test: install  # ruff, then every test, end to end included, a module a worker per core; the 15 slowest at the end
 	ruff check .
-	python -m pytest --durations=15
+	python -m pytest -n auto --maxprocesses 4 --dist loadfile --durations=15
 
 test-fast: install  # the tests that need no model, unsloth, subprocess or server: a change to a pure function
 	python -m pytest -m "not slow" -q

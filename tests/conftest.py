@@ -32,6 +32,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if "PYTEST_XDIST_WORKER" in os.environ:  # each worker, and the stages it starts, its own compiled trainers
         folder = Path(tempfile.gettempdir()) / f"unsloth-compiled-{os.getpid()}-{os.environ['PYTEST_XDIST_WORKER']}"
         os.environ["UNSLOTH_COMPILE_LOCATION"] = str(folder)
+        # and its share of the cores for torch's threads, in it and in the stages it starts: N workers of all the
+        # cores each would crowd them
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     if config.getoption("markexpr") != FAST:
         import unsloth  # noqa: F401  # first: it patches transformers, trl and peft
 
