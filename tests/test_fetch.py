@@ -71,6 +71,17 @@ def test_invalid_json_names_the_line(tmp_path: Path) -> None:
         read_jsonl(path)
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_the_content(tmp_path: Path) -> None:
+    records = [{"system": "", "user": "q\r\n1", "assistant": "\ufeffa"}, *rows(2)]  # text CR, LF, BOM kept
+    plain = write_jsonl(tmp_path / "plain.jsonl", records)
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_jsonl(windows)[0].to_list() == read_jsonl(plain)[0].to_list() == records
+    windows.write_bytes(b'\xef\xbb\xbf{"user": 1}\r\n')  # the columns named count from after the mark
+    with pytest.raises(ValueError, match=r"line 1: column 'user' holds int 1"):
+        read_jsonl(windows)
+
+
 def test_number_in_a_text_column_names_line_and_column(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", [rows(1)[0], {"system": "", "user": "q", "assistant": 42}])
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: column 'assistant' holds int 42, expected text"):

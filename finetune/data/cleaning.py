@@ -22,6 +22,7 @@ from finetune.data.files import ROWS_PER_GROUP, digests, distinct
 
 TEXT_COLUMNS = ("system", "user", "assistant")
 BAD_LINE_REASONS = ("unreadable_line", "non_text_cell")  # why a .jsonl line is left out (`fetch.bad_rows: drop`)
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark many Windows tools write first: a marker, not text
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,13 @@ def bad_line(path: Path, number: int, raw: bytes) -> tuple[str | None, Any]:
 
 def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, list[int]]]:
     """Read a JSON-lines file; a bad line (`bad_line`) stops it naming the line, or with `bad_rows: drop` is left
-    out. Returns the rows and the numbers of the lines left out, by reason."""
+    out. Returns the rows and the numbers of the lines left out, by reason. A byte-order mark at the start of the
+    file is skipped; a CRLF line end is whitespace after the line's JSON, so it reads as an LF one."""
     rows, dropped = [], {reason: [] for reason in BAD_LINE_REASONS}
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(BOM)
             if not raw.strip():
                 continue
             reason, read = bad_line(path, number, raw)
