@@ -288,6 +288,7 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
         (("lora", "r"), 8, {"train"}),
         (("model", "load_in_4bit"), False, {"train", "evaluate"}),
         (("benchmarks", "ngram"), 8, {"benchmarks"}),  # then evaluate, once benchmarks has rerun
+        (("fetch", "held_out_ngram"), 8, {"fetch"}),  # then every stage after it, once fetch has rerun
     ],
 )
 def test_a_setting_makes_stale_exactly_the_stages_it_changes(
