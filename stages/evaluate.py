@@ -27,7 +27,7 @@ from pathlib import Path
 from finetune.config import cli
 from finetune.config.params import flatten, load
 from finetune.data.files import write_csv, write_json
-from finetune.evaluation.base_vs_tuned import EvaluateConfig, bar_rows, evaluate_models, held_out_samples
+from finetune.evaluation.base_vs_tuned import BAR_COLUMNS, EvaluateConfig, bar_rows, evaluate_models, held_out_samples
 from finetune.evaluation.label_sets import read_benchmarks
 from finetune.model.load import ModelConfig, load_with_adapter
 from finetune.model.patches import apply_speed_patches
@@ -94,7 +94,7 @@ def main(
         provenance = {f"benchmark.{b.name}.{key}": value for b in sets for key, value in b.provenance.items()}
         mlflow.set_tags({key: storable(value, MAX_TAG_VALUE) for key, value in provenance.items()})
         write_json(samples, {"samples": sample_rows})
-        write_csv(bars, bar_rows(results, [b.name for b in sets]), ("measure", "value"))
+        write_csv(bars, bar_rows(results, [b.name for b in sets]), BAR_COLUMNS)
         mlflow.log_artifact(str(bars), artifact_path="evaluate")
         if sample_rows:
             table = {key: [row[key] for row in sample_rows] for key in sample_rows[0]}

@@ -3,9 +3,11 @@
     python -m stages.fetch --sources data/sample data/source --out data/raw --metrics metrics/fetch.json
 
 Every row's fate is counted: `rows_in = rows_kept + sum(dropped_*)`, checked and written to `metrics/fetch.json`
-with where the data came from. Exact duplicates are dropped before the held-out draw, and the draw happens before
+with where the data came from. Rows are compared with their whitespace normalised (`finetune.data.near_copies`;
+the rows written keep their texts). Duplicates are dropped before the held-out draw, and the draw happens before
 `to_sharegpt` merges rows into conversations; a training row with the question and answer of a held-out row is
-dropped too: no held-out answer can appear in training (`finetune.data.cleaning`).
+dropped too, and one holding a run of `held_out_ngram` words of a held-out answer: no held-out answer can appear in
+training (`finetune.data.cleaning`). `held_out_rows_with_near_copies` says how many held-out rows had such copies.
 """
 
 from __future__ import annotations
@@ -56,13 +58,13 @@ def main(params_path: Path, sources: tuple[Path, ...], out: Path, metrics: Path)
     if ignored:
         log.info("ignoring columns not in the schema: %s", ignored)
 
-    # --- clean, draw the held-out rows, keep their questions and answers out of training
-    train, held_out, counts = clean_and_split(dataset, config, bad)
+    # --- clean, draw the held-out rows, keep their questions and answers, and runs of their answers, out of training
+    table, train, held_out, counts = clean_and_split(dataset, config, bad)
 
     # --- outputs: the two splits, every row's fate and the provenance
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(train, out / "train.parquet")
-    write_rows(held_out, out / "eval.parquet")
+    write_rows(table, train, out / "train.parquet")
+    write_rows(table, held_out, out / "eval.parquet")
     report = {**counts, "ignored_columns": len(ignored), "train_rows": len(train), "eval_rows": len(held_out)}
     first_lines = {reason: lines[:10] for reason, lines in bad.items() if lines}  # where to look in the file
     write_json(metrics, {**report, "provenance": provenance | ({"dropped_lines": first_lines} if first_lines else {})})

@@ -60,6 +60,15 @@ def test_a_match_never_spans_two_messages_or_an_unknown_word() -> None:
         assert not found["exact"].any() and not found["ngram"].any(), texts
 
 
+def test_sharing_names_the_texts_that_hold_an_items_n_gram_and_the_items() -> None:
+    index = Index([SHORT, LONG, FILLER], 13)
+    twelve = " ".join(FILLER.split()[:12])
+    texts = messages(None, f"x {LONG.upper()} y", "", SHORT, twelve, "", f"{LONG}. {FILLER}", None)
+    holding, items = index.sharing(texts)
+    assert holding.tolist() == [False, True, False, False, False, False, True, False]  # empty texts in between
+    assert items.tolist() == [1, 2]  # the short item has no n-gram; 12 of the filler's words are not one
+
+
 def test_the_flags_depend_on_neither_batch_size_nor_processes() -> None:
     items = [LONG, SHORT, "Net sales decreased by 4.5% in the third quarter, the company said in its statement"]
     texts = [FILLER] * 50 + [f"x {LONG} y"] + [FILLER] * 30 + [SHORT] + [FILLER] * 20

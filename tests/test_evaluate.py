@@ -15,7 +15,14 @@ from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
 from finetune.evaluation.answers import final_answer, generate
-from finetune.evaluation.base_vs_tuned import EvaluateConfig, Sample, bar_rows, evaluate_models, held_out_samples
+from finetune.evaluation.base_vs_tuned import (
+    BAR_COLUMNS,
+    EvaluateConfig,
+    Sample,
+    bar_rows,
+    evaluate_models,
+    held_out_samples,
+)
 from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, read_benchmarks, read_rows
 from finetune.evaluation.likelihood import (
     by_length,
@@ -235,16 +242,24 @@ def test_the_clean_score_leaves_the_contaminated_rows_out() -> None:
     assert every_row_seen["sentiment_clean_rows"] == 0 and "sentiment_tuned_clean_accuracy" not in every_row_seen
 
 
-def test_bar_rows_put_base_and_tuned_side_by_side() -> None:
-    metrics = {"base_loss": 2.0, "tuned_loss": 1.5, "my_set_base_accuracy": 0.4, "my_set_tuned_accuracy": 0.9}
-    metrics |= {"my_set_base_clean_accuracy": 0.3, "my_set_tuned_clean_accuracy": 0.6}
-    assert bar_rows(metrics, ["my_set"]) == [
-        {"measure": "loss · base", "value": 2.0},
-        {"measure": "loss · tuned", "value": 1.5},
-        {"measure": "my_set accuracy · base", "value": 0.4},
-        {"measure": "my_set accuracy · tuned", "value": 0.9},
-        {"measure": "my_set clean accuracy · base", "value": 0.3},
-        {"measure": "my_set clean accuracy · tuned", "value": 0.6},
+def test_bar_rows_put_base_and_tuned_side_by_side_each_measure_in_its_panel() -> None:
+    metrics = {"base_loss": 2.0, "tuned_loss": 1.5, "base_perplexity": 7.4, "tuned_perplexity": 4.5}
+    metrics |= {"base_rouge_l": 0.1, "tuned_rouge_l": 0.2, "my_set_base_accuracy": 0.4, "my_set_tuned_accuracy": 0.9}
+    metrics |= {"my_set_base_clean_accuracy": 0.3, "my_set_tuned_clean_accuracy": 0.6, "tuned_token_f1": 0.5}
+    rows = bar_rows(metrics, ["my_set"])
+    assert all(list(row) == list(BAR_COLUMNS) for row in rows)
+    assert [tuple(row.values()) for row in rows] == [
+        ("loss", "loss", "base", 2.0),
+        ("loss", "loss", "tuned", 1.5),
+        ("perplexity", "perplexity", "base", 7.4),
+        ("perplexity", "perplexity", "tuned", 4.5),
+        ("score", "rouge_l", "base", 0.1),
+        ("score", "rouge_l", "tuned", 0.2),
+        ("score", "token_f1", "tuned", 0.5),  # a measure one model lacks: its bar alone
+        ("score", "my_set accuracy", "base", 0.4),
+        ("score", "my_set accuracy", "tuned", 0.9),
+        ("score", "my_set clean accuracy", "base", 0.3),
+        ("score", "my_set clean accuracy", "tuned", 0.6),
     ]
 
 

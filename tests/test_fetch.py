@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from datasets import Dataset
 
-from finetune.data.cleaning import FetchConfig, check_schema, clean, read_jsonl, split
+from finetune.data.cleaning import FetchConfig, check_schema, clean, clean_and_split, draw, read_jsonl
+from finetune.data.files import digests
+from finetune.data.near_copies import normalised, row_keys, sharing_answers, text_digests
 from finetune.data.sources import resolved_revision
 from stages.fetch import load_rows, main
 
@@ -27,6 +32,12 @@ CONFIG = FetchConfig(
 
 def rows(n: int) -> list[dict[str, str]]:
     return [{"system": "", "user": f"question {i}", "assistant": f"answer {i}"} for i in range(n)]
+
+
+def cleaned(dataset: Dataset, config: FetchConfig = CONFIG) -> tuple[list[dict[str, str]], dict[str, int]]:
+    """The rows `clean` keeps, as records, and its counts."""
+    table, kept, counts, _ = clean(dataset, config)
+    return table.take(kept).to_pylist(), counts
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -71,6 +82,17 @@ def test_invalid_json_names_the_line(tmp_path: Path) -> None:
         read_jsonl(path)
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_read_as_the_content(tmp_path: Path) -> None:
+    records = [{"system": "", "user": "q\r\n1", "assistant": "\ufeffa"}, *rows(2)]  # text CR, LF, BOM kept
+    plain = write_jsonl(tmp_path / "plain.jsonl", records)
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_jsonl(windows)[0].to_list() == read_jsonl(plain)[0].to_list() == records
+    windows.write_bytes(b'\xef\xbb\xbf{"user": 1}\r\n')  # the columns named count from after the mark
+    with pytest.raises(ValueError, match=r"line 1: column 'user' holds int 1"):
+        read_jsonl(windows)
+
+
 def test_number_in_a_text_column_names_line_and_column(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "bad.jsonl", [rows(1)[0], {"system": "", "user": "q", "assistant": 42}])
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: column 'assistant' holds int 42, expected text"):
@@ -107,8 +129,7 @@ def test_sharegpt_input_is_refused_with_the_reason() -> None:
 def test_unknown_extra_columns_are_ignored_and_named() -> None:
     dataset = Dataset.from_list([{**rows(1)[0], "source": "web", "lang": "en"}])
     assert check_schema(dataset) == ["source", "lang"]
-    cleaned, _ = clean(dataset, CONFIG)
-    assert cleaned.column_names == ["system", "user", "assistant"]
+    assert list(cleaned(dataset)[0][0]) == ["system", "user", "assistant"]
 
 
 def test_resolved_revision_is_read_from_the_hub_cache_path() -> None:
@@ -136,9 +157,9 @@ def test_every_row_is_kept_or_counted_by_reason() -> None:
             {"system": "", "user": "q1", "assistant": "a1"},  # duplicate of the first
         ]
     )
-    cleaned, counts = clean(dataset, CONFIG)
-    assert cleaned["user"] == ["q1", "q2", "q3"]
-    assert cleaned["system"] == ["", "", "\n"]
+    kept, counts = cleaned(dataset)
+    assert [row["user"] for row in kept] == ["q1", "q2", "q3"]
+    assert [row["system"] for row in kept] == ["", "", "\n"]
     assert counts == {
         "rows_in": 8,
         "rows_kept": 3,
@@ -146,14 +167,15 @@ def test_every_row_is_kept_or_counted_by_reason() -> None:
         "dropped_empty_user": 2,
         "dropped_empty_answer": 2,
         "dropped_duplicate": 1,
+        "dropped_near_duplicate": 0,
     }
 
 
 def test_cleaning_rules_can_be_turned_off() -> None:
     dataset = Dataset.from_list([{"system": "", "user": "", "assistant": ""}] * 2)
     off = replace(CONFIG, drop_empty_user=False, drop_empty_answer=False, drop_duplicates=False)
-    cleaned, counts = clean(dataset, off)
-    assert len(cleaned) == 2 and counts["rows_kept"] == 2
+    kept, counts = cleaned(dataset, off)
+    assert len(kept) == 2 and counts["rows_kept"] == 2
 
 
 def test_rows_differing_only_by_a_whitespace_system_are_duplicates() -> None:
@@ -161,40 +183,106 @@ def test_rows_differing_only_by_a_whitespace_system_are_duplicates() -> None:
         [{"system": system, "user": "q", "assistant": "a"} for system in ("", "\n", " \t", None)]
         + [{"system": "\nA", "user": "q", "assistant": "a"}]
     )
-    cleaned, counts = clean(dataset, CONFIG)
-    assert cleaned["system"] == ["", "\nA"] and counts["dropped_duplicate"] == 3
+    kept, counts = cleaned(dataset)
+    assert [row["system"] for row in kept] == ["", "\nA"] and counts["dropped_duplicate"] == 3
 
 
 def test_duplicates_differing_only_in_system_are_distinct() -> None:
     dataset = Dataset.from_list(
         [{"system": "A", "user": "q", "assistant": "a"}, {"system": "B", "user": "q", "assistant": "a"}]
     )
-    assert len(clean(dataset, CONFIG)[0]) == 2
+    assert len(cleaned(dataset)[0]) == 2
+
+
+def test_texts_are_compared_normalised_and_digested_without_a_normalised_copy() -> None:
+    assert normalised("\tThe \ufb01rm\u00a0 grew\r\n by  5%. ") == "The firm grew by 5%."
+    assert normalised("a\u200bb") == "a\u200bb"  # a zero-width space is no whitespace: kept
+    spaces = [chr(c) for c in range(0x3001) if chr(c).isspace()]  # every whitespace character there is
+    assert len(spaces) == 29 and all(normalised(f"a{c}b") == "a b" for c in spaces)
+    texts = ["plain text", " lead", "trail ", "two  spaces", "tab\there", "caf\u00e9", "", None, "a\u2003b", *spaces]
+    chunked = pa.chunked_array([pa.array(texts[:5]), pa.array(texts[5:])])
+    expected = digests([normalised(text or "") for text in texts])
+    assert (text_digests(chunked) == expected).all()
+    assert (text_digests(pa.array(texts, pa.large_string()).slice(3, 6)) == expected[3:9]).all()
+
+
+def test_a_row_holding_a_run_of_a_held_out_answer_is_dropped_or_counted() -> None:
+    # in each group an answer, a row that holds 13 of its words (in its question for odd groups) and one that holds
+    # 12; which are held out depends on the draw, so what is dropped is checked against a plain search
+    def answer(k: int) -> list[str]:
+        return [f"g{k}w{j}" for j in range(20)]
+
+    records = []
+    for k in range(8):
+        thirteen = f"Note: {' '.join(answer(k)[3:16]).upper()}, as said."  # case and punctuation aside
+        records.append({"system": "", "user": f"question {k}", "assistant": " ".join(answer(k))})
+        question, reply = (thirteen, f"see above {k}") if k % 2 else (f"why {k}", thirteen)
+        records.append({"system": "", "user": question, "assistant": reply})
+        records.append({"system": "", "user": f"how {k}", "assistant": "so " + " ".join(answer(k)[3:15])})
+    config = replace(CONFIG, eval_size=6, seed=1, drop_held_out_ngram=False)
+    table, train, held_out, counts = clean_and_split(Dataset.from_list(records), config, {})
+    counted, held_out = table.take(train).to_pylist(), table.take(held_out).to_pylist()
+
+    def runs(text: str, n: int = 13) -> set[tuple[str, ...]]:
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+    held_out_runs = [runs(row["assistant"]) for row in held_out]
+    sharing = [row for row in counted if any(runs(row["user"] + " | " + row["assistant"]) & r for r in held_out_runs)]
+    copied = [r for r in held_out_runs if any(runs(row["user"] + " | " + row["assistant"]) & r for row in counted)]
+    assert counts["train_rows_sharing_held_out_ngram"] == len(sharing) > 0
+    assert counts["held_out_rows_with_near_copies"] == len(copied) and counts["dropped_held_out_ngram"] == 0
+    table, dropped, held_out_again, counts = clean_and_split(
+        Dataset.from_list(records), replace(config, drop_held_out_ngram=True), {}
+    )
+    assert table.take(held_out_again).to_pylist() == held_out
+    assert table.take(dropped).to_pylist() == [row for row in counted if row not in sharing]
+    assert counts["dropped_held_out_ngram"] == counts["train_rows_sharing_held_out_ngram"] == len(sharing)
+    assert counts["rows_in"] == len(dropped) + len(held_out) + len(sharing)
+
+
+def test_keys_and_search_depend_on_neither_batch_nor_processes() -> None:
+    answer = " ".join(f"word{j}" for j in range(15))
+    replies = [f"a\u00a0{i} " + (answer if i % 7 == 3 else "") for i in range(40)]
+    table = pa.table({"system": [""] * 40, "user": [f"q {i}" for i in range(40)], "assistant": replies})
+    searched = np.arange(40) % 5 != 0  # rows 0, 5, ... are not searched
+    keys = row_keys(table, processes=1)
+    holding, found = sharing_answers(table, searched, [answer, "short"], 13, processes=1)
+    assert holding.tolist() == [i % 7 == 3 and i % 5 != 0 for i in range(40)] and found.tolist() == [True, False]
+    for processes, batch in ((2, 7), (1, 1)):
+        assert (row_keys(table, processes, batch) == keys).all()
+        other = sharing_answers(table, searched, [answer, "short"], 13, processes, batch)
+        assert (other[0] == holding).all() and (other[1] == found).all()
+
+
+def test_a_held_out_ngram_below_1_is_refused() -> None:
+    with pytest.raises(ValueError, match="fetch.held_out_ngram must be >= 1, got 0"):
+        replace(CONFIG, held_out_ngram=0)
 
 
 # --- held-out split -----------------------------------------------------------------------------------------------
 
 
-def test_split_is_disjoint_complete_and_seeded() -> None:
-    dataset = Dataset.from_list(rows(50))
-    train, held_out = split(dataset, eval_size=10, seed=42)
-    assert len(held_out) == 10 and len(train) == 40
-    assert set(train["user"]).isdisjoint(held_out["user"])
-    assert set(train["user"]) | set(held_out["user"]) == set(dataset["user"])
-    assert split(dataset, eval_size=10, seed=42)[1]["user"] == held_out["user"]
-    assert split(dataset, eval_size=10, seed=7)[1]["user"] != held_out["user"]
+def test_the_draw_is_disjoint_complete_seeded_and_that_of_datasets() -> None:
+    train, held_out = draw(50, eval_size=10, seed=42)
+    assert len(held_out) == 10 and sorted([*train, *held_out]) == list(range(50))
+    assert draw(50, eval_size=10, seed=42)[1].tolist() == held_out.tolist()
+    assert draw(50, eval_size=10, seed=7)[1].tolist() != held_out.tolist()
+    parts = Dataset.from_list(rows(50)).train_test_split(test_size=10, seed=42)  # the draw of earlier versions
+    assert [f"question {i}" for i in held_out] == parts["test"]["user"]
+    assert [f"question {i}" for i in train] == parts["train"]["user"]
 
 
 def test_one_row_dataset_leaves_nothing_to_train_on() -> None:
     with pytest.raises(ValueError, match=r"fetch.eval_size \(2\) must be smaller than the dataset \(1 rows\)"):
-        split(Dataset.from_list(rows(1)), eval_size=2, seed=0)
+        draw(1, eval_size=2, seed=0)
 
 
 def test_empty_dataset_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
     dataset, _ = read_jsonl(tmp_path / "empty.jsonl")
     with pytest.raises(ValueError, match="no rows left to train on"):
-        split(clean(dataset, CONFIG)[0], eval_size=1, seed=0)
+        draw(len(cleaned(dataset)[0]), eval_size=1, seed=0)
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------
@@ -215,13 +303,21 @@ def test_main_writes_splits_counts_and_provenance(tmp_path: Path) -> None:
     assert len(Dataset.from_parquet(str(tmp_path / "raw" / "eval.parquet"))) == 3
 
 
-def test_no_held_out_question_and_answer_is_trained_on_whatever_its_system(tmp_path: Path) -> None:
-    # 40 pairs of rows that differ only in their system text, one of each pair said to be from a firm
-    records = [
-        {"system": system, "user": f"question {i}", "assistant": f"answer {i}"}
-        for i in range(40)
-        for system in ("", f"Firm {i}")
-    ]
+def test_no_held_out_question_and_answer_is_trained_on_whatever_its_system_or_whitespace(tmp_path: Path) -> None:
+    # 40 questions each written six ways, as scraped data repeats them: a space or a newline at the end, a doubled
+    # space, and twice said to be from a firm, with a tab or a no-break space in that system text
+    def ways(i: int) -> list[tuple[str, str, str]]:
+        question, answer = f"What did firm {i} report?", f"Revenue of {i} million."
+        return [
+            ("", question, answer),
+            ("", question + " ", answer),
+            ("", question, answer + "\n"),
+            ("", question.replace(" ", "  ", 1), answer),
+            (f"Firm\t{i}", question, answer),
+            (f"Firm\u00a0{i}", question + "\n", answer),
+        ]
+
+    records = [dict(zip(("system", "user", "assistant"), way, strict=True)) for i in range(40) for way in ways(i)]
     source = write_jsonl(tmp_path / "rows.jsonl", records)
     (tmp_path / "params.yaml").write_text(
         f"fetch: {{dataset: {source}, revision: null, split: train, eval_size: 10, seed: 3,"
@@ -230,11 +326,18 @@ def test_no_held_out_question_and_answer_is_trained_on_whatever_its_system(tmp_p
     main(tmp_path / "params.yaml", (tmp_path,), tmp_path / "raw", tmp_path / "fetch.json")
     train = Dataset.from_parquet(str(tmp_path / "raw" / "train.parquet"))
     held_out = Dataset.from_parquet(str(tmp_path / "raw" / "eval.parquet"))
-    pairs = {(row["user"], row["assistant"]) for row in held_out}
-    assert not pairs & {(row["user"], row["assistant"]) for row in train}
+
+    def questions(rows: Dataset) -> set[str]:
+        return {" ".join(row["user"].split()) for row in rows}
+
+    assert not questions(held_out) & questions(train)
     metrics = json.loads((tmp_path / "fetch.json").read_text())
-    assert metrics["dropped_same_as_held_out"] == 80 - len(train) - len(held_out) > 0  # nothing else dropped
-    assert metrics["rows_in"] == metrics["train_rows"] + metrics["eval_rows"] + metrics["dropped_same_as_held_out"]
+    # each question's rows are two once normalised, with and without the firm: 4 of its 6 near-duplicates
+    assert (metrics["dropped_near_duplicate"], metrics["dropped_duplicate"]) == (160, 0)
+    assert metrics["dropped_same_as_held_out"] == 80 - len(train) - len(held_out) > 0
+    assert metrics["held_out_rows_with_near_copies"] == metrics["dropped_same_as_held_out"]  # one copy each
+    assert {row["user"] for row in train} <= {way[1] for i in range(40) for way in ways(i)}  # texts as they came
+    assert metrics["rows_in"] == 240 == len(train) + len(held_out) + 160 + metrics["dropped_same_as_held_out"]
 
 
 def test_bad_lines_stop_fetch_or_with_drop_are_left_out_counted_by_reason(tmp_path: Path) -> None:

@@ -267,8 +267,12 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
     assert set(shown) == {"loss", "metrics/evaluate_bars.csv"}
     points = shown["loss"][0]["content"]["data"]["values"]
     assert {p["filename::field"] for p in points} == {"train_loss.csv::loss", "eval_loss.csv::eval_loss"}
-    bars = {p["measure"] for p in shown["metrics/evaluate_bars.csv"][0]["content"]["data"]["values"]}
-    assert {"loss · base", "loss · tuned", "tfns accuracy · tuned", "fpb clean macro f1 · base"} <= bars
+    bars = {
+        (p["panel"], p["measure"], p["model"])
+        for p in shown["metrics/evaluate_bars.csv"][0]["content"]["data"]["values"]
+    }
+    assert {("loss", "loss", "base"), ("loss", "loss", "tuned"), ("perplexity", "perplexity", "tuned")} <= bars
+    assert {("score", "tfns accuracy", "tuned"), ("score", "fpb clean macro f1", "base")} <= bars
     html = dvc("plots", "show", "-o", "plots", cwd=repo)
     page = (repo / "plots" / "index.html").read_text(encoding="utf-8")
     assert "index.html" in html and "eval_loss" in page and "tuned" in page
@@ -284,6 +288,7 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
         (("lora", "r"), 8, {"train"}),
         (("model", "load_in_4bit"), False, {"train", "evaluate"}),
         (("benchmarks", "ngram"), 8, {"benchmarks"}),  # then evaluate, once benchmarks has rerun
+        (("fetch", "held_out_ngram"), 8, {"fetch"}),  # then every stage after it, once fetch has rerun
     ],
 )
 def test_a_setting_makes_stale_exactly_the_stages_it_changes(

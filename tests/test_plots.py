@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from finetune.evaluation.base_vs_tuned import BAR_COLUMNS
 from tools.vega_page import BUILDS, page
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
@@ -29,6 +30,24 @@ async () => {
     };
     walk(result.view.scenegraph().root);
     return counts;
+  });
+}
+"""
+# every bar drawn, with its data and place (x, width: along the value axis; y, height: across it), per plot
+DRAWN_BARS = """
+async () => {
+  const results = await Promise.all(window.__embeds);
+  return results.map((result) => {
+    const bars = [];
+    const walk = (node) => {
+      if (node.marktype === "rect" && node.role === "mark") {
+        (node.items || []).forEach((item) => bars.push({...item.datum, x: item.x, width: item.width, y: item.y,
+                                                         height: item.height, fill: item.fill}));
+      }
+      (node.items || []).forEach(walk);
+    };
+    walk(result.view.scenegraph().root);
+    return bars;
   });
 }
 """
@@ -52,15 +71,19 @@ def write_csv(path: Path, header: str, rows: list[str]) -> None:
 @pytest.fixture(scope="module")
 def plots_page(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Path:
     """`dvc plots show` in a git repo with this project's dvc.yaml and .dvc/config, and results as train and
-    evaluate write them: 30 training steps, 3 held-out evaluations, 6 bars."""
+    evaluate write them: 30 training steps, 3 held-out evaluations, 8 bars: loss, perplexity and two 0-1 scores of
+    base and tuned."""
     repo = tmp_path_factory.mktemp("plots")
-    for name in ("dvc.yaml", ".dvc/config", ".dvc/.gitignore", "vendor/vega/plots.html"):
+    template = ".dvc/plots/base_vs_tuned.json"  # the bars' vega-lite template
+    for name in ("dvc.yaml", ".dvc/config", ".dvc/.gitignore", template, "vendor/vega/plots.html"):
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / name, repo / name)
     write_csv(repo / "metrics/train_loss.csv", "step,loss", [f"{s},{3 - s / 20}" for s in range(1, 31)])
     write_csv(repo / "metrics/eval_loss.csv", "step,eval_loss", ["10,2.8", "20,2.3", "30,2.0"])
-    bars = ["loss · base,3.1", "loss · tuned,2.0", "rouge_l · base,0.1", "rouge_l · tuned,0.3"]
-    write_csv(repo / "metrics/evaluate_bars.csv", "measure,value", [*bars, "eos · base,0.0", "eos · tuned,0.5"])
+    bars = ["loss,loss,base,3.1", "loss,loss,tuned,2.0", "perplexity,perplexity,base,22.2"]
+    bars += ["perplexity,perplexity,tuned,7.4", "score,rouge_l,base,0.1", "score,rouge_l,tuned,0.3"]
+    bars += ["score,eos,base,0.0", "score,eos,tuned,0.5"]
+    write_csv(repo / "metrics/evaluate_bars.csv", ",".join(BAR_COLUMNS), bars)
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     shown = subprocess.run(
         [sys.executable, "-m", "dvc", "plots", "show", "-o", "out"], cwd=repo, capture_output=True, text=True
@@ -94,12 +117,26 @@ def test_the_page_draws_both_plots_with_the_network_blocked(plots_page: Path, br
     try:
         tab.goto(plots_page.as_uri())
         drawn = tab.evaluate(DRAWN_MARKS)
+        bars = next(plot for plot in tab.evaluate(DRAWN_BARS) if plot)
     finally:
         tab.close()
         browser.set_offline(False)
         browser.unroute("http*://**")
     assert not errors and not asked, (errors, asked)
     assert len(drawn) == 2, json.dumps(drawn)
-    loss, bars = sorted(drawn, key=lambda counts: "rect" in counts)
+    loss, rects = sorted(drawn, key=lambda counts: "rect" in counts)
     assert loss.get("line", 0) >= 30 + 3, loss  # a point per training step and per held-out evaluation
-    assert bars.get("rect") == 6, bars  # a bar per measure and model
+    assert rects.get("rect") == 8, rects  # a bar per measure and model
+    bar = {(b["measure"], b["model"]): b for b in bars}
+    for (measure, model), drawn_bar in bar.items():  # the 0-1 scores on an axis from 0 to 1, 480 px wide (DVC
+        # passes the CSV's values on as text)
+        if drawn_bar["panel"] == "score":
+            assert drawn_bar["width"] == pytest.approx(480 * float(drawn_bar["value"]), abs=1), (measure, model)
+    # loss and perplexity each on its own axis: the loss is not a sliver beside a perplexity of 22
+    assert bar["loss", "base"]["width"] > 0.6 * bar["perplexity", "base"]["width"] > 0
+    for measure in ("loss", "perplexity", "rouge_l", "eos"):  # base and tuned side by side: tuned right below
+        base, tuned = bar[measure, "base"], bar[measure, "tuned"]
+        assert tuned["y"] - (base["y"] + base["height"]) == pytest.approx(0, abs=1) and base["height"] > 0, measure
+        assert base["fill"] != tuned["fill"]
+    rouge, eos = bar["rouge_l", "tuned"], bar["eos", "base"]  # and apart from the next measure's bars
+    assert eos["y"] >= rouge["y"] + rouge["height"] + 1

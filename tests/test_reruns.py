@@ -29,9 +29,10 @@ RERUNS = {
     "finetune/config/schema.py": NONE,  # params.schema.json's writer (tools/params_schema.py)
     # data
     "finetune/data/files.py": ALL,  # every stage writes its metrics JSON with it
-    "finetune/data/parallel.py": {"to_sharegpt", "standardize", "tokenize", "benchmarks"},
+    "finetune/data/parallel.py": {"fetch", "to_sharegpt", "standardize", "tokenize", "benchmarks"},
     "finetune/data/sources.py": {"fetch", "benchmarks"},
     "finetune/data/cleaning.py": {"fetch"},
+    "finetune/data/near_copies.py": {"fetch"},
     "finetune/data/sharegpt.py": {"to_sharegpt"},
     # tokens
     "finetune/tokens/chat.py": {"tokenize", *MODEL},
@@ -59,7 +60,7 @@ RERUNS = {
     "finetune/tracking/ui.py": NONE,  # the UI's columns: the UI launcher's alone
     # evaluation
     "finetune/evaluation/benchmark_sets.py": {"benchmarks"},
-    "finetune/evaluation/contamination.py": {"benchmarks"},
+    "finetune/evaluation/contamination.py": {"fetch", "benchmarks"},  # fetch finds held-out answers with it
     "finetune/evaluation/answers.py": {"evaluate"},
     "finetune/evaluation/base_vs_tuned.py": {"evaluate"},
     "finetune/evaluation/label_sets.py": {"evaluate"},

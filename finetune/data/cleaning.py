@@ -1,14 +1,17 @@
 """The `fetch` section and its rules: rows of the dataset's schema read and checked, cleaned with every dropped row
 counted by reason, the held-out rows drawn, and no held-out question and answer left in training.
 
-Every row's fate is counted: `rows_in = rows_kept + sum(dropped_*)`. Exact duplicates (a whitespace-only system
-counting as empty, as to_sharegpt renders it) are dropped before the held-out draw; a training row with the
-question and answer of a held-out row, whatever its system text, is dropped too (`same_as_held_out`).
+Every row's fate is counted: `rows_in = rows_kept + sum(dropped_*)`. Rows are compared as their texts `normalised`
+(`finetune.data.near_copies`: NFKC, runs of whitespace as one space, no space at the ends; a whitespace-only system
+so counts as empty, as to_sharegpt renders it); the rows written keep their texts as they came. Repeats are dropped
+before the held-out draw, counted apart: the same text (`duplicate`) or the same once normalised (`near_duplicate`).
+A training row with the question and answer of a held-out row, whatever its system text, is dropped too
+(`same_as_held_out`), and one that holds a run of `held_out_ngram` words of a held-out answer in any of its texts
+(`held_out_ngram`, while `drop_held_out_ngram` is on; counted either way).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +21,13 @@ import numpy as np
 from datasets import Dataset, Value
 
 from finetune.config.params import require
+from finetune.data import parallel
 from finetune.data.files import ROWS_PER_GROUP, digests, distinct
+from finetune.data.near_copies import row_keys, sharing_answers
 
 TEXT_COLUMNS = ("system", "user", "assistant")
 BAD_LINE_REASONS = ("unreadable_line", "non_text_cell")  # why a .jsonl line is left out (`fetch.bad_rows: drop`)
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark many Windows tools write first: a marker, not text
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,14 @@ class FetchConfig:
     seed: int  # seed of the held-out draw
     drop_empty_user: bool  # drop rows whose question is null, empty or whitespace
     drop_empty_answer: bool  # drop rows whose answer is null, empty or whitespace
-    drop_duplicates: bool  # drop exact repeats of (system, user, assistant), keeping the first
+    drop_duplicates: bool  # drop repeats of (system, user, assistant), compared normalised, keeping the first
     bad_rows: str = "error"  # a .jsonl line that is no JSON object of text cells: error (named) or drop (counted)
+    held_out_ngram: int = 13  # words in a run shared with a held-out answer that make a training row its near-copy
+    drop_held_out_ngram: bool = True  # drop the training rows held_out_ngram finds (false: count them only)
 
     def __post_init__(self) -> None:
         require(bool(self.dataset.strip()), "fetch.dataset must not be empty")
+        require(self.held_out_ngram >= 1, f"fetch.held_out_ngram must be >= 1, got {self.held_out_ngram}")
         require(self.bad_rows in ("error", "drop"), f"fetch.bad_rows must be error or drop, got {self.bad_rows!r}")
         require(self.eval_size >= 1, f"fetch.eval_size must be >= 1, got {self.eval_size}")
 
@@ -67,10 +76,13 @@ def bad_line(path: Path, number: int, raw: bytes) -> tuple[str | None, Any]:
 
 def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, list[int]]]:
     """Read a JSON-lines file; a bad line (`bad_line`) stops it naming the line, or with `bad_rows: drop` is left
-    out. Returns the rows and the numbers of the lines left out, by reason."""
+    out. Returns the rows and the numbers of the lines left out, by reason. A byte-order mark at the start of the
+    file is skipped; a CRLF line end is whitespace after the line's JSON, so it reads as an LF one."""
     rows, dropped = [], {reason: [] for reason in BAD_LINE_REASONS}
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
+            if number == 1:
+                raw = raw.removeprefix(BOM)
             if not raw.strip():
                 continue
             reason, read = bad_line(path, number, raw)
@@ -120,102 +132,125 @@ def blank(cells: Any) -> Any:
     return pc.or_(pc.equal(cells, ""), pc.utf8_is_space(cells))
 
 
-def same_as_held_out(train: Dataset, held_out: Dataset) -> np.ndarray:
-    """Mask of the training rows whose question and answer are those of a held-out row, whatever their system
-    texts: trained on, they would put the held-out answers into training."""
-    pair = ("user", "assistant")
-
-    def keys(rows: Dataset) -> np.ndarray:  # a split's rows, gathered a batch at a time
-        batches = rows.with_format("arrow").iter(batch_size=65536)
-        return np.concatenate([row_digests(batch, pair) for batch in batches] or [np.empty((0, 2), np.uint64)])
-
-    number, _ = distinct(np.concatenate([keys(held_out), keys(train)]))  # held-out texts get the lowest numbers
-    held_out_texts = int(number[: len(held_out)].max()) + 1 if len(held_out) else 0
-    return number[len(held_out) :] < held_out_texts
+def same_as_held_out(train_keys: np.ndarray, held_out_keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which training rows have the question and answer of a held-out row, whatever their system texts (trained
+    on, they would put the held-out answers into training), and which held-out rows have such a copy; each row
+    by its texts' digests (`clean`: system, user, assistant, two columns each)."""
+    pair = slice(2, 6)  # the question's and the answer's digests
+    number, _ = distinct(np.concatenate([held_out_keys[:, pair], train_keys[:, pair]]))  # held-out texts first
+    held_out, train = number[: len(held_out_keys)], number[len(held_out_keys) :]
+    copies = train < (int(held_out.max()) + 1 if len(held_out) else 0)
+    return copies, np.isin(held_out, train[copies])
 
 
-def clean(dataset: Dataset, config: FetchConfig) -> tuple[Dataset, dict[str, int]]:
-    """Keep the text columns, null cells as `""`; drop rows by the enabled rules; count every row's fate.
+def clean(dataset: Dataset, config: FetchConfig) -> tuple[Any, np.ndarray, dict[str, int], np.ndarray]:
+    """Keep the text columns, null cells as `""`; drop rows by the enabled rules; count every row's fate. Returns
+    the rows as one Arrow table in one piece (a row's texts are taken from it at any place at little cost), the
+    numbers of the rows kept, the counts, and the digests of every row's texts normalised (system, user, assistant:
+    two uint64 columns each, `finetune.data.near_copies.row_keys`), which tell copies apart.
 
     Rules apply in order (empty question, empty answer, duplicate), each row counted under the first that drops it.
-    `[{"system": None, "user": "q", "assistant": ""}]` -> no rows, `{"rows_in": 1, "dropped_empty_answer": 1, ...}`.
+    `[{"system": None, "user": "q", "assistant": ""}]` -> no rows kept, `{"rows_in": 1, "dropped_empty_answer": 1,
+    ...}`.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
-    from datasets.table import InMemoryTable
 
     source = dataset.with_format("arrow")[:]
     null_cells = sum(source[column].null_count for column in TEXT_COLUMNS)
-    table = pa.table({column: pc.fill_null(source[column].cast(pa.string()), "") for column in TEXT_COLUMNS})
+    # large_string: one piece of any size (`write_rows` writes the dataset's string type back)
+    table = pa.table({c: pc.fill_null(source[c].cast(pa.large_string()), "").combine_chunks() for c in TEXT_COLUMNS})
     n = table.num_rows
+    # 16 bytes per text (a hash table of the texts themselves would cost gigabytes on 518k rows)
+    keys = row_keys(table, parallel.cores())
 
-    no = pa.array([False] * n, pa.bool_())
-    empty_user = blank(table["user"]) if config.drop_empty_user else no
-    empty_answer = pc.and_not(blank(table["assistant"]), empty_user) if config.drop_empty_answer else no
-    alive = pc.invert(pc.or_(empty_user, empty_answer))
-    duplicate = no
+    no = np.zeros(n, dtype=bool)
+    empty_user = blank(table["user"]).to_numpy(zero_copy_only=False) if config.drop_empty_user else no
+    empty_answer = blank(table["assistant"]).to_numpy(zero_copy_only=False) & ~empty_user
+    empty_answer = empty_answer if config.drop_empty_answer else no
+    alive_rows = np.flatnonzero(~(empty_user | empty_answer))
+    duplicate, near_duplicate = no.copy(), no.copy()
     if config.drop_duplicates:
-        # the first row of each distinct (system, user, assistant) among the rows still alive, found by a 16-byte
-        # digest per row (a hash table of the texts themselves would cost gigabytes on 518k rows); a whitespace-only
-        # system counts as empty, as to_sharegpt renders it: rows that differ only there are one conversation
-        alive_rows = np.flatnonzero(alive.to_numpy(zero_copy_only=False))
+        # the first row of each distinct normalised (system, user, assistant) among the rows still alive
+        number, first = distinct(keys[alive_rows])
+        repeat = np.ones(len(alive_rows), dtype=bool)
+        repeat[first] = False
+        # a repeat is a duplicate when its texts as they came, a whitespace-only system as empty (as to_sharegpt
+        # renders it), are those of an earlier row, else a near-duplicate: told apart among recurring rows alone
+        recurring = alive_rows[np.bincount(number)[number] > 1]
         system = pc.if_else(blank(table["system"]), "", table["system"])
-        _, first = distinct(row_digests(table.set_column(0, "system", system))[alive_rows])
-        is_duplicate = np.ones(len(alive_rows), dtype=bool)
-        is_duplicate[first] = False
-        mask = np.zeros(n, dtype=bool)
-        mask[alive_rows[is_duplicate]] = True
-        duplicate = pa.array(mask)
-    kept = pc.invert(pc.or_(pc.invert(alive), duplicate))
-
-    def count(mask: pa.Array) -> int:
-        return int(pc.sum(mask).as_py() or 0)
+        _, first_as_is = distinct(row_digests(table.set_column(0, "system", system).take(pa.array(recurring))))
+        duplicate[recurring] = True
+        duplicate[recurring[first_as_is]] = False
+        near_duplicate[alive_rows[repeat]] = True
+        near_duplicate &= ~duplicate
+    kept = ~(empty_user | empty_answer | duplicate | near_duplicate)
 
     counts = {
         "rows_in": n,
-        "rows_kept": count(kept),
+        "rows_kept": int(kept.sum()),
         "null_cells_as_empty": null_cells,
-        "dropped_empty_user": count(empty_user),
-        "dropped_empty_answer": count(empty_answer),
-        "dropped_duplicate": count(duplicate),
+        "dropped_empty_user": int(empty_user.sum()),
+        "dropped_empty_answer": int(empty_answer.sum()),
+        "dropped_duplicate": int(duplicate.sum()),
+        "dropped_near_duplicate": int(near_duplicate.sum()),
     }
     dropped = sum(value for key, value in counts.items() if key.startswith("dropped_"))
     assert counts["rows_in"] == counts["rows_kept"] + dropped, f"row accounting does not add up: {counts}"
-    # an explicit fingerprint: without one, datasets hashes the whole in-memory table (4.5 GB peak on 518k rows)
-    fingerprint = hashlib.sha256(f"{dataset._fingerprint} {config}".encode()).hexdigest()[:32]
-    return Dataset(InMemoryTable(table.filter(kept)), fingerprint=fingerprint), counts
+    return table, np.flatnonzero(kept), counts, keys
 
 
-def split(dataset: Dataset, eval_size: int, seed: int) -> tuple[Dataset, Dataset]:
-    """Draw `eval_size` held-out rows at random (by `seed`); return `(train, eval)`, disjoint by row."""
-    if len(dataset) == 0:
+def draw(rows: int, eval_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training and the held-out row numbers of `rows` rows: `eval_size` held out at random by `seed`, the same
+    draw as `datasets`' `train_test_split(test_size=eval_size, seed=seed)`, the rest in the order it gives them."""
+    if rows == 0:
         raise ValueError("the dataset has no rows left to train on")
-    if eval_size >= len(dataset):
-        raise ValueError(f"fetch.eval_size ({eval_size}) must be smaller than the dataset ({len(dataset)} rows)")
-    parts = dataset.train_test_split(test_size=eval_size, seed=seed, shuffle=True)
-    return parts["train"], parts["test"]
+    if eval_size >= rows:
+        raise ValueError(f"fetch.eval_size ({eval_size}) must be smaller than the dataset ({rows} rows)")
+    permutation = np.random.default_rng(seed).permutation(rows)
+    return permutation[eval_size:], permutation[:eval_size]
 
 
-def write_rows(dataset: Dataset, path: Path) -> None:
-    """A split's rows as parquet, in row groups of `ROWS_PER_GROUP`, gathered in one take (datasets' `to_parquet`
-    gathers a shuffled split batch by batch: 18 of fetch's 33 s on 518k rows)."""
+def write_rows(table: Any, rows: np.ndarray, path: Path) -> None:
+    """The `rows` of `table` (their numbers, in that order) as parquet, a row group of `ROWS_PER_GROUP` rows taken
+    at a time, the texts as `string` (the dataset's type)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(dataset.with_format("arrow")[:], path, row_group_size=ROWS_PER_GROUP)
+    schema = pa.schema([(column, pa.string()) for column in table.column_names])
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(rows), ROWS_PER_GROUP) if len(rows) else [0]:
+            writer.write_table(table.take(rows[start : start + ROWS_PER_GROUP]).cast(schema))
 
 
 def clean_and_split(
     dataset: Dataset, config: FetchConfig, bad_lines: dict[str, list[int]]
-) -> tuple[Dataset, Dataset, dict[str, int]]:
-    """`clean`, `split`, and the training rows that repeat a held-out question and answer dropped: the training
-    and held-out rows, and every row's fate counted (the lines `read_jsonl` left out, `bad_lines`, among them)."""
-    cleaned, counts = clean(dataset, config)
+) -> tuple[Any, np.ndarray, np.ndarray, dict[str, int]]:
+    """`clean`, `draw`, and the training rows that copy a held-out row dropped: the table of rows, the numbers of
+    its training and its held-out rows, and every row's fate counted (the lines `read_jsonl` left out,
+    `bad_lines`, among them), with how many held-out rows had a copy or near-copy in training
+    (`held_out_rows_with_near_copies`)."""
+    table, kept, counts, keys = clean(dataset, config)
     counts["rows_in"] += sum(len(lines) for lines in bad_lines.values())
     counts |= {f"dropped_{reason}": len(lines) for reason, lines in bad_lines.items()}
-    train, held_out = split(cleaned, config.eval_size, config.seed)
-    leaking = same_as_held_out(train, held_out)
-    train = train.select(np.flatnonzero(~leaking))
-    counts |= {"rows_kept": counts["rows_kept"] - int(leaking.sum()), "dropped_same_as_held_out": int(leaking.sum())}
+    train_rows, held_out_rows = (kept[drawn] for drawn in draw(len(kept), config.eval_size, config.seed))
+    same, copied = same_as_held_out(keys[train_rows], keys[held_out_rows])
+    train_rows = train_rows[~same]
+    # the rest, searched for runs of the held-out answers' words
+    answers = table.column("assistant").take(held_out_rows).to_pylist()
+    searched = np.zeros(table.num_rows, dtype=bool)
+    searched[train_rows] = True
+    holding, answered = sharing_answers(table, searched, answers, config.held_out_ngram, parallel.cores())
+    sharing = holding[train_rows]
+    dropped_sharing = sharing if config.drop_held_out_ngram else np.zeros(len(sharing), dtype=bool)
+    train_rows = train_rows[~dropped_sharing]
+    counts |= {
+        "rows_kept": len(train_rows) + len(held_out_rows),
+        "dropped_same_as_held_out": int(same.sum()),
+        "dropped_held_out_ngram": int(dropped_sharing.sum()),
+        "train_rows_sharing_held_out_ngram": int(sharing.sum()),
+        "held_out_rows_with_near_copies": int((copied | answered).sum()),
+    }
     dropped = sum(value for key, value in counts.items() if key.startswith("dropped_"))
-    assert counts["rows_in"] == len(train) + len(held_out) + dropped, f"row accounting does not add up: {counts}"
-    return train, held_out, counts
+    assert counts["rows_in"] == counts["rows_kept"] + dropped, f"row accounting does not add up: {counts}"
+    return table, train_rows, held_out_rows, counts

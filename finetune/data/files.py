@@ -50,9 +50,10 @@ def digests(texts: list[str]) -> np.ndarray:
 
 
 def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each item's digest (`digests`): its text's number, texts numbered in the order they first occur, and
-    each number's first item. `distinct([a, b, a])` -> `([0, 1, 0], [0, 1])`."""
-    order = np.lexsort((keys[:, 1], keys[:, 0]))  # stable: the items of one text stay in order
+    """For each item's digest (`digests`; or several side by side, one row per item): its text's number, texts
+    numbered in the order they first occur, and each number's first item. `distinct([a, b, a])` ->
+    `([0, 1, 0], [0, 1])`."""
+    order = np.lexsort(keys.T[::-1])  # the first column first; stable: the items of one text stay in order
     ordered = keys[order]
     new = np.ones(len(order), bool)
     new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)

@@ -128,25 +128,31 @@ def evaluate_models(
     return metrics, sample_rows
 
 
-BAR_MEASURES = ("loss", "rouge_l", "token_f1", "eos_rate")
+# the measures of the base-vs-tuned bars, by the panel that draws them (.dvc/plots/base_vs_tuned.json): loss and
+# perplexity each on an axis of their own, the scores from 0 to 1 on one axis (the benchmarks' are added by name)
+BAR_PANELS = {"loss": ("loss",), "perplexity": ("perplexity",), "score": ("rouge_l", "token_f1", "eos_rate")}
+BAR_COLUMNS = ("panel", "measure", "model", "value")  # metrics/evaluate_bars.csv's header
 MODELS = ("base", "tuned")
 
 
 def bar_rows(metrics: dict[str, float | int], benchmarks: list[str]) -> list[dict[str, Any]]:
-    """Base and tuned side by side for `dvc plots show`'s bar chart: one row per measure and model, the
-    benchmarks' (by name) accuracy and macro-F1 on every item and on the clean ones.
+    """Base and tuned side by side for `dvc plots show`'s bar chart: one row per measure and model with the panel
+    that draws it (`BAR_PANELS`); the benchmarks' (by name) accuracy and macro-F1 on every item and on the clean
+    ones among the scores.
 
-    `bar_rows({"base_loss": 2.0, "tuned_loss": 1.5}, [])`
-    -> `[{"measure": "loss · base", "value": 2.0}, {"measure": "loss · tuned", "value": 1.5}]`
+    `bar_rows({"base_loss": 2.0, "tuned_loss": 1.5}, [])` -> `[{"panel": "loss", "measure": "loss", "model": "base",
+    "value": 2.0}, {"panel": "loss", "measure": "loss", "model": "tuned", "value": 1.5}]`
     """
-    keys = [(measure, {m: f"{m}_{measure}" for m in MODELS}) for measure in BAR_MEASURES] + [
-        (f"{name} {kind.replace('_', ' ')}", {m: f"{name}_{m}_{kind}" for m in MODELS})
+    # (panel, measure, its metric's name with a slot for the model)
+    keys = [(panel, measure, f"{{model}}_{measure}") for panel, measures in BAR_PANELS.items() for measure in measures]
+    keys += [
+        ("score", f"{name} {kind.replace('_', ' ')}", f"{name}_{{model}}_{kind}")
         for name in benchmarks
         for kind in ("accuracy", "macro_f1", "clean_accuracy", "clean_macro_f1")
     ]
     return [
-        {"measure": f"{measure} · {m}", "value": metrics[key[m]]}
-        for measure, key in keys
-        for m in MODELS
-        if key[m] in metrics
+        {"panel": panel, "measure": measure, "model": model, "value": metrics[key.format(model=model)]}
+        for panel, measure, key in keys
+        for model in MODELS
+        if key.format(model=model) in metrics
     ]

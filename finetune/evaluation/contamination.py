@@ -38,7 +38,9 @@ def words(texts: pa.Array | pa.ChunkedArray | list[str]) -> pa.ListArray:
         texts = pa.array(texts, pa.large_string())
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
-    texts = pc.utf8_lower(texts.cast(pa.large_string()))
+    texts = texts.cast(pa.large_string())
+    if not pc.all(pc.string_is_ascii(texts)).as_py():  # `BYTES` lower-cases ASCII letters: the others here
+        texts = pc.utf8_lower(texts)
     validity, offsets, data = texts.buffers()
     mapped = BYTES[np.frombuffer(data, np.uint8)] if data is not None else np.zeros(0, np.uint8)
     spaced = pa.Array.from_buffers(
@@ -127,21 +129,36 @@ class Index:
         offsets = np.asarray(lists.offsets).astype(np.int64)
         return ids, offsets - offsets[0]
 
-    def search(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-        """The items found in `texts` (training messages): those found whole (exact), those by an n-gram."""
+    def grams_in(self, texts: pa.Array) -> tuple[Hashed, np.ndarray, np.ndarray, np.ndarray]:
+        """`texts` hashed, with the hash of the n-gram at each word position, the positions where an item's n-gram
+        stands, and each text's offsets into the positions."""
         ids, offsets = self.word_ids(texts)
         if len(self.inverse) <= len(ids):
             self.power, self.inverse = powers(P, 2 * len(ids)), powers(P_INVERSE, 2 * len(ids))
         h = Hashed(ids, offsets, self.codes, self.inverse)
         values, valid = h.windows(self.n, self.power)
         (sites,) = np.nonzero(valid & self.grams(values))
-        found = np.unique(values[sites])
+        return h, values, sites, offsets
+
+    def items_of(self, grams: np.ndarray) -> np.ndarray:
+        """The items (sorted numbers) that hold any of the n-gram hashes `grams`."""
+        found = np.unique(grams)
         lo = np.searchsorted(self.gram_hashes, found, side="left")
         hi = np.searchsorted(self.gram_hashes, found, side="right")
-        ngram = np.unique(
-            np.concatenate([self.gram_items[a:b] for a, b in zip(lo, hi, strict=True)] + [np.zeros(0, int)])
-        )
-        ngram = ngram.astype(np.int64)
+        items = [self.gram_items[a:b] for a, b in zip(lo, hi, strict=True)]
+        return np.unique(np.concatenate(items + [np.zeros(0, int)])).astype(np.int64)
+
+    def sharing(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """Which `texts` hold an n-gram of an item (a mask), and the items whose n-grams they hold."""
+        _, values, sites, offsets = self.grams_in(texts)
+        holding = np.zeros(len(texts), bool)
+        holding[np.searchsorted(offsets, sites, side="right") - 1] = True  # an empty text has no site
+        return holding, self.items_of(values[sites])
+
+    def search(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """The items found in `texts` (training messages): those found whole (exact), those by an n-gram."""
+        h, values, sites, _ = self.grams_in(texts)
+        ngram = self.items_of(values[sites])
         exact = []
         for item in ngram[self.lengths[ngram] >= self.n]:  # a long item whole: where its first n-gram stands
             k = int(self.lengths[item])
