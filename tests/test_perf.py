@@ -132,7 +132,7 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
 def test_the_benchmark_stand_ins_load_as_the_stage_loads_them_at_their_real_sizes(tmp_path: Path) -> None:
     """Each preset's stand-in, in its Hub schema and of its published size, is read by the benchmarks stage's own
     loader and label mapping (no model: the scoring itself is the evaluate_speed run's)."""
-    from finetune.evaluation.benchmark_sets import labelled_items
+    from finetune.evaluation.benchmark_sets import benchmark_rows
     from perf.evaluate_speed import REAL_ITEMS, benchmark_items, load_sets, settings_file
     from stages.benchmarks import load_set
 
@@ -141,7 +141,7 @@ def test_the_benchmark_stand_ins_load_as_the_stage_loads_them_at_their_real_size
     assert items == REAL_ITEMS == {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388}
     for i, bench in enumerate(load_sets(written)):
         dataset, provenance = load_set(bench, f"benchmarks.sets[{i}]", (tmp_path / "benchmarks",))
-        rows = labelled_items(bench, dataset, f"benchmarks.sets[{i}]")
+        rows = benchmark_rows(bench, dataset, f"benchmarks.sets[{i}]")
         assert len(rows) == items[bench.name] and {row["label"] for row in rows} == set(bench.labels)
         assert "sha256" in provenance  # a local folder, not the Hub
     fiqa = [json.loads(line) for line in (tmp_path / "benchmarks" / "fiqa_sa" / "test.jsonl").open()]

@@ -22,7 +22,8 @@ def read_section(params_path: Path, section: str) -> dict[str, Any]:
     return params[section]
 
 
-MOVED = {"evaluate.benchmarks": "benchmarks.sets", "evaluate.batch_size": "evaluate.batch_tokens"}  # keys of earlier params.yaml files, and where they are now
+# keys of earlier params.yaml files, and where they are now
+MOVED = {"evaluate.benchmarks": "benchmarks.sets", "evaluate.batch_size": "evaluate.batch_tokens"}
 
 
 def build(cls: type[C], raw: dict[str, Any], section: str) -> C:
