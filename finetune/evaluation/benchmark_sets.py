@@ -71,9 +71,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # "Question:" the question and "Answer:" (PIXIU data/FinQA/preprocess.py builds it so); `answer` is FinQA's
     # executed answer `exe_ans` as text ("0.26685", "94.0", "yes"); `text` the question alone (unused here). Pinned
     # to 4343aee, the card update that gives the split sizes, the head of its main branch when last listed.
-    # ConvFinQA has no preset: its one parquet copy, ChanceFocus/flare-convfinqa, has as its test split the 1,490
-    # turns of ConvFinQA's dev set (the published test split holds 1,521), and its later turns carry
-    # "{answer0}"-style slots for the model's own earlier answers, which one batched pass cannot fill.
+    # ConvFinQA has no preset: its parquet copies (ChanceFocus/flare-convfinqa, AdaptLLM/finance-tasks ConvFinQA)
+    # hold as their test split 1,490 turns, ConvFinQA's dev set (dev_turn.json; the published test split holds
+    # 1,521), and the later turns carry "{answer0}"-style slots for the model's own earlier answers, which one
+    # batched pass cannot fill.
     "finqa": {
         "kind": "numeric",
         "dataset": "ChanceFocus/flare-finqa",
