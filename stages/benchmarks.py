@@ -29,7 +29,7 @@ from finetune.data.files import BENCHMARK_MANIFEST, write_json
 from finetune.data.parallel import cores
 from finetune.data.sources import LOCAL_FORMATS, check_watched, from_file, from_hub, local_provenance
 from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig, benchmark_rows
-from finetune.evaluation.contamination import Index, contamination, training_messages
+from finetune.evaluation.contamination import Index, contamination, training_messages, without_shared_ends
 
 log = logging.getLogger("benchmarks")
 
@@ -66,10 +66,10 @@ def main(params_path: Path, sources: tuple[Path, ...], texts: Path, out: Path, m
         loaded.append((bench, benchmark_rows(bench, dataset, f"benchmarks.sets[{i}]"), provenance))
         log.info("%s: %d rows from %s", bench.name, len(loaded[-1][1]), provenance)
 
-    # --- contamination: every item against every distinct training message
+    # --- contamination: every item, less its benchmark's template, against every distinct training message
     start = time.perf_counter()
     messages = training_messages(texts / "train.parquet")
-    every = [row["text"] for _, rows, _ in loaded for row in rows]
+    every = [text for _, rows, _ in loaded for text in without_shared_ends([row["text"] for row in rows])]
     flags = contamination(Index(every, config.ngram), messages, cores()) if every else {}
     seconds = time.perf_counter() - start
     results: dict[str, Any] = {"training_messages": len(messages), "contamination_seconds": seconds, "provenance": {}}

@@ -158,7 +158,9 @@ def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_
     assert len(first) == 2 and all(isinstance(answer.text, str) for answer in first)
     assert all(1 <= answer.tokens <= 5 and (answer.ended or answer.tokens == 5) for answer in first)
     assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2) == first
-    assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, batch_tokens=1) == first  # one a batch
+    assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_tokens=1) == first  # one prompt a batch
+    with pytest.raises(ValueError, match="give batch_size or batch_tokens, one of them: got 2 and 64"):
+        generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, batch_tokens=64)
     assert generate(model, tokenizer, [], max_new_tokens=5, batch_size=2) == []
 
 

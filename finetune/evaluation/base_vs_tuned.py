@@ -95,7 +95,11 @@ def evaluate_models(
                     classify(model, chat, bench, max_length, config.batch_tokens)
                     if bench.kind == "labels"
                     else generate(
-                        model, tokenizer, asked[bench.name], bench.max_new_tokens, 1, config.benchmark_batch_tokens
+                        model,
+                        tokenizer,
+                        asked[bench.name],
+                        bench.max_new_tokens,
+                        batch_tokens=config.benchmark_batch_tokens,
                     )
                 )
         results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
