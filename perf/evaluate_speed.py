@@ -5,15 +5,17 @@
 
 Builds the model (`perf.shapes`), an untrained LoRA adapter with the `model` and `lora` settings of `--params`, and
 `--rows` held-out conversations with the real data's length mix (`perf.data_stages`); writes a local stand-in of
-each label-set benchmark of `benchmarks.sets` in its Hub schema (columns, split, label values, `data_dir`), of its
-real size (`--benchmark-items real`: FPB 4,846 items, FiQA-SA 1,173, TFNS 2,388) or of N items; then runs the
-tokenize, benchmarks and evaluate stages as `dvc repro` does (`python -m stages.<name>`, each its own process), with
+each benchmark of `benchmarks.sets` in its Hub schema (columns, split, label values or numeric answers,
+`data_dir`), of its real size (`--benchmark-items real`: FPB 4,846 items, FiQA-SA 1,173, TFNS 2,388, FinQA 1,147
+questions of ~1,000 tokens in FLARE's layout: context, table, question) or of N items; then runs the tokenize,
+benchmarks and evaluate stages as `dvc repro` does (`python -m stages.<name>`, each its own process), with
 `--params`' settings but the model, the stand-ins and the sizes given here (`--samples`, `--max-new-tokens`: default
-`evaluate.num_samples`, `evaluate.max_new_tokens`). A random model never says EOS, so every answer runs to
-`max_new_tokens`: the slowest case. Prints the settings the stages ran (read back from the settings file they read,
-the adapter's config and precision) and a table: the evaluate stage's wall time (start, imports and loading
-included), the evaluation's own time (`evaluate_seconds`), the rows, samples and benchmark items scored, the peak
-GPU memory where there is a GPU.
+`evaluate.num_samples`, `evaluate.max_new_tokens`; a numeric benchmark generates up to `benchmarks.max_new_tokens`).
+A random model never says EOS, so every answer runs to its `max_new_tokens`: the slowest case. Prints the settings
+the stages ran (read back from the settings file they read, the adapter's config and precision) and a table: the
+evaluate stage's wall time (start, imports and loading included), the evaluation's own time (`evaluate_seconds`),
+the rows, samples and benchmark items scored, the tokens generated per numeric benchmark item, the peak GPU memory
+where there is a GPU.
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ from perf.data_stages import single_turns, text
 from perf.shapes import child_environment, described, ensure
 
 # the published sets' sizes: FPB sentences_50agree; FiQA-SA's three splits together (822 + 117 + 234: the preset
-# scores the 234 of test, a set overridden to score them all scores these); TFNS validation
-REAL_ITEMS = {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388}
+# scores the 234 of test, a set overridden to score them all scores these); TFNS validation; FinQA test
+REAL_ITEMS = {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388, "finqa": 1147}
 ITEM_CHARS = {"fpb": 125, "fiqa_sa": 85, "tfns": 85}  # mean characters of an item: news sentences, headlines, tweets
+# a FinQA question's mean characters of text before and after its table (a word of perf.data_stages.WORDS is ~8
+# characters and a token or so), and the table's rows: ~1,000 tokens a prompt, as FinQA's report excerpts
+FINQA_CHARS = (3600, 2800)
+FINQA_TABLE_ROWS = 6
 
 
 def held_out(rows: int) -> list[dict[str, list[dict[str, str]]]]:
@@ -62,18 +68,33 @@ def label_values(bench: BenchmarkConfig) -> list[Any]:
     return list(bench.labels)
 
 
+def finqa_question(rng: random.Random) -> str:
+    """A generated question in FLARE's FinQA layout: its instruction line, the context's text, a table a row a line
+    (`|cell|cell|`), more text, the question; each text of half to one and a half times its mean length."""
+    before, after = (text(rng, rng.randint(chars // 2, 3 * chars // 2)) for chars in FINQA_CHARS)
+    cells = [[text(rng, 12)] + [f"{rng.uniform(0, 9999):,.1f}" for _ in range(3)] for _ in range(FINQA_TABLE_ROWS)]
+    table = "\n".join("|" + "|".join(row) + "|" for row in [["", "2019", "2018", "2017"], *cells])
+    context = f"Please answer the given financial question based on the context.\nContext: {before}\n{table}\n{after}"
+    return f"{context}\nQuestion: what was the change in {text(rng, 40)} from 2018 to 2019?\nAnswer:"
+
+
 def stand_in(bench: BenchmarkConfig, folder: Path, items: int, seed: int) -> Path:
-    """Write `items` rows of generated text in `bench`'s schema (its text and label columns, label values) where
-    the benchmarks stage loads a local folder in the Hub's layout: `<folder>/<data_dir>/<split>.jsonl`."""
+    """Write `items` rows of generated text in `bench`'s schema where the benchmarks stage loads a local folder in
+    the Hub's layout, `<folder>/<data_dir>/<split>.jsonl`: its text and label columns with its label values (a label
+    set), or its question and answer columns, FinQA-like questions and numbers or yes/no (numeric)."""
     rng = random.Random(seed)
-    values = label_values(bench)
+    values = label_values(bench) if bench.kind == "labels" else []
     mean = ITEM_CHARS.get(bench.name, 100)
     path = folder / (bench.data_dir or "") / f"{bench.split}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for _ in range(items):
-            words = text(rng, rng.randint(mean // 2, 3 * mean // 2))
-            row = {bench.text_column: words, bench.label_column: rng.choice(values)}
+            if bench.kind == "labels":
+                row = {bench.text_column: text(rng, rng.randint(mean // 2, 3 * mean // 2))}
+                row[str(bench.label_column)] = rng.choice(values)
+            else:  # FinQA's answers: numbers as text, a few of its comparison questions' yes and no
+                answer = rng.choice(["yes", "no"]) if rng.random() < 0.02 else f"{rng.uniform(-500, 500):.5f}"
+                row = {bench.text_column: finqa_question(rng), str(bench.answer_column): answer}
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -151,16 +172,24 @@ def header(shape: str, work: Path, args: argparse.Namespace) -> str:
     four_bit = json.loads((work / "adapter" / PRECISION_FILE).read_text(encoding="utf-8"))["load_in_4bit"]
     model = load(ModelConfig, work / "params.yaml", "model")
     evaluate = load(EvaluateConfig, work / "params.yaml", "evaluate")
-    ngram = load(BenchmarksConfig, work / "params.yaml", "benchmarks").ngram
+    benchmarks = load(BenchmarksConfig, work / "params.yaml", "benchmarks")
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     lora = f"LoRA r {adapter['r']}, alpha {adapter['lora_alpha']} on {'/'.join(sorted(adapter['target_modules']))}"
     base = f"base in {'4-bit' if four_bit else '16-bit'}, dtype {model.dtype or 'auto'}"
     return (
         f"{shape} ({described(work / shape)}), {base}, max_seq_length {model.max_seq_length}, {lora}; evaluate: "
         f"max_rows {evaluate.max_rows}, batch_tokens {evaluate.batch_tokens}, {evaluate.num_samples} samples x "
-        f"max_new_tokens {evaluate.max_new_tokens}, generate_batch_size {evaluate.generate_batch_size}; "
-        f"benchmarks ngram {ngram}; settings of {args.params}; {card}"
+        f"max_new_tokens {evaluate.max_new_tokens}, generate_batch_size {evaluate.generate_batch_size}, "
+        f"benchmark_batch_tokens {evaluate.benchmark_batch_tokens}; benchmarks ngram {benchmarks.ngram}, "
+        f"max_new_tokens {benchmarks.max_new_tokens}; settings of {args.params}; {card}"
     )
+
+
+def generated(metrics: dict[str, Any], name: str, model: str) -> float | None:
+    """A numeric benchmark's mean tokens of reasoning and final answer per item, for `model` (base or tuned);
+    None for a label set."""
+    think, answer = metrics.get(f"{name}_{model}_think_tokens"), metrics.get(f"{name}_{model}_answer_tokens")
+    return None if think is None or answer is None else think + answer
 
 
 def table(metrics: dict[str, Any], names: list[str], walls: dict[str, float]) -> list[str]:
@@ -175,6 +204,11 @@ def table(metrics: dict[str, Any], names: list[str], walls: dict[str, float]) ->
             f"{metrics.get('base_answer_tokens', 0):.0f} / {metrics.get('tuned_answer_tokens', 0):.0f}",
         ),
         *((f"{name} items", f"{metrics[f'{name}_rows']:,}") for name in names),
+        *(  # a numeric benchmark's generated tokens per item, as the tokenizer counts its reasoning and answer
+            (f"{name} tokens an answer (base / tuned)", f"{generated(metrics, name, 'base'):.0f} / {tuned:.0f}")
+            for name in names
+            if (tuned := generated(metrics, name, "tuned")) is not None
+        ),
         ("benchmarks stage wall s", f"{walls['benchmarks']:.1f}"),
         ("evaluation s", f"{metrics['evaluate_seconds']:.1f}"),
         ("evaluate stage wall s", f"{walls['evaluate']:.1f}"),

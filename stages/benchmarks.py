@@ -1,15 +1,17 @@
-"""benchmarks: the label-set benchmarks evaluate scores, loaded from the Hub or a local folder, their label values
-mapped to the label words, each item checked against the training conversations for contamination.
+"""benchmarks: the benchmarks evaluate scores, loaded from the Hub or a local folder, their label values mapped to
+the label words (label sets) or their reference answers read as numbers (numeric benchmarks), each item checked
+against the training conversations for contamination.
 
     python -m stages.benchmarks --sources data/benchmarks --texts data/standardized --out data/benchmark_items \
         --metrics metrics/benchmarks.json
 
 Each entry of `benchmarks.sets` names a preset (`finetune.evaluation.benchmark_sets.PRESETS`: Financial PhraseBank,
-FiQA sentiment, Twitter Financial News sentiment, with their Hub ids, columns and published label maps), any field
-of which it may override (a local folder in the same schema as `dataset`, say), or gives every field itself.
-Written: `<name>.jsonl` per benchmark (text, label word, and whether the item was found in the training messages
-whole, `exact`, or by an n-gram, `ngram`: `finetune.evaluation.contamination`) and `benchmarks.json` (labels,
-instruction, and where the rows came from: the Hub commit, or each local file's SHA-256), which evaluate reads. A
+FiQA sentiment, Twitter Financial News sentiment, with their Hub ids, columns and published label maps; FinQA),
+any field of which it may override (a local folder in the same schema as `dataset`, say), or gives every field
+itself. Written: `<name>.jsonl` per benchmark (text, label word or reference answer, and whether the item was found
+in the training messages whole, `exact`, or by an n-gram, `ngram`: `finetune.evaluation.contamination`) and
+`benchmarks.json` (each one's kind, labels, instruction, and where its rows came from: the Hub commit, or each
+local file's SHA-256; the numeric benchmarks' `max_new_tokens` and `rel_tolerance`), which evaluate reads. A
 changed benchmark reruns this stage and evaluate.
 """
 
@@ -26,8 +28,8 @@ from finetune.config.params import flatten, load, require
 from finetune.data.files import BENCHMARK_MANIFEST, write_json
 from finetune.data.parallel import cores
 from finetune.data.sources import LOCAL_FORMATS, check_watched, from_file, from_hub, local_provenance
-from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig, labelled_items
-from finetune.evaluation.contamination import Index, contamination, training_messages
+from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig, benchmark_rows
+from finetune.evaluation.contamination import Index, contamination, training_messages, without_shared_ends
 
 log = logging.getLogger("benchmarks")
 
@@ -61,13 +63,13 @@ def main(params_path: Path, sources: tuple[Path, ...], texts: Path, out: Path, m
     loaded = []
     for i, bench in enumerate(config.sets):
         dataset, provenance = load_set(bench, f"benchmarks.sets[{i}]", sources)
-        loaded.append((bench, labelled_items(bench, dataset, f"benchmarks.sets[{i}]"), provenance))
+        loaded.append((bench, benchmark_rows(bench, dataset, f"benchmarks.sets[{i}]"), provenance))
         log.info("%s: %d rows from %s", bench.name, len(loaded[-1][1]), provenance)
 
-    # --- contamination: every item against every distinct training message
+    # --- contamination: every item, less its benchmark's template, against every distinct training message
     start = time.perf_counter()
     messages = training_messages(texts / "train.parquet")
-    every = [row["text"] for _, rows, _ in loaded for row in rows]
+    every = [text for _, rows, _ in loaded for text in without_shared_ends([row["text"] for row in rows])]
     flags = contamination(Index(every, config.ngram), messages, cores()) if every else {}
     seconds = time.perf_counter() - start
     results: dict[str, Any] = {"training_messages": len(messages), "contamination_seconds": seconds, "provenance": {}}
@@ -82,7 +84,13 @@ def main(params_path: Path, sources: tuple[Path, ...], texts: Path, out: Path, m
             for row, e, n in zip(rows, exact, ngram, strict=True):
                 f.write(json.dumps({**row, "exact": bool(e), "ngram": bool(n)}, ensure_ascii=False) + "\n")
         manifest.append(
-            {"name": bench.name, "labels": bench.labels, "instruction": bench.instruction, "provenance": provenance}
+            {
+                "name": bench.name,
+                "kind": bench.kind,
+                "labels": bench.labels,
+                "instruction": bench.instruction,
+                "provenance": provenance,
+            }
         )
         contaminated = int((exact | ngram).sum())
         results |= {
@@ -93,7 +101,8 @@ def main(params_path: Path, sources: tuple[Path, ...], texts: Path, out: Path, m
             f"{bench.name}_contaminated_share": contaminated / len(rows),
         }
         results["provenance"][bench.name] = provenance
-    write_json(out / BENCHMARK_MANIFEST, {"benchmarks": manifest, "ngram": config.ngram})
+    generation = {"max_new_tokens": config.max_new_tokens, "rel_tolerance": config.rel_tolerance}  # numeric sets'
+    write_json(out / BENCHMARK_MANIFEST, {"benchmarks": manifest, "ngram": config.ngram, **generation})
     write_json(metrics, results)
     log.info("%d benchmarks -> %s, metrics -> %s: %s", len(manifest), out, metrics, results)
 

@@ -8,9 +8,12 @@
   (`finetune.evaluation.likelihood`);
 - greedy answers to the first `num_samples` held-out prompts: ROUGE-L and token F1 against the reference, the
   share that end with EOS before `max_new_tokens`, mean answer length (`finetune.evaluation.answers`);
-- each benchmark the benchmarks stage prepared (text + label from a fixed set): accuracy and macro-F1, the label
-  predicted being the one the model finds likeliest as the answer, on every item and on the items not found in
-  the training data (`finetune.evaluation.label_sets`), with the share that was found there.
+- each label set the benchmarks stage prepared (text + label from a fixed set): accuracy and macro-F1, the label
+  predicted being the one the model finds likeliest as the answer (`finetune.evaluation.label_sets`);
+- each numeric benchmark (a question with a number as its answer, FinQA): greedy answers reasoning up to
+  `benchmarks.max_new_tokens`, the number after the reasoning block scored against the reference (accuracy, the
+  share with no number, reasoning and answer lengths: `finetune.evaluation.numeric_sets`);
+- both kinds on every item and on the items not found in the training data, with the share that was found there.
 
 The base model is the tuned one with its adapter disabled, loaded in the precision the adapter was trained in.
 The numbers go into the MLflow run that trained the adapter, found by the adapter's SHA-256
@@ -28,7 +31,7 @@ from finetune.config import cli
 from finetune.config.params import flatten, load
 from finetune.data.files import write_csv, write_json
 from finetune.evaluation.base_vs_tuned import BAR_COLUMNS, EvaluateConfig, bar_rows, evaluate_models, held_out_samples
-from finetune.evaluation.label_sets import read_benchmarks
+from finetune.evaluation.benchmark_items import read_benchmarks
 from finetune.model.load import ModelConfig, load_with_adapter
 from finetune.model.patches import apply_speed_patches
 from finetune.tokens.chat import Chat, ChatConfig
@@ -83,7 +86,9 @@ def main(
     chat = Chat(tokenizer, chat_config)
     chat.check(padding=True)
     start = time.perf_counter()
-    results, sample_rows = evaluate_models(model, chat, encoded, prompts, sets, config, model_config.max_seq_length)
+    results, sample_rows, benchmark_rows = evaluate_models(
+        model, chat, encoded, prompts, sets, config, model_config.max_seq_length
+    )
     results["evaluate_seconds"] = time.perf_counter() - start
     if torch.cuda.is_available():
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -93,13 +98,13 @@ def main(
         report(results, metrics, prefix="evaluate")
         provenance = {f"benchmark.{b.name}.{key}": value for b in sets for key, value in b.provenance.items()}
         mlflow.set_tags({key: storable(value, MAX_TAG_VALUE) for key, value in provenance.items()})
-        write_json(samples, {"samples": sample_rows})
+        write_json(samples, {"samples": sample_rows, "benchmark_samples": benchmark_rows})
         write_csv(bars, bar_rows(results, [b.name for b in sets]), BAR_COLUMNS)
         mlflow.log_artifact(str(bars), artifact_path="evaluate")
-        if sample_rows:
-            table = {key: [row[key] for row in sample_rows] for key in sample_rows[0]}
-            mlflow.log_table(table, "evaluate_samples.json")
-    log.info("metrics -> %s, samples -> %s, bars -> %s", metrics, samples, bars)
+        for rows, name in ((sample_rows, "evaluate_samples.json"), (benchmark_rows, "evaluate_benchmark_samples.json")):
+            if rows:  # a table the MLflow UI shows, each model's answer beside the reference
+                mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, name)
+    log.info("metrics -> %s, samples (held-out and numeric benchmarks) -> %s, bars -> %s", metrics, samples, bars)
 
 
 if __name__ == "__main__":
@@ -110,7 +115,7 @@ if __name__ == "__main__":
         benchmarks="folder of the benchmarks stage's files",
         adapter="the trained adapter's folder",
         metrics="the stage's metrics, JSON",
-        samples="the answered samples, JSON",
+        samples="the answered samples, held-out and of the numeric benchmarks, JSON",
         bars="base vs. tuned, CSV for the bar chart",
     )
     main(**paths)

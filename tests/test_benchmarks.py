@@ -10,7 +10,7 @@ import pytest
 import yaml
 from datasets import Dataset
 
-from finetune.evaluation.benchmark_sets import PRESETS, BenchmarksConfig, label_word, labelled_items, resolve
+from finetune.evaluation.benchmark_sets import PRESETS, BenchmarksConfig, benchmark_rows, label_word, resolve
 from stages.benchmarks import load_set, main
 
 KEY = "benchmarks.sets[0]"
@@ -37,6 +37,15 @@ def test_presets_resolve_to_the_published_datasets_and_label_maps() -> None:
     assert [label_word(fiqa, s, "row", KEY) for s in scores] == ["negative", *["neutral"] * 3, "positive", "positive"]
 
 
+def test_the_finqa_preset_is_flare_finqa_pinned_a_numeric_benchmark() -> None:
+    finqa = resolve({"preset": "finqa"}, KEY)
+    assert (finqa.kind, finqa.dataset, finqa.split) == ("numeric", "ChanceFocus/flare-finqa", "test")
+    assert (finqa.text_column, finqa.answer_column, finqa.labels) == ("query", "answer", None)
+    assert finqa.revision == "4343aee8c5d8d4469b411407f0e3fb3eaeba6bff" and "\\boxed{}" in finqa.instruction
+    config = BenchmarksConfig(sets=[{"preset": "finqa"}])
+    assert (config.max_new_tokens, config.rel_tolerance) == (1024, 0.01)
+
+
 def test_a_preset_is_one_line_with_any_field_overridden(root: Path) -> None:
     sets = yaml.safe_load((root / "params.yaml").read_text())["benchmarks"]["sets"]
     assert sets == [{"preset": name} for name in PRESETS]
@@ -57,6 +66,15 @@ def test_a_preset_is_one_line_with_any_field_overridden(root: Path) -> None:
         ([{"preset": "fpb", "name": "f-p-b"}], r"sets\[0\].name must be letters, digits or _"),
         ([{"name": "mine", "dataset": "data/benchmarks/mine.jsonl"}], r"benchmarks.sets\[0\].split is required"),
         (["fpb"], r"benchmarks.sets\[0\] must be a mapping, e.g. \{preset: fpb\}"),
+        ([{"preset": "fpb", "kind": "ranked"}], r"sets\[0\].kind must be one of \('labels', 'numeric'\)"),
+        ([{"preset": "finqa", "labels": ["up", "down"]}], r"sets\[0\].labels applies to label sets, not to a numeric"),
+        ([{"preset": "finqa", "answer_column": None}], r"sets\[0\].answer_column is required for a numeric"),
+        ([{"preset": "tfns", "answer_column": "a"}], r"sets\[0\].answer_column applies to numeric benchmarks"),
+        ([{"preset": "finqa", "kind": "labels"}], r"sets\[0\].answer_column applies to numeric benchmarks"),
+        (
+            [{"name": "mine", "dataset": "d.jsonl", "split": "test", "text_column": "q", "instruction": ""}],
+            r"sets\[0\].label_column is required for a label set",
+        ),
     ],
 )
 def test_a_bad_entry_is_refused_naming_the_key(sets: list, message: str) -> None:
@@ -64,9 +82,18 @@ def test_a_bad_entry_is_refused_naming_the_key(sets: list, message: str) -> None
         BenchmarksConfig(sets=sets)
 
 
-def test_a_bad_n_gram_length_is_named() -> None:
-    with pytest.raises(ValueError, match="benchmarks.ngram must be >= 1, got 0"):
-        BenchmarksConfig(sets=[], ngram=0)
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"ngram": 0}, "benchmarks.ngram must be >= 1, got 0"),
+        ({"max_new_tokens": 0}, "benchmarks.max_new_tokens must be >= 1, got 0"),
+        ({"rel_tolerance": 1.0}, r"benchmarks.rel_tolerance must be >= 0 and < 1, got 1.0"),
+        ({"rel_tolerance": -0.01}, r"benchmarks.rel_tolerance must be >= 0 and < 1, got -0.01"),
+    ],
+)
+def test_a_bad_section_setting_is_named(settings: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BenchmarksConfig(sets=[], **settings)
 
 
 @pytest.mark.parametrize(
@@ -85,10 +112,26 @@ def test_the_shipped_stand_ins_load_through_the_hub_code_path(
     monkeypatch.chdir(root)
     bench = resolve({"preset": preset, "dataset": f"data/benchmarks/{preset}", "revision": None}, KEY)
     dataset, provenance = load_set(bench, KEY, (Path("data/benchmarks"),))
-    rows = labelled_items(bench, dataset, KEY)
+    rows = benchmark_rows(bench, dataset, KEY)
     assert rows[0] == first and len(rows) >= 24
     assert {row["label"] for row in rows} == {"negative", "neutral", "positive"}
     assert provenance["source"] == f"data/benchmarks/{preset}" and len(next(iter(provenance["sha256"].values()))) == 64
+
+
+def test_the_finqa_stand_in_loads_through_the_hub_code_path_its_answers_read_as_numbers(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(root)
+    bench = resolve({"preset": "finqa", "dataset": "data/benchmarks/finqa", "revision": None}, KEY)
+    dataset, provenance = load_set(bench, KEY, (Path("data/benchmarks"),))
+    assert set(dataset.column_names) == {"id", "query", "answer", "text"}  # flare-finqa's columns
+    rows = benchmark_rows(bench, dataset, KEY)
+    assert rows[0]["answer"] == 0.13636 and rows[0]["text"].startswith(
+        "Please answer the given financial question based on the context.\nContext: net revenue was"
+    )
+    assert rows[0]["text"].endswith("\nAnswer:") and "|net revenue|$ 1,250|$ 1,100|" in rows[0]["text"]
+    assert {type(row["answer"]) for row in rows} == {float, str} and {"yes", "no"} <= {row["answer"] for row in rows}
+    assert len(rows) == 12 and provenance["source"] == "data/benchmarks/finqa"
 
 
 def test_a_local_benchmark_must_be_where_dvc_sees_it_and_carry_no_hub_revision(
@@ -114,11 +157,13 @@ def test_a_local_benchmark_must_be_where_dvc_sees_it_and_carry_no_hub_revision(
         ("tfns", {"text": ["up", " "], "label": [1, 0]}, r"row 1: column 'text' holds ' ', expected non-empty text"),
         ("fiqa_sa", {"sentence": ["up"], "score": ["high"]}, r"row 0: label 'high' is no finite number"),
         ("tfns", {"text": [], "label": []}, r"has no rows"),
+        ("finqa", {"query": ["Total?", "Up?"], "answer": ["4", "about 3"]}, r"row 1: column 'answer' holds 'about 3'"),
+        ("finqa", {"query": ["Total?"], "text": ["Total?"]}, r"has no column 'answer'"),
     ],
 )
 def test_a_bad_row_is_named(preset: str, rows: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        labelled_items(resolve({"preset": preset}, KEY), Dataset.from_dict(rows), KEY)
+        benchmark_rows(resolve({"preset": preset}, KEY), Dataset.from_dict(rows), KEY)
 
 
 @pytest.mark.slow  # the stage's worker processes
@@ -135,6 +180,9 @@ def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
     folder = Path("data/benchmarks/tweets")
     folder.mkdir(parents=True)
     (folder / "validation.jsonl").write_text("".join(json.dumps({"text": t, "label": v}) + "\n" for t, v in tweets))
+    sums = [("What is 2 + 2?", "4"), ("Fed minutes due at 2 p.m. ET", "1,400"), ("Is 3 more than 2?", "Yes")]
+    Path("data/benchmarks/sums").mkdir()
+    Path("data/benchmarks/sums/test.jsonl").write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in sums))
     training = [
         [
             {
@@ -154,7 +202,10 @@ def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
     Path("data/standardized").mkdir(parents=True)
     Dataset.from_dict({"conversations": training}).to_parquet("data/standardized/train.parquet")
     entry = {"preset": "tfns", "name": "tweets", "dataset": str(folder)}
-    Path("params.yaml").write_text(yaml.safe_dump({"benchmarks": {"sets": [entry], "ngram": 13}}))
+    numeric = {"name": "sums", "kind": "numeric", "dataset": "data/benchmarks/sums", "split": "test"}
+    numeric |= {"text_column": "q", "answer_column": "a", "instruction": "Reason."}
+    settings = {"sets": [entry, numeric], "ngram": 13, "max_new_tokens": 64, "rel_tolerance": 0.02}
+    Path("params.yaml").write_text(yaml.safe_dump({"benchmarks": settings}))
 
     main(Path("params.yaml"), (Path("data/benchmarks"),), Path("data/standardized"), Path("out"), Path("m.json"))
 
@@ -165,8 +216,18 @@ def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
         ("neutral", True, False),  # a whole answer; shorter than 13 words: exact only
         ("negative", False, True),  # 13 words of it in a question
     ]
+    sums = [json.loads(line) for line in Path("out/sums.jsonl").read_text().splitlines()]
+    assert [(row["answer"], row["exact"]) for row in sums] == [(4.0, False), (1400.0, True), ("yes", False)]
     manifest = json.loads(Path("out/benchmarks.json").read_text())
     assert manifest["benchmarks"][0]["name"] == "tweets" and manifest["benchmarks"][0]["labels"][0] == "negative"
+    assert manifest["benchmarks"][1] | {"provenance": None} == {
+        "name": "sums",
+        "kind": "numeric",
+        "labels": None,
+        "instruction": "Reason.",
+        "provenance": None,
+    }
+    assert (manifest["max_new_tokens"], manifest["rel_tolerance"]) == (64, 0.02)
     metrics = json.loads(Path("m.json").read_text())
     assert (metrics["tweets_rows"], metrics["tweets_contaminated"], metrics["tweets_contaminated_share"]) == (
         4,
@@ -175,3 +236,4 @@ def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
     )
     assert (metrics["tweets_contaminated_exact"], metrics["tweets_contaminated_ngram"]) == (1, 2)
     assert metrics["provenance"]["tweets"]["source"] == str(folder) and metrics["training_messages"] == 4
+    assert (metrics["sums_rows"], metrics["sums_contaminated_exact"]) == (3, 1)

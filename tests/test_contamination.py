@@ -6,7 +6,14 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from finetune.evaluation.contamination import Index, Lookup, contamination, distinct_messages, words
+from finetune.evaluation.contamination import (
+    Index,
+    Lookup,
+    contamination,
+    distinct_messages,
+    without_shared_ends,
+    words,
+)
 
 LONG = "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007"  # 17 words
 SHORT = "Shares of the bank fell 5% on Monday."  # 8 words
@@ -103,3 +110,19 @@ def test_lookup_finds_exactly_the_members() -> None:
 def test_an_n_gram_length_below_1_is_refused() -> None:
     with pytest.raises(ValueError, match="n-gram length must be >= 1, got 0"):
         Index([SHORT], 0)
+
+
+def test_a_benchmarks_template_is_left_out_of_its_items_whole_words_only() -> None:
+    flare = "Please answer the given financial question based on the context.\nContext: "
+    items = [f"{flare}the bank lent more\nQuestion: why?\nAnswer:", f"{flare}the board met\nQuestion: when?\nAnswer:"]
+    assert without_shared_ends(items) == ["bank lent more\nQuestion: why?", "board met\nQuestion: when?"]
+    assert without_shared_ends(["$KO up", "$KA down"]) == ["$KO up", "$KA down"]  # "$K" is no whole word
+    assert without_shared_ends(["Shares rose", "Shares rose"]) == ["Shares rose", "Shares rose"]  # nothing but template
+    assert without_shared_ends(["Q: Did rates rise? A:", "Q: Why? A:"]) == ["Did rates rise?", "Why?"]
+    assert without_shared_ends([SHORT]) == [SHORT]
+    # with its template, an item shares 13 words with a message in the same template by its first two words alone
+    training = messages(f"{flare}the bank sold a plant and {FILLER}")
+    template = contamination(Index(items, 13), training, processes=1)
+    assert template["ngram"].tolist() == [True, False]
+    found = contamination(Index(without_shared_ends(items), 13), training, processes=1)
+    assert found["ngram"].tolist() == [False, False] and found["exact"].tolist() == [False, False]

@@ -23,7 +23,9 @@ from finetune.evaluation.base_vs_tuned import (
     evaluate_models,
     held_out_samples,
 )
-from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, read_benchmarks, read_rows
+from finetune.evaluation.benchmark_items import Benchmark, read_benchmarks, read_rows
+from finetune.evaluation.benchmark_sets import REASONING
+from finetune.evaluation.label_sets import label_metrics
 from finetune.evaluation.likelihood import (
     by_length,
     by_tokens,
@@ -163,6 +165,9 @@ def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_
     assert len(first) == 2 and all(isinstance(answer.text, str) for answer in first)
     assert all(1 <= answer.tokens <= 5 and (answer.ended or answer.tokens == 5) for answer in first)
     assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2) == first
+    assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_tokens=1) == first  # one prompt a batch
+    with pytest.raises(ValueError, match="give batch_size or batch_tokens, one of them: got 2 and 64"):
+        generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, batch_tokens=64)
     assert generate(model, tokenizer, [], max_new_tokens=5, batch_size=2) == []
 
 
@@ -204,12 +209,12 @@ def test_a_bad_benchmark_file_is_refused_naming_the_line(tmp_path: Path, content
     path = tmp_path / "bench.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
-        read_rows(path, SENTIMENT.labels)
+        read_rows(path, "labels", SENTIMENT.labels)
 
 
 def test_a_missing_benchmark_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no benchmark file .*nowhere.jsonl: run the benchmarks stage"):
-        read_rows(tmp_path / "nowhere.jsonl", SENTIMENT.labels)
+        read_rows(tmp_path / "nowhere.jsonl", "labels", SENTIMENT.labels)
 
 
 def test_the_benchmarks_are_read_in_the_stage_order_with_their_provenance(tmp_path: Path) -> None:
@@ -231,14 +236,14 @@ def test_the_clean_score_leaves_the_contaminated_rows_out() -> None:
         {"text": "d", "label": "neutral", "exact": False, "ngram": False},
     ]
     bench = replace(SENTIMENT, rows=rows)
-    metrics = benchmark_metrics(bench, {"tuned": ["positive", "negative", "neutral", "positive"]})
+    metrics = label_metrics(bench, {"tuned": ["positive", "negative", "neutral", "positive"]})
     assert metrics["sentiment_rows"] == 4 and metrics["sentiment_contaminated_rows"] == 2
     assert metrics["sentiment_contaminated_share"] == 0.5 and metrics["sentiment_clean_rows"] == 2
     assert metrics["sentiment_tuned_accuracy"] == 0.75  # the memorised rows count here ...
     assert metrics["sentiment_tuned_clean_accuracy"] == 0.5  # ... and not here
     # clean: positive right, neutral called positive: F1 positive 2/3, neutral 0, negative 0
     assert metrics["sentiment_tuned_clean_macro_f1"] == pytest.approx((2 / 3) / 3)
-    every_row_seen = benchmark_metrics(replace(bench, rows=rows[1:3]), {"tuned": ["negative", "neutral"]})
+    every_row_seen = label_metrics(replace(bench, rows=rows[1:3]), {"tuned": ["negative", "neutral"]})
     assert every_row_seen["sentiment_clean_rows"] == 0 and "sentiment_tuned_clean_accuracy" not in every_row_seen
 
 
@@ -264,20 +269,41 @@ def test_bar_rows_put_base_and_tuned_side_by_side_each_measure_in_its_panel() ->
 
 
 MOVES = {"rose": "positive", "fell": "negative", "held": "neutral"}
+# a numeric benchmark on the same firms: the answer, a number written three ways, follows the verb too
+NUMERIC = Benchmark(
+    name="moves",
+    instruction=REASONING,
+    rows=[],
+    provenance={"source": "data/benchmarks/moves"},
+    kind="numeric",
+    max_new_tokens=24,
+    rel_tolerance=0.01,
+)
+AMOUNTS = {
+    "rose": ("It rose by 12.5%.", 0.125),
+    "fell": ("It fell by 1,250.", 1250.0),
+    "held": ("It held at -3.", -3.0),
+}
+MARGIN = 0.5  # tuned accuracy over base accuracy, on each benchmark: learnt, not noise (shuffled answers fall short)
 
 
 def sentiment_question(firm: int, move: str) -> str:
     return f"{SENTIMENT.instruction}\n\nShares of firm {firm} {move}."
 
 
+def numeric_text(firm: int, move: str) -> str:
+    return f"How much did shares of firm {firm} move? They {move}."
+
+
 def toy_rows(firms: range) -> list[list[dict[str, str]]]:
-    """A learnable task: every definition gets the same answer; sentiment follows the verb."""
+    """A learnable task: every definition gets the same answer; sentiment and the numeric answer follow the verb."""
     rows = []
     for firm in firms:
         rows.append([{"role": "user", "content": f"Define term {firm}."}, {"role": "assistant", "content": TOY_ANSWER}])
         for move, label in MOVES.items():
-            question = sentiment_question(firm, move)
-            rows.append([{"role": "user", "content": question}, {"role": "assistant", "content": label}])
+            numeric = f"{NUMERIC.instruction}\n\n{numeric_text(firm, move)}"
+            for question, answer in ((sentiment_question(firm, move), label), (numeric, AMOUNTS[move][0])):
+                rows.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
     return rows
 
 
@@ -291,21 +317,29 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
         model_name=str(tiny_model_dir), revision=None, max_seq_length=256, load_in_4bit=True, dtype=None
     )
     model, tokenizer = load_base(config)
-    model = FastLanguageModel.get_peft_model(model, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    train = tiny_training(per_device_train_batch_size=8, max_steps=150, logging_steps=10)
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # room for three tasks
+    model = FastLanguageModel.get_peft_model(model, r=16, target_modules=every)
+    train = tiny_training(per_device_train_batch_size=8, max_steps=100, logging_steps=10)
     chat = Chat(tokenizer, ChatConfig())
-    data = tokenized(chat, toy_rows(range(0, 100)), config.max_seq_length)
+    data = tokenized(chat, toy_rows(range(0, 60)), config.max_seq_length)  # 420 conversations, ~2 epochs
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     build_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
     FastLanguageModel.for_inference(model)
 
-    # firms never seen in training, the first two marked as found in the training data
-    bench = replace(
+    # both benchmarks on firms never seen in training, the first two marked as found in the training data
+    firms = [(firm, move, firm < 102) for firm in range(100, 110) for move in MOVES]
+    sentiment = replace(
         SENTIMENT,
         rows=[
-            {"text": f"Shares of firm {firm} {move}.", "label": label, "exact": firm < 102, "ngram": False}
-            for firm in range(100, 110)
-            for move, label in MOVES.items()
+            {"text": f"Shares of firm {firm} {move}.", "label": MOVES[move], "exact": seen, "ngram": False}
+            for firm, move, seen in firms
+        ],
+    )
+    numeric = replace(
+        NUMERIC,
+        rows=[
+            {"text": numeric_text(firm, move), "answer": AMOUNTS[move][1], "exact": seen, "ngram": False}
+            for firm, move, seen in firms
         ],
     )
     # firms never seen in training
@@ -316,23 +350,29 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
         num_samples=8,
         max_new_tokens=16,
         generate_batch_size=4,
+        benchmark_batch_tokens=1024,
     )
     rows = tokenized(chat, held_out, config.max_seq_length).to_list()
     encoded = [(row["input_ids"], row["labels"]) for row in rows]
-    metrics, answered = evaluate_models(
-        model, chat, encoded, held_out_samples(rows, held_out, 8), [bench], settings, max_length=256
+    metrics, answered, numeric_answered = evaluate_models(
+        model, chat, encoded, held_out_samples(rows, held_out, 8), [sentiment, numeric], settings, max_length=256
     )
 
     assert metrics["tuned_loss"] < 0.5 * metrics["base_loss"], metrics
     assert metrics["tuned_rouge_l"] > metrics["base_rouge_l"] + 0.5, ([s["tuned"] for s in answered], metrics)
     assert metrics["tuned_token_f1"] > metrics["base_token_f1"] + 0.5, answered
     assert metrics["tuned_eos_rate"] > metrics["base_eos_rate"], answered
-    assert metrics["sentiment_rows"] == 30
-    assert metrics["sentiment_tuned_accuracy"] > metrics["sentiment_base_accuracy"], metrics
-    assert metrics["sentiment_tuned_macro_f1"] > metrics["sentiment_base_macro_f1"], metrics
-    assert metrics["sentiment_contaminated_rows"] == 6 and metrics["sentiment_clean_rows"] == 24
-    assert metrics["sentiment_tuned_clean_accuracy"] > metrics["sentiment_base_clean_accuracy"], metrics
     assert len(answered) == 8 and answered[0]["reference"] == TOY_ANSWER
+    for name in ("sentiment", "moves"):
+        assert metrics[f"{name}_rows"] == 30 and metrics[f"{name}_contaminated_rows"] == 6, metrics
+        for measure in ("accuracy", "clean_accuracy"):
+            tuned, base = metrics[f"{name}_tuned_{measure}"], metrics[f"{name}_base_{measure}"]
+            assert tuned >= base + MARGIN, (name, measure, metrics, numeric_answered)
+    assert metrics["sentiment_tuned_macro_f1"] >= metrics["sentiment_base_macro_f1"] + MARGIN, metrics
+    # the tuned model closes the think block at once, as trained; the random base never does: no number to read
+    assert metrics["moves_tuned_extraction_failure_rate"] < metrics["moves_base_extraction_failure_rate"], metrics
+    assert metrics["moves_tuned_think_tokens"] == 0 < metrics["moves_base_think_tokens"], metrics
+    assert len(numeric_answered) == 8 and numeric_answered[0]["reference"] == 0.125 and numeric_answered[0]["tuned"]
 
 
 def test_an_adapter_with_non_finite_weights_is_refused(tmp_path: Path) -> None:

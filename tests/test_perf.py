@@ -108,8 +108,9 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
 ) -> None:
     from perf.evaluate_speed import main
 
-    evaluate = {"batch_tokens": 512, "generate_batch_size": 2}
-    params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256}, evaluate=evaluate)
+    evaluate = {"batch_tokens": 512, "generate_batch_size": 2, "benchmark_batch_tokens": 8192}
+    model = {"max_seq_length": 4096}  # the tiny tokenizer splits the FinQA stand-in's ~900 words into ~3,000 tokens
+    params = settings(tmp_path, lora=LORA, model=model, evaluate=evaluate, benchmarks={"max_new_tokens": 3})
     work = work_with(tmp_path, tiny_shape)
     main(
         ["--params", str(params), "--shape", "tiny", "--work", str(work), "--rows", "6", "--samples", "2"]
@@ -118,12 +119,14 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
     out = capfd.readouterr().out
 
     header = next(line for line in out.splitlines() if line.startswith("tiny ("))
-    assert "base in 4-bit" in header and "max_seq_length 256" in header
+    assert "base in 4-bit" in header and "max_seq_length 4096" in header
     assert "LoRA r 8, alpha 32 on down_proj/q_proj/v_proj" in header  # the adapter's own config
-    assert "batch_tokens 512, 2 samples x max_new_tokens 4, generate_batch_size 2" in header
+    assert "2 samples x max_new_tokens 4, generate_batch_size 2, benchmark_batch_tokens 8192" in header
+    assert "batch_tokens 512, " in header and "benchmarks ngram 13, max_new_tokens 3;" in header
     head, _, values = [line for line in out.splitlines() if line.startswith("|")][-3:]
     row = dict(zip(head.strip("| ").split(" | "), values.strip("| ").split(" | "), strict=True))
     assert (row["fpb items"], row["fiqa_sa items"], row["tfns items"], row["samples answered"]) == ("5", "5", "5", "2")
+    assert row["finqa items"] == "5" and int(row["finqa tokens an answer (base / tuned)"].split(" / ")[0]) > 0
     assert float(row["evaluate stage wall s"]) >= float(row["evaluation s"]) > 0
     assert row["peak GPU GiB"] != "-" if cuda() else row["peak GPU GiB"] == "-"
     assert len((work / "benchmarks" / "fpb" / "sentences_50agree" / "train.jsonl").read_text().splitlines()) == 5
@@ -132,18 +135,24 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
 def test_the_benchmark_stand_ins_load_as_the_stage_loads_them_at_their_real_sizes(tmp_path: Path) -> None:
     """Each preset's stand-in, in its Hub schema and of its published size, is read by the benchmarks stage's own
     loader and label mapping (no model: the scoring itself is the evaluate_speed run's)."""
-    from finetune.evaluation.benchmark_sets import labelled_items
+    from finetune.evaluation.benchmark_sets import benchmark_rows
     from perf.evaluate_speed import REAL_ITEMS, benchmark_items, load_sets, settings_file
     from stages.benchmarks import load_set
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
     written, items = settings_file(params, tmp_path / "tiny", tmp_path / "benchmarks", {}, "real")
-    assert items == REAL_ITEMS == {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388}
+    assert items == REAL_ITEMS == {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388, "finqa": 1147}
     for i, bench in enumerate(load_sets(written)):
         dataset, provenance = load_set(bench, f"benchmarks.sets[{i}]", (tmp_path / "benchmarks",))
-        rows = labelled_items(bench, dataset, f"benchmarks.sets[{i}]")
-        assert len(rows) == items[bench.name] and {row["label"] for row in rows} == set(bench.labels)
-        assert "sha256" in provenance  # a local folder, not the Hub
+        rows = benchmark_rows(bench, dataset, f"benchmarks.sets[{i}]")
+        assert len(rows) == items[bench.name] and "sha256" in provenance  # a local folder, not the Hub
+        if bench.kind == "labels":
+            assert {row["label"] for row in rows} == set(bench.labels)
+    finqa = rows  # the last set: FinQA's questions in FLARE's layout, ~900 words and a table of numbers
+    assert finqa[0]["text"].startswith("Please answer the given financial question based on the context.\nContext: ")
+    assert all(row["text"].endswith("?\nAnswer:") and row["text"].count("\n|") == 7 for row in finqa)
+    assert 800 < sum(len(row["text"].split()) for row in finqa) / len(finqa) < 1000
+    assert 0 < sum(isinstance(row["answer"], str) for row in finqa) < 60  # a few yes/no, numbers the rest
     fiqa = [json.loads(line) for line in (tmp_path / "benchmarks" / "fiqa_sa" / "test.jsonl").open()]
     assert all(-1 <= row["score"] <= 1 for row in fiqa) and set(fiqa[0]) == {"sentence", "score"}
     with pytest.raises(ValueError, match="no real size known for 'headlines'"):

@@ -53,6 +53,7 @@ OUTPUTS = [
     "data/benchmark_items/fpb.jsonl",
     "data/benchmark_items/fiqa_sa.jsonl",
     "data/benchmark_items/tfns.jsonl",
+    "data/benchmark_items/finqa.jsonl",
     "metrics/benchmarks.json",
 ]
 
@@ -160,6 +161,12 @@ def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: 
     assert evaluation["fpb_contaminated_rows"] >= 1 and evaluation["tfns_contaminated_share"] == 0.0
     assert 0 <= evaluation["fpb_tuned_macro_f1"] <= 1 and 0 <= evaluation["fpb_tuned_clean_accuracy"] <= 1
     assert evaluation["fpb_clean_rows"] == 31 - evaluation["fpb_contaminated_rows"]
+    # FinQA's stand-in, each question answered (up to 32 tokens) by both models
+    assert evaluation["finqa_rows"] == 12 and 0 <= evaluation["finqa_tuned_extraction_failure_rate"] <= 1
+    assert evaluation["finqa_base_think_tokens"] + evaluation["finqa_base_answer_tokens"] > 0
+    assert 0 <= evaluation["finqa_tuned_accuracy"] <= 1 and 0 <= evaluation["finqa_tuned_clean_accuracy"] <= 1
+    samples = json.loads((repo / "metrics/evaluate_samples.json").read_text())
+    assert len(samples["samples"]) == 8 and [s["benchmark"] for s in samples["benchmark_samples"]] == ["finqa"] * 8
     lengths = json.loads((repo / "metrics/tokenize.json").read_text())
     assert 0 < lengths["train_tokens_p50"] <= lengths["train_tokens_p95"] <= lengths["train_tokens_max"]
     assert lengths["train_tokens_over_max_seq_length"] == 0  # the sample fits the demo's 512 tokens
@@ -182,6 +189,8 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
         "evaluate/tfns_tuned_accuracy",
         "evaluate/tfns_tuned_clean_macro_f1",
         "evaluate/fpb_contaminated_share",
+        "evaluate/finqa_tuned_accuracy",
+        "evaluate/finqa_base_clean_think_tokens",
     }
     assert benchmark <= set(run_.data.metrics)
     assert run_.data.tags["benchmark.tfns.source"] == "data/benchmarks/tfns"
@@ -289,6 +298,8 @@ def test_plots_show_draws_both_loss_curves_and_the_bars(repo: Path, first_repro:
         (("model", "load_in_4bit"), False, {"train", "evaluate"}),
         (("benchmarks", "ngram"), 8, {"benchmarks"}),  # then evaluate, once benchmarks has rerun
         (("fetch", "held_out_ngram"), 8, {"fetch"}),  # then every stage after it, once fetch has rerun
+        (("benchmarks", "max_new_tokens"), 8, {"benchmarks"}),  # then evaluate, which reads it in the stage's files
+        (("evaluate", "benchmark_batch_tokens"), 4096, {"evaluate"}),
     ],
 )
 def test_a_setting_makes_stale_exactly_the_stages_it_changes(

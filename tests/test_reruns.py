@@ -61,6 +61,9 @@ RERUNS = {
     # evaluation
     "finetune/evaluation/benchmark_sets.py": {"benchmarks"},
     "finetune/evaluation/contamination.py": {"fetch", "benchmarks"},  # fetch finds held-out answers with it
+    "finetune/evaluation/numbers.py": {"benchmarks", "evaluate"},  # references read, generated answers scored
+    "finetune/evaluation/benchmark_items.py": {"evaluate"},
+    "finetune/evaluation/numeric_sets.py": {"evaluate"},
     "finetune/evaluation/answers.py": {"evaluate"},
     "finetune/evaluation/base_vs_tuned.py": {"evaluate"},
     "finetune/evaluation/label_sets.py": {"evaluate"},

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.evaluation import scoring
-from finetune.evaluation.likelihood import by_length
+from finetune.evaluation.likelihood import by_length, by_tokens
 from finetune.tokens.chat import split_think
 
 
@@ -18,15 +18,25 @@ class Answer:
 
 
 def generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int | None = None,
+    batch_tokens: int | None = None,
 ) -> list[Answer]:
-    """Greedy answers to prompts given as token ids, batched by length and left-padded by the tokenizer, in the
-    prompts' order."""
+    """Greedy answers to prompts given as token ids, in the prompts' order, batched by length (longest first) and
+    left-padded by the tokenizer: `batch_size` prompts a batch, or as many as hold at most `batch_tokens` tokens
+    once padded to their longest and grown by `max_new_tokens` (what their keys and values take); one of the two.
+    """
     import torch
 
+    if (batch_size is None) == (batch_tokens is None):
+        raise ValueError(f"give batch_size or batch_tokens, one of them: got {batch_size} and {batch_tokens}")
     device = next(model.parameters()).device
     answers: list[Answer | None] = [None] * len(prompts)
-    for batch in by_length([len(ids) for ids in prompts], batch_size):
+    sizes = [len(ids) + max_new_tokens for ids in prompts]
+    for batch in by_tokens(sizes, batch_tokens) if batch_tokens else by_length(sizes, batch_size or 1):
         padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt").to(
             device
         )

@@ -11,8 +11,10 @@ from typing import Any
 
 from finetune.config.params import require
 from finetune.evaluation.answers import answer_scores, final_answer, generate
-from finetune.evaluation.label_sets import Benchmark, benchmark_metrics, classify
+from finetune.evaluation.benchmark_items import Benchmark
+from finetune.evaluation.label_sets import classify, label_metrics
 from finetune.evaluation.likelihood import Encoded, score
+from finetune.evaluation.numeric_sets import numeric_metrics, numeric_prompts, numeric_samples, score_answers
 from finetune.evaluation.scoring import rouge_l
 from finetune.tokens.chat import Chat
 
@@ -26,6 +28,7 @@ class EvaluateConfig:
     num_samples: int  # held-out prompts answered greedily by both models
     max_new_tokens: int  # longest generated answer, in tokens
     generate_batch_size: int = 16  # prompts generated together
+    benchmark_batch_tokens: int = 393216  # numeric benchmarks: prompts x (longest + max_new_tokens) generated together
 
     def __post_init__(self) -> None:
         require(
@@ -35,6 +38,10 @@ class EvaluateConfig:
         require(self.num_samples >= 0, f"evaluate.num_samples must be >= 0, got {self.num_samples}")
         require(self.max_new_tokens >= 1, f"evaluate.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         require(self.generate_batch_size >= 1, "evaluate.generate_batch_size must be >= 1")
+        require(
+            self.benchmark_batch_tokens >= 1,
+            f"evaluate.benchmark_batch_tokens must be >= 1, got {self.benchmark_batch_tokens}",
+        )
 
 
 @dataclass(frozen=True)
@@ -72,10 +79,12 @@ def evaluate_models(
     benchmarks: list[Benchmark],
     config: EvaluateConfig,
     max_length: int,
-) -> tuple[dict[str, float | int], list[dict[str, Any]]]:
-    """Every measure of base (adapter disabled) and tuned model: the metrics and the answered samples."""
+) -> tuple[dict[str, float | int], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every measure of base (adapter disabled) and tuned model: the metrics, the answered held-out samples and the
+    answered samples of the numeric benchmarks (their first `num_samples` items each)."""
     tokenizer = chat.tokenizer
     references = [sample.reference for sample in prompts]
+    asked = {bench.name: numeric_prompts(chat, bench, max_length) for bench in benchmarks if bench.kind == "numeric"}
 
     results: dict[str, dict[str, Any]] = {}
     for name in ("base", "tuned"):
@@ -89,9 +98,19 @@ def evaluate_models(
             )
             log.info("%s: %d answers in %.1f s", name, len(answers), time.perf_counter() - clock)
             predictions = {}
-            for bench in benchmarks:
+            for bench in benchmarks:  # a label set's predicted labels, a numeric benchmark's generated answers
                 clock = time.perf_counter()
-                predictions[bench.name] = classify(model, chat, bench, max_length, config.batch_tokens)
+                predictions[bench.name] = (
+                    classify(model, chat, bench, max_length, config.batch_tokens)
+                    if bench.kind == "labels"
+                    else generate(
+                        model,
+                        tokenizer,
+                        asked[bench.name],
+                        bench.max_new_tokens,
+                        batch_tokens=config.benchmark_batch_tokens,
+                    )
+                )
                 log.info("%s: %s, %d items in %.1f s", name, bench.name, len(bench.rows), time.perf_counter() - clock)
         results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
 
@@ -108,10 +127,15 @@ def evaluate_models(
     }
     for name, result in results.items():
         metrics |= {f"{name}_{key}": value for key, value in answer_scores(result["answers"], references).items()}
+    benchmark_rows = []
     for bench in benchmarks:
-        metrics |= benchmark_metrics(
-            bench, {name: result["predictions"][bench.name] for name, result in results.items()}
-        )
+        predicted = {name: result["predictions"][bench.name] for name, result in results.items()}
+        if bench.kind == "labels":
+            metrics |= label_metrics(bench, predicted)
+            continue
+        scored = {name: score_answers(chat, bench, answers) for name, answers in predicted.items()}
+        metrics |= numeric_metrics(bench, scored)
+        benchmark_rows += numeric_samples(bench, predicted, scored, config.num_samples)
     sample_rows = [
         {
             "prompt": sample.question,
@@ -125,7 +149,7 @@ def evaluate_models(
         }
         for sample, b, t in zip(prompts, base["answers"], tuned["answers"], strict=True)
     ]
-    return metrics, sample_rows
+    return metrics, sample_rows, benchmark_rows
 
 
 # the measures of the base-vs-tuned bars, by the panel that draws them (.dvc/plots/base_vs_tuned.json): loss and
@@ -148,7 +172,7 @@ def bar_rows(metrics: dict[str, float | int], benchmarks: list[str]) -> list[dic
     keys += [
         ("score", f"{name} {kind.replace('_', ' ')}", f"{name}_{{model}}_{kind}")
         for name in benchmarks
-        for kind in ("accuracy", "macro_f1", "clean_accuracy", "clean_macro_f1")
+        for kind in ("accuracy", "macro_f1", "clean_accuracy", "clean_macro_f1", "extraction_failure_rate")
     ]
     return [
         {"panel": panel, "measure": measure, "model": model, "value": metrics[key.format(model=model)]}

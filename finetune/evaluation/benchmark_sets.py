@@ -1,6 +1,7 @@
-"""The `benchmarks` section: label-set benchmarks named by a preset (`PRESETS`: Financial PhraseBank, FiQA
-sentiment, Twitter Financial News sentiment, with their Hub ids, columns and published label maps) whose fields
-an entry may override, or given field by field; and each row's label value mapped to its label word."""
+"""The `benchmarks` section: benchmarks named by a preset (`PRESETS`: Financial PhraseBank, FiQA sentiment,
+Twitter Financial News sentiment, with their Hub ids, columns and published label maps; FinQA, with its numeric
+answers) whose fields an entry may override, or given field by field; each row's label value mapped to its label
+word (a label set), or its reference answer read as a number or yes/no (a numeric benchmark)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from datasets import Dataset
 
 from finetune.config import params
 from finetune.config.params import require
+from finetune.evaluation.numbers import reference
 
 LABELS = ["negative", "neutral", "positive"]
 INSTRUCTION = "What is the sentiment of this {kind}? Please choose an answer from {{negative/neutral/positive}}."
+# DeepSeek-R1's model card, usage recommendations: no system prompt, and for a problem with a numeric answer
+# "Please reason step by step, and put your final answer within \boxed{}." in the user turn
+REASONING = "Please reason step by step, and put your final answer within \\boxed{}."
+KINDS = ("labels", "numeric")  # a label from a fixed set, scored by likelihood; a generated number, by its value
 # The published benchmarks, as their Hub cards describe them (each card cited); the instruction is FinGPT's
 # (fingpt/FinGPT_Benchmark/benchmarks/*.py), as FinLoRA's results use it.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -58,6 +64,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         "labels": LABELS,
         "instruction": INSTRUCTION.format(kind="tweet"),
     },
+    # FinQA (Chen et al. 2021), numeric reasoning over a report's text and table, as FinBen/PIXIU publish it:
+    # ChanceFocus/flare-finqa, parquet, splits train / valid / test, its card's test split the 1,147 questions of
+    # FinQA's test set; columns id, query, answer, text. `query` is FLARE's prompt: its instruction line, then
+    # "Context:" the text before the table, the table one row a line ("|cell|cell|"), the text after it, then
+    # "Question:" the question and "Answer:" (PIXIU data/FinQA/preprocess.py builds it so); `answer` is FinQA's
+    # executed answer `exe_ans` as text ("0.26685", "94.0", "yes"); `text` the question alone (unused here). Pinned
+    # to 4343aee, the card update that gives the split sizes, the head of its main branch when last listed.
+    # ConvFinQA has no preset: its parquet copies (ChanceFocus/flare-convfinqa, AdaptLLM/finance-tasks ConvFinQA)
+    # hold as their test split 1,490 turns, ConvFinQA's dev set (dev_turn.json; the published test split holds
+    # 1,521), and the later turns carry "{answer0}"-style slots for the model's own earlier answers, which one
+    # batched pass cannot fill.
+    "finqa": {
+        "kind": "numeric",
+        "dataset": "ChanceFocus/flare-finqa",
+        "revision": "4343aee8c5d8d4469b411407f0e3fb3eaeba6bff",
+        "split": "test",
+        "text_column": "query",
+        "answer_column": "answer",
+        "instruction": REASONING,
+    },
 }
 
 
@@ -66,10 +92,12 @@ class BenchmarkConfig:
     name: str  # prefix of its metrics: <name>_tuned_accuracy, ...
     dataset: str  # Hub dataset id, or a local file or folder under the stage's sources (data/benchmarks/)
     split: str  # the split scored
-    text_column: str  # the column of the text classified
-    label_column: str  # the column of its label value
-    labels: list[str]  # the label words scored, each as the answer
+    text_column: str  # the column of the text classified, or of the question answered (numeric)
     instruction: str  # put before the text in the user turn
+    kind: str = "labels"  # labels: one of a fixed set, by likelihood; numeric: a number the model writes
+    label_column: str | None = None  # labels: the column of its label value
+    labels: list[str] | None = None  # labels: the label words scored, each as the answer
+    answer_column: str | None = None  # numeric: the column of its reference answer, a number or yes/no
     config: str | None = None  # Hub config (load_dataset's name)
     data_dir: str | None = None  # folder of the dataset repository to load
     revision: str | None = None  # Hub commit, tag or branch; null = the default branch (the one got is recorded)
@@ -90,6 +118,15 @@ def resolve(raw: Any, key: str) -> BenchmarkConfig:
         fields = {"name": preset, **PRESETS[preset], **fields}
     bench = params.build(BenchmarkConfig, fields, key)
     require(bool(re.fullmatch(r"[A-Za-z0-9_]+", bench.name)), f"{key}.name must be letters, digits or _")
+    require(bench.kind in KINDS, f"{key}.kind must be one of {KINDS}, got {bench.kind!r}")
+    if bench.kind == "numeric":
+        require(bench.answer_column is not None, f"{key}.answer_column is required for a numeric benchmark")
+        for field in ("label_column", "labels", "label_map", "cuts"):
+            require(getattr(bench, field) is None, f"{key}.{field} applies to label sets, not to a numeric benchmark")
+        return bench
+    require(bench.answer_column is None, f"{key}.answer_column applies to numeric benchmarks (kind: numeric)")
+    for field in ("label_column", "labels"):
+        require(getattr(bench, field) is not None, f"{key}.{field} is required for a label set")
     require(len(set(bench.labels)) >= 2, f"{key}.labels must hold at least two distinct labels")
     require(bench.label_map is None or bench.cuts is None, f"{key}: give label_map or cuts, not both")
     label_map = None
@@ -107,9 +144,13 @@ def resolve(raw: Any, key: str) -> BenchmarkConfig:
 class BenchmarksConfig:
     sets: list[Any]  # the benchmarks, each resolved by `resolve`
     ngram: int = 13  # words of the n-grams compared with the training messages
+    max_new_tokens: int = 1024  # numeric benchmarks: longest answer generated, reasoning included, in tokens
+    rel_tolerance: float = 0.01  # numeric benchmarks: a number right within this share of the reference's size
 
     def __post_init__(self) -> None:
         require(self.ngram >= 1, f"benchmarks.ngram must be >= 1, got {self.ngram}")
+        require(self.max_new_tokens >= 1, f"benchmarks.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        require(0 <= self.rel_tolerance < 1, f"benchmarks.rel_tolerance must be >= 0 and < 1, got {self.rel_tolerance}")
         sets = [
             bench if isinstance(bench, BenchmarkConfig) else resolve(bench, f"benchmarks.sets[{i}]")
             for i, bench in enumerate(self.sets)
@@ -135,22 +176,40 @@ def label_word(bench: BenchmarkConfig, value: Any, where: str, key: str) -> str:
     return value
 
 
-def labelled_items(bench: BenchmarkConfig, dataset: Dataset, key: str) -> list[dict[str, str]]:
-    """Each row as `{"text", "label"}` with its label word; a missing column, empty text or unknown label value
-    stops it, naming the row and column."""
-    for column in (bench.text_column, bench.label_column):
+def answer_value(bench: BenchmarkConfig, value: Any, where: str) -> float | str:
+    """A numeric benchmark row's reference answer as a number or "yes"/"no" (`numbers.reference`).
+
+    `"1,234.5"` -> 1234.5, `"14.1%"` -> 0.141, `"Yes"` -> "yes"; `"about 3"` stops it, naming the row and column.
+    """
+    answer = reference(value)
+    require(
+        answer is not None,
+        f"{where}: column {bench.answer_column!r} holds {value!r}, expected a number (thousands separators, $ and %"
+        " allowed) or yes/no",
+    )
+    return answer
+
+
+def benchmark_rows(bench: BenchmarkConfig, dataset: Dataset, key: str) -> list[dict[str, Any]]:
+    """Each row as `{"text", "label"}` with its label word (a label set) or `{"text", "answer"}` with its reference
+    answer (a numeric benchmark); a missing column, an empty text, a label value outside the map or an answer that
+    is no number stops it, naming the row and column."""
+    target = bench.label_column if bench.kind == "labels" else bench.answer_column
+    for column in (bench.text_column, target):
         require(
             column in dataset.column_names,
             f"{key}: {bench.dataset} has no column {column!r}; it has {dataset.column_names}",
         )
     rows = []
-    texts, values = dataset[bench.text_column], dataset[bench.label_column]
-    for number, (text, value) in enumerate(zip(texts, values, strict=True)):
+    for number, (text, value) in enumerate(zip(dataset[bench.text_column], dataset[target], strict=True)):
         where = f"{bench.dataset} ({bench.split}) row {number}"
         require(
             isinstance(text, str) and bool(text.strip()),
             f"{where}: column {bench.text_column!r} holds {text!r}, expected non-empty text",
         )
-        rows.append({"text": text, "label": label_word(bench, value, where, key)})
+        if bench.kind == "labels":
+            rows.append({"text": text, "label": label_word(bench, value, where, key)})
+        else:
+            rows.append({"text": text, "answer": answer_value(bench, value, where)})
     require(bool(rows), f"{key}: {bench.dataset} ({bench.split}) has no rows")
     return rows

@@ -14,6 +14,8 @@ chance of about 10^-6. Distinct messages only: a conversation repeats rows (`to_
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,26 @@ class Lookup:
         at = np.minimum(np.searchsorted(self.sorted, values[passed]), len(self.sorted) - 1)
         out[passed[self.sorted[at] == values[passed]]] = True
         return out
+
+
+def without_shared_ends(texts: list[str]) -> list[str]:
+    """Each of a benchmark's texts less the whole words that every one of them opens and closes with: the
+    benchmark's own template (FLARE's instruction line and "Context:", the closing "Answer:"), which would match any
+    training message in the same template by its first or last words alone. A text that is template only stays.
+
+    `without_shared_ends(["Q: Did rates rise? A:", "Q: Why? A:"])` -> `["Did rates rise?", "Why?"]`.
+    """
+    if len(texts) < 2:
+        return texts
+    opening = os.path.commonprefix(texts)
+    start = len(opening) - len(re.split(r"\s", opening)[-1])  # a word cut short stays in
+    closing = os.path.commonprefix([text[::-1] for text in texts])[::-1]
+    end = len(closing) - len(re.split(r"\s", closing)[0])
+    out = []
+    for text in texts:
+        kept = text[start : len(text) - end] if start + end < len(text) else ""
+        out.append(kept.strip() if kept.strip() else text)
+    return out
 
 
 def distinct_messages(conversations: pa.ChunkedArray | pa.Array) -> pa.Array:
