@@ -29,6 +29,7 @@ from pathlib import Path
 
 from finetune.config import cli
 from finetune.config.params import flatten, load
+from finetune.config.workspace import require_in_copy
 from finetune.data.files import write_csv, write_json
 from finetune.evaluation.base_vs_tuned import BAR_COLUMNS, EvaluateConfig, bar_rows, evaluate_models, held_out_samples
 from finetune.evaluation.benchmark_items import read_benchmarks
@@ -39,6 +40,7 @@ from finetune.tracking.adapter_run import adapter_run
 from finetune.tracking.records import MAX_TAG_VALUE, report, storable
 from finetune.tracking.store import TrackingConfig
 from finetune.training.adapter import check_finite
+from finetune.training.leases import lease_gpus, visible_gpus
 
 log = logging.getLogger("evaluate")
 
@@ -90,7 +92,8 @@ def main(
         model, chat, encoded, prompts, sets, config, model_config.max_seq_length
     )
     results["evaluate_seconds"] = time.perf_counter() - start
-    if torch.cuda.is_available():
+    gpus = torch.cuda.is_available()
+    if gpus:
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     # --- outputs: metrics, samples and bars, into the training's MLflow run
@@ -98,6 +101,7 @@ def main(
         report(results, metrics, prefix="evaluate")
         provenance = {f"benchmark.{b.name}.{key}": value for b in sets for key, value in b.provenance.items()}
         mlflow.set_tags({key: storable(value, MAX_TAG_VALUE) for key, value in provenance.items()})
+        mlflow.set_tag("evaluate.gpus", os.environ.get("CUDA_VISIBLE_DEVICES", "all") if gpus else "none")
         write_json(samples, {"samples": sample_rows, "benchmark_samples": benchmark_rows})
         write_csv(bars, bar_rows(results, [b.name for b in sets]), BAR_COLUMNS)
         mlflow.log_artifact(str(bars), artifact_path="evaluate")
@@ -118,4 +122,8 @@ if __name__ == "__main__":
         samples="the answered samples, held-out and of the numeric benchmarks, JSON",
         bars="base vs. tuned, CSV for the bar chart",
     )
+    # one GPU, leased before anything starts CUDA: experiments that DVC's queue workers run at once take turns
+    model_name = load(ModelConfig, paths["params_path"], "model").model_name
+    require_in_copy(model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
+    lease = lease_gpus(min(visible_gpus(), 1), visible_gpus(), os.environ, Path.cwd(), "evaluate")
     main(**paths)

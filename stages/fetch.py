@@ -13,6 +13,7 @@ training (`finetune.data.cleaning`). `held_out_rows_with_near_copies` says how m
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from datasets import Dataset
 
 from finetune.config import cli
 from finetune.config.params import load
+from finetune.config.workspace import require_in_copy
 from finetune.data.cleaning import BAD_LINE_REASONS, FetchConfig, check_schema, clean_and_split, read_jsonl, write_rows
 from finetune.data.files import file_hash, write_json
 from finetune.data.sources import LOCAL_FORMATS, check_watched, from_file, from_hub
@@ -48,6 +50,7 @@ def load_rows(config: FetchConfig, sources: tuple[Path, ...]) -> tuple[Dataset, 
 def main(params_path: Path, sources: tuple[Path, ...], out: Path, metrics: Path) -> None:
     config = load(FetchConfig, params_path, "fetch")
     log.info("config: %s", asdict(config))
+    require_in_copy(config.dataset, "fetch.dataset", os.environ, Path.cwd())  # a file git lacks, in a DVC copy
 
     # --- load, in the dataset's schema
     dataset, provenance, bad = load_rows(config, sources)

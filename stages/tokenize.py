@@ -24,6 +24,7 @@ from pathlib import Path
 
 from finetune.config import cli
 from finetune.config.params import flatten, load, require
+from finetune.config.workspace import require_in_copy
 from finetune.data.files import write_json
 from finetune.data.parallel import cores
 from finetune.model.load import ModelConfig, load_tokenizer
@@ -50,6 +51,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
         **flatten("chat", chat_config),
     }
     log.info("config: %s", settings)
+    require_in_copy(model_config.model_name, "model.model_name", os.environ, Path.cwd())  # a folder git lacks
     chat = Chat(load_tokenizer(model_config), chat_config)
     chat.check(padding=False)  # the pad token is train's and evaluate's concern: they pad
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from finetune.config import cli
 from finetune.config.params import flatten, load
+from finetune.config.workspace import require_in_copy
 from finetune.data.files import file_hash, write_csv
 from finetune.model import fit
 from finetune.model.load import ModelConfig, load_base
@@ -30,6 +31,7 @@ from finetune.tokens.chat import Chat, ChatConfig
 from finetune.tracking.records import report
 from finetune.tracking.store import TrackingConfig
 from finetune.tracking.training_run import machine_metrics, record_adapter, training_run
+from finetune.training import leases
 from finetune.training.checkpoints import fingerprint, latest
 from finetune.training.config import LoraConfig, TrainConfig, check_names
 from finetune.training.data import (
@@ -73,6 +75,7 @@ def main(
     log.info("config: %s", settings)
     check_names(model_config, lora, train_config)
     world = World.from_environ(dict(os.environ))
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "all") if leases.visible_gpus() else "none"  # the lease, on a GPU
     train_config = fit.split_batch_over_processes(train_config, world)
     if world.size > 1:
         share = (train_config.per_device_train_batch_size, train_config.gradient_accumulation_steps, world.size)
@@ -100,7 +103,7 @@ def main(
     ):
         # --- model: 4-bit (or, fitted, 16-bit) base + LoRA adapter; `auto` settings decided for this GPU
         model_config, lora, train_config = fit.fit_to_machine(model_config, lora, train_config)
-        chosen = fit.fit_tags(model_config, lora, train_config) | {"world_size": world.size}
+        chosen = fit.fit_tags(model_config, lora, train_config) | {"world_size": world.size, "fit.gpus": gpus}
         log.info("fitted to this machine: %s", chosen)
         if world.main:  # tags, not params: a resumed run may land on another GPU or number of them
             mlflow.set_tags(chosen)
@@ -146,6 +149,19 @@ def main(
     shutil.rmtree(folder)  # trained: its checkpoints served their purpose
 
 
+def lease_gpus(params_path: Path) -> int:
+    """This training's GPUs, leased before anything starts CUDA and made its `CUDA_VISIBLE_DEVICES` (experiments
+    that DVC's queue workers run at once take turns or share out the machine's GPUs); the processes to start."""
+    model_config, config = load(ModelConfig, params_path, "model"), load(TrainConfig, params_path, "train")
+    require_in_copy(model_config.model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
+    visible, workers = leases.visible_gpus(), leases.sweep_workers(os.environ, Path.cwd())
+    count = processes(config.devices, visible)  # a number of GPUs the machine lacks is refused here
+    if workers:
+        log.info("an experiment of a sweep: %d queue workers running, %d GPU(s) visible", workers, visible)
+    lease = leases.lease_gpus(leases.wanted(config.devices, visible, workers), visible, os.environ, Path.cwd(), "train")
+    return len(lease.ids) or count
+
+
 if __name__ == "__main__":
     paths = cli.arguments(
         __doc__,
@@ -156,9 +172,10 @@ if __name__ == "__main__":
         plot="per-step training loss, CSV",
         eval_plot="held-out loss during training, CSV",
     )
-    # `train.devices` above 1, or other machines to meet: start again as that many processes under torchrun
+    # this training's GPUs; more than one, or other machines to meet: start again as that many processes under
+    # torchrun, which inherits the lease
     if not launched(dict(os.environ)):
-        count = processes(load(TrainConfig, paths["params_path"], "train").devices, fit.visible_gpus())
+        count = lease_gpus(paths["params_path"])
         if count > 1 or several_nodes(dict(os.environ)):
             log.info("train.devices: %d processes on this machine, started by torch.distributed.run", count)
             restart_under_launcher(count, "stages.train", sys.argv[1:])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tools.compare import WIDTH, flatten, table
+import pytest
+
+from tools.compare import WIDTH, best, flatten, lower_is_better, table
 
 
 def revision(name: str | None, timestamp: str, r: int, steps: int, loss: float | None) -> dict[str, Any]:
@@ -65,3 +67,49 @@ def test_settings_that_do_not_fit_move_above_the_table() -> None:
 
 def test_no_results_yet_says_what_to_run() -> None:
     assert "make demo" in table([revision(None, "", 4, 60, None) | {"rev": "workspace"}])
+
+
+def sweep() -> list[dict[str, Any]]:
+    """A commit and three experiments of a sweep over lora.r, tuned losses 1.5, 1.2 and 1.8 (ROUGE-L 0.2 to 0.4)."""
+    experiments = [
+        revision(f"rank-{r}", f"2026-11-30T10:0{i}:00", r, 30, loss) for i, (r, loss) in enumerate([(4, 1.5), (8, 1.2)])
+    ]
+    experiments.append(revision("rank-16", "2026-11-30T10:09:00", 16, 30, 1.8))
+    for exp, rouge in zip(experiments, (0.2, 0.4, 0.3), strict=True):
+        exp["data"]["metrics"]["metrics/evaluate.json"]["data"]["tuned_rouge_l"] = rouge
+        exp["data"]["metrics"]["metrics/train.json"]["data"]["train_loss"] = rouge  # a key of another file
+    return [revision("main", "2026-11-29T09:00:00", 4, 60, None) | {"experiments": [{"revs": experiments}]}]
+
+
+def test_sort_puts_the_best_first_lowest_for_a_loss_highest_for_a_score() -> None:
+    by_loss = [line.split()[0] for line in table(sweep(), sort="tuned_loss").splitlines()[-3:]]
+    assert by_loss == ["rank-8", "rank-4", "rank-16"]
+    by_rouge = [line.split()[0] for line in table(sweep(), sort="tuned_rouge_l").splitlines()[-3:]]
+    assert by_rouge == ["rank-8", "rank-16", "rank-4"]
+    lines = table(sweep(), sort="metrics/train.json:train_loss").splitlines()  # not a column yet: it gets one
+    assert lines[-4].split()[-1] == "metrics/train.json:train_loss"
+    assert [line.split()[0] for line in lines[-3:]] == ["rank-4", "rank-16", "rank-8"]
+
+
+def test_best_names_the_experiment_its_settings_and_the_command_that_applies_it() -> None:
+    assert best(sweep(), "tuned_loss").splitlines() == [
+        "Best of 3 experiments by tuned_loss (lowest): rank-8, tuned_loss = 1.2",
+        "Its settings: lora.r=8, train.max_steps=30",
+        "Apply it: dvc exp apply rank-8",
+    ]
+    assert best(sweep(), "tuned_rouge_l").splitlines()[0].endswith("(highest): rank-8, tuned_rouge_l = 0.4")
+    assert "No experiment has tuned_loss yet" in best([revision("main", "", 4, 60, None)], "tuned_loss")
+
+
+def test_an_unknown_or_ambiguous_metric_is_named_with_the_choices() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"metric 'tuned_los'; those of metrics/evaluate.json and metrics/train.json"
+        r" are: base_loss, loss_change_pct, tokens_per_second, train_loss, tuned_loss, tuned_rouge_l ",
+    ):
+        best(sweep(), "tuned_los")
+    shown = sweep()
+    shown[0]["experiments"][0]["revs"][0]["data"]["metrics"]["metrics/train.json"]["data"]["tuned_loss"] = 1.0
+    with pytest.raises(ValueError, match=r"in metrics/evaluate.json and metrics/train.json: name one"):
+        table(shown, sort="tuned_loss")
+    assert lower_is_better("evaluate_seconds") and not lower_is_better("metrics/train.json:tokens_per_second")

@@ -27,6 +27,7 @@ RERUNS = {
     "finetune/config/cli.py": ALL,
     "finetune/config/params.py": ALL,
     "finetune/config/schema.py": NONE,  # params.schema.json's writer (tools/params_schema.py)
+    "finetune/config/workspace.py": {"fetch", "tokenize", *MODEL},  # a local path a DVC experiment's copy lacks
     # data
     "finetune/data/files.py": ALL,  # every stage writes its metrics JSON with it
     "finetune/data/parallel.py": {"fetch", "to_sharegpt", "standardize", "tokenize", "benchmarks"},
@@ -51,12 +52,14 @@ RERUNS = {
     "finetune/training/data.py": {"train"},
     "finetune/training/distributed.py": {"train"},
     "finetune/training/failures.py": {"train"},
+    "finetune/training/leases.py": MODEL,  # GPU leases; the MLflow store's lock (tracking/store.py)
     "finetune/training/trainer.py": {"train"},
     # tracking
     "finetune/tracking/store.py": MODEL,
     "finetune/tracking/records.py": MODEL,
     "finetune/tracking/adapter_run.py": MODEL,  # train tags the adapter's digest, evaluate finds the run by it
     "finetune/tracking/training_run.py": {"train"},
+    "finetune/tracking/guard.py": {"train"},  # the run's guard: KILLED when the training's process dies
     "finetune/tracking/ui.py": NONE,  # the UI's columns: the UI launcher's alone
     # evaluation
     "finetune/evaluation/benchmark_sets.py": {"benchmarks"},

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import mlflow
 
+from finetune.tracking.guard import verdict
 from finetune.tracking.records import MAX_RUN_NAME, report, run_name, storable
-from finetune.tracking.store import is_tracking_server, store_root, tracking_uri, use_experiment
-from finetune.tracking.ui import RUNS_VIEW, runs_page, save_runs_view
+from finetune.tracking.store import is_tracking_server, store_lock, store_root, tracking_uri, use_experiment
+from finetune.tracking.ui import RUNS_VIEW, SWEEPS_VIEW, runs_page, save_runs_view
 
 
 def test_store_root_is_dvc_root_when_dvc_runs_us(tmp_path: Path) -> None:
@@ -20,6 +21,9 @@ def test_store_root_is_dvc_root_when_dvc_runs_us(tmp_path: Path) -> None:
 def test_tracking_uri_defaults_to_sqlite_at_root_and_honours_the_env() -> None:
     assert tracking_uri({}, Path("/repo")) == "sqlite:////repo/mlflow.db"
     assert tracking_uri({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}, Path("/repo")) == "http://127.0.0.1:5000"
+    # a SQLite store is opened under a lock beside it (its first opening creates the tables: one process at a time)
+    assert store_lock("sqlite:////repo/mlflow.db") == Path("/repo/mlflow.db.lock")
+    assert store_lock("http://127.0.0.1:5000") is None and store_lock("postgresql://db/mlflow") is None
 
 
 def test_report_writes_the_file_and_the_run(tmp_path: Path) -> None:
@@ -61,6 +65,13 @@ def test_the_ui_launcher_gives_the_experiment_the_runs_view_with_lora_and_result
     experiment = mlflow.get_experiment_by_name("unit")
     state = json.loads(experiment.tags[f"mlflow.sharedViewState.{RUNS_VIEW}"])
     assert {"params.`lora.r`", "metrics.`evaluate/tuned_loss`"} <= set(state["selectedColumns"])
+    assert "groupBy" not in state
+    grouped = json.loads(experiment.tags[f"mlflow.sharedViewState.{SWEEPS_VIEW}"])  # the runs of each sweep together
+    assert grouped["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "sweep"}]
+    assert grouped["selectedColumns"] == state["selectedColumns"]
+    assert runs_page("http://h:5000", "1", SWEEPS_VIEW).endswith(
+        "/runs?viewStateShareKey=sweeps&workflowType=machine_learning"
+    )
     assert runs_page("http://127.0.0.1:5000", experiment.experiment_id) == (
         f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?viewStateShareKey={RUNS_VIEW}"
         "&workflowType=machine_learning"
@@ -74,3 +85,9 @@ def test_the_experiment_opens_in_the_uis_finetuning_view_unless_a_user_picked_an
     mlflow.MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     use_experiment(uri, "unit", tmp_path / "mlartifacts")
     assert mlflow.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_runs_guard_marks_it_only_when_the_training_did_not_say_it_ended() -> None:
+    assert verdict("0a1b2c\nended\n") == ("0a1b2c", True)  # ended by the training: nothing to do
+    assert verdict("0a1b2c\n") == ("0a1b2c", False)  # the pipe closed without it: the training's process died
+    assert verdict("") == (None, False)  # died before its run started: no run to mark

@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from datasets import Dataset
@@ -187,23 +188,35 @@ def test_a_failed_run_is_failed_and_leaves_no_folder_and_one_killed_before_any_c
         assert list((tmp_path / "checkpoints").iterdir()) == []  # nothing to resume from: no folder left behind
     assert statuses() == ["FAILED", "FAILED"]  # a failed run stays failed when the training is tried again
 
-    # a training killed (SIGKILL) before its first checkpoint leaves its run RUNNING; the next attempt marks it KILLED
+    # a training killed (SIGKILL) before its first checkpoint: its run's guard marks the run KILLED; killed with its
+    # guard, the run stays RUNNING until the next attempt marks it KILLED
     killed = tmp_path / "killed"
     killed.mkdir()
     training_stage(tiny_model_dir, killed, root, max_steps=100_000, save_steps=None, eval_steps=None)
     outputs = zip(("--adapter", "--checkpoints", "--metrics", "--plot", "--eval-plot"), TRAIN_OUTPUTS, strict=True)
     command = [sys.executable, "-m", "stages.train", "--params", "params.yaml", "--data", "tokenized"]
     command += [part for flag, name in outputs for part in (flag, name)]
-    for expected in (["FAILED", "FAILED", "RUNNING"], ["FAILED", "FAILED", "KILLED", "RUNNING"]):
+    attempts = (  # (status while training, the guard killed too, status once killed)
+        (["FAILED", "FAILED", "RUNNING"], True, ["FAILED", "FAILED", "RUNNING"]),
+        (["FAILED", "FAILED", "KILLED", "RUNNING"], False, ["FAILED", "FAILED", "KILLED", "KILLED"]),
+    )
+    for training, with_guard, after in attempts:
         with (killed / "train.log").open("w") as log:
             environ = os.environ | {"PYTHONPATH": str(root)}
             process = subprocess.Popen(command, cwd=killed, env=environ, stdout=log, stderr=log)
             deadline = time.monotonic() + 300
-            while statuses() != expected and process.poll() is None and time.monotonic() < deadline:
+            while statuses() != training and process.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.5)
+            guards = [c for c in psutil.Process(process.pid).children() if "guard.py" in " ".join(c.cmdline())]
+            assert len(guards) == 1, (killed / "train.log").read_text()[-3000:]  # python .../tracking/guard.py
+            if with_guard:
+                guards[0].kill()
             process.kill()
         assert process.wait() == -signal.SIGKILL, (killed / "train.log").read_text()[-3000:]
-        assert statuses() == expected, (killed / "train.log").read_text()[-3000:]
+        deadline = time.monotonic() + 120
+        while statuses() != after and time.monotonic() < deadline:  # the guard, where alive, marks the run
+            time.sleep(0.5)
+        assert statuses() == after, (killed / "train.log").read_text()[-3000:]
         assert not (killed / "adapter").exists()
 
 

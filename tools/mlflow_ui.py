@@ -3,7 +3,8 @@
     python -m tools.mlflow_ui [--port 5000]      # what `make mlflow-ui` runs
 
 Not a pipeline stage: it lives outside `stages/`, so changing it reruns nothing. The table opens on the view
-`lora-and-results` (`finetune.tracking.ui.RUNS_VIEW`): one column per LoRA setting and key result.
+`lora-and-results` (`finetune.tracking.ui.RUNS_VIEW`): one column per LoRA setting and key result; the second address
+it prints opens the same table with the runs grouped by sweep (`SWEEPS_VIEW`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from finetune.config.params import load
 from finetune.tracking.store import TrackingConfig, open_store, store_root, tracking_uri
-from finetune.tracking.ui import runs_page, save_runs_view
+from finetune.tracking.ui import SWEEPS_VIEW, runs_page, save_runs_view
 
 
 def main() -> None:
@@ -28,7 +29,9 @@ def main() -> None:
     experiment_id = open_store(load(TrackingConfig, args.params, "tracking"), os.environ, Path.cwd())
     save_runs_view(experiment_id)
     uri = tracking_uri(os.environ, store_root(os.environ, Path.cwd()))
-    print(f"MLflow UI on {uri}: {runs_page(f'http://{args.host}:{args.port}', experiment_id)}", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {uri}: {runs_page(base, experiment_id)}", flush=True)
+    print(f"  the runs grouped by sweep: {runs_page(base, experiment_id, SWEEPS_VIEW)}", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host]
     os.execv(sys.executable, [*command, "--port", str(args.port)])
 

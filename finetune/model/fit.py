@@ -184,13 +184,6 @@ def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -
     }
 
 
-def visible_gpus() -> int:
-    """The CUDA GPUs this process may use (`CUDA_VISIBLE_DEVICES` applied); 0 without CUDA."""
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def split_batch_over_processes(config: TrainConfig, world: World) -> TrainConfig:
     """`config` with each of the world's processes taking its share of the effective batch (`per_process`)."""
     per_device, accumulation = per_process(

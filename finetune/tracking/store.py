@@ -8,11 +8,13 @@ to (`tools/servers/`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config.params import require
+from finetune.training.leases import held
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,24 @@ def use_experiment(uri: str, name: str, artifact_root: Path) -> str:
     return experiment.experiment_id
 
 
+def store_lock(uri: str) -> Path | None:
+    """The file locked while a SQLite store is opened, beside its database; None for any other store.
+
+    `store_lock("sqlite:////repo/mlflow.db")` -> `Path('/repo/mlflow.db.lock')`; `store_lock("http://h:5000")` -> None.
+    """
+    return Path(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else None
+
+
 def open_store(config: TrackingConfig, environ: Mapping[str, str], cwd: Path) -> str:
-    """Point MLflow at this project's store (`tracking_uri`) and its experiment; the experiment's id."""
+    """Point MLflow at this project's store (`tracking_uri`) and its experiment; the experiment's id.
+
+    A SQLite store is opened by one process at a time: the first opening creates its tables, and several that
+    create them at once (the first experiments of a sweep) fail on each other's. Once it exists, SQLite's own locks
+    and MLflow's busy timeout (20 s) let the experiments' runs write side by side. Its journal stays SQLite's
+    default rather than WAL, which needs memory shared between the writers: not so on NFS, where several machines
+    training together write into one store."""
     root = store_root(environ, cwd)
-    return use_experiment(tracking_uri(environ, root), config.experiment_name, root / "mlartifacts")
+    uri = tracking_uri(environ, root)
+    lock = store_lock(uri)
+    with held(lock) if lock else contextlib.nullcontext():
+        return use_experiment(uri, config.experiment_name, root / "mlartifacts")

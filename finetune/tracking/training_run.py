@@ -2,8 +2,9 @@
 (tagged with its SHA-256, by which evaluate finds the run again: `finetune.tracking.adapter_run`).
 
 One run per training: a resumed training continues the run its killed attempt opened (the checkpoint folder
-remembers its id); a run left RUNNING by a kill with nothing to resume is marked KILLED; a training that raises
-ends its run FAILED. On several machines each machine's first process logs that machine's system metrics into it.
+remembers its id); a training that raises ends its run FAILED; one killed is marked KILLED by the run's guard
+(`finetune.tracking.guard`), or, where the guard too was gone, by the next attempt with nothing to resume. On
+several machines each machine's first process logs that machine's system metrics into it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.tracking.adapter_run import adapter_digest
+from finetune.tracking.guard import guarded
 from finetune.tracking.records import git_commit, lock_hashes, log_data_inputs, log_settings, run_name
 from finetune.tracking.store import TrackingConfig, open_store, store_root, tracking_uri
 from finetune.training import checkpoints
@@ -60,10 +62,17 @@ def training_run(
         earlier = None
     name = None if earlier else run_name(environ, commit)
     mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)
-    with mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run:
+    # the guard outlives the run's block: it marks the run KILLED if this process dies before the run has ended
+    with (
+        guarded(mlflow.get_tracking_uri()) as guard,
+        mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run,
+    ):
+        guard(run.info.run_id)
         checkpoints.remember_run(folder, run.info.run_id)
         locked = {f"dvc_lock.{path}": md5 for path, md5 in lock_hashes(Path("dvc.lock")).items() if path in DATA_TAGS}
         tags = {"git_commit": commit, "dvc_exp_name": environ.get("DVC_EXP_NAME", ""), "stage": "train"}
+        if environ.get("DVC_EXP_BASELINE_REV"):  # the experiments of one commit, a sweep's: grouped in the UI
+            tags["sweep"] = environ["DVC_EXP_BASELINE_REV"][:7]
         log_settings(settings, tags | locked | ({"resumed_from": resume.name} if resume else {}))
         if resume is None:
             log_data_inputs(files, digests)
@@ -111,7 +120,11 @@ def register_adapter(name: str, run_id: str, artifact_uri: str) -> str:
 
     client = mlflow.MlflowClient()
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description="LoRA adapters trained by this project's train stage")
+        try:
+            client.create_registered_model(name, description="LoRA adapters trained by this project's train stage")
+        except mlflow.exceptions.MlflowException as error:  # another training registered it a moment ago
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     version = client.create_model_version(name, source=f"{artifact_uri}/adapter", run_id=run_id)
     return str(version.version)
 

@@ -63,7 +63,7 @@ class TrainConfig:
     save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
     save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
     micro_batch_size: str | None = None  # auto = the largest split of the effective batch that fits (model.fit)
-    devices: str | int = 1  # processes, one per GPU: auto = every visible GPU (finetune.training.distributed)
+    devices: str | int = 1  # processes, one per leased GPU: auto = every visible GPU, a sweep's share in one (leases)
     train_sampling_strategy: str = "random"  # random, or batch_rebalance: each step's conversations dealt by length
 
     def __post_init__(self) -> None:
