@@ -83,6 +83,16 @@ def question(bench: Benchmark, text: str) -> str:
     return f"{bench.instruction}\n\n{text}" if bench.instruction else text
 
 
+def check_fits(bench: Benchmark, number: int, what: str, tokens: int, max_length: int) -> None:
+    """Stop at row `number` (from 1) of `bench` if its `tokens` pass `max_length`: the model would read it cut.
+    `what` names them with their verb ("its prompt takes")."""
+    if tokens > max_length:
+        raise ValueError(
+            f"{bench.name} row {number}: {what} {tokens} tokens, more than model.max_seq_length {max_length}: "
+            "shorten the text or raise model.max_seq_length"
+        )
+
+
 def clean_rows(bench: Benchmark) -> list[int]:
     """The indices of the rows found in the training messages neither whole nor by an n-gram."""
     return [i for i, row in enumerate(bench.rows) if not (row["exact"] or row["ngram"])]

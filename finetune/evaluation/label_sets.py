@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.evaluation import scoring
-from finetune.evaluation.benchmark_items import Benchmark, clean_rows, contamination_counts, question
+from finetune.evaluation.benchmark_items import Benchmark, check_fits, clean_rows, contamination_counts, question
 from finetune.evaluation.likelihood import choice_nll
 from finetune.tokens.chat import Chat
 
@@ -24,11 +24,7 @@ def classify(model: Any, chat: Chat, bench: Benchmark, max_length: int, max_toke
     k = len(labels)
     for number in range(len(bench.rows)):
         longest = max(len(ids) for ids, _ in encoded[number * k : (number + 1) * k])
-        if longest > max_length:
-            raise ValueError(
-                f"{bench.name} row {number + 1}: its prompt and label take {longest} tokens, more than "
-                f"model.max_seq_length {max_length}: shorten the text or raise model.max_seq_length"
-            )
+        check_fits(bench, number + 1, "its prompt and label take", longest, max_length)
     nll = choice_nll(model, [encoded[i * k : (i + 1) * k] for i in range(len(bench.rows))], max_tokens)
     return [labels[min(range(k), key=lambda j: scores[j])] for scores in nll]
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.evaluation.answers import Answer
-from finetune.evaluation.benchmark_items import Benchmark, clean_rows, contamination_counts, question
+from finetune.evaluation.benchmark_items import Benchmark, check_fits, clean_rows, contamination_counts, question
 from finetune.evaluation.numbers import Value, correct, extract
 from finetune.tokens.chat import THINK_CLOSE, Chat, split_think, token_ids
 
@@ -23,11 +23,7 @@ def numeric_prompts(chat: Chat, bench: Benchmark, max_length: int) -> list[list[
     out = []
     for number, row in enumerate(bench.rows, start=1):
         ids = chat.prompt_ids([{"role": "user", "content": question(bench, row["text"])}])
-        if len(ids) > max_length:
-            raise ValueError(
-                f"{bench.name} row {number}: its prompt takes {len(ids)} tokens, more than model.max_seq_length "
-                f"{max_length}: shorten the text or raise model.max_seq_length"
-            )
+        check_fits(bench, number, "its prompt takes", len(ids), max_length)
         out.append(ids)
     return out
 
