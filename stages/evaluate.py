@@ -16,6 +16,8 @@
 - both kinds on every item and on the items not found in the training data, with the share that was found there.
 
 The base model is the tuned one with its adapter disabled, loaded in the precision the adapter was trained in.
+With `evaluate.devices` above 1 the stage starts again as that many processes under torchrun, each scoring every
+N-th item; rank 0 gathers the results and alone writes.
 The numbers go into the MLflow run that trained the adapter, found by the adapter's SHA-256
 (`finetune.tracking.adapter_run`), and into files that `dvc metrics show` and `dvc plots show` read.
 """
@@ -40,7 +42,7 @@ from finetune.tracking.adapter_run import adapter_run
 from finetune.tracking.records import MAX_TAG_VALUE, report, storable
 from finetune.tracking.store import TrackingConfig
 from finetune.training.adapter import check_finite
-from finetune.training.leases import lease_gpus, visible_gpus
+from finetune.training.distributed import World, process_group, start_processes
 
 log = logging.getLogger("evaluate")
 
@@ -78,9 +80,11 @@ def main(
     prompts = held_out_samples(rows, conversations, config.num_samples)
     sets = read_benchmarks(benchmarks)
 
-    # --- models: the tuned model, in the precision it was trained in; the base is it with the adapter disabled
+    # --- models: the tuned model, in the precision it was trained in; the base is it with the adapter disabled. One
+    # of several processes (evaluate.devices) loads it onto its own GPU and scores every N-th item of each kind
+    world = World.from_environ(dict(os.environ))
     apply_speed_patches()
-    model, tokenizer, model_config = load_with_adapter(model_config, adapter)
+    model, tokenizer, model_config = load_with_adapter(model_config, adapter, world.gpu)
     log.info(
         "config: %s", {**flatten("model", model_config), **flatten("chat", chat_config), **flatten("evaluate", config)}
     )
@@ -88,10 +92,13 @@ def main(
     chat = Chat(tokenizer, chat_config)
     chat.check(padding=True)
     start = time.perf_counter()
-    results, sample_rows, benchmark_rows = evaluate_models(
-        model, chat, encoded, prompts, sets, config, model_config.max_seq_length
-    )
+    with process_group(world):
+        results, sample_rows, benchmark_rows = evaluate_models(
+            model, chat, encoded, prompts, sets, config, model_config.max_seq_length, world
+        )
     results["evaluate_seconds"] = time.perf_counter() - start
+    if not world.main:  # rank 0 has every process's results, and writes
+        return
     gpus = torch.cuda.is_available()
     if gpus:
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -102,6 +109,7 @@ def main(
         provenance = {f"benchmark.{b.name}.{key}": value for b in sets for key, value in b.provenance.items()}
         mlflow.set_tags({key: storable(value, MAX_TAG_VALUE) for key, value in provenance.items()})
         mlflow.set_tag("evaluate.gpus", os.environ.get("CUDA_VISIBLE_DEVICES", "all") if gpus else "none")
+        mlflow.set_tag("evaluate.world_size", world.size)
         write_json(samples, {"samples": sample_rows, "benchmark_samples": benchmark_rows})
         write_csv(bars, bar_rows(results, [b.name for b in sets]), BAR_COLUMNS)
         mlflow.log_artifact(str(bars), artifact_path="evaluate")
@@ -122,8 +130,8 @@ if __name__ == "__main__":
         samples="the answered samples, held-out and of the numeric benchmarks, JSON",
         bars="base vs. tuned, CSV for the bar chart",
     )
-    # one GPU, leased before anything starts CUDA: experiments that DVC's queue workers run at once take turns
+    # its GPUs, leased; more than one, or other machines to meet: started again as that many processes
     model_name = load(ModelConfig, paths["params_path"], "model").model_name
     require_in_copy(model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
-    lease = lease_gpus(min(visible_gpus(), 1), visible_gpus(), os.environ, Path.cwd(), "evaluate")
+    start_processes(load(EvaluateConfig, paths["params_path"], "evaluate").devices, "evaluate.devices", "evaluate")
     main(**paths)

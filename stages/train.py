@@ -16,7 +16,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from finetune.training.data import (
     loss_rows,
     read_tokenized,
 )
-from finetune.training.distributed import World, launched, processes, restart_under_launcher, several_nodes
+from finetune.training.distributed import World, start_processes
 from finetune.training.failures import full_disk_named, removed_unless_resumable
 
 log = logging.getLogger("train")
@@ -149,19 +148,6 @@ def main(
     shutil.rmtree(folder)  # trained: its checkpoints served their purpose
 
 
-def lease_gpus(params_path: Path) -> int:
-    """This training's GPUs, leased before anything starts CUDA and made its `CUDA_VISIBLE_DEVICES` (experiments
-    that DVC's queue workers run at once take turns or share out the machine's GPUs); the processes to start."""
-    model_config, config = load(ModelConfig, params_path, "model"), load(TrainConfig, params_path, "train")
-    require_in_copy(model_config.model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
-    visible, workers = leases.visible_gpus(), leases.sweep_workers(os.environ, Path.cwd())
-    count = processes(config.devices, visible)  # a number of GPUs the machine lacks is refused here
-    if workers:
-        log.info("an experiment of a sweep: %d queue workers running, %d GPU(s) visible", workers, visible)
-    lease = leases.lease_gpus(leases.wanted(config.devices, visible, workers), visible, os.environ, Path.cwd(), "train")
-    return len(lease.ids) or count
-
-
 if __name__ == "__main__":
     paths = cli.arguments(
         __doc__,
@@ -172,11 +158,8 @@ if __name__ == "__main__":
         plot="per-step training loss, CSV",
         eval_plot="held-out loss during training, CSV",
     )
-    # this training's GPUs; more than one, or other machines to meet: start again as that many processes under
-    # torchrun, which inherits the lease
-    if not launched(dict(os.environ)):
-        count = lease_gpus(paths["params_path"])
-        if count > 1 or several_nodes(dict(os.environ)):
-            log.info("train.devices: %d processes on this machine, started by torch.distributed.run", count)
-            restart_under_launcher(count, "stages.train", sys.argv[1:])
+    # this training's GPUs, leased; more than one, or other machines to meet: started again as that many processes
+    model_name = load(ModelConfig, paths["params_path"], "model").model_name
+    require_in_copy(model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
+    start_processes(load(TrainConfig, paths["params_path"], "train").devices, "train.devices", "train")
     main(**paths)

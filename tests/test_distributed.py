@@ -1,4 +1,5 @@
-"""train on several processes: torchrun started by the stage itself, the effective batch kept, rank 0 alone writing.
+"""train and evaluate on several processes: torchrun started by the stage itself, the effective batch kept (train),
+the items shared out and gathered (evaluate), rank 0 alone writing.
 
 On the CPU the processes talk over gloo, as on GPUs over NCCL: the same stage command, `train.devices: 2`.
 """
@@ -19,8 +20,17 @@ import pytest
 import yaml
 from datasets import Dataset
 
-from finetune.training.distributed import World, launched, launcher, per_process, processes, several_nodes
-from stages import tokenize
+from finetune.training.distributed import (
+    World,
+    gather_shards,
+    launched,
+    launcher,
+    per_process,
+    processes,
+    several_nodes,
+    shard,
+)
+from stages import benchmarks, tokenize
 from tools.servers import free_port
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
@@ -62,6 +72,14 @@ def test_the_launcher_is_torchrun_on_a_local_rendezvous_without_restarts() -> No
     assert World.from_environ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == World(1, 1, 2)
     assert World.from_environ({}).main and not World(1, 1, 2).main
     assert launched({"LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}) and not launched({"LOCAL_RANK": "0"})
+
+
+def test_every_item_is_in_one_share_and_one_process_keeps_them_all() -> None:
+    items = list(range(7))
+    shares = [shard(items, World(rank, rank, 3)) for rank in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(item for share in shares for item in share) == items
+    assert shard(items, World()) == gather_shards(items, World()) == items
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +225,64 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_one(workspace: Path, sin
     # with each machine's use of its GPUs, CPU and memory: rank 0's own, and the other's under its node number
     logged = set(new[0].data.metrics)
     assert {"system/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage"} <= logged, logged
+
+
+EVALUATE_OUTPUTS = ("evaluate.json", "samples.json", "bars.csv")
+
+
+def start_evaluate(work: Path, adapter: Path, out: Path, devices: int) -> subprocess.Popen:
+    """The evaluate stage's command as dvc.yaml runs it, on the adapter of a training in `work`."""
+    settings = yaml.safe_load((work / "evaluate-params.yaml").read_text())
+    settings["evaluate"]["devices"] = devices
+    out.mkdir()
+    (out / "params.yaml").write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "stages.evaluate", "--params", str(out / "params.yaml")]
+    command += ["--data", str(work / "tokenized"), "--texts", str(work / "standardized"), "--adapter", str(adapter)]
+    command += ["--benchmarks", str(work / "benchmark_items")]
+    command += [
+        item
+        for flag, name in zip(("--metrics", "--samples", "--bars"), EVALUATE_OUTPUTS, strict=True)
+        for item in (flag, str(out / name))
+    ]
+    environ = os.environ | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    log = (out / "evaluate.log").open("w")
+    return subprocess.Popen(command, cwd=out, env=environ, stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_two_processes_evaluate_as_one(workspace: Path, single: Path, root: Path) -> None:
+    """evaluate's items shared out over two processes and gathered: the same metrics, answers and benchmark
+    predictions as one process, exactly; rank 0 alone writes. Each item goes alone through the model (a batch
+    padded otherwise moves the last bits of a greedy answer's logits, and can change a token)."""
+    settings = yaml.safe_load((workspace / "params.yaml").read_text())
+    demo = yaml.safe_load((root / "demo" / "params.yaml").read_text())
+    sets = [{**entry, "dataset": str(root / entry["dataset"])} for entry in demo["benchmarks"]["sets"]]
+    settings["benchmarks"] = demo["benchmarks"] | {"sets": sets, "max_new_tokens": 8}
+    alone = {"batch_tokens": 1, "generate_batch_size": 1, "benchmark_batch_tokens": 1}
+    settings["evaluate"] |= {"max_rows": 15, "num_samples": 5, "max_new_tokens": 8, **alone}
+    (workspace / "evaluate-params.yaml").write_text(yaml.safe_dump(settings))
+    items = workspace / "benchmark_items"
+    if not items.exists():
+        sources = (root / "data" / "benchmarks",)
+        benchmarks.main(
+            workspace / "evaluate-params.yaml", sources, workspace / "standardized", items, workspace / "b.json"
+        )
+
+    folders = {devices: workspace / f"evaluate-{devices}" for devices in (1, 2)}
+    stages = {devices: start_evaluate(workspace, single / "adapter", out, devices) for devices, out in folders.items()}
+    for devices, stage in stages.items():
+        assert stage.wait(timeout=600) == 0, (folders[devices] / "evaluate.log").read_text()[-3000:]
+    assert "evaluate.devices: 2 processes on this machine" in (folders[2] / "evaluate.log").read_text()
+    one, two = (json.loads((folders[d] / "evaluate.json").read_text()) for d in (1, 2))
+    assert one.keys() == two.keys()
+    assert one["eval_rows"] == 15 and one["generated_samples"] == 5 and one["finqa_rows"] >= 2
+    assert {**two, "evaluate_seconds": 0} == {**one, "evaluate_seconds": 0}
+    # each held-out answer and numeric benchmark answer, item for item, in the items' order
+    assert json.loads((folders[2] / "samples.json").read_text()) == json.loads(
+        (folders[1] / "samples.json").read_text()
+    )
+    assert sorted(path.name for path in folders[2].iterdir()) == sorted(
+        ["params.yaml", "evaluate.log", *EVALUATE_OUTPUTS]
+    )

@@ -30,8 +30,8 @@ from finetune.evaluation.likelihood import (
     by_length,
     by_tokens,
     choice_nll,
+    mean_loss,
     nll_per_row,
-    score,
     sequence_nll,
     shared_length,
 )
@@ -102,7 +102,7 @@ def test_padding_never_enters_the_loss(model_and_tokenizer, chat: Chat) -> None:
     per_row = nll_per_row(model, rows, tokenizer.pad_token_id, max_tokens=1024)
     assert [c for _, c in per_row] == [c for _, c in together]
     assert [n for n, _ in per_row] == pytest.approx([n for n, _ in together], rel=1e-4)
-    scored = score(model, rows, tokenizer.pad_token_id, max_tokens=1)
+    scored = mean_loss(nll_per_row(model, rows, tokenizer.pad_token_id, max_tokens=1))
     tokens, nll = sum(c for _, c in alone), sum(n for n, _ in alone)
     assert scored["tokens"] == tokens
     assert scored["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
@@ -152,8 +152,8 @@ def test_disabling_the_adapter_changes_the_score(model_and_tokenizer, chat: Chat
     model, tokenizer = model_and_tokenizer
     rows = chat.encode_many([MESSAGES], 256)
     with model.disable_adapter():
-        base = score(model, rows, tokenizer.pad_token_id, max_tokens=1)
-    tuned = score(model, rows, tokenizer.pad_token_id, max_tokens=1)
+        base = mean_loss(nll_per_row(model, rows, tokenizer.pad_token_id, max_tokens=1))
+    tuned = mean_loss(nll_per_row(model, rows, tokenizer.pad_token_id, max_tokens=1))
     assert base["tokens"] == tuned["tokens"] and base["loss"] != tuned["loss"]
 
 

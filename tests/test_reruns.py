@@ -50,7 +50,7 @@ RERUNS = {
     "finetune/training/checkpoints.py": {"train"},
     "finetune/training/config.py": {"train"},
     "finetune/training/data.py": {"train"},
-    "finetune/training/distributed.py": {"train"},
+    "finetune/training/distributed.py": MODEL,  # processes, one per GPU: train, evaluate
     "finetune/training/failures.py": {"train"},
     "finetune/training/leases.py": MODEL,  # GPU leases; the MLflow store's lock (tracking/store.py)
     "finetune/training/trainer.py": {"train"},

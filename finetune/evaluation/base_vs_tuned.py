@@ -12,11 +12,12 @@ from typing import Any
 from finetune.config.params import require
 from finetune.evaluation.answers import answer_scores, final_answer, generate
 from finetune.evaluation.benchmark_items import Benchmark
-from finetune.evaluation.label_sets import classify, label_metrics
-from finetune.evaluation.likelihood import Encoded, score
+from finetune.evaluation.label_sets import classify, label_choices, label_metrics
+from finetune.evaluation.likelihood import Encoded, mean_loss, nll_per_row
 from finetune.evaluation.numeric_sets import numeric_metrics, numeric_prompts, numeric_samples, score_answers
 from finetune.evaluation.scoring import rouge_l
 from finetune.tokens.chat import Chat
+from finetune.training.distributed import World, gather_shards, processes, shard
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class EvaluateConfig:
     max_new_tokens: int  # longest generated answer, in tokens
     generate_batch_size: int = 16  # prompts generated together
     benchmark_batch_tokens: int = 393216  # numeric benchmarks: prompts x (longest + max_new_tokens) generated together
+    devices: str | int = "auto"  # processes scoring, one per GPU: auto (every visible one) or a number
 
     def __post_init__(self) -> None:
         require(
@@ -42,6 +44,7 @@ class EvaluateConfig:
             self.benchmark_batch_tokens >= 1,
             f"evaluate.benchmark_batch_tokens must be >= 1, got {self.benchmark_batch_tokens}",
         )
+        processes(self.devices, visible_gpus=0, key="evaluate.devices")  # checked against the GPUs at launch
 
 
 @dataclass(frozen=True)
@@ -79,40 +82,47 @@ def evaluate_models(
     benchmarks: list[Benchmark],
     config: EvaluateConfig,
     max_length: int,
+    world: World | None = None,
 ) -> tuple[dict[str, float | int], list[dict[str, Any]], list[dict[str, Any]]]:
     """Every measure of base (adapter disabled) and tuned model: the metrics, the answered held-out samples and the
-    answered samples of the numeric benchmarks (their first `num_samples` items each)."""
-    tokenizer = chat.tokenizer
+    answered samples of the numeric benchmarks (their first `num_samples` items each). One of several processes
+    (`world`) scores every N-th item of each kind, and every process gets the results of all of them."""
+    tokenizer, world = chat.tokenizer, world or World()
     references = [sample.reference for sample in prompts]
+    # every item's tokens, checked against max_length (an error names its number), before the processes share them
     asked = {bench.name: numeric_prompts(chat, bench, max_length) for bench in benchmarks if bench.kind == "numeric"}
+    choices = {bench.name: label_choices(chat, bench, max_length) for bench in benchmarks if bench.kind == "labels"}
+
+    def gathered(what: str, count: int, clock: float, mine: list[Any]) -> list[Any]:
+        out = gather_shards(mine, world)  # every process's results, in the items' order
+        log.info("%s, %d items in %.1f s", what, count, time.perf_counter() - clock)
+        return out
 
     results: dict[str, dict[str, Any]] = {}
     for name in ("base", "tuned"):
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             clock = time.perf_counter()
-            loss = score(model, encoded, tokenizer.pad_token_id, config.batch_tokens)
-            log.info("%s: held-out loss of %d rows in %.1f s", name, len(encoded), time.perf_counter() - clock)
+            mine = nll_per_row(model, shard(encoded, world), tokenizer.pad_token_id, config.batch_tokens)
+            rows = gathered(f"{name}: held-out loss", len(encoded), clock, mine)
             clock = time.perf_counter()
-            answers = generate(
-                model, tokenizer, [s.prompt_ids for s in prompts], config.max_new_tokens, config.generate_batch_size
-            )
-            log.info("%s: %d answers in %.1f s", name, len(answers), time.perf_counter() - clock)
+            asked_samples = shard([sample.prompt_ids for sample in prompts], world)
+            mine = generate(model, tokenizer, asked_samples, config.max_new_tokens, config.generate_batch_size)
+            answers = gathered(f"{name}: answers", len(prompts), clock, mine)
             predictions = {}
             for bench in benchmarks:  # a label set's predicted labels, a numeric benchmark's generated answers
                 clock = time.perf_counter()
-                predictions[bench.name] = (
-                    classify(model, chat, bench, max_length, config.batch_tokens)
-                    if bench.kind == "labels"
-                    else generate(
+                if bench.kind == "labels":
+                    mine = classify(model, bench.labels or [], shard(choices[bench.name], world), config.batch_tokens)
+                else:
+                    mine = generate(
                         model,
                         tokenizer,
-                        asked[bench.name],
+                        shard(asked[bench.name], world),
                         bench.max_new_tokens,
                         batch_tokens=config.benchmark_batch_tokens,
                     )
-                )
-                log.info("%s: %s, %d items in %.1f s", name, bench.name, len(bench.rows), time.perf_counter() - clock)
-        results[name] = {"loss": loss, "answers": answers, "predictions": predictions}
+                predictions[bench.name] = gathered(f"{name}: {bench.name}", len(bench.rows), clock, mine)
+        results[name] = {"loss": mean_loss(rows), "answers": answers, "predictions": predictions}
 
     base, tuned = results["base"], results["tuned"]
     metrics: dict[str, float | int] = {

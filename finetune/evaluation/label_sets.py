@@ -8,12 +8,13 @@ from typing import Any
 
 from finetune.evaluation import scoring
 from finetune.evaluation.benchmark_items import Benchmark, check_fits, clean_rows, contamination_counts, question
-from finetune.evaluation.likelihood import choice_nll
+from finetune.evaluation.likelihood import Encoded, choice_nll
 from finetune.tokens.chat import Chat
 
 
-def classify(model: Any, chat: Chat, bench: Benchmark, max_length: int, max_tokens: int) -> list[str]:
-    """The label whose rendering as the answer (end-of-turn included) is likeliest after each row's prompt."""
+def label_choices(chat: Chat, bench: Benchmark, max_length: int) -> list[list[Encoded]]:
+    """Each row's choices, encoded: its question with each label as the answer (end-of-turn included). A row whose
+    longest choice is over `max_length` tokens stops it: the model would read it cut."""
     labels = bench.labels or []
     conversations = []
     for row in bench.rows:
@@ -22,11 +23,16 @@ def classify(model: Any, chat: Chat, bench: Benchmark, max_length: int, max_toke
             conversations.append([{"role": "user", "content": asked}, {"role": "assistant", "content": label}])
     encoded = chat.encode_many(conversations)
     k = len(labels)
-    for number in range(len(bench.rows)):
-        longest = max(len(ids) for ids, _ in encoded[number * k : (number + 1) * k])
-        check_fits(bench, number + 1, "its prompt and label take", longest, max_length)
-    nll = choice_nll(model, [encoded[i * k : (i + 1) * k] for i in range(len(bench.rows))], max_tokens)
-    return [labels[min(range(k), key=lambda j: scores[j])] for scores in nll]
+    rows = [encoded[number * k : (number + 1) * k] for number in range(len(bench.rows))]
+    for number, choices in enumerate(rows, start=1):
+        check_fits(bench, number, "its prompt and label take", max(len(ids) for ids, _ in choices), max_length)
+    return rows
+
+
+def classify(model: Any, labels: list[str], rows: list[list[Encoded]], max_tokens: int) -> list[str]:
+    """The label whose choice (`label_choices`) is likeliest, of each row."""
+    nll = choice_nll(model, rows, max_tokens)
+    return [labels[min(range(len(labels)), key=lambda j: scores[j])] for scores in nll]
 
 
 def label_scores(labels: list[str], expected: list[str], predicted: list[str]) -> dict[str, float]:

@@ -1,8 +1,8 @@
 """Loss and perplexity on the learnt tokens of held-out conversations (answers only: prompt and padding masked),
 and the likelihood of each of a prompt's possible answers.
 
-Used by evaluate for the held-out loss of base and tuned model (`score`), and for the label benchmarks (each label's
-likelihood as the answer: `choice_nll`).
+Used by evaluate for the held-out loss of base and tuned model (`nll_per_row`, `mean_loss`), and for the label
+benchmarks (each label's likelihood as the answer: `choice_nll`).
 """
 
 from __future__ import annotations
@@ -67,12 +67,11 @@ def nll_per_row(model: Any, encoded: list[Encoded], pad_id: int, max_tokens: int
     return out
 
 
-def score(model: Any, encoded: list[Encoded], pad_id: int, max_tokens: int) -> dict[str, float]:
-    """Mean loss per learnt token over all rows, and its perplexity."""
-    rows = nll_per_row(model, encoded, pad_id, max_tokens)
+def mean_loss(rows: list[tuple[float, int]]) -> dict[str, float]:
+    """Mean loss per learnt token of rows' (summed negative log-likelihood, learnt tokens), and its perplexity."""
     tokens = sum(count for _, count in rows)
     if tokens == 0:
-        raise ValueError(f"no learnt token in the {len(encoded)} held-out conversations: nothing to score")
+        raise ValueError(f"no learnt token in the {len(rows)} held-out conversations: nothing to score")
     loss = sum(nll for nll, _ in rows) / tokens
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens}
 

@@ -66,13 +66,16 @@ def load_base(config: ModelConfig, local_rank: int | None = None) -> tuple[Any, 
     )
 
 
-def load_with_adapter(config: ModelConfig, adapter: Path) -> tuple[Any, Any, ModelConfig]:
+def load_with_adapter(
+    config: ModelConfig, adapter: Path, local_rank: int | None = None
+) -> tuple[Any, Any, ModelConfig]:
     """The base model in the precision `adapter` was trained in (`trained_precision`), the adapter on it, and the
-    tokenizer; also the config as loaded. For evaluate, export and generate."""
+    tokenizer; also the config as loaded. For evaluate (one of several processes: `local_rank`, as `load_base`),
+    export and generate."""
     from peft import PeftModel
 
     config = trained_precision(config, adapter)
-    model, tokenizer = load_base(config)
+    model, tokenizer = load_base(config, local_rank)
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer, config
 
 

@@ -1,21 +1,32 @@
-"""Data-parallel training: how many processes train, how the stage starts them, and which of them writes.
+"""Data-parallel train and evaluate: how many processes run, how the stage starts them, which of them writes.
 
-`train.devices` decides the number of processes, one per GPU: `auto` takes every visible GPU (one process on a
-machine without one), a number takes that many (on the CPU, processes that talk over gloo: what CI runs). With
-more than one, the train stage starts again under PyTorch's own launcher, `torch.distributed.run` (torchrun), with
-the same arguments; each process then finds its rank in the environment the launcher sets. The effective batch of
-`params.yaml` (micro-batch x accumulation) is kept: each of N processes takes 1/N of the accumulation (or of the
-micro-batch). Rank 0 alone opens the MLflow run and writes the adapter, metrics and plots. Several machines: the
-same command on each, with torchrun's own variables (`PET_NNODES`, `PET_RDZV_ENDPOINT`) saying where they meet.
+`train.devices` (`evaluate.devices`) decides the number of processes, one per GPU: `auto` takes every visible GPU
+(one process on a machine without one), a number takes that many (on the CPU, processes that talk over gloo: what CI
+runs). The stage leases its GPUs (`leases`), and with more than one starts again under PyTorch's own launcher,
+`torch.distributed.run` (torchrun), with the same arguments; each process then finds its rank in the environment the
+launcher sets (`start_processes`). Training keeps the effective batch of `params.yaml` (micro-batch x
+accumulation): each of N processes takes 1/N of the accumulation (or of the micro-batch). Evaluation gives each
+process every N-th item to score (`shard`) and puts their results back in order (`gather_shards`). Rank 0 alone
+writes: the MLflow run, the adapter, metrics and plots. Several machines: the same command on each, with torchrun's
+own variables (`PET_NNODES`, `PET_RDZV_ENDPOINT`) saying where they meet.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
 from finetune.config.params import require
+from finetune.training import leases
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -40,8 +51,8 @@ class World:
         return cls(int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)), int(environ.get("WORLD_SIZE", 1)))
 
 
-def processes(devices: str | int, visible_gpus: int) -> int:
-    """How many processes `train.devices` asks for on a machine with `visible_gpus` GPUs.
+def processes(devices: str | int, visible_gpus: int, key: str = "train.devices") -> int:
+    """How many processes `devices` (the setting `key`) asks for on a machine with `visible_gpus` GPUs.
 
     `processes("auto", 2)` -> 2; `processes("auto", 0)` -> 1; `processes(1, 2)` -> 1; `processes(4, 2)` refused.
     """
@@ -49,12 +60,12 @@ def processes(devices: str | int, visible_gpus: int) -> int:
         return max(visible_gpus, 1)
     require(
         isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1,
-        f"train.devices must be auto or a number of processes >= 1, got {devices!r}",
+        f"{key} must be auto or a number of processes >= 1, got {devices!r}",
     )
     require(
         visible_gpus == 0 or devices <= visible_gpus,
-        f"train.devices is {devices} but this machine shows {visible_gpus} GPU(s) (CUDA_VISIBLE_DEVICES): "
-        "set train.devices: auto or at most that many",
+        f"{key} is {devices} but this machine shows {visible_gpus} GPU(s) (CUDA_VISIBLE_DEVICES): "
+        f"set {key}: auto or at most that many",
     )
     return devices
 
@@ -124,3 +135,57 @@ def restart_under_launcher(count: int, module: str, arguments: list[str]) -> Non
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)
+
+
+def start_processes(devices: str | int, key: str, stage: str) -> None:
+    """Before anything starts CUDA: lease the GPUs that `devices` (the setting `key`) asks for and make them this
+    process's `CUDA_VISIBLE_DEVICES` (experiments that DVC's queue workers run at once take turns or share out the
+    machine's GPUs, `leases`); then, for more than one, or other machines to meet, start `stages.<stage>` again as
+    that many processes under torchrun, which inherits the lease. Nothing to do in a process torchrun started."""
+    if launched(dict(os.environ)):
+        return
+    visible, workers = leases.visible_gpus(), leases.sweep_workers(os.environ, Path.cwd())
+    count = processes(devices, visible, key)  # a number of GPUs the machine lacks is refused here
+    if workers:
+        log.info("an experiment of a sweep: %d queue workers running, %d GPU(s) visible", workers, visible)
+    lease = leases.lease_gpus(leases.wanted(devices, visible, workers), visible, os.environ, Path.cwd(), stage)
+    count = len(lease.ids) or count
+    if count > 1 or several_nodes(dict(os.environ)):
+        log.info("%s: %d processes on this machine, started by torch.distributed.run", key, count)
+        restart_under_launcher(count, f"stages.{stage}", sys.argv[1:])
+
+
+@contextlib.contextmanager
+def process_group(world: World) -> Iterator[None]:
+    """The processes of `world` joined for `gather_shards` (NCCL between GPUs, gloo on the CPU); nothing alone."""
+    if world.size == 1:
+        yield
+        return
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(items: list[T], world: World) -> list[T]:
+    """This process's share of `items`: every `world.size`-th, from its rank on (long and short items alike in each
+    share). `shard([0, 1, 2, 3, 4], World(1, 1, 2))` -> `[1, 3]`."""
+    return items[world.rank :: world.size]
+
+
+def gather_shards(mine: list[T], world: World) -> list[T]:
+    """The results of every process's `shard`, in every process, back in the items' order (`mine`: this one's)."""
+    if world.size == 1:
+        return mine
+    import torch.distributed as dist
+
+    shares: list[Any] = [None] * world.size
+    dist.all_gather_object(shares, mine)
+    out: list[Any] = [None] * sum(len(share) for share in shares)
+    for rank, share in enumerate(shares):
+        out[rank :: world.size] = share
+    return out
