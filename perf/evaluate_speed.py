@@ -44,9 +44,12 @@ from perf.shapes import child_environment, described, ensure
 REAL_ITEMS = {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388, "finqa": 1147}
 ITEM_CHARS = {"fpb": 125, "fiqa_sa": 85, "tfns": 85}  # mean characters of an item: news sentences, headlines, tweets
 # a FinQA question's mean characters of text before and after its table (a word of perf.data_stages.WORDS is ~8
-# characters and a token or so), and the table's rows: ~1,000 tokens a prompt, as FinQA's report excerpts
+# characters and a token or so of the real tokenizer), and the table's rows: FinQA's report excerpts, under 700 words
+# on average, ~1,000 tokens a prompt. The shape's tokenizer (the demo's, trained on the sample) splits words finer:
+# the texts are scaled to FINQA_TOKENS of it (`finqa_scale`), so that the model reads and keeps what it would
 FINQA_CHARS = (3600, 2800)
 FINQA_TABLE_ROWS = 6
+FINQA_TOKENS = 1000
 
 
 def held_out(rows: int) -> list[dict[str, list[dict[str, str]]]]:
@@ -68,20 +71,34 @@ def label_values(bench: BenchmarkConfig) -> list[Any]:
     return list(bench.labels)
 
 
-def finqa_question(rng: random.Random) -> str:
+def finqa_question(rng: random.Random, scale: float = 1.0) -> str:
     """A generated question in FLARE's FinQA layout: its instruction line, the context's text, a table a row a line
-    (`|cell|cell|`), more text, the question; each text of half to one and a half times its mean length."""
-    before, after = (text(rng, rng.randint(chars // 2, 3 * chars // 2)) for chars in FINQA_CHARS)
+    (`|cell|cell|`), more text, the question; each text of half to one and a half times its mean length
+    (`FINQA_CHARS` x `scale`)."""
+    before, after = (text(rng, rng.randint(int(c * scale) // 2, 3 * int(c * scale) // 2)) for c in FINQA_CHARS)
     cells = [[text(rng, 12)] + [f"{rng.uniform(0, 9999):,.1f}" for _ in range(3)] for _ in range(FINQA_TABLE_ROWS)]
     table = "\n".join("|" + "|".join(row) + "|" for row in [["", "2019", "2018", "2017"], *cells])
     context = f"Please answer the given financial question based on the context.\nContext: {before}\n{table}\n{after}"
     return f"{context}\nQuestion: what was the change in {text(rng, 40)} from 2018 to 2019?\nAnswer:"
 
 
-def stand_in(bench: BenchmarkConfig, folder: Path, items: int, seed: int) -> Path:
+def finqa_scale(tokenizer: Any) -> float:
+    """How much longer or shorter than `FINQA_CHARS` a question's texts are written for `tokenizer` to read a prompt
+    of ~`FINQA_TOKENS` tokens in them: the texts' tokens and the rest's (table, question), measured on 16 questions."""
+
+    def mean_tokens(scale: float) -> float:
+        rng = random.Random(0)
+        return sum(len(tokenizer(finqa_question(rng, scale))["input_ids"]) for _ in range(16)) / 16
+
+    fixed = mean_tokens(0.0)
+    return (FINQA_TOKENS - fixed) / (mean_tokens(1.0) - fixed)
+
+
+def stand_in(bench: BenchmarkConfig, folder: Path, items: int, seed: int, scale: float = 1.0) -> Path:
     """Write `items` rows of generated text in `bench`'s schema where the benchmarks stage loads a local folder in
     the Hub's layout, `<folder>/<data_dir>/<split>.jsonl`: its text and label columns with its label values (a label
-    set), or its question and answer columns, FinQA-like questions and numbers or yes/no (numeric)."""
+    set), or its question and answer columns, FinQA-like questions (`finqa_question`, `scale`) and numbers or yes/no
+    (numeric)."""
     rng = random.Random(seed)
     values = label_values(bench) if bench.kind == "labels" else []
     mean = ITEM_CHARS.get(bench.name, 100)
@@ -94,7 +111,7 @@ def stand_in(bench: BenchmarkConfig, folder: Path, items: int, seed: int) -> Pat
                 row[str(bench.label_column)] = rng.choice(values)
             else:  # FinQA's answers: numbers as text, a few of its comparison questions' yes and no
                 answer = rng.choice(["yes", "no"]) if rng.random() < 0.02 else f"{rng.uniform(-500, 500):.5f}"
-                row = {bench.text_column: finqa_question(rng), str(bench.answer_column): answer}
+                row = {bench.text_column: finqa_question(rng, scale), str(bench.answer_column): answer}
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -109,18 +126,23 @@ def benchmark_items(value: str, name: str) -> int:
 
 
 def settings_file(
-    params: dict[str, Any], model: Path, benchmarks: Path, evaluate: dict[str, int | None], sizes: str
+    params: dict[str, Any],
+    model: Path,
+    benchmarks: Path,
+    evaluate: dict[str, int | None],
+    sizes: str,
+    scale: float = 1.0,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """`params` with the shape's folder as the model, the `evaluate` settings given (None: as they are), each
-    benchmark a local stand-in written to `benchmarks` of `sizes` items (`--benchmark-items`); and the items written
-    per benchmark."""
+    benchmark a local stand-in written to `benchmarks` of `sizes` items (`--benchmark-items`; numeric questions'
+    texts scaled by `scale`); and the items written per benchmark."""
     params = json.loads(json.dumps(params))  # a copy
     params["model"] |= {"model_name": str(model), "revision": None}
     params["evaluate"] |= {key: value for key, value in evaluate.items() if value is not None}
     sets, items = [], {}
     for i, (raw, bench) in enumerate(zip(params["benchmarks"]["sets"], load_sets(params), strict=True)):
         items[bench.name] = benchmark_items(sizes, bench.name)
-        stand_in(bench, benchmarks / bench.name, items[bench.name], seed=1000 + i)  # not the held-out texts' seed
+        stand_in(bench, benchmarks / bench.name, items[bench.name], 1000 + i, scale)  # not the held-out texts' seed
         # a local folder: no Hub revision or config; the preset's data_dir and split are kept, as written
         sets.append({**raw, "dataset": str(benchmarks / bench.name), "revision": None, "config": None})
     params["benchmarks"]["sets"] = sets
@@ -249,10 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     ensure(args.shape, model, root, env)
     evaluate = {"num_samples": args.samples, "max_new_tokens": args.max_new_tokens}
     written = yaml.safe_load(args.params.read_text(encoding="utf-8"))
-    params, items = settings_file(written, model, work / "benchmarks", evaluate, args.benchmark_items)
+    from transformers import AutoTokenizer
+
+    scale = finqa_scale(AutoTokenizer.from_pretrained(model))
+    params, items = settings_file(written, model, work / "benchmarks", evaluate, args.benchmark_items, scale)
     settings = work / "params.yaml"
     settings.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-    print(f"benchmark stand-ins: {items} -> {work / 'benchmarks'}", flush=True)
+    print(f"benchmark stand-ins: {items} -> {work / 'benchmarks'}, FinQA texts x {scale:.2f}", flush=True)
     adapter = [sys.executable, "-m", "perf.evaluate_speed", "--make-adapter", str(settings), str(work / "adapter")]
     subprocess.run(adapter, check=True, env=env, cwd=root)
     from datasets import Dataset

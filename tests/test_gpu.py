@@ -162,29 +162,3 @@ def test_label_choices_continue_from_the_prompts_keys_and_values(
             expected = [v for row in rows for v in whole(row)]
         print(f"{dtype}, adapter {adapter}: cached {got[:4]}, whole {expected[:4]}")
         assert got == pytest.approx(expected, rel=tolerance)
-
-
-@pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_answers_replayed_as_cuda_graphs_are_the_eager_answers(load_in_4bit: bool, tiny_model_dir: Path) -> None:
-    """evaluate's greedy answers with each decode step replayed as a CUDA graph (`answers.replayed_decoding`) are
-    token for token the eager step's, batched and left-padded, base and tuned; and the steps were replayed."""
-    from finetune.evaluation.answers import generate, replayed_decoding
-
-    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=load_in_4bit, dtype="bfloat16")
-    apply_speed_patches()
-    model, tokenizer = load_base(config)
-    model = FastLanguageModel.get_peft_model(model, **LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).__dict__)
-    FastLanguageModel.for_inference(model)
-    chat = Chat(tokenizer, ChatConfig())
-    questions = ["Rates rose.", "What is the margin of the bank after the report?", "Why?", "Shares fell 3%."] * 2
-    prompts = [chat.prompt_ids([{"role": "user", "content": q}]) for q in questions]
-    for adapter in (True, False):
-        with model.disable_adapter() if not adapter else torch.no_grad():
-            eager = generate(model, tokenizer, prompts, 40, batch_size=3, cuda_graphs=False)
-            replayed = generate(model, tokenizer, prompts, 40, batch_size=3)
-        print(f"adapter {adapter}: {replayed[0].text!r}")
-        assert [(a.text, a.tokens) for a in replayed] == [(a.text, a.tokens) for a in eager]
-    padded = tokenizer.pad({"input_ids": prompts[:3]}, padding_side="left", return_tensors="pt").to("cuda")
-    with torch.no_grad(), replayed_decoding(model, True) as steps:
-        model.generate(**padded, max_new_tokens=40, min_new_tokens=40, do_sample=False)
-    assert steps["replayed steps"] >= 30 and "replay off" not in steps, steps

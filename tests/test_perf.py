@@ -109,8 +109,8 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
     from perf.evaluate_speed import main
 
     evaluate = {"batch_tokens": 512, "generate_batch_size": 2, "benchmark_batch_tokens": 8192}
-    model = {"max_seq_length": 4096}  # the tiny tokenizer splits the FinQA stand-in's ~900 words into ~3,000 tokens
-    params = settings(tmp_path, lora=LORA, model=model, evaluate=evaluate, benchmarks={"max_new_tokens": 3})
+    # the FinQA stand-in's ~1,000 tokens of the shape's tokenizer fit params.yaml's max_seq_length (2,048)
+    params = settings(tmp_path, lora=LORA, evaluate=evaluate, benchmarks={"max_new_tokens": 3})
     work = work_with(tmp_path, tiny_shape)
     main(
         ["--params", str(params), "--shape", "tiny", "--work", str(work), "--rows", "6", "--samples", "2"]
@@ -119,7 +119,7 @@ def test_evaluate_speed_runs_the_three_stages_and_prints_what_they_ran(
     out = capfd.readouterr().out
 
     header = next(line for line in out.splitlines() if line.startswith("tiny ("))
-    assert "base in 4-bit" in header and "max_seq_length 4096" in header
+    assert "base in 4-bit" in header and "max_seq_length 2048" in header
     assert "LoRA r 8, alpha 32 on down_proj/q_proj/v_proj" in header  # the adapter's own config
     assert "2 samples x max_new_tokens 4, generate_batch_size 2, benchmark_batch_tokens 8192" in header
     assert "batch_tokens 512, " in header and "benchmarks ngram 13, max_new_tokens 3;" in header

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +28,10 @@ def generate(
     max_new_tokens: int,
     batch_size: int | None = None,
     batch_tokens: int | None = None,
-    cuda_graphs: bool = True,
 ) -> list[Answer]:
     """Greedy answers to prompts given as token ids, in the prompts' order, batched by length (longest first) and
     left-padded by the tokenizer: `batch_size` prompts a batch, or as many as hold at most `batch_tokens` tokens
     once padded to their longest and grown by `max_new_tokens` (what their keys and values take); one of the two.
-    On a GPU each decode step is replayed as a CUDA graph where unsloth can (`replayed_decoding`; `cuda_graphs`).
     """
     import torch
 
@@ -52,14 +47,13 @@ def generate(
         )
         width = padded["input_ids"].shape[1]
         clock = time.perf_counter()
-        with torch.no_grad(), replayed_decoding(model, cuda_graphs and device.type == "cuda") as steps:
+        with torch.no_grad():
             output = model.generate(
                 **padded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
         log.info(
-            "batch %d/%d: %d prompts of up to %d tokens, %d new tokens in %.1f s%s",
+            "batch %d/%d: %d prompts of up to %d tokens, %d new tokens in %.1f s",
             *(number, len(batches), len(batch), width, output.shape[1] - width, time.perf_counter() - clock),
-            f" ({steps})" if steps else "",
         )
         for i, new in zip(batch, output[:, width:].tolist(), strict=True):
             ended = tokenizer.eos_token_id in new
@@ -67,42 +61,6 @@ def generate(
             # special tokens are kept but EOS: </think> may be one, and split_think needs it
             answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
     return [answer for answer in answers if answer is not None]
-
-
-@contextlib.contextmanager
-def replayed_decoding(model: Any, on: bool) -> Iterator[dict[str, Any]]:
-    """unsloth's CUDA-graph replay of the one-token decode step for the `generate` calls inside, where `on`: the
-    eager step is bound by its hundreds of small kernel launches (~80 ms a token for the 8B at 64 prompts), the
-    replayed one computes bit for bit what the eager one does (unsloth's `models/_decode_graphs.py`, tested in
-    tests/test_gpu.py) and runs eagerly where unsloth has not verified it (model types other than Llama and Qwen3).
-    Yields a dict filled on leaving with the steps replayed and run eagerly, and why replay was off if it was; the
-    decode buffers, sized for the batch, are freed on leaving (unsloth keeps two batch sizes' otherwise).
-    """
-    steps: dict[str, Any] = {}
-    if not on:
-        yield steps
-        return
-    from unsloth.models import _decode_graphs
-
-    def counts() -> tuple[int, int, str | None]:  # (steps replayed, steps run eagerly, why replay is off)
-        found = [_decode_graphs.stats(module) for module in model.modules()]
-        found = [state for state in found if state]
-        off = next((state["disabled"] for state in found if state["disabled"]), None)
-        return sum(state["replays"] for state in found), sum(state["eager_steps"] for state in found), off
-
-    before, (replayed, eager, _) = os.environ.get("UNSLOTH_DECODE_CUDA_GRAPHS"), counts()
-    os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"] = "1"  # read by unsloth at each generate call
-    try:
-        yield steps
-    finally:
-        now_replayed, now_eager, off = counts()
-        steps |= {"replayed steps": now_replayed - replayed, "eager steps": now_eager - eager}
-        steps |= {"replay off": off} if off else {}
-        _decode_graphs.release(model)
-        if before is None:
-            del os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"]
-        else:
-            os.environ["UNSLOTH_DECODE_CUDA_GRAPHS"] = before
 
 
 def final_answer(text: str) -> str:
