@@ -2,8 +2,8 @@
 
     python -m demo.run            # what `make demo` runs
 
-It builds the tiny DeepSeek-architecture model, then runs `dvc exp run --temp` with the
-overrides of `demo/params.yaml`: the experiment runs in a temporary copy, so the real run's `params.yaml` and
+It builds the tiny DeepSeek-architecture model and tracks it with DVC (`track`), then runs `dvc exp run --temp`
+with the overrides of `demo/params.yaml`: the experiment runs in a temporary copy, so the real run's `params.yaml` and
 `dvc.lock` stay untouched, and its metrics appear in `dvc exp show` and its run in the MLflow store. It ends by
 printing the comparison of `python -m tools.compare` and the commands to look further.
 """
@@ -46,13 +46,22 @@ def apply_overrides(
     return merged
 
 
+def track(folder: Path) -> None:
+    """Track `folder` with DVC and stage its `.dvc` file in git, committing nothing. A DVC experiment, queued or
+    `--temp`, runs in a copy of the files git tracks, staged ones included, and DVC checks the folder out of its
+    cache there: a sweep (`dvc exp run --queue`, no target stage) finds it without `-C`."""
+    subprocess.run(["dvc", "add", "--quiet", str(folder)], check=True)  # the same bytes: the same .dvc file
+    subprocess.run(["git", "add", f"{folder}.dvc"], check=True)  # .gitignore already ignores the folder itself
+
+
 def main() -> None:
     # rebuilt every time (a second): deterministic, and never a stale copy from an older demo/tiny_model.py
     subprocess.run([sys.executable, "-m", "demo.tiny_model", str(SAMPLE), str(TINY_MODEL)], check=True)
+    track(TINY_MODEL)
     overrides = yaml.safe_load(OVERRIDES.read_text(encoding="utf-8"))
     apply_overrides(yaml.safe_load(Path("params.yaml").read_text(encoding="utf-8")), overrides)  # fail fast
     name = time.strftime("demo-%Y%m%d-%H%M%S")
-    command = ["dvc", "exp", "run", "--temp", "-n", name, "-C", str(TINY_MODEL), *set_param_flags(overrides)]
+    command = ["dvc", "exp", "run", "--temp", "-n", name, *set_param_flags(overrides)]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     print(

@@ -1,10 +1,11 @@
 """Whether a stage runs in a DVC experiment's temporary copy, and a local path that the copy lacks, named.
 
 `dvc exp run --queue` and `--temp` run the pipeline in a copy of the commit under `<repo>/.dvc/tmp/exps/`, with
-`DVC_ROOT` pointing at the real repository. The copy holds what git tracks (and DVC's outputs); a folder git does
-not track, such as the demo's `models/tiny-deepseek`, stays behind unless the experiment was queued with
-`-C <path>` (`--copy-paths`), and a library that reads `model.model_name` then fails far from the cause
-(transformers takes the missing folder for a Hub id: "couldn't connect to huggingface.co").
+`DVC_ROOT` pointing at the real repository. The copy holds the files git tracks, a new one staged with `git add`
+included, as the workspace has them, and what their `.dvc` files and `dvc.lock` name, checked out of DVC's cache
+(the demo's `models/tiny-deepseek`: `demo.run.track`). Any other local folder stays behind unless the experiment
+was queued with `-C <path>` (`--copy-paths`), and a library that reads `model.model_name` then fails far from the
+cause (transformers takes the missing folder for a Hub id: "couldn't connect to huggingface.co").
 """
 
 from __future__ import annotations
@@ -35,6 +36,6 @@ def require_in_copy(value: str, key: str, environ: Mapping[str, str], cwd: Path)
         return
     raise FileNotFoundError(
         f"{key}: {value} is in the workspace ({root / value}) but not in this experiment's copy ({cwd.resolve()}): "
-        f"DVC copies only what git tracks. Queue the experiment with `-C {value}` (dvc exp run --queue/--temp "
-        f"--copy-paths {value}), or track the folder: dvc add {value}, then git add {value}.dvc and commit"
+        f"DVC copies only what git tracks. Track the folder: dvc add {value}, then git add {value}.dvc (staged "
+        f"is enough), or queue the experiment with `-C {value}` (dvc exp run --queue/--temp --copy-paths {value})"
     )
