@@ -22,7 +22,7 @@ demo: install
 
 test: install  # ruff, then every test, end to end included, a module a worker per core; the 15 slowest at the end
 	ruff check .
-	python -m pytest -n auto --maxprocesses 4 --dist loadfile --durations=15
+	python -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: install  # the tests that need no model, unsloth, subprocess or server: a change to a pure function
 	python -m pytest -m "not slow" -q

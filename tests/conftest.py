@@ -48,6 +48,24 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
+# The modules that take minutes, the longest first. `make test` hands whole modules to its workers in collection order
+# (pytest-xdist's --dist loadfile --no-loadscope-reorder): these first, then the many short ones, which fill in around
+# them; in name order two long ones could end up one after the other on one worker while the others sit idle.
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_team.py",
+    "test_sweeps.py",
+    "test_perf.py",
+    "test_distributed.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's tests keep their order
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.getoption("markexpr") == FAST and "unsloth" in sys.modules:
         pytest.exit("a test of the fast loop imported unsloth: mark its module slow (pytestmark = pytest.mark.slow)", 1)

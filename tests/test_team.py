@@ -1,9 +1,10 @@
 """Working as a team: DVC's remote on a real S3 server, the MLflow tracking server on PostgreSQL with basic auth.
 
 One set of services for the module (`tools.servers.local_team`: SeaweedFS, PostgreSQL, `mlflow server`, on free
-ports, data in temporary folders). Alice's clone runs the demo pipeline against them and shares it, following the
-README's "Working as a team" commands (each command run here is checked to be in that section, as written); Bob
-clones, pulls, runs an experiment on a branch and shares it; then each takes the other's adapter with `dvc pull`.
+ports, data in temporary folders). Alice's clone runs the demo pipeline (a short training: `SHORT`) against them and
+shares it, following the README's "Working as a team" commands (each command run here is checked to be in that
+section, as written); Bob clones, pulls, runs an experiment on a branch and shares it; then each takes the other's
+adapter with `dvc pull`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from test_pipeline import clean_env, dvc, ran_stages, repo, run  # noqa: F401  (repo: the fixture, reused)
 
 from finetune.data.files import file_hash
@@ -45,6 +47,13 @@ KEYS = (  # docs/team.md's commands that give a clone the bucket's keys
     'dvc remote modify --local team secret_access_key "$AWS_SECRET_ACCESS_KEY"',
 )
 SHARE = 'git add -A && git commit -m "results" && git push -u origin HEAD'
+# the demo's settings with a short training and evaluation: what is shared is under test here, not what is learnt
+STEPS = 6
+SHORT = {
+    "train": {"max_steps": STEPS, "eval_steps": 3, "eval_rows": 8},
+    "evaluate": {"max_rows": 8, "num_samples": 2, "max_new_tokens": 4},
+    "benchmarks": {"max_new_tokens": 4},
+}
 
 
 def readme_commands(section: str = "Working as a team") -> set[str]:
@@ -117,8 +126,10 @@ def api(
 @pytest.fixture(scope="module")
 def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Team]:
     """SeaweedFS, PostgreSQL and the MLflow server; one that cannot start fails the tests with its log."""
-    with local_team(tmp_path_factory.mktemp("team"), free_port(), free_port()) as running:
-        yield running
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # MLflow's GenAI job runner: 8 processes unused
+        with local_team(tmp_path_factory.mktemp("team"), free_port(), free_port()) as running:
+            yield running
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +156,11 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def alice(repo: Path, origin: Path, team: Team, users: dict[str, str]) -> Engineer:  # noqa: F811
     """The project's first clone: the remote set up once, the demo pipeline run on the team's stores, shared."""
     alice = Engineer("alice", repo, team_environment(team, "alice", users["alice"]) | {"HF_TOKEN": HF_TOKEN})
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in SHORT.items():
+        params[section] |= values
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "commit", "-qam", "the team's settings: a short training and evaluation"], repo)
     run(["git", "branch", "-M", "main"], repo)
     run(["git", "remote", "add", "origin", str(origin)], repo)
     alice.follow(
@@ -169,11 +185,8 @@ def bob(
     run(["git", "config", "user.email", "bob@example.com"], clone)
     bob = Engineer("bob", clone, team_environment(team, "bob", users["bob"]) | {"HF_TOKEN": HF_TOKEN})
     bob.follow(*KEYS, "git pull && dvc pull dvc.yaml")
-    # the demo's tiny model is built, not versioned (as `make demo` builds it)
-    run(
-        [sys.executable, "-m", "demo.tiny_model", "data/sample/finance_instruct_sample.jsonl", "models/tiny-deepseek"],
-        clone,
-    )
+    # the demo's tiny model is built, not versioned (`make demo` builds it): Alice's build, the same files
+    shutil.copytree(alice.clone / "models/tiny-deepseek", clone / "models/tiny-deepseek")
     bob.dvc("repro", "--dry")
     bob.follow("git checkout -b rank-8", "dvc exp run -S lora.r=8", "dvc push", SHARE)
     return bob
@@ -203,9 +216,9 @@ def test_the_run_on_the_server_has_params_step_metrics_inputs_evaluation_adapter
     info, data = run_["info"], run_["data"]
     assert info["status"] == "FINISHED" and info["user_id"] == "alice"
     params = {p["key"]: p["value"] for p in data["params"]}
-    assert params["lora.r"] == "4" and params["train.max_steps"] == "30"
+    assert params["lora.r"] == "4" and params["train.max_steps"] == str(STEPS)
     history = api(team, "metrics/get-history", auth, run_id=info["run_id"], metric_key="loss")["metrics"]
-    assert sorted(m["step"] for m in history) == list(range(1, 31))
+    assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
     lock = (alice.clone / "dvc.lock").read_text()
     inputs = {i["dataset"]["name"]: i["dataset"]["digest"] for i in run_["inputs"]["dataset_inputs"]}
     assert inputs == {
