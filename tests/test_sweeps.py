@@ -1,15 +1,19 @@
-"""Sweeps: a grid of queued experiments run by four DVC queue workers at once on the demo's settings, each its own
-MLflow run in the project's SQLite store, one killed on the way; the best found by tools.compare; a model folder
-that an experiment's copy lacks, named.
+"""Sweeps: the README's sweep, its commands as written, on the demo's settings: a grid of 8 queued experiments run by
+four DVC queue workers at once, each its own MLflow run in the project's SQLite store, one more killed on the way;
+the best found by tools.compare; a model folder that an experiment's copy lacks, named.
 
-The grid and commands are those of docs/experiments.md's sweep, with the tiny model copied into each experiment
-(`-C`: git does not track it) and only the train stage run (`train` as the target), to keep the test short.
+The tiny model is tracked as `make demo` tracks it (`demo.run.track`: `dvc add`, its `.dvc` file staged, nothing
+committed), so that each experiment's copy checks it out of DVC's cache. The demo's settings are shortened to keep
+the test short: 2 training steps, and an evaluation of 4 held-out rows with no generated answers or benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -22,19 +26,31 @@ import pytest
 import yaml
 from test_pipeline import clean_env, dvc, repo, run, runs  # noqa: F401  (repo: the fixture, reused)
 
+from demo.run import TINY_MODEL
 from finetune.training.leases import running_workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-GRID = ["-S", "lora.r=4,8,16,32", "-S", "train.learning_rate=1.0e-4,2.0e-4"]  # 8 experiments, as documented
-TINY = "models/tiny-deepseek"
-WORKERS = "4"
+WORKERS = 4  # the README's `dvc queue start -j 4`
+SHORT = {  # the demo's settings, shortened
+    "train": {"max_steps": 2, "warmup_steps": 0, "eval_steps": None, "save_steps": None},  # the lr from step 1
+    "evaluate": {"max_rows": 4, "num_samples": 0},  # tuned_loss, which the README's `--best` ranks by, and little else
+    "benchmarks": {"sets": []},
+}
+RUNS = Path(".dvc/tmp/exps/run")  # a folder per queued experiment that started: its output and its process's end
+
+
+def readme_sweep(project: Path) -> list[list[str]]:
+    """The README's sweep commands as written, each split into its words (comments dropped)."""
+    readme = (project / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"\*\*Sweeps\*\*.*?```bash\n(.*?)```", readme, re.S)[1]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
 
 
 def queue_logs(project: Path) -> dict[str, str]:
     """Each queued experiment's output by name: the files `dvc queue logs <name>` prints."""
     logs = {}
-    for path in (project / ".dvc/tmp/exps/run").glob("*/*.out"):
+    for path in (project / RUNS).glob("*/*.out"):
         text = path.read_text(encoding="utf-8", errors="replace")
         name = re.search(r"Reproducing experiment '([^']+)'", text)
         if name:
@@ -42,39 +58,57 @@ def queue_logs(project: Path) -> dict[str, str]:
     return logs
 
 
-def wait_for(condition: Callable[[], bool], what: str, project: Path, seconds: float = 1200) -> None:
+def ended(project: Path) -> int:
+    """The queued experiments whose process has ended: DVC writes its return code into the experiment's `.json`."""
+    count = 0
+    for path in (project / RUNS).glob("*/*.json"):
+        with contextlib.suppress(OSError, ValueError):  # DVC is writing it
+            count += json.loads(path.read_text(encoding="utf-8")).get("returncode") is not None
+    return count
+
+
+def wait_for(condition: Callable[[], bool], what: str, project: Path, seconds: float = 1200, poll: float = 1) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, f"{what}: waited {seconds} s\n{dvc('queue', 'status', cwd=project)}"
-        time.sleep(1)
+        time.sleep(poll)
 
 
 @pytest.fixture(scope="module")
 def swept(repo: Path) -> Iterator[Path]:  # noqa: F811  (the fixture)
-    """The demo project with its data stages run and committed (2 training steps, no evaluation during training),
-    an experiment queued to be killed, then the grid; four workers run them, and `killed` is killed while training."""
+    """The demo project with its data stages run and committed and its tiny model tracked as the demo tracks it, an
+    experiment queued to be killed, then the README's grid; four workers run them, and `killed` is killed while
+    training."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"] |= {"max_steps": 2, "warmup_steps": 0, "eval_steps": None, "save_steps": None}  # lr from step 1
+    for section, values in SHORT.items():
+        params[section] |= values
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    dvc("repro", "tokenize", cwd=repo)  # once: every experiment starts from these
+    dvc("repro", "tokenize", "benchmarks", cwd=repo)  # once: every experiment starts from these
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "data stages, short trainings"], repo)
-    dvc("exp", "run", "--queue", "-n", "killed", "-S", "train.max_steps=100000", "-C", TINY, "train", cwd=repo)
-    dvc("exp", "run", "--queue", *GRID, "-C", TINY, "train", cwd=repo)
-    start = time.monotonic()
+    run([sys.executable, "-c", "from demo.run import TINY_MODEL, track; track(TINY_MODEL)"], repo)  # as the demo
+    assert run(["git", "status", "--porcelain", f"{TINY_MODEL}.dvc"], repo).startswith("A "), "staged, not committed"
+    queue, start, _ = readme_sweep(repo)
+    assert queue[:4] == ["dvc", "exp", "run", "--queue"] and start == ["dvc", "queue", "start", "-j", str(WORKERS)]
+    # first in line; like the grid, no target stage: with one, DVC would check out only that stage's inputs, which
+    # the tiny model is not (it is a setting's value)
+    dvc("exp", "run", "--queue", "-n", "killed", "-S", "train.max_steps=100000", cwd=repo)
+    run(queue, repo)
+    began = time.monotonic()
     # its output not captured: the workers it starts in the background hold on to what they inherit, a pipe would
     # stay open until the queue is done; one thread each: four trainings on two cores (a thread per core thrashes)
     environ = clean_env() | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "dvc", "queue", "start", "-j", WORKERS]
-    subprocess.run(command, cwd=repo, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(start, cwd=repo, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
     try:
         # `killed` once it trains: stopped as `dvc queue kill` stops it (SIGINT), which also ends its worker; the
-        # other three take the rest of the queue
-        wait_for(lambda: "{'loss': " in queue_logs(repo).get("killed", ""), "killed", repo)
+        # same `dvc queue start -j 4` starts a fourth again, rather than leave the rest of the queue to three
+        wait_for(lambda: "{'loss': " in queue_logs(repo).get("killed", ""), "killed", repo, poll=0.5)
         dvc("queue", "kill", "killed", cwd=repo)
-        wait_for(lambda: running_workers(repo) == 0, "the queue", repo)  # each worker ends once the queue is empty
+        wait_for(lambda: running_workers(repo) < WORKERS, "its worker", repo, poll=0.5)
+        subprocess.run(start, cwd=repo, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+        wait_for(lambda: ended(repo) == 9, "the queue", repo)  # each experiment's process, without asking DVC
         wait_for(lambda: not re.search(r"\b(Running|Queued)$", dvc("queue", "status", cwd=repo), re.M), "status", repo)
-        print(f"\n{len(queue_logs(repo))} experiments on {WORKERS} workers: {time.monotonic() - start:.0f} s")
+        print(f"\n{len(queue_logs(repo))} experiments on {WORKERS} workers: {time.monotonic() - began:.0f} s")
         yield repo
     finally:
         stop(repo)
@@ -116,27 +150,28 @@ def test_eight_experiments_on_four_workers_each_finish_as_one_mlflow_run(swept: 
     assert set(logs) == {*finished, "killed"}
     assert not [name for name, text in logs.items() if "database is locked" in text]
     workers = [int(count) for text in logs.values() for count in re.findall(r"(\d+) queue workers running", text)]
-    assert WORKERS in map(str, workers) and max(workers) == int(WORKERS), workers  # the share of `auto` on a GPU
+    assert WORKERS in workers and max(workers) == WORKERS, workers  # the share of `auto` on a GPU
 
 
 def test_compare_names_the_best_experiment_and_the_command_that_applies_it(swept: Path) -> None:
-    compare = [sys.executable, "-m", "tools.compare"]
-    lines = run([*compare, "--best", "train_loss"], swept).splitlines()
-    name = re.fullmatch(r"Best of 8 experiments by train_loss \(lowest\): (\S+), train_loss = \S+", lines[0])[1]
+    *_, best = readme_sweep(swept)  # python -m tools.compare --best tuned_loss
+    lines = run(best, swept).splitlines()
+    name = re.fullmatch(r"Best of 8 experiments by tuned_loss \(lowest\): (\S+), tuned_loss = \S+", lines[0])[1]
     # the settings that tell it apart: max_steps too, since `killed` had 100000
     assert re.fullmatch(r"Its settings: lora.r=\d+, train.learning_rate=\S+, train.max_steps=2", lines[1])
     assert lines[2] == f"Apply it: dvc exp apply {name}"
-    losses = {r.info.run_name: r.data.metrics["train/train_loss"] for r in runs(swept) if r.info.status == "FINISHED"}
+    losses = {
+        r.info.run_name: r.data.metrics["evaluate/tuned_loss"] for r in runs(swept) if r.info.status == "FINISHED"
+    }
     assert losses[name] == min(losses.values())
-    table = run([*compare, "--sort", "train_loss"], swept).splitlines()
-    first = next(i for i, line in enumerate(table) if line.startswith("experiment")) + 1
-    assert table[first].split()[0] == name and table[first - 1].split()[-1] == "train_loss"  # its own column
 
 
 def test_a_model_folder_that_the_experiments_copy_lacks_is_named_with_the_fix(swept: Path) -> None:
-    command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", "train.max_steps=1", "train"]  # no -C
+    local = "models/my-model"  # neither tracked nor copied (-C)
+    shutil.copytree(swept / TINY_MODEL, swept / local)
+    command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-S", f"model.model_name={local}", "train"]
     result = subprocess.run(command, cwd=swept, env=clean_env(), capture_output=True, text=True, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert f"model.model_name: {TINY} is in the workspace ({swept / TINY})" in output, output[-3000:]
-    assert f"`-C {TINY}`" in output and "huggingface.co" not in output
+    assert f"model.model_name: {local} is in the workspace ({swept / local})" in output, output[-3000:]
+    assert f"dvc add {local}" in output and f"`-C {local}`" in output and "huggingface.co" not in output
