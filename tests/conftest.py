@@ -71,6 +71,16 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         pytest.exit("a test of the fast loop imported unsloth: mark its module slow (pytestmark = pytest.mark.slow)", 1)
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_experiment_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no MLflow experiment chosen: `mlflow.set_experiment` leaves the id in mlflow's own
+    state for the rest of the process, and a later test of the same worker, on a store of its own, would create its
+    runs under an id that store lacks ("No Experiment with id=1 exists")."""
+    fluent = sys.modules.get("mlflow.tracking.fluent")
+    if fluent is not None:
+        monkeypatch.setattr(fluent, "_active_experiment_id", None)
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
