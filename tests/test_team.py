@@ -29,6 +29,7 @@ import pytest
 import yaml
 from test_pipeline import clean_env, dvc, ran_stages, repo, run  # noqa: F401  (repo: the fixture, reused)
 
+from demo.run import apply_overrides
 from finetune.data.files import file_hash
 from finetune.tracking.records import MAX_PARAM_VALUE, MAX_RUN_NAME, log_settings, run_name
 from tools.servers import BUCKET, Team, free_port, local_team, team_environment
@@ -156,9 +157,7 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def alice(repo: Path, origin: Path, team: Team, users: dict[str, str]) -> Engineer:  # noqa: F811
     """The project's first clone: the remote set up once, the demo pipeline run on the team's stores, shared."""
     alice = Engineer("alice", repo, team_environment(team, "alice", users["alice"]) | {"HF_TOKEN": HF_TOKEN})
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in SHORT.items():
-        params[section] |= values
+    params = apply_overrides(yaml.safe_load((repo / "params.yaml").read_text()), SHORT)  # an unknown key refused
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "commit", "-qam", "the team's settings: a short training and evaluation"], repo)
     run(["git", "branch", "-M", "main"], repo)
