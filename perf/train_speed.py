@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from finetune.training.distributed import launcher
-from perf.shapes import child_environment, described, ensure
+from perf.shapes import child_environment, ensure
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
-
-PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on this workplace's H100/H200 (the datasheet says 989)
+from perf.train_table import combined, header, median_run, table
 
 
 def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -128,24 +127,6 @@ SETUPS = {  # name: (code path, settings over --params')
 }
 
 
-def combined(ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from every process's result: tokens/s summed (the steps are synchronised, so the timed windows
-    match), padding share averaged, the largest peak memory and time, rank 0's settings."""
-    return ranks[0] | {
-        "tokens_per_s": sum(r["tokens_per_s"] for r in ranks),
-        "padding_share": sum(r["padding_share"] for r in ranks) / len(ranks),
-        "peak_gib": max(r["peak_gib"] for r in ranks),
-        "seconds": max(r["seconds"] for r in ranks),
-    }
-
-
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of repeated runs of one setup (each a fresh process), the one of median tokens/s (the lower middle of an even
-    count), with every run's tokens/s beside it."""
-    ordered = sorted(runs, key=lambda run: run["tokens_per_s"])
-    return ordered[(len(ordered) - 1) // 2] | {"each": [run["tokens_per_s"] for run in runs]}
-
-
 def matmul_parameters(model_dir: Path) -> float:
     """Parameters that every token multiplies through (all linear layers and the output layer)."""
     from types import SimpleNamespace
@@ -159,66 +140,6 @@ def matmul_parameters(model_dir: Path) -> float:
 def counts(text: str) -> list[int]:
     """`--processes`: `"1,2"` -> `[1, 2]`."""
     return [int(count) for count in text.split(",")]
-
-
-def loss_gap(losses: list[float], reference: list[float]) -> float:
-    """The largest relative difference between two loss curves, step by step (NaN if their lengths differ)."""
-    if len(losses) != len(reference) or not losses:
-        return float("nan")
-    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
-
-
-def lora_text(lora: dict[str, Any]) -> str:
-    """A LoRA as a run reports it (`lora_ran`), for the header.
-
-    `{"r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q_proj", "v_proj"], "rslora": False}`
-    -> `"LoRA r 8, alpha 16, dropout 0.0 on q_proj/v_proj"`.
-    """
-    text = f"LoRA r {lora['r']}, alpha {lora['alpha']}, dropout {lora['dropout']} on {'/'.join(lora['targets'])}"
-    return text + (", rsLoRA" if lora["rslora"] else "")
-
-
-def header(shape: str, model_dir: Path, rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace) -> str:
-    """The table's title: the shape, and the sequence length and LoRA the runs report (each setup's own where they
-    differ), the batch, steps and lengths, the machine."""
-    import torch
-
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    ran = {json.dumps({"max_seq_length": r["max_seq_length"], "lora": r["lora"]}, sort_keys=True) for _, _, r in rows}
-    if len(ran) == 1:
-        one = json.loads(next(iter(ran)))
-        settings = f"max_seq_length {one['max_seq_length']}, {lora_text(one['lora'])}"
-    else:
-        settings = "; ".join(
-            f"{setup}: max_seq_length {r['max_seq_length']}, {lora_text(r['lora'])}" for setup, _, r in rows
-        )
-    return (
-        f"{shape} ({described(model_dir)}), {settings}, batch {args.batch} conversations per step, {args.steps} steps "
-        f"({args.warmup} untimed), {args.lengths} lengths, settings of {args.params}, {card}"
-    )
-
-
-def table(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace, flops_per_token: float) -> list[str]:
-    """One line per setup and number of processes, the median of its repeats."""
-    import torch
-
-    lines = [
-        f"| setup | processes | settings | effective tokens/s (median of {args.repeat}) | each run | × 1 process "
-        "| padding share | MFU per GPU | peak GiB | timed s | loss vs 1 process |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for setup, count, r in rows:
-        single = next((one for name, n, one in rows if name == setup and n == 1), None)
-        mfu = f"{r['tokens_per_s'] * flops_per_token / PEAK_FLOPS / count:.1%}" if torch.cuda.is_available() else "-"
-        described_settings = ", ".join(f"{key} {value}" for key, value in r["settings"].items())
-        speedup = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}×" if single and count > 1 else ""
-        apart = f"{loss_gap(r['losses'], single['losses']):.2%}" if single and count > 1 else ""
-        each = " ".join(f"{tokens:,.0f}" for tokens in r["each"])
-        lines.append(
-            f"| {setup} | {count} | {described_settings} | {r['tokens_per_s']:,.0f} | {each} | {speedup} "
-            f"| {r['padding_share']:.1%} | {mfu} | {r['peak_gib']:.1f} | {r['seconds']:.1f} | {apart} |"
-        )
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 from finetune.config import cli
 from finetune.config.params import flatten, load
-from finetune.config.workspace import require_in_copy
 from finetune.data.files import write_csv, write_json
 from finetune.evaluation.base_vs_tuned import BAR_COLUMNS, EvaluateConfig, bar_rows, evaluate_models, held_out_samples
 from finetune.evaluation.benchmark_items import read_benchmarks
@@ -131,7 +130,6 @@ if __name__ == "__main__":
         bars="base vs. tuned, CSV for the bar chart",
     )
     # its GPUs, leased; more than one, or other machines to meet: started again as that many processes
-    model_name = load(ModelConfig, paths["params_path"], "model").model_name
-    require_in_copy(model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
-    start_processes(load(EvaluateConfig, paths["params_path"], "evaluate").devices, "evaluate.devices", "evaluate")
+    params = paths["params_path"]
+    start_processes("evaluate", params, load(EvaluateConfig, params, "evaluate").devices)
     main(**paths)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from finetune.config import cli
 from finetune.config.params import flatten, load
-from finetune.config.workspace import require_in_copy
 from finetune.data.files import file_hash, write_csv
 from finetune.model import fit
 from finetune.model.load import ModelConfig, load_base
@@ -159,7 +158,6 @@ if __name__ == "__main__":
         eval_plot="held-out loss during training, CSV",
     )
     # this training's GPUs, leased; more than one, or other machines to meet: started again as that many processes
-    model_name = load(ModelConfig, paths["params_path"], "model").model_name
-    require_in_copy(model_name, "model.model_name", os.environ, Path.cwd())  # before any wait
-    start_processes(load(TrainConfig, paths["params_path"], "train").devices, "train.devices", "train")
+    params = paths["params_path"]
+    start_processes("train", params, load(TrainConfig, params, "train").devices)
     main(**paths)

@@ -72,13 +72,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(autouse=True)
-def no_mlflow_experiment_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with no MLflow experiment chosen: `mlflow.set_experiment` leaves the id in mlflow's own
-    state for the rest of the process, and a later test of the same worker, on a store of its own, would create its
-    runs under an id that store lacks ("No Experiment with id=1 exists")."""
-    fluent = sys.modules.get("mlflow.tracking.fluent")
-    if fluent is not None:
+def mlflow_as_a_fresh_process_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no MLflow store or experiment chosen. `mlflow.set_tracking_uri` and
+    `mlflow.set_experiment` keep their choice in mlflow's module state and export it as MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_ID for the rest of the process: a later test of the same worker, on a store of its own, would
+    start its runs under an experiment id that store lacks ("MLFLOW_EXPERIMENT_ID ... `1` does not exist")."""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(key, None)
+    if (fluent := sys.modules.get("mlflow.tracking.fluent")) is not None:
         monkeypatch.setattr(fluent, "_active_experiment_id", None)
+    if (service := sys.modules.get("mlflow.tracking._tracking_service.utils")) is not None:
+        monkeypatch.setattr(service, "_tracking_uri", None)
 
 
 @pytest.fixture(scope="session")

@@ -162,3 +162,38 @@ def test_label_choices_continue_from_the_prompts_keys_and_values(
             expected = [v for row in rows for v in whole(row)]
         print(f"{dtype}, adapter {adapter}: cached {got[:4]}, whole {expected[:4]}")
         assert got == pytest.approx(expected, rel=tolerance)
+
+
+def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as_unsloths(
+    tiny_model_dir: Path,
+) -> None:
+    """On CUDA unsloth decodes through its own attention step (on the CPU it does not, so only here): the patch is
+    called for every decode step and layer, and the greedy answers are unsloth's own (float32: no rounding tie)."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from unsloth.models import llama
+
+    from finetune.model.patches import grouped_decode_attention
+
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype="float32")
+    model, tokenizer = load_base(config)
+    model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    ids = [[tokenizer.bos_token_id, *range(100, 100 + n)] for n in (5, 17, 30)]  # left-padded: a mask
+    prompts = tokenizer.pad({"input_ids": ids}, padding_side="left", return_tensors="pt").to("cuda")
+
+    def answers() -> list[list[int]]:
+        with torch.no_grad():
+            out = model.generate(**prompts, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        return out[:, prompts["input_ids"].shape[1] :].tolist()
+
+    unsloth_attention = llama.scaled_dot_product_attention
+    try:
+        expected = answers()
+        grouped_decode_attention()
+        grouped, calls = llama.scaled_dot_product_attention, []
+        llama.scaled_dot_product_attention = lambda *args, **kwargs: calls.append(1) or grouped(*args, **kwargs)
+        assert answers() == expected
+        assert len(calls) >= 7 * model.config.num_hidden_layers  # every decode step of every layer
+    finally:
+        llama.scaled_dot_product_attention = unsloth_attention

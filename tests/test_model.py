@@ -80,3 +80,43 @@ def test_code_shipped_with_a_model_runs_only_when_trust_remote_code_is_on(
 
     model, _ = load_base(replace(config, trust_remote_code=True))
     assert type(model).__name__ == "ShippedModel" and marker.exists()
+
+
+def test_the_grouped_decode_attention_is_unsloths_head_for_head_and_leaves_other_calls_alone() -> None:
+    """The decode step's attention as unsloth calls it (one query a prompt, the cache laid out as its paged cache
+    is, a left-padding mask, grouped K/V heads) gives what SDPA's own grouped-query attention gives."""
+    import torch
+    import unsloth  # noqa: F401
+    from unsloth.models import llama
+
+    from finetune.model.patches import grouped_decode_attention
+
+    unsloth_attention = llama.scaled_dot_product_attention
+    grouped_decode_attention()
+    patched = llama.scaled_dot_product_attention
+    try:
+        assert patched is not unsloth_attention
+        grouped_decode_attention()
+        assert llama.scaled_dot_product_attention is patched  # applied once
+        torch.manual_seed(0)
+        batch, heads, kv_heads, length, dim = 3, 8, 2, 11, 16
+        query = torch.randn(batch, 1, heads, dim).transpose(1, 2)  # as unsloth's Qn: a transposed view
+        cache = torch.randn(2, length, batch, kv_heads, dim)  # its paged K and V: (length, batch, heads, dim)
+        key, value = cache[0].permute(1, 2, 0, 3), cache[1].permute(1, 2, 0, 3)
+        mask = torch.arange(length)[None, :] >= torch.tensor([0, 4, 7])[:, None]  # left padding of 0, 4, 7
+        mask = mask[:, None, None, :]
+        expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=True)
+        got = patched(query, key, value, attn_mask=mask, is_causal=False, enable_gqa=True)
+        assert got.shape == (batch, heads, 1, dim)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # a prefill (several queries) and a causal call go to unsloth's as they came
+        prefill = torch.randn(batch, heads, 4, dim)
+        keys = torch.randn(batch, kv_heads, 4, dim)
+        torch.testing.assert_close(
+            patched(prefill, keys, keys, is_causal=True, enable_gqa=True),
+            unsloth_attention(prefill, keys, keys, is_causal=True, enable_gqa=True),
+        )
+        with pytest.raises(ValueError, match="is_causal must be False"):
+            patched(query, key, value, is_causal=True, enable_gqa=True)
+    finally:
+        llama.scaled_dot_product_attention = unsloth_attention

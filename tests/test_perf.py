@@ -136,7 +136,8 @@ def test_the_benchmark_stand_ins_load_as_the_stage_loads_them_at_their_real_size
     """Each preset's stand-in, in its Hub schema and of its published size, is read by the benchmarks stage's own
     loader and label mapping (no model: the scoring itself is the evaluate_speed run's)."""
     from finetune.evaluation.benchmark_sets import benchmark_rows
-    from perf.evaluate_speed import REAL_ITEMS, benchmark_items, load_sets, settings_file
+    from perf.evaluate_speed import load_sets, settings_file
+    from perf.stand_ins import REAL_ITEMS, benchmark_items
     from stages.benchmarks import load_set
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
@@ -189,3 +190,23 @@ def test_contamination_speed_finds_what_it_planted_by_the_ngram_of_the_params(
     assert "1,500 conversations of" in out and "benchmarks.ngram 9, " in out
     planted = re.search(r"planted 9 words found by the n-gram: (\d+)/(\d+)", out)
     assert planted and planted[1] == planted[2] != "0", out
+
+
+def test_decode_speed_times_a_step_with_each_attention_for_each_batch_and_length(
+    tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from perf.decode_speed import main
+
+    params = settings(tmp_path, lora=LORA)
+    work = work_with(tmp_path, tiny_shape)
+    arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work), "--batches", "2,3"]
+    status = main([*arguments, "--lengths", "16,24", "--new-tokens", "3"])
+    out = capfd.readouterr().out
+
+    assert status == 0, out[-3000:]
+    assert f"tiny, 3 new tokens a prompt, settings of {params}" in out and "settings: 4-bit True" in out
+    table = out[out.rindex("| batch |") :].splitlines()
+    assert [line.split(" | ")[:2] for line in table[2:]] == [["| 2", "16"], ["| 3", "16"], ["| 2", "24"], ["| 3", "24"]]
+    assert all(float(line.split(" | ")[2]) > 0 and float(line.split(" | ")[3]) > 0 for line in table[2:])
+    with pytest.raises(SystemExit):
+        main(["--new-tokens", "1"])

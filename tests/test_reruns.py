@@ -41,7 +41,7 @@ RERUNS = {
     "finetune/tokens/shards.py": {"tokenize"},
     # model
     "finetune/model/load.py": {"tokenize", *MODEL, "export"},
-    "finetune/model/patches.py": MODEL,  # the flash varlen patch: not tokenize
+    "finetune/model/patches.py": MODEL,  # the speed patches (flash varlen, grouped decode attention): not tokenize
     "finetune/model/fit.py": {"train"},
     # training
     "finetune/training/adapter.py": MODEL,  # evaluate checks the adapter with its finite-weights check
@@ -78,8 +78,13 @@ RERUNS = {
     **{f"tools/{name}.py": NONE for name in ("compare", "deps", "generate", "mlflow_ui", "params_schema")},
     "tools/vega_page.py": NONE,
     **{f"tools/servers/{name}.py": NONE for name in ("__main__", "process", "s3", "postgres", "mlflow_server", "team")},
-    **{f"perf/{name}.py": NONE for name in ("contamination_speed", "data_stages", "evaluate_speed", "gaps")},
-    **{f"perf/{name}.py": NONE for name in ("shapes", "train_baselines", "train_measure", "train_speed")},
+    **{
+        f"perf/{name}.py": NONE
+        for name in ("contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps", "stand_ins")
+    },
+    **{
+        f"perf/{name}.py": NONE for name in ("shapes", "train_baselines", "train_measure", "train_speed", "train_table")
+    },
 }
 
 

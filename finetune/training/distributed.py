@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from finetune.config.params import require
+from finetune.config.params import load, require
+from finetune.config.workspace import require_in_copy
+from finetune.model.load import ModelConfig
 from finetune.training import leases
 
 log = logging.getLogger(__name__)
@@ -137,13 +139,17 @@ def restart_under_launcher(count: int, module: str, arguments: list[str]) -> Non
     os.execv(command[0], command)
 
 
-def start_processes(devices: str | int, key: str, stage: str) -> None:
-    """Before anything starts CUDA: lease the GPUs that `devices` (the setting `key`) asks for and make them this
-    process's `CUDA_VISIBLE_DEVICES` (experiments that DVC's queue workers run at once take turns or share out the
-    machine's GPUs, `leases`); then, for more than one, or other machines to meet, start `stages.<stage>` again as
-    that many processes under torchrun, which inherits the lease. Nothing to do in a process torchrun started."""
+def start_processes(stage: str, params: Path, devices: str | int) -> None:
+    """Before anything starts CUDA: check that a local `model.model_name` of `params` is in a DVC experiment's copy
+    (before any wait, `workspace.require_in_copy`), lease the GPUs that `devices` (the setting `<stage>.devices`) asks
+    for and make them this process's `CUDA_VISIBLE_DEVICES` (experiments that DVC's queue workers run at once take
+    turns or share out the machine's GPUs, `leases`); then, for more than one, or other machines to meet, start
+    `stages.<stage>` again as that many processes under torchrun, which inherits the lease. Nothing to do in a
+    process torchrun started."""
     if launched(dict(os.environ)):
         return
+    key = f"{stage}.devices"
+    require_in_copy(load(ModelConfig, params, "model").model_name, "model.model_name", os.environ, Path.cwd())
     visible, workers = leases.visible_gpus(), leases.sweep_workers(os.environ, Path.cwd())
     count = processes(devices, visible, key)  # a number of GPUs the machine lacks is refused here
     if workers:
