@@ -16,11 +16,10 @@ VARLEN_SWITCHES = ("UNSLOTH_TORCH_VARLEN", "UNSLOTH_LEAN_VARLEN")  # unsloth's s
 
 
 def apply_speed_patches() -> bool:
-    """Apply every patch that fits this machine (`grouped_decode_attention`; on CUDA `flash_varlen`); whether flash
-    varlen attention is on."""
+    """Apply every patch that fits this machine (on CUDA: `flash_varlen`); whether flash varlen attention is on.
+    (`grouped_decode_attention` is not applied yet: `perf.decode_speed` measures it first, BENCHMARKS.md.)"""
     import torch
 
-    grouped_decode_attention()
     if not (torch.cuda.is_available() and flash_varlen()):
         return False
     log.info("padding-free attention: one flash varlen call per layer (torch %s)", torch.__version__)
@@ -31,19 +30,25 @@ def grouped_decode_attention() -> None:
     """Give unsloth's decode step (one new token per prompt of a left-padded batch, `generate`) an attention that
     reads each cached key and value once, not once per query head of its group.
 
-    unsloth calls SDPA there with the batch's padding mask and `enable_gqa=True`; torch's flash kernel takes no mask and
-    its memory-efficient kernel no grouped heads, so torch falls back to its math kernel, which repeats every K/V head
-    for the query heads that share it and computes in float32: at 130 prompts of ~1,000 tokens that step took over
-    270 ms on an H200 for the 8B shape (BENCHMARKS.md, session 14). The query heads of one K/V head are handed to
-    the kernel as that head's queries instead, `(batch, kv_heads, group, dim)` against `(batch, kv_heads, length,
-    dim)`, so the memory-efficient kernel takes it, mask and all; the same attention, head for head. Calls that
-    are not such a decode step pass through unchanged. A no-op where unsloth no longer has the name it calls.
+    unsloth calls SDPA there with the batch's padding mask and `enable_gqa=True`; torch's flash kernel takes no mask
+    and its memory-efficient kernel no grouped heads, so torch falls back to its math kernel, which repeats every K/V
+    head for the query heads that share it and computes in float32: a step of the 8B shape took 67, 122 and 227 ms
+    at 32, 64 and 128 prompts of up to 1,024 tokens on an H200 (BENCHMARKS.md, session 15). The query heads of one
+    K/V head are handed to the kernel as that head's queries instead, `(batch, kv_heads, group, dim)` against
+    `(batch, kv_heads, length, dim)`: the same attention, head for head, which the memory-efficient kernel takes,
+    mask and all. cuDNN is kept out of the choice, as unsloth keeps it out of its own decode calls: it builds a
+    plan per key length, that is per generated token (a first try without this took ~75 ms a step whatever the
+    batch). Calls that are not such a decode step pass through unchanged. A no-op where unsloth no longer has the
+    name it calls.
     """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from unsloth.models import llama
 
     unsloth_sdpa = getattr(llama, "scaled_dot_product_attention", None)
     if unsloth_sdpa is None or getattr(unsloth_sdpa, "grouped_decode", False):
         return
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
     def scaled_dot_product_attention(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
         batch, heads, length, dim = query.shape
@@ -54,7 +59,9 @@ def grouped_decode_attention() -> None:
             raise ValueError("a decode step attends to every cached token: is_causal must be False")
         grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # query head h uses K/V head h // group
         rest = {name: given for name, given in kwargs.items() if name not in ("enable_gqa", "is_causal")}
-        return unsloth_sdpa(grouped, key, value, **rest).reshape(batch, heads, 1, dim)
+        with sdpa_kernel(backends):
+            out = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, **rest)
+        return out.reshape(batch, heads, 1, dim)
 
     scaled_dot_product_attention.grouped_decode = True  # type: ignore[attr-defined]
     llama.scaled_dot_product_attention = scaled_dot_product_attention
