@@ -208,8 +208,8 @@ def test_mlflow_holds_the_finished_run_with_params_curve_metrics_and_adapter(rep
 def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo: Path, first_repro: str) -> None:
     from finetune.data.files import file_hash
 
-    client = mlflow.MlflowClient()
     (run_,) = runs(repo)[:1]
+    client = mlflow.MlflowClient()  # of the store that runs() chose
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     tokenized = {out["path"]: out["md5"] for out in lock["tokenize"]["outs"]}["data/tokenized"]
     assert run_.data.tags["dvc_lock.data/tokenized"] == tokenized
