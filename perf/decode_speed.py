@@ -24,12 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.params import load
-from perf.shapes import child_environment, described, ensure
-
-
-def numbers(text: str) -> list[int]:
-    """`"32,64"` -> `[32, 64]`."""
-    return [int(number) for number in text.split(",")]
+from perf.shapes import child_environment, described, ensure, integers, passed_on
 
 
 def timed_generate(model: Any, tokenizer: Any, prompts: Any, new_tokens: int) -> tuple[float, Any]:
@@ -112,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file, as the stages read")
     parser.add_argument("--shape", default="llama-8b")
-    parser.add_argument("--batches", type=numbers, default=[32, 64, 128], help="prompts a batch, comma-separated")
-    parser.add_argument("--lengths", type=numbers, default=[1024], help="prompt tokens, comma-separated")
+    parser.add_argument("--batches", type=integers, default=[32, 64, 128], help="prompts a batch, comma-separated")
+    parser.add_argument("--lengths", type=integers, default=[1024], help="prompt tokens, comma-separated")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated a prompt in the timed run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/decode-bench"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -131,15 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env = child_environment(root, work)
     ensure(args.shape, model_dir, root, env)
-    passed = [
-        *(argv if argv is not None else sys.argv[1:]),
-        "--params",
-        str(args.params.resolve()),
-        "--work",
-        str(work),
-    ]
     print(f"{args.shape}, {args.new_tokens} new tokens a prompt, settings of {args.params}", flush=True)
-    command = [sys.executable, "-m", "perf.decode_speed", *passed, "--child"]
+    command = [sys.executable, "-m", "perf.decode_speed", *passed_on(argv, args.params, work), "--child"]
     return subprocess.run(command, check=False, env=env, cwd=root).returncode
 
 

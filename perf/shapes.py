@@ -127,3 +127,14 @@ def child_environment(root: Path, work: Path) -> dict[str, str]:
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     return inherited | {"PYTHONPATH": path, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+
+
+def integers(text: str) -> list[int]:
+    """A speed script's flag of comma-separated numbers (`--processes`, `--batches`): `"1,2"` -> `[1, 2]`."""
+    return [int(number) for number in text.split(",")]
+
+
+def passed_on(argv: list[str] | None, params: Path, work: Path) -> list[str]:
+    """A speed script's own arguments for the children it starts, with the settings file and the work folder as
+    absolute paths: the children read the same, wherever they start."""
+    return [*(argv if argv is not None else sys.argv[1:]), "--params", str(params.resolve()), "--work", str(work)]

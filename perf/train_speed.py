@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.training.distributed import launcher
-from perf.shapes import child_environment, ensure
+from perf.shapes import child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
 from perf.train_table import combined, header, median_run, table
@@ -137,11 +137,6 @@ def matmul_parameters(model_dir: Path) -> float:
     return shape.linear_parameters + shape.hidden * shape.vocab
 
 
-def counts(text: str) -> list[int]:
-    """`--processes`: `"1,2"` -> `[1, 2]`."""
-    return [int(count) for count in text.split(",")]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file, as the stages read")
@@ -159,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "GPU waits",
     )
     parser.add_argument(
-        "--processes", type=counts, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
+        "--processes", type=integers, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each setup; the table gives the median")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -193,14 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # LoRA: forward (2 per parameter) and the backward's input gradients (2); frozen weights get no gradient
     flops_per_token = 4 * matmul_parameters(model_dir)
-    # the children read the same settings file and work folder, wherever they start
-    passed = [
-        *(argv if argv is not None else sys.argv[1:]),
-        "--params",
-        str(args.params.resolve()),
-        "--work",
-        str(work),
-    ]
+    passed = passed_on(argv, args.params, work)
     rows, failed = [], []
     for setup in args.setups.split(","):
         run, settings = SETUPS[setup]
