@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,8 +75,14 @@ def measure(args: argparse.Namespace, model_dir: Path) -> list[str]:
     model, tokenizer = load_base(config)
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(load(LoraConfig, args.params, "lora")))
     model.eval()
-    print(f"settings: 4-bit {config.load_in_4bit}, dtype {config.dtype}, {described(model_dir)}", flush=True)
-    unsloth_attention = llama.scaled_dot_product_attention
+    graphs = os.environ.get("UNSLOTH_DECODE_CUDA_GRAPHS", "unset")  # unsloth's CUDA-graph replay of the step
+    print(
+        f"settings: 4-bit {config.load_in_4bit}, dtype {config.dtype}, UNSLOTH_DECODE_CUDA_GRAPHS {graphs}, "
+        f"{described(model_dir)}",
+        flush=True,
+    )
+    attention = llama.scaled_dot_product_attention
+    unsloth_attention = getattr(attention, "unsloth_attention", attention)
     generator = torch.Generator().manual_seed(0)
     lines = [
         "| batch | prompt tokens, up to | ms a step, unsloth | ms a step, grouped | speed-up | same tokens "

@@ -187,7 +187,8 @@ def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as
             out = model.generate(**prompts, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         return out[:, prompts["input_ids"].shape[1] :].tolist()
 
-    unsloth_attention = llama.scaled_dot_product_attention
+    attention = llama.scaled_dot_product_attention  # patched already if an earlier test applied the speed patches
+    llama.scaled_dot_product_attention = getattr(attention, "unsloth_attention", attention)
     try:
         expected = answers()
         grouped_decode_attention()
@@ -196,4 +197,42 @@ def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as
         assert answers() == expected
         assert len(calls) >= 7 * model.config.num_hidden_layers  # every decode step of every layer
     finally:
-        llama.scaled_dot_product_attention = unsloth_attention
+        llama.scaled_dot_product_attention = attention
+
+
+def test_the_grouped_decode_attention_in_bf16_is_as_exact_as_unsloths() -> None:
+    """At the 8B's head layout in bf16 (32 query heads over 8 K/V heads, 1,024 cached tokens, left padding), the
+    patch is as close to the exact attention (float64) as unsloth's own call, whose math kernel computes in float32:
+    the kernels differ by rounding, not by what they attend to."""
+    from unsloth.models import llama
+
+    from finetune.model.patches import grouped_decode_attention
+
+    attention = llama.scaled_dot_product_attention
+    unsloth_attention = getattr(attention, "unsloth_attention", attention)
+    llama.scaled_dot_product_attention = unsloth_attention
+    try:
+        grouped_decode_attention()
+        patched = llama.scaled_dot_product_attention
+    finally:
+        llama.scaled_dot_product_attention = attention
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    batch, heads, kv_heads, length, dim = 16, 32, 8, 1024, 128
+    query, key, value = (
+        torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+        for shape in ((batch, heads, 1, dim), (batch, kv_heads, length, dim), (batch, kv_heads, length, dim))
+    )
+    starts = torch.randint(0, length // 2, (batch,), generator=generator, device="cuda")
+    mask = (torch.arange(length, device="cuda")[None, :] >= starts[:, None])[:, None, None, :]
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        query.double(), key.double(), value.double(), attn_mask=mask, enable_gqa=True
+    )
+    errors = {
+        name: (function(query, key, value, attn_mask=mask, is_causal=False, enable_gqa=True).double() - exact)
+        .abs()
+        .max()
+        .item()
+        for name, function in (("unsloth", unsloth_attention), ("grouped", patched))
+    }
+    print(f"largest difference from float64: {errors}")
+    assert errors["grouped"] <= 2 * errors["unsloth"] + 1e-3

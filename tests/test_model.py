@@ -91,11 +91,13 @@ def test_the_grouped_decode_attention_is_unsloths_head_for_head_and_leaves_other
 
     from finetune.model.patches import grouped_decode_attention
 
-    unsloth_attention = llama.scaled_dot_product_attention
+    attention = llama.scaled_dot_product_attention
+    unsloth_attention = getattr(attention, "unsloth_attention", attention)
+    llama.scaled_dot_product_attention = unsloth_attention
     grouped_decode_attention()
     patched = llama.scaled_dot_product_attention
     try:
-        assert patched is not unsloth_attention
+        assert patched is not unsloth_attention and patched.unsloth_attention is unsloth_attention
         grouped_decode_attention()
         assert llama.scaled_dot_product_attention is patched  # applied once
         torch.manual_seed(0)
@@ -119,4 +121,4 @@ def test_the_grouped_decode_attention_is_unsloths_head_for_head_and_leaves_other
         with pytest.raises(ValueError, match="is_causal must be False"):
             patched(query, key, value, is_causal=True, enable_gqa=True)
     finally:
-        llama.scaled_dot_product_attention = unsloth_attention
+        llama.scaled_dot_product_attention = attention
