@@ -98,6 +98,22 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
     return LlamaForCausalLM(config).to(torch.bfloat16)
 
 
+def write(
+    corpus: Path, output: Path, vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2, seed: int = 0
+) -> str:
+    """Build the tokenizer on `corpus`' texts and the model, and save both to `output`; what was written, in words.
+    The command and the tests' tiny model (`tests/conftest.py`) both come from here."""
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = [row[column] for row in rows for column in ("system", "user", "assistant")]
+    tokenizer = train_tokenizer(texts, vocab_size)
+    model = build_model(tokenizer, hidden_size, layers, seed)
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)
+    model.generation_config.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return f"wrote a {model.num_parameters():,}-parameter model and a {len(tokenizer)}-token tokenizer to {output}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("corpus", type=Path, help="JSONL rows with system/user/assistant text to train the BPE on")
@@ -107,16 +123,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    rows = [json.loads(line) for line in args.corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = [row[column] for row in rows for column in ("system", "user", "assistant")]
-    tokenizer = train_tokenizer(texts, args.vocab_size)
-    model = build_model(tokenizer, args.hidden_size, args.layers, args.seed)
-    args.output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.output)
-    model.generation_config.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"wrote a {model.num_parameters():,}-parameter model and a {len(tokenizer)}-token tokenizer to {args.output}")
+    print(write(args.corpus, args.output, args.vocab_size, args.hidden_size, args.layers, args.seed))
 
 
 if __name__ == "__main__":

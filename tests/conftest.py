@@ -48,14 +48,16 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
-# The modules that take minutes, the longest first. `make test` hands whole modules to its workers in collection order
-# (pytest-xdist's --dist loadfile --no-loadscope-reorder): these first, then the many short ones, which fill in around
-# them; in name order two long ones could end up one after the other on one worker while the others sit idle.
+# The modules that take minutes, in the order `make test` hands them to its workers (pytest-xdist's --dist loadfile
+# --no-loadscope-reorder, collection order). Each worker starts with two modules, the first worker the 1st and 3rd,
+# the second the 2nd and 4th; the rest go to whichever finishes first, the many short ones filling in at the end.
+# test_pipeline builds the project with its data stages run (`data_stages_run`), which test_sweeps and test_team
+# copy: the second worker starts with test_perf, which needs none, rather than wait for it.
 LONGEST_FIRST = (
     "test_pipeline.py",
-    "test_team.py",
-    "test_sweeps.py",
     "test_perf.py",
+    "test_sweeps.py",
+    "test_team.py",
     "test_distributed.py",
     "test_train.py",
 )
@@ -108,15 +110,12 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, sample_rows: li
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict[str, str]]) -> Path:
-    """The demo's tiny model and its tokenizer, built once per test session as `python -m demo.tiny_model` does."""
-    from demo.tiny_model import build_model, train_tokenizer
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's tiny model and its tokenizer, built once per test session by `python -m demo.tiny_model`'s code."""
+    from demo.tiny_model import write
 
     out = tmp_path_factory.mktemp("tiny-deepseek")
-    texts = [row[column] for row in sample_rows for column in ("system", "user", "assistant")]
-    tokenizer = train_tokenizer(texts, vocab_size=1024)
-    build_model(tokenizer, hidden_size=64, num_layers=2, seed=0).save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    write(SAMPLE, out)
     return out
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -90,34 +92,67 @@ def runs(repo: Path) -> list[mlflow.entities.Run]:
     )
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, root: Path) -> Path:
-    """A fresh git repo holding the project's files, with the demo's settings in params.yaml."""
-    repo = tmp_path_factory.mktemp("project")
+def demo_project(folder: Path, root: Path, tiny_model_dir: Path) -> None:
+    """Make `folder` a fresh git repo holding the project's files, with the demo's settings in params.yaml and the
+    demo's tiny model (the session's: `python -m demo.tiny_model`'s code, `demo.tiny_model.write`)."""
     files = run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], root).split()
     for name in files:
         if (root / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            (repo / name).write_bytes((root / name).read_bytes())
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes((root / name).read_bytes())
     params = apply_overrides(
-        yaml.safe_load((repo / "params.yaml").read_text()), yaml.safe_load((repo / "demo/params.yaml").read_text())
+        yaml.safe_load((folder / "params.yaml").read_text()),
+        yaml.safe_load((folder / "demo/params.yaml").read_text()),
     )
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(
-        [sys.executable, "-m", "demo.tiny_model", "data/sample/finance_instruct_sample.jsonl", "models/tiny-deepseek"],
-        repo,
-    )
-    run(["git", "init", "-q"], repo)
-    run(["git", "config", "user.name", "Test"], repo)
-    run(["git", "config", "user.email", "test@example.com"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "project with the demo settings"], repo)
-    return repo
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(tiny_model_dir, folder / "models/tiny-deepseek")
+    run(["git", "init", "-q"], folder)
+    run(["git", "config", "user.name", "Test"], folder)
+    run(["git", "config", "user.email", "test@example.com"], folder)
+    run(["git", "add", "-A"], folder)
+    run(["git", "commit", "-qm", "project with the demo settings"], folder)
 
 
 # the first repro's Python hash seed; the hash-seed test trains again under another (the two order {q,k,v,o}_proj
 # differently, so that a set written in its iteration order would come out in another order)
 HASH_SEEDS = ("1", "2")
+
+
+@pytest.fixture(scope="session")
+def data_stages_run(tmp_path_factory: pytest.TempPathFactory, root: Path, tiny_model_dir: Path) -> tuple[Path, str]:
+    """The demo project after `dvc repro tokenize benchmarks` (the data stages and the benchmarks stage), committed
+    with its dvc.lock and DVC's cache, and what that command printed. Built once per test session, by whichever
+    pytest-xdist worker asks first while the others wait on a lock; each module's `repo` is a copy of it, so that the
+    end-to-end modules (here, test_team, test_sweeps) run the data stages once between them."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base  # the session's, common to its workers
+    folder, printed = shared / "data-stages-run", shared / "data-stages-run.out"
+    with (shared / "data-stages-run.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not printed.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a build that failed half-way
+            folder.mkdir()
+            demo_project(folder, root, tiny_model_dir)
+            output = dvc("repro", "tokenize", "benchmarks", cwd=folder, env={"PYTHONHASHSEED": HASH_SEEDS[0]})
+            run(["git", "add", "-A"], folder)
+            run(["git", "commit", "-qm", "the data stages and the benchmark items"], folder)
+            printed.write_text(output, encoding="utf-8")
+    return folder, printed.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, data_stages_run: tuple[Path, str]) -> Path:
+    """The module's own copy of the demo project with its data stages run and committed (DVC's temporary files left
+    behind: a lock or state of the copied folder's path)."""
+    repo = tmp_path_factory.mktemp("project")
+
+    def dvc_tmp(folder: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(folder).name == ".dvc" else []
+
+    shutil.copytree(data_stages_run[0], repo, symlinks=True, dirs_exist_ok=True, ignore=dvc_tmp)
+    return repo
+
+
 TIMED = {"metrics/train.json", "metrics/train_loss.csv", "metrics/eval_loss.csv"}  # train's outputs with wall times
 
 
@@ -139,8 +174,13 @@ FIRST_TRAINED: dict[str, str] = {}  # train's output hashes after the first repr
 FIRST_ADAPTER: dict[str, Any] = {}  # its adapter's weights: the uninterrupted training the resumed one is held to
 
 
-def test_repro_runs_every_stage_and_writes_its_outputs(repo: Path, first_repro: str) -> None:
-    assert ran_stages(first_repro) == {
+def test_repro_runs_every_stage_and_writes_its_outputs(
+    repo: Path, data_stages_run: tuple[Path, str], first_repro: str
+) -> None:
+    # the data stages and benchmarks (`dvc repro tokenize benchmarks`, shared by the modules), then the rest
+    assert ran_stages(data_stages_run[1]) == {"fetch", "to_sharegpt", "standardize", "tokenize", "benchmarks"}
+    assert ran_stages(first_repro) == {"train", "evaluate"}
+    assert ran_stages(data_stages_run[1]) | ran_stages(first_repro) == {
         "fetch",
         "to_sharegpt",
         "standardize",

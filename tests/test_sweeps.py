@@ -24,7 +24,7 @@ import mlflow
 import psutil
 import pytest
 import yaml
-from test_pipeline import clean_env, dvc, repo, run, runs  # noqa: F401  (repo: the fixture, reused)
+from test_pipeline import clean_env, data_stages_run, dvc, repo, run, runs  # noqa: F401  (the fixtures, reused)
 
 from demo.run import TINY_MODEL
 from finetune.training.leases import running_workers

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_pipeline import clean_env, dvc, ran_stages, repo, run  # noqa: F401  (repo: the fixture, reused)
+from test_pipeline import clean_env, data_stages_run, dvc, ran_stages, repo, run  # noqa: F401  (the fixtures, reused)
 
 from demo.run import apply_overrides
 from finetune.data.files import file_hash

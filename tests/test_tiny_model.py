@@ -53,3 +53,20 @@ def test_architecture_is_a_gqa_llama(tiny_model_dir: Path) -> None:
     config = AutoConfig.from_pretrained(tiny_model_dir)
     assert config.model_type == "llama"
     assert config.num_attention_heads // config.num_key_value_heads == 4  # as in the 8B distill (32 / 8)
+
+
+@pytest.mark.slow  # builds the model
+def test_the_command_writes_the_tests_model_byte_for_byte(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python -m demo.tiny_model` (run here as its `main`) writes the folder the end-to-end tests copy instead of
+    running it: the same files, the same bytes."""
+    from demo.tiny_model import main
+
+    sample = Path(__file__).resolve().parents[1] / "data/sample/finance_instruct_sample.jsonl"
+    monkeypatch.setattr("sys.argv", ["demo.tiny_model", str(sample), str(tmp_path / "tiny")])
+    main()
+    assert "-parameter model and a 1" in capsys.readouterr().out
+    written = {path.name: path.read_bytes() for path in (tmp_path / "tiny").iterdir()}
+    assert written == {path.name: path.read_bytes() for path in tiny_model_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= set(written)
