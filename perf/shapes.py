@@ -30,7 +30,7 @@ SHAPES = {
         "rope_theta": 500000.0,
         "tie_word_embeddings": False,
     },
-    # DeepSeek-R1-Distill-Llama-8B (Llama-3.1-8B)
+    # DeepSeek-R1-Distill-Llama-8B (Llama-3.1-8B), 8.03 B parameters
     "llama-8b": {
         "architecture": "llama",
         "hidden_size": 4096,
@@ -42,7 +42,7 @@ SHAPES = {
         "rope_theta": 500000.0,
         "tie_word_embeddings": False,
     },
-    # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2.5-Math-1.5B)
+    # DeepSeek-R1-Distill-Qwen-1.5B (Qwen2.5-Math-1.5B), 1.78 B parameters
     "qwen-1.5b": {
         "architecture": "qwen2",
         "hidden_size": 1536,
@@ -54,6 +54,55 @@ SHAPES = {
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
     },
+    # DeepSeek-R1-Distill-Qwen-7B (Qwen2.5-Math-7B), 7.62 B parameters
+    "qwen-7b": {
+        "architecture": "qwen2",
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+        "vocab_size": 152064,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+    },
+    # DeepSeek-R1-Distill-Qwen-14B (Qwen2.5-14B), 14.8 B parameters
+    "qwen-14b": {
+        "architecture": "qwen2",
+        "hidden_size": 5120,
+        "intermediate_size": 13824,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "vocab_size": 152064,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
+    # DeepSeek-R1-Distill-Qwen-32B (Qwen2.5-32B), 32.8 B parameters: 66 GB in bf16, over a lent H200 machine's disk
+    "qwen-32b": {
+        "architecture": "qwen2",
+        "hidden_size": 5120,
+        "intermediate_size": 27648,
+        "num_hidden_layers": 64,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "vocab_size": 152064,
+        "rope_theta": 1000000.0,
+        "tie_word_embeddings": False,
+    },
+    # DeepSeek-R1-Distill-Llama-70B (Llama-3.3-70B-Instruct), 70.6 B parameters: 141 GB in bf16, more than the
+    # 64 GB disk of a lent H200 machine; `parameters` counts it without building it
+    "llama-70b": {
+        "architecture": "llama",
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
 }
 SAMPLE = Path("data/sample/finance_instruct_sample.jsonl")  # the demo's sample, relative to the project root
 
@@ -61,22 +110,13 @@ SAMPLE = Path("data/sample/finance_instruct_sample.jsonl")  # the demo's sample,
 def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
     """Write a random-weight bf16 model of `shape` and the demo's tokenizer to `output` (on the GPU if there is one)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from demo.tiny_model import train_tokenizer
 
-    spec = dict(SHAPES[shape])
     rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenizer = train_tokenizer([row[c] for row in rows for c in ("system", "user", "assistant")], vocab_size=1024)
-    config = AutoConfig.for_model(
-        spec.pop("architecture"),
-        **spec,
-        max_position_embeddings=4096,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="bfloat16",
-    )
+    config = shape_config(shape, tokenizer)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
@@ -85,6 +125,24 @@ def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
     model.save_pretrained(output, max_shard_size="4GB")
     tokenizer.save_pretrained(output)
     print(f"{shape}: {described(output)}, {model.num_parameters():,} parameters -> {output}", flush=True)
+
+
+def shape_config(shape: str, tokenizer: Any = None) -> Any:
+    """The transformers config of `shape` (bf16, 4,096 positions), with `tokenizer`'s special token ids if given."""
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape])
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad") if tokenizer}
+    return AutoConfig.for_model(spec.pop("architecture"), **spec, **ids, max_position_embeddings=4096, dtype="bfloat16")
+
+
+def parameters(shape: str) -> int:
+    """The parameter count of `shape`, from a model built on the meta device: no memory, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(shape_config(shape)).num_parameters()
 
 
 def described(model_dir: Path) -> str:

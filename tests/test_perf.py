@@ -68,6 +68,24 @@ def test_shapes_writes_the_shape_it_names(tiny_shape: Path) -> None:
     assert described(tiny_shape) == "llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"
 
 
+def test_every_shape_has_its_distills_published_parameter_count() -> None:
+    """The shapes are the R1 distills' (their model cards' sizes: 1.78 B, 7.62 B, 8.03 B, 14.8 B, 32.8 B, 70.6 B),
+    counted on the meta device, so that a wrong width, depth or head count shows."""
+    from perf.shapes import SHAPES, parameters
+
+    published = {
+        "qwen-1.5b": 1.78e9,
+        "qwen-7b": 7.62e9,
+        "llama-8b": 8.03e9,
+        "qwen-14b": 14.8e9,
+        "qwen-32b": 32.8e9,
+        "llama-70b": 70.6e9,
+    }
+    assert set(SHAPES) == {"tiny", *published}
+    for shape, count in published.items():
+        assert parameters(shape) == pytest.approx(count, rel=0.005), shape
+
+
 def test_train_speed_prints_the_lora_and_length_it_trained_with(
     tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
