@@ -1,4 +1,5 @@
-"""End to end: the real `dvc repro` of the demo configuration in a fresh git repo, then `dvc exp run -S lora.r=8`."""
+"""End to end: the real `dvc repro` of the demo configuration in a fresh git repo (its data stages run once for the
+session's end-to-end modules, `data_stages_run`; the rest here), then `dvc exp run -S lora.r=8`."""
 
 from __future__ import annotations
 
