@@ -1,7 +1,8 @@
 """Benchmark: training throughput of the train stage's own code vs. plain transformers + peft + bitsandbytes.
 
     python -m perf.train_speed [--params params.yaml] [--shape llama-8b] [--steps 12] [--batch 4]
-        [--lengths mixed|fixed] [--setups project,project-auto,bare,plain] [--profile] [--processes 1,2] [--repeat 3]
+        [--lengths mixed|fixed] [--setups project,project-auto,bare,plain] [--loras params,all-r16] [--profile]
+        [--processes 1,2] [--repeat 3]
 
 On a random-weight model of a real shape (`perf.shapes`), with the settings of `--params` that the train stage reads
 (`model`: precision, dtype, `max_seq_length`; `lora`; `train`: learning rate, optimizer, schedule, packing, sampling;
@@ -24,6 +25,8 @@ setup runs once per count, data-parallel under torchrun as the train stage does 
 `finetune.training.distributed`; one GPU each, so skipped without enough): tokens/s summed over them, MFU per GPU,
 the largest peak, the speed-up over one process, and how far each step's loss is from the one-process run's (same
 batches, same order). `--repeat N` runs every setup N times, each in fresh processes, and reports the median run.
+`--loras params,all-r16` runs every setup with each LoRA of `LORAS` (`params`: `--params`' own; `all-r16`: every
+linear projection at r 16), a row each, labelled with its name (the header: the LoRA each row's model carried).
 The table's header shows the settings the runs report: the shape, `max_seq_length`, the LoRA the model carried.
 Exits 1 when a setup failed.
 """
@@ -127,6 +130,13 @@ SETUPS = {  # name: (code path, settings over --params')
 }
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORAS = {  # name: `lora.*` over --params' (each row's header entry says what the model carried)
+    "params": {},  # --params' own: the seed's r 4 on q/k/v/o in params.yaml
+    "all-r16": {"r": 16, "target_modules": ALL_LINEAR},  # every linear projection at r 16: TRL's LoRA guidance
+}
+
+
 def matmul_parameters(model_dir: Path) -> float:
     """Parameters that every token multiplies through (all linear layers and the output layer)."""
     from types import SimpleNamespace
@@ -157,11 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", type=integers, default=[1], help="project setups: data-parallel, one per GPU; 1,2 runs both"
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each setup; the table gives the median")
+    parser.add_argument("--loras", default="params", help=f"comma-separated, of {', '.join(LORAS)}: every setup each")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-lora", default="params", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = [setup for setup in args.setups.split(",") if setup not in SETUPS]
-    if unknown:
-        parser.error(f"--setups: unknown {', '.join(unknown)}; known: {', '.join(SETUPS)}")
+    for flag, value, known in (("--setups", args.setups, SETUPS), ("--loras", args.loras, LORAS)):
+        unknown = [name for name in value.split(",") if name not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)}; known: {', '.join(known)}")
     if not 1 <= args.warmup < args.steps:
         parser.error(f"--warmup must be >= 1 and below --steps ({args.steps}), got {args.warmup}")
     if args.profile and args.steps < PROFILED_STEPS[1]:
@@ -173,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         run, settings = SETUPS[args.child]
         data = conversations(args.lengths, args.batch * args.steps)
         loaded = configs(args.params, model_dir, args.batch, args.steps)
+        loaded = dataclasses.replace(loaded, lora=dataclasses.replace(loaded.lora, **LORAS[args.child_lora]))
         result = run(loaded, data, settings | {"profile": args.profile}, work)
         summary = result.pop("clock").summary(args.warmup)
         rank = os.environ.get("RANK", "0")
-        (work / f"{args.child}.rank{rank}.json").write_text(json.dumps(result | summary))
+        (work / f"{args.child}.{args.child_lora}.rank{rank}.json").write_text(json.dumps(result | summary))
         return 0
 
     import torch
@@ -190,31 +204,33 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = 4 * matmul_parameters(model_dir)
     passed = passed_on(argv, args.params, work)
     rows, failed = [], []
-    for setup in args.setups.split(","):
+    for setup, lora in ((setup, lora) for lora in args.loras.split(",") for setup in args.setups.split(",")):
         run, settings = SETUPS[setup]
+        label = setup if lora == "params" else f"{setup} ({lora})"
         if settings.get("cuda") and not gpus:
-            print(f"{setup}: skipped, it needs a CUDA GPU (bitsandbytes NF4 on cuda:0) and this machine has none")
+            print(f"{label}: skipped, it needs a CUDA GPU (bitsandbytes NF4 on cuda:0) and this machine has none")
             continue
         for count in args.processes if run is run_project else [1]:  # the baselines run on one GPU
             if count > max(gpus, 1):
-                print(f"{setup} on {count} processes: skipped, it needs {count} GPUs and this machine has {gpus}")
+                print(f"{label} on {count} processes: skipped, it needs {count} GPUs and this machine has {gpus}")
                 continue
-            arguments = [*passed, "--child", setup]
+            arguments = [*passed, "--child", setup, "--child-lora", lora]
             command = [sys.executable, "-m", "perf.train_speed", *arguments]
             if count > 1:  # as the train stage starts itself: torchrun, one process per GPU
                 command = launcher(count, "perf.train_speed", arguments, {})
             runs = []
             for _ in range(args.repeat):
-                for stale in work.glob(f"{setup}.rank*.json"):
+                results = f"{setup}.{lora}.rank*.json"
+                for stale in work.glob(results):
                     stale.unlink()
                 environ = env | settings.get("environ", {})  # read as the child's torch starts
                 if subprocess.run(command, check=False, env=environ, cwd=root).returncode != 0:
-                    print(f"{setup} on {count} processes failed: see its output above", flush=True)
-                    failed.append(f"{setup} on {count}")
+                    print(f"{label} on {count} processes failed: see its output above", flush=True)
+                    failed.append(f"{label} on {count}")
                     break
-                runs.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(f"{setup}.rank*.json"))]))
+                runs.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(results))]))
             if runs:
-                rows.append((setup, count, median_run(runs)))
+                rows.append((label, count, median_run(runs)))
     if rows:
         print(f"\n{header(args.shape, model_dir, rows, args)}\n")
         print("\n".join(table(rows, args, flops_per_token)))

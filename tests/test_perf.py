@@ -112,11 +112,28 @@ def test_train_speed_prints_the_lora_and_length_it_trained_with(
     assert "LoRA r 4" not in out
 
 
-def test_train_speed_refuses_an_unknown_setup_and_a_profile_too_short() -> None:
+def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
+    tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from perf.train_speed import main
+
+    params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
+    arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
+    status = main([*arguments, "--setups", "project", "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
+    out, err = capfd.readouterr()
+    assert status == 0, out[-3000:] + err[-5000:]
+    # r and targets from all-r16, alpha and dropout from the settings file
+    assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
+    assert "| project (all-r16) | 1 | " in out and "LoRA r 8" not in out
+
+
+def test_train_speed_refuses_an_unknown_setup_or_lora_and_a_profile_too_short() -> None:
     from perf.train_speed import main
 
     with pytest.raises(SystemExit):
         main(["--setups", "project,fast"])
+    with pytest.raises(SystemExit):
+        main(["--loras", "params,all-r64"])
     with pytest.raises(SystemExit):
         main(["--setups", "project", "--profile", "--steps", "6"])
 
