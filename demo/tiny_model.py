@@ -98,14 +98,19 @@ def build_model(tokenizer, hidden_size: int, num_layers: int, seed: int):
     return LlamaForCausalLM(config).to(torch.bfloat16)
 
 
+def corpus_tokenizer(corpus: Path, vocab_size: int = 1024):
+    """The demo's tokenizer trained on the system, user and assistant texts of `corpus` (JSON lines): the one of the
+    tiny model, the tests and the speed scripts' shapes."""
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return train_tokenizer([row[column] for row in rows for column in ("system", "user", "assistant")], vocab_size)
+
+
 def write(
     corpus: Path, output: Path, vocab_size: int = 1024, hidden_size: int = 64, layers: int = 2, seed: int = 0
 ) -> str:
     """Build the tokenizer on `corpus`' texts and the model, and save both to `output`; what was written, in words.
     The command and the tests' tiny model (`tests/conftest.py`) both come from here."""
-    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    texts = [row[column] for row in rows for column in ("system", "user", "assistant")]
-    tokenizer = train_tokenizer(texts, vocab_size)
+    tokenizer = corpus_tokenizer(corpus, vocab_size)
     model = build_model(tokenizer, hidden_size, layers, seed)
     output.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output)

@@ -67,7 +67,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> list[str]:
 
     from finetune.model import fit
     from finetune.model.load import ModelConfig, load_base
-    from finetune.model.patches import grouped_decode_attention
+    from finetune.model.patches import grouped_decode_attention, unsloth_decode_attention
     from finetune.training.config import LoraConfig
 
     config = dataclasses.replace(load(ModelConfig, args.params, "model"), model_name=str(model_dir), revision=None)
@@ -81,8 +81,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> list[str]:
         f"{described(model_dir)}",
         flush=True,
     )
-    attention = llama.scaled_dot_product_attention
-    unsloth_attention = getattr(attention, "unsloth_attention", attention)
+    unsloth_attention = unsloth_decode_attention()
     generator = torch.Generator().manual_seed(0)
     lines = [
         "| batch | prompt tokens, up to | ms a step, unsloth | ms a step, grouped | speed-up | same tokens "

@@ -112,10 +112,9 @@ def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from demo.tiny_model import train_tokenizer
+    from demo.tiny_model import corpus_tokenizer
 
-    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    tokenizer = train_tokenizer([row[c] for row in rows for c in ("system", "user", "assistant")], vocab_size=1024)
+    tokenizer = corpus_tokenizer(corpus)
     config = shape_config(shape, tokenizer)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

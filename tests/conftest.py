@@ -98,14 +98,13 @@ def sample_rows() -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, sample_rows: list[dict[str, str]]) -> Path:
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's tokenizer (DeepSeek's special tokens and chat template), trained once per test session the way
     `python -m demo.tiny_model` trains it."""
-    from demo.tiny_model import train_tokenizer
+    from demo.tiny_model import corpus_tokenizer
 
     out = tmp_path_factory.mktemp("tiny-tokenizer")
-    texts = [row[column] for row in sample_rows for column in ("system", "user", "assistant")]
-    train_tokenizer(texts, vocab_size=1024).save_pretrained(out)
+    corpus_tokenizer(SAMPLE).save_pretrained(out)
     return out
 
 

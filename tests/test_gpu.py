@@ -173,7 +173,7 @@ def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as
     from peft import get_peft_model
     from unsloth.models import llama
 
-    from finetune.model.patches import grouped_decode_attention
+    from finetune.model.patches import grouped_decode_attention, unsloth_decode_attention
 
     config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype="float32")
     model, tokenizer = load_base(config)
@@ -188,7 +188,7 @@ def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as
         return out[:, prompts["input_ids"].shape[1] :].tolist()
 
     attention = llama.scaled_dot_product_attention  # patched already if an earlier test applied the speed patches
-    llama.scaled_dot_product_attention = getattr(attention, "unsloth_attention", attention)
+    llama.scaled_dot_product_attention = unsloth_decode_attention()
     try:
         expected = answers()
         grouped_decode_attention()
@@ -206,10 +206,9 @@ def test_the_grouped_decode_attention_in_bf16_is_as_exact_as_unsloths() -> None:
     the kernels differ by rounding, not by what they attend to."""
     from unsloth.models import llama
 
-    from finetune.model.patches import grouped_decode_attention
+    from finetune.model.patches import grouped_decode_attention, unsloth_decode_attention
 
-    attention = llama.scaled_dot_product_attention
-    unsloth_attention = getattr(attention, "unsloth_attention", attention)
+    attention, unsloth_attention = llama.scaled_dot_product_attention, unsloth_decode_attention()
     llama.scaled_dot_product_attention = unsloth_attention
     try:
         grouped_decode_attention()

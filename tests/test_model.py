@@ -89,10 +89,9 @@ def test_the_grouped_decode_attention_is_unsloths_head_for_head_and_leaves_other
     import unsloth  # noqa: F401
     from unsloth.models import llama
 
-    from finetune.model.patches import grouped_decode_attention
+    from finetune.model.patches import grouped_decode_attention, unsloth_decode_attention
 
-    attention = llama.scaled_dot_product_attention
-    unsloth_attention = getattr(attention, "unsloth_attention", attention)
+    attention, unsloth_attention = llama.scaled_dot_product_attention, unsloth_decode_attention()
     llama.scaled_dot_product_attention = unsloth_attention
     grouped_decode_attention()
     patched = llama.scaled_dot_product_attention

@@ -71,6 +71,15 @@ def grouped_decode_attention() -> None:
     llama.scaled_dot_product_attention = scaled_dot_product_attention
 
 
+def unsloth_decode_attention() -> Any:
+    """unsloth's own attention of its decode step, whether or not `grouped_decode_attention` has replaced it (to
+    compare the two, or to put unsloth's back)."""
+    from unsloth.models import llama
+
+    attention = getattr(llama, "scaled_dot_product_attention", None)
+    return getattr(attention, "unsloth_attention", attention)
+
+
 def flash_varlen() -> bool:
     """Whether unsloth runs the attention of a padding-free batch as one call of torch's flash varlen kernel per
     layer; where its own check refuses the installed torch, give it that kernel.
