@@ -20,7 +20,8 @@ case $action in
     [ $# -gt 0 ] || { echo "long.sh start $name: no command given" >&2; exit 2; }
     [ ! -e "$log" ] || { echo "long.sh start $name: it ran already here ($log)" >&2; exit 2; }
     printf -v command '%q ' "$@"
-    setsid bash -c "SECONDS=0; $command > '$log' 2>&1; rc=\$?; echo \"ended with \$rc after \$SECONDS s\" >> '$log'; \
+    : > "$log"  # here, not in the background: a `wait` right after finds it
+    setsid bash -c "SECONDS=0; $command >> '$log' 2>&1; rc=\$?; echo \"ended with \$rc after \$SECONDS s\" >> '$log'; \
 echo \$rc > '$status'" < /dev/null > /dev/null 2>&1 &
     echo "started $name (process group $!): $command"
     ;;
