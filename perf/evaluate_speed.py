@@ -109,6 +109,7 @@ def header(shape: str, work: Path, args: argparse.Namespace) -> str:
     import torch
 
     from finetune.model.load import ModelConfig
+    from finetune.model.patches import decode_graphs_wanted
 
     adapter = json.loads((work / "adapter" / "adapter_config.json").read_text(encoding="utf-8"))
     four_bit = json.loads((work / "adapter" / PRECISION_FILE).read_text(encoding="utf-8"))["load_in_4bit"]
@@ -123,7 +124,8 @@ def header(shape: str, work: Path, args: argparse.Namespace) -> str:
         f"max_rows {evaluate.max_rows}, batch_tokens {evaluate.batch_tokens}, {evaluate.num_samples} samples x "
         f"max_new_tokens {evaluate.max_new_tokens}, generate_batch_size {evaluate.generate_batch_size}, "
         f"benchmark_batch_tokens {evaluate.benchmark_batch_tokens}; benchmarks ngram {benchmarks.ngram}, "
-        f"max_new_tokens {benchmarks.max_new_tokens}; settings of {args.params}; {card}"
+        f"max_new_tokens {benchmarks.max_new_tokens}; decode steps as CUDA graphs: "
+        f"{'on' if decode_graphs_wanted() else 'off'}; settings of {args.params}; {card}"
     )
 
 

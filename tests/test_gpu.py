@@ -235,3 +235,45 @@ def test_the_grouped_decode_attention_in_bf16_is_as_exact_as_unsloths() -> None:
     }
     print(f"largest difference from float64: {errors}")
     assert errors["grouped"] <= 2 * errors["unsloth"] + 1e-3
+
+
+@pytest.mark.parametrize(("load_in_4bit", "dtype"), [(False, "float32"), (True, "bfloat16")])
+def test_evaluates_answers_replay_the_decode_step_as_cuda_graphs_and_are_the_eager_answers(
+    load_in_4bit: bool, dtype: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """evaluate's answers (`answers.generate`, the speed patches applied) replay unsloth's decode step as CUDA graphs,
+    base, tuned and base again (the adapter toggled between calls), and are the eager step's answers token for
+    token; the graphs and their buffers are freed when a call returns. `UNSLOTH_DECODE_CUDA_GRAPHS=0` keeps them off."""
+    import contextlib
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from finetune.evaluation.answers import generate
+    from finetune.model.patches import GRAPH_SWITCH, decode_graph_counts
+
+    apply_speed_patches()
+    model, tokenizer = load_base(ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=load_in_4bit, dtype=dtype))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    model.eval()
+    prompts = [[tokenizer.bos_token_id, *range(100, 100 + n)] for n in (5, 17, 30, 9)]
+
+    def answers() -> list[list[tuple[str, int, bool]]]:
+        out = []
+        for adapter in (False, True, False):
+            with contextlib.nullcontext() if adapter else model.disable_adapter():
+                out.append([(a.text, a.tokens, a.ended) for a in generate(model, tokenizer, prompts, 12, 4)])
+        return out
+
+    monkeypatch.setenv(GRAPH_SWITCH, "0")
+    eager = answers()
+    assert decode_graph_counts(model)["replays"] == 0
+    monkeypatch.delenv(GRAPH_SWITCH)
+    replayed = answers()
+    counts = decode_graph_counts(model)
+    print(f"{dtype}, 4-bit {load_in_4bit}: {counts}; answers {eager[1][:2]}")
+    assert counts["replays"] >= 3 * 5 and counts["captures"] >= 3  # a capture per call: freed after each
+    assert replayed == eager
+    assert eager[0] != eager[1] and eager[0] == eager[2]  # the adapter changes the answers, and toggles back
+    assert not any("_unsloth_graph_buffers" in module.__dict__ for module in model.modules())
