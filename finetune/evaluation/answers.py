@@ -33,7 +33,7 @@ def generate(
     """Greedy answers to prompts given as token ids, in the prompts' order, batched by length (longest first) and
     left-padded by the tokenizer: `batch_size` prompts a batch, or as many as hold at most `batch_tokens` tokens
     once padded to their longest and grown by `max_new_tokens` (what their keys and values take); one of the two.
-    On CUDA the decode steps replay as CUDA graphs (`decode_cuda_graphs`), freed when the last batch is done.
+    On CUDA the decode steps replay as CUDA graphs (`decode_cuda_graphs`), freed after each batch.
     """
     import torch
 
@@ -43,26 +43,26 @@ def generate(
     answers: list[Answer | None] = [None] * len(prompts)
     sizes = [len(ids) + max_new_tokens for ids in prompts]
     batches = list(by_tokens(sizes, batch_tokens) if batch_tokens else by_length(sizes, batch_size or 1))
-    with decode_cuda_graphs(model):
-        for number, batch in enumerate(batches, start=1):
-            padded = tokenizer.pad(
-                {"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt"
-            ).to(device)
-            width = padded["input_ids"].shape[1]
-            clock = time.perf_counter()
-            with torch.no_grad():
-                output = model.generate(
-                    **padded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            log.info(
-                "batch %d/%d: %d prompts of up to %d tokens, %d new tokens in %.1f s",
-                *(number, len(batches), len(batch), width, output.shape[1] - width, time.perf_counter() - clock),
+    for number, batch in enumerate(batches, start=1):
+        padded = tokenizer.pad({"input_ids": [prompts[i] for i in batch]}, padding_side="left", return_tensors="pt").to(
+            device
+        )
+        width = padded["input_ids"].shape[1]
+        clock = time.perf_counter()
+        with torch.no_grad(), decode_cuda_graphs(model):  # freed after each batch: the next is sized anew
+            output = model.generate(
+                **padded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
-            for i, new in zip(batch, output[:, width:].tolist(), strict=True):
-                ended = tokenizer.eos_token_id in new
-                kept = new[: new.index(tokenizer.eos_token_id) + 1] if ended else new
-                # special tokens are kept but EOS: </think> may be one, and split_think needs it
-                answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
+        peak = f", GPU peak so far {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        log.info(
+            "batch %d/%d: %d prompts of up to %d tokens, %d new tokens in %.1f s%s",
+            *(number, len(batches), len(batch), width, output.shape[1] - width, time.perf_counter() - clock, peak),
+        )
+        for i, new in zip(batch, output[:, width:].tolist(), strict=True):
+            ended = tokenizer.eos_token_id in new
+            kept = new[: new.index(tokenizer.eos_token_id) + 1] if ended else new
+            # special tokens are kept but EOS: </think> may be one, and split_think needs it
+            answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
     return [answer for answer in answers if answer is not None]
 
 

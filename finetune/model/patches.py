@@ -106,7 +106,9 @@ def decode_graph_counts(model: Any) -> dict[str, int]:
 @contextlib.contextmanager
 def decode_cuda_graphs(model: Any) -> Iterator[None]:
     """Inside, unsloth replays `model`'s one-token decode step (`generate`) as CUDA graphs where
-    `decode_graphs_wanted`; after, it frees the graphs and their decode buffers, and logs how many steps replayed.
+    `decode_graphs_wanted`; after, it frees the graphs and every decode buffer (the replay's, sized to prompt + new
+    tokens, and the eager first step's), and logs how many steps replayed. Kept, they stayed beside the next batch's:
+    FinQA's third batch on the 8B shape ran out of an H200's memory (BENCHMARKS.md, session 17).
 
     With the grouped decode attention the eager step is bound by its hundreds of kernel launches, not by the
     attention: replayed, a step of the 8B shape took 21.4 / 26.9 / 38.6 ms at 32 / 128 / 256 prompts of up to 1,024
@@ -130,7 +132,7 @@ def decode_cuda_graphs(model: Any) -> Iterator[None]:
         graphs.ENABLED = before
         ran = {name: count - counts[name] for name, count in decode_graph_counts(model).items()}
         reasons = {state.disabled for state in graphs._states(model) if state.disabled}
-        graphs.release(model)
+        graphs.release_for_training(model)  # release(), and the eager step's buffers too
         log.info(
             "decode steps as CUDA graphs: %d captured, %d replayed, %d eager%s",
             *(ran["captures"], ran["replays"], ran["eager_steps"]),
