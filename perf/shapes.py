@@ -17,7 +17,8 @@ a 4-bit model (`linear_4bit`), the embeddings, output layer and norms kept in bf
 it joins the shard being filled (safetensors files of up to `SHARD_BYTES`, `model.safetensors.index.json`). The
 values are another draw than the bf16 build's (the same scheme): the same speed, not the same weights. On disk the
 32B takes ~19 GB and the 70B ~40 GB, where bf16 would take 66 GB and 141 GB (a lent H200 machine has 64 GB); there
-`model.load_in_4bit: auto` picks 4-bit for both anyway (their bf16 weights are over 40 % of the card).
+`model.load_in_4bit: auto` picks 4-bit for both anyway (their bf16 weights are over 40 % of the card). A speed
+script refuses to load such a folder in 16 bits (`as_stored`).
 
 The tokenizer is the demo's (trained on the embedded sample, DeepSeek's special tokens and chat template); its
 ids are a subset of the model's vocabulary, which keeps the real size so that the output layer costs what it does.
@@ -27,13 +28,17 @@ Prints the shape as written to the folder's config.json, and the parameter count
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.model.load import ModelConfig
 
 SHAPES = {
     # a few hundred thousand parameters: for trying the speed scripts on the CPU (their smoke tests use it)
@@ -325,6 +330,21 @@ def prequantized(model_dir: Path) -> bool:
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     quantization = config.get("quantization_config") or {}
     return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
+
+
+def as_stored(config: ModelConfig) -> ModelConfig:
+    """A speed script's `model` settings on a shape's folder, as the folder can load: a pre-quantized 4-bit one
+    (`prequantized`) in 4-bit, `auto` included (there are no 16-bit weights to load, whatever the GPU); on one,
+    `load_in_4bit: false` is refused, naming the folder. Any other folder: `config` as it is."""
+    folder = Path(config.model_name)
+    if not (folder / "config.json").is_file() or not prequantized(folder):
+        return config
+    if config.load_in_4bit is False:
+        raise ValueError(
+            f"{folder} holds a pre-quantized 4-bit checkpoint (perf.shapes): model.load_in_4bit false would load "
+            "it in 16 bits, which it cannot: set model.load_in_4bit to true or auto"
+        )
+    return dataclasses.replace(config, load_in_4bit=True)
 
 
 def ensure(shape: str, model_dir: Path, root: Path, env: dict[str, str]) -> None:

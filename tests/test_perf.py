@@ -179,6 +179,27 @@ def test_a_4bit_shape_takes_half_a_byte_a_linear_weight_on_disk(tiny_4bit: Path)
     assert on_disk == pytest.approx(predicted, rel=0.05)
 
 
+def test_a_speed_script_refuses_a_16_bit_load_of_a_4bit_shape(
+    tmp_path: Path, tiny_shape: Path, tiny_4bit: Path
+) -> None:
+    """Before any setup runs: a setup of `load_in_4bit: false` on a pre-quantized folder names both. `auto` loads
+    it in 4-bit whatever the GPU; a bf16 folder keeps its `auto`."""
+    import dataclasses
+
+    from finetune.model.load import ModelConfig
+    from perf.shapes import as_stored
+    from perf.train_speed import main
+
+    work = work_with(tmp_path, tiny_4bit)
+    params = settings(tmp_path, model={"load_in_4bit": "auto"})
+    refused = rf"{work / 'tiny'} holds a pre-quantized 4-bit checkpoint .* model.load_in_4bit false"
+    with pytest.raises(ValueError, match=refused):
+        main(["--params", str(params), "--shape", "tiny", "--work", str(work), "--setups", "bare,project-16bit-nogc"])
+    config = ModelConfig(str(tiny_4bit), None, 256, load_in_4bit="auto", dtype=None)
+    assert as_stored(config).load_in_4bit is True
+    assert as_stored(dataclasses.replace(config, model_name=str(tiny_shape))).load_in_4bit == "auto"
+
+
 def test_train_speed_prints_the_lora_and_length_it_trained_with(
     tmp_path: Path, tiny_shape: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
