@@ -1,6 +1,24 @@
 """Random-weight models of the real distills' shapes: the same compute per token as the real models, no download.
 
-    python -m perf.shapes llama-8b /tmp/llama-8b     # DeepSeek-R1-Distill-Llama-8B's shape, bf16
+    python -m perf.shapes llama-8b /tmp/llama-8b               # DeepSeek-R1-Distill-Llama-8B's shape, bf16
+    python -m perf.shapes qwen-32b /tmp/qwen-32b               # pre-quantized 4-bit, as SHAPES stores it (disk)
+    python -m perf.shapes tiny /tmp/tiny-4bit --four-bit       # any shape pre-quantized 4-bit
+
+bf16: the whole model built by `from_config` (on the GPU if there is one) and written by `save_pretrained`.
+
+Pre-quantized 4-bit (a shape's `"stored": "4-bit"`, or `--four-bit`): a bitsandbytes checkpoint as Hugging Face and
+unsloth publish their `*-bnb-4bit` repos (`FOUR_BIT`: NF4, the scales quantized again, bf16 compute; config.json
+carries it as `quantization_config`), written a module at a time so that neither the bf16 model nor anything near
+it is ever in memory or on disk (`write_4bit`). The model is built on the meta device; each module with weights is
+made on the GPU (else the CPU), initialized by the model's own `_init_weights` (normal with std
+`initializer_range` for linear layers and embeddings, ones for norms, zero biases) from the seeded stream, its
+linear layers but the output layer quantized and serialized by bitsandbytes' own `Linear4bit` as transformers saves
+a 4-bit model (`linear_4bit`), the embeddings, output layer and norms kept in bf16; then its weights are freed and
+it joins the shard being filled (safetensors files of up to `SHARD_BYTES`, `model.safetensors.index.json`). The
+values are another draw than the bf16 build's (the same scheme): the same speed, not the same weights. On disk the
+32B takes ~19 GB and the 70B ~40 GB, where bf16 would take 66 GB and 141 GB (a lent H200 machine has 64 GB); there
+`model.load_in_4bit: auto` picks 4-bit for both anyway (their bf16 weights are over 40 % of the card). A speed
+script refuses to load such a folder in 16 bits (`as_stored`).
 
 The tokenizer is the demo's (trained on the embedded sample, DeepSeek's special tokens and chat template); its
 ids are a subset of the model's vocabulary, which keeps the real size so that the output layer costs what it does.
@@ -10,12 +28,17 @@ Prints the shape as written to the folder's config.json, and the parameter count
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from finetune.model.load import ModelConfig
 
 SHAPES = {
     # a few hundred thousand parameters: for trying the speed scripts on the CPU (their smoke tests use it)
@@ -79,7 +102,9 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
     # DeepSeek-R1-Distill-Qwen-32B (Qwen2.5-32B), 32.8 B parameters: 66 GB in bf16, over a lent H200 machine's disk
+    # (64 GB); stored pre-quantized, ~19 GB
     "qwen-32b": {
+        "stored": "4-bit",
         "architecture": "qwen2",
         "hidden_size": 5120,
         "intermediate_size": 27648,
@@ -91,8 +116,9 @@ SHAPES = {
         "tie_word_embeddings": False,
     },
     # DeepSeek-R1-Distill-Llama-70B (Llama-3.3-70B-Instruct), 70.6 B parameters: 141 GB in bf16, more than the
-    # 64 GB disk of a lent H200 machine; `parameters` counts it without building it
+    # 64 GB disk of a lent H200 machine (and its 128 GB of memory); stored pre-quantized, ~40 GB
     "llama-70b": {
+        "stored": "4-bit",
         "architecture": "llama",
         "hidden_size": 8192,
         "intermediate_size": 28672,
@@ -107,30 +133,168 @@ SHAPES = {
 SAMPLE = Path("data/sample/finance_instruct_sample.jsonl")  # the demo's sample, relative to the project root
 
 
-def build(shape: str, output: Path, corpus: Path, seed: int = 0) -> None:
-    """Write a random-weight bf16 model of `shape` and the demo's tokenizer to `output` (on the GPU if there is one)."""
+# how the 4-bit shapes are quantized: as unsloth's `*-bnb-4bit` repos (NF4, the absmax scales quantized again to 8
+# bits, bf16 compute), written to config.json as transformers' BitsAndBytesConfig writes it
+FOUR_BIT = {
+    "load_in_4bit": True,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True,
+    "bnb_4bit_compute_dtype": "bfloat16",
+}
+SHARD_BYTES = 4 * 10**9  # the largest safetensors file, as the bf16 build's save_pretrained(max_shard_size="4GB")
+
+
+def build(
+    shape: str,
+    output: Path,
+    corpus: Path,
+    seed: int = 0,
+    four_bit: bool | None = None,
+    shard_bytes: int = SHARD_BYTES,
+) -> None:
+    """Write a random-weight model of `shape` and the demo's tokenizer to `output` (on the GPU if there is one):
+    pre-quantized 4-bit if `four_bit` (by default as SHAPES stores the shape, `stored_4bit`) in files of up to
+    `shard_bytes`, else bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from demo.tiny_model import corpus_tokenizer
 
+    four_bit = stored_4bit(shape) if four_bit is None else four_bit
     tokenizer = corpus_tokenizer(corpus)
     config = shape_config(shape, tokenizer)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
+    with torch.device("meta" if four_bit else device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output, max_shard_size="4GB")
+    if four_bit:
+        write_4bit(model, output, device, shard_bytes)
+    else:
+        model.save_pretrained(output, max_shard_size="4GB")
     tokenizer.save_pretrained(output)
     print(f"{shape}: {described(output)}, {model.num_parameters():,} parameters -> {output}", flush=True)
+
+
+def stored_4bit(shape: str) -> bool:
+    """Whether `shape` is written pre-quantized 4-bit unless asked otherwise (its SHAPES entry's `stored`)."""
+    return SHAPES[shape].get("stored") == "4-bit"
+
+
+def write_4bit(model: Any, output: Path, device: str, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write `model`, built on the meta device, to `output` as a pre-quantized bitsandbytes 4-bit checkpoint
+    (`FOUR_BIT`), a module at a time: made on `device`, initialized by the model's `_init_weights`, quantized and
+    serialized (`linear_4bit`; the output layer, embeddings and norms as they are, bf16), copied to the shard being
+    filled (`write_shards`) and freed again. Also config.json, with the `quantization_config`, and
+    generation_config.json, as save_pretrained writes them."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(**FOUR_BIT)
+    assert not model.config.tie_word_embeddings, "a tied output layer would be made and freed with its embedding"
+    output_layer = model.get_output_embeddings()
+
+    def states() -> Iterator[dict[str, Any]]:
+        for name, module in model.named_modules():
+            if next(module.parameters(recurse=False), None) is None:
+                continue  # a container, or weightless (the rotary embedding's buffers are computed when loaded)
+            module.to_empty(device=device, recurse=False)
+            with torch.no_grad():
+                model._init_weights(module)
+            if type(module) is torch.nn.Linear and module is not output_layer:
+                state = linear_4bit(module, quantization)
+            else:
+                state = dict(module.named_parameters(recurse=False))
+            yield {f"{name}.{key}": tensor.detach().to("cpu", copy=True) for key, tensor in state.items()}
+            module.to_empty(device="meta", recurse=False)
+
+    write_shards(states(), output, shard_bytes, model.num_parameters())
+    model.config.quantization_config = quantization
+    model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
+    model.config.save_pretrained(output)
+    model.generation_config.save_pretrained(output)
+
+
+def linear_4bit(linear: Any, quantization: Any) -> dict[str, Any]:
+    """The state dict of bf16 `linear` quantized as transformers quantizes it for a 4-bit load: bitsandbytes'
+    `Linear4bit` of `quantization`'s settings (`replace_with_bnb_linear`'s arguments), its weight quantized where it
+    lies (CUDA or the CPU) by `Params4bit`, serialized by `Linear4bit._save_to_state_dict`: `weight` (the packed
+    uint8 NF4 codes, two a byte), `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
+    `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4` (the rest of the quant state, packed), `bias`."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        quantization.bnb_4bit_compute_dtype,
+        compress_statistics=quantization.bnb_4bit_use_double_quant,
+        quant_type=quantization.bnb_4bit_quant_type,
+        quant_storage=quantization.bnb_4bit_quant_storage,
+        device="meta",
+    )
+    layer.weight = bnb.nn.Params4bit(
+        linear.weight.data,
+        requires_grad=False,
+        compress_statistics=layer.weight.compress_statistics,
+        quant_type=layer.weight.quant_type,
+        quant_storage=layer.weight.quant_storage,
+        module=layer,
+    ).to(linear.weight.device)  # a Params4bit is quantized when moved to its device
+    layer.bias = linear.bias
+    return layer.state_dict()
+
+
+def write_shards(states: Iterable[dict[str, Any]], output: Path, shard_bytes: int, parameters: int) -> None:
+    """Write the tensors of `states`, each dict whole, into safetensors files of up to `shard_bytes` in `output`, as
+    save_pretrained names them: `model.safetensors` if one is enough, else `model-00001-of-0000N.safetensors`... and
+    `model.safetensors.index.json` (`parameters`, the bytes, which file holds each tensor). Holds one shard at a time.
+    """
+    from safetensors.torch import save_file
+
+    files: list[tuple[Path, list[str]]] = []
+    total = 0
+    for shard in shards(states, shard_bytes):
+        path = output / f"model-{len(files) + 1:05d}.safetensors"  # numbered "of N" once N is known
+        save_file(shard, path, metadata={"format": "pt"})
+        files.append((path, list(shard)))
+        total += sum(tensor.nbytes for tensor in shard.values())
+        del shard  # not kept while the next one fills
+    if len(files) == 1:
+        files[0][0].rename(output / "model.safetensors")
+        return
+    weight_map = {}
+    for path, names in files:
+        named = path.rename(path.with_name(f"{path.stem}-of-{len(files):05d}.safetensors"))
+        weight_map |= dict.fromkeys(names, named.name)
+    index = {"metadata": {"total_parameters": parameters, "total_size": total}, "weight_map": weight_map}
+    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    (output / "model.safetensors.index.json").write_text(text, encoding="utf-8")
+
+
+def shards(states: Iterable[dict[str, Any]], limit: int) -> Iterator[dict[str, Any]]:
+    """`states` merged into shards of up to `limit` bytes, each state whole (one larger than `limit` alone).
+
+    `shards([{"a": 2 bytes}, {"b": 2 bytes}, {"c": 3 bytes}, {"d": 5 bytes}], 4)` -> `{"a", "b"}`, `{"c"}`, `{"d"}`.
+    """
+    shard: dict[str, Any] = {}
+    size = 0
+    for state in states:
+        nbytes = sum(tensor.nbytes for tensor in state.values())
+        if shard and size + nbytes > limit:
+            yield shard
+            shard, size = {}, 0
+        shard |= state
+        size += nbytes
+    if shard:
+        yield shard
 
 
 def shape_config(shape: str, tokenizer: Any = None) -> Any:
     """The transformers config of `shape` (bf16, 4,096 positions), with `tokenizer`'s special token ids if given."""
     from transformers import AutoConfig
 
-    spec = dict(SHAPES[shape])
+    spec = {key: value for key, value in SHAPES[shape].items() if key != "stored"}
     ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad") if tokenizer}
     return AutoConfig.for_model(spec.pop("architecture"), **spec, **ids, max_position_embeddings=4096, dtype="bfloat16")
 
@@ -147,14 +311,40 @@ def parameters(shape: str) -> int:
 def described(model_dir: Path) -> str:
     """The shape of the model in `model_dir`, read from its config.json: what a speed script's table header shows.
 
-    `described(Path("/tmp/tiny"))` -> `"llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"`.
+    `described(Path("/tmp/tiny"))` -> `"llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"`,
+    followed by `", pre-quantized 4-bit (NF4)"` for a pre-quantized folder (`prequantized`).
     """
     config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    stored = config.get("quantization_config", {}).get("bnb_4bit_quant_type", "").upper()
     return (
         f"{config['model_type']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} key/value), "
         f"MLP {config['intermediate_size']}, vocabulary {config['vocab_size']:,}"
+        + (f", pre-quantized 4-bit ({stored})" if prequantized(model_dir) else "")
     )
+
+
+def prequantized(model_dir: Path) -> bool:
+    """Whether `model_dir` holds a pre-quantized bitsandbytes 4-bit checkpoint (its config.json's
+    `quantization_config`), as the 4-bit shapes and the Hub's `*-bnb-4bit` repos do."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    quantization = config.get("quantization_config") or {}
+    return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
+
+
+def as_stored(config: ModelConfig) -> ModelConfig:
+    """A speed script's `model` settings on a shape's folder, as the folder can load: a pre-quantized 4-bit one
+    (`prequantized`) in 4-bit, `auto` included (there are no 16-bit weights to load, whatever the GPU); on one,
+    `load_in_4bit: false` is refused, naming the folder. Any other folder: `config` as it is."""
+    folder = Path(config.model_name)
+    if not (folder / "config.json").is_file() or not prequantized(folder):
+        return config
+    if config.load_in_4bit is False:
+        raise ValueError(
+            f"{folder} holds a pre-quantized 4-bit checkpoint (perf.shapes): model.load_in_4bit false would load "
+            "it in 16 bits, which it cannot: set model.load_in_4bit to true or auto"
+        )
+    return dataclasses.replace(config, load_in_4bit=True)
 
 
 def ensure(shape: str, model_dir: Path, root: Path, env: dict[str, str]) -> None:
@@ -169,8 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("shape", choices=sorted(SHAPES))
     parser.add_argument("output", type=Path)
     parser.add_argument("--corpus", type=Path, default=SAMPLE, help="JSONL rows the tokenizer is trained on")
+    parser.add_argument(
+        "--four-bit",
+        action="store_true",
+        default=None,
+        help="write it pre-quantized 4-bit (bitsandbytes NF4); the default for qwen-32b and llama-70b (disk)",
+    )
     args = parser.parse_args(argv)
-    build(args.shape, args.output, args.corpus)
+    build(args.shape, args.output, args.corpus, four_bit=args.four_bit)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ the largest peak, the speed-up over one process, and how far each step's loss is
 batches, same order). `--repeat N` runs every setup N times, each in fresh processes, and reports the median run.
 `--loras params,all-r16` runs every setup with each LoRA of `LORAS` (`params`: `--params`' own; `all-r16`: every
 linear projection at r 16), a row each, labelled with its name (the header: the LoRA each row's model carried).
-The table's header shows the settings the runs report: the shape, `max_seq_length`, the LoRA the model carried.
-Exits 1 when a setup failed.
+The table's header shows the settings the runs report: the shape (`pre-quantized 4-bit` for the 32B and 70B, which
+`perf.shapes` writes so: they load in 4-bit, `auto` too, and a setup of `load_in_4bit: false` is refused before any
+setup runs), `max_seq_length`, the LoRA the model carried. Exits 1 when a setup failed.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.model.load import ModelConfig
 from finetune.training.distributed import launcher
-from perf.shapes import child_environment, ensure, integers, passed_on
+from perf.shapes import as_stored, child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
 from perf.train_table import combined, header, median_run, table
@@ -63,6 +65,12 @@ def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, s
     return [turns[3 * i] + turns[3 * i + 1] + turns[3 * i + 2] for i in range(count)]
 
 
+def setup_model(model: ModelConfig, settings: dict[str, Any]) -> ModelConfig:
+    """`model` with a project setup's `load_in_4bit` over it, as the shape's folder loads (`perf.shapes.as_stored`:
+    a pre-quantized folder in 4-bit, `auto` too; `false` on one raises `ValueError`, naming the folder)."""
+    return as_stored(dataclasses.replace(model, load_in_4bit=settings.get("load_in_4bit", model.load_in_4bit)))
+
+
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
     `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
@@ -78,9 +86,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     from finetune.training.distributed import World
     from finetune.training.trainer import build_trainer
 
-    model_config = dataclasses.replace(
-        configs.model, load_in_4bit=settings.get("load_in_4bit", configs.model.load_in_4bit)
-    )
+    model_config = setup_model(configs.model, settings)
     lora = dataclasses.replace(
         configs.lora,
         use_gradient_checkpointing=settings.get("use_gradient_checkpointing", configs.lora.use_gradient_checkpointing),
@@ -199,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     env = child_environment(root, work)
     work.mkdir(parents=True, exist_ok=True)
     ensure(args.shape, model_dir, root, env)
+    model = configs(args.params, model_dir, args.batch, args.steps).model
+    for setup in args.setups.split(","):  # a 16-bit load of a pre-quantized shape fails here, before any setup runs
+        if SETUPS[setup][0] is run_project:
+            setup_model(model, SETUPS[setup][1])
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # LoRA: forward (2 per parameter) and the backward's input gradients (2); frozen weights get no gradient
     flops_per_token = 4 * matmul_parameters(model_dir)
