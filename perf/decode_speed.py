@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.params import load
-from perf.shapes import as_stored, child_environment, described, ensure, integers, passed_on
+from perf.shapes import child_environment, described, ensure, integers, passed_on
 
 
 def timed_generate(model: Any, tokenizer: Any, prompts: Any, new_tokens: int) -> tuple[float, Any]:
@@ -71,7 +71,7 @@ def measure(args: argparse.Namespace, model_dir: Path) -> list[str]:
     from finetune.training.config import LoraConfig
 
     config = dataclasses.replace(load(ModelConfig, args.params, "model"), model_name=str(model_dir), revision=None)
-    config = fit.resolved(as_stored(config))
+    config = fit.resolved(config)
     model, tokenizer = load_base(config)
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(load(LoraConfig, args.params, "lora")))
     model.eval()

@@ -36,7 +36,7 @@ from finetune.evaluation.base_vs_tuned import EvaluateConfig
 from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig
 from finetune.model.load import PRECISION_FILE
 from perf.data_stages import single_turns
-from perf.shapes import as_stored, child_environment, described, ensure
+from perf.shapes import child_environment, described, ensure
 from perf.stand_ins import benchmark_items, finqa_scale, stand_in
 
 
@@ -85,7 +85,7 @@ def make_adapter(params_path: Path, out: Path) -> None:
     from finetune.training.adapter import save_adapter
     from finetune.training.config import LoraConfig
 
-    model_config = fit.resolved(as_stored(load(ModelConfig, params_path, "model")))
+    model_config = fit.resolved(load(ModelConfig, params_path, "model"))
     model, tokenizer = load_base(model_config)
     # checkpointing changes no weight of an untrained adapter, and `auto` is train's to decide
     lora = dataclasses.replace(load(LoraConfig, params_path, "lora"), use_gradient_checkpointing=False)

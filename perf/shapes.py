@@ -7,18 +7,11 @@
 bf16: the whole model built by `from_config` (on the GPU if there is one) and written by `save_pretrained`.
 
 Pre-quantized 4-bit (a shape's `"stored": "4-bit"`, or `--four-bit`): a bitsandbytes checkpoint as Hugging Face and
-unsloth publish their `*-bnb-4bit` repos (`FOUR_BIT`: NF4, the scales quantized again, bf16 compute; config.json
-carries it as `quantization_config`), written a module at a time so that neither the bf16 model nor anything near
-it is ever in memory or on disk (`write_4bit`). The model is built on the meta device; each module with weights is
-made on the GPU (else the CPU), initialized by the model's own `_init_weights` (normal with std
-`initializer_range` for linear layers and embeddings, ones for norms, zero biases) from the seeded stream, its
-linear layers but the output layer quantized and serialized by bitsandbytes' own `Linear4bit` as transformers saves
-a 4-bit model (`linear_4bit`), the embeddings, output layer and norms kept in bf16; then its weights are freed and
-it joins the shard being filled (safetensors files of up to `SHARD_BYTES`, `model.safetensors.index.json`). The
-values are another draw than the bf16 build's (the same scheme): the same speed, not the same weights. On disk the
-32B takes ~19 GB and the 70B ~40 GB, where bf16 would take 66 GB and 141 GB (a lent H200 machine has 64 GB); there
-`model.load_in_4bit: auto` picks 4-bit for both anyway (their bf16 weights are over 40 % of the card). A speed
-script refuses to load such a folder in 16 bits (`as_stored`).
+unsloth publish their `*-bnb-4bit` repos, written a module at a time by `perf.quantized.write_4bit` (how: there).
+The values are another draw than the bf16 build's (the same scheme): the same speed, not the same weights. On disk
+the 32B takes ~19 GB and the 70B ~40 GB, where bf16 would take 66 GB and 141 GB (a lent H200 machine has 64 GB);
+there `model.load_in_4bit: auto` picks 4-bit for both anyway (their bf16 weights are over 40 % of the card). Such a
+folder loads in 4-bit, `auto` too, and `load_in_4bit: false` is refused (`finetune.model.fit.resolved`).
 
 The tokenizer is the demo's (trained on the embedded sample, DeepSeek's special tokens and chat template); its
 ids are a subset of the model's vocabulary, which keeps the real size so that the output layer costs what it does.
@@ -28,17 +21,14 @@ Prints the shape as written to the folder's config.json, and the parameter count
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from finetune.model.load import ModelConfig
+from perf.quantized import SHARD_BYTES, write_4bit
 
 SHAPES = {
     # a few hundred thousand parameters: for trying the speed scripts on the CPU (their smoke tests use it)
@@ -133,17 +123,6 @@ SHAPES = {
 SAMPLE = Path("data/sample/finance_instruct_sample.jsonl")  # the demo's sample, relative to the project root
 
 
-# how the 4-bit shapes are quantized: as unsloth's `*-bnb-4bit` repos (NF4, the absmax scales quantized again to 8
-# bits, bf16 compute), written to config.json as transformers' BitsAndBytesConfig writes it
-FOUR_BIT = {
-    "load_in_4bit": True,
-    "bnb_4bit_quant_type": "nf4",
-    "bnb_4bit_use_double_quant": True,
-    "bnb_4bit_compute_dtype": "bfloat16",
-}
-SHARD_BYTES = 4 * 10**9  # the largest safetensors file, as the bf16 build's save_pretrained(max_shard_size="4GB")
-
-
 def build(
     shape: str,
     output: Path,
@@ -153,8 +132,8 @@ def build(
     shard_bytes: int = SHARD_BYTES,
 ) -> None:
     """Write a random-weight model of `shape` and the demo's tokenizer to `output` (on the GPU if there is one):
-    pre-quantized 4-bit if `four_bit` (by default as SHAPES stores the shape, `stored_4bit`) in files of up to
-    `shard_bytes`, else bf16."""
+    pre-quantized 4-bit if `four_bit` (by default as SHAPES stores the shape, `stored_4bit`; `perf.quantized`) in
+    files of up to `shard_bytes`, else bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -179,115 +158,6 @@ def build(
 def stored_4bit(shape: str) -> bool:
     """Whether `shape` is written pre-quantized 4-bit unless asked otherwise (its SHAPES entry's `stored`)."""
     return SHAPES[shape].get("stored") == "4-bit"
-
-
-def write_4bit(model: Any, output: Path, device: str, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write `model`, built on the meta device, to `output` as a pre-quantized bitsandbytes 4-bit checkpoint
-    (`FOUR_BIT`), a module at a time: made on `device`, initialized by the model's `_init_weights`, quantized and
-    serialized (`linear_4bit`; the output layer, embeddings and norms as they are, bf16), copied to the shard being
-    filled (`write_shards`) and freed again. Also config.json, with the `quantization_config`, and
-    generation_config.json, as save_pretrained writes them."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(**FOUR_BIT)
-    assert not model.config.tie_word_embeddings, "a tied output layer would be made and freed with its embedding"
-    output_layer = model.get_output_embeddings()
-
-    def states() -> Iterator[dict[str, Any]]:
-        for name, module in model.named_modules():
-            if next(module.parameters(recurse=False), None) is None:
-                continue  # a container, or weightless (the rotary embedding's buffers are computed when loaded)
-            module.to_empty(device=device, recurse=False)
-            with torch.no_grad():
-                model._init_weights(module)
-            if type(module) is torch.nn.Linear and module is not output_layer:
-                state = linear_4bit(module, quantization)
-            else:
-                state = dict(module.named_parameters(recurse=False))
-            yield {f"{name}.{key}": tensor.detach().to("cpu", copy=True) for key, tensor in state.items()}
-            module.to_empty(device="meta", recurse=False)
-
-    write_shards(states(), output, shard_bytes, model.num_parameters())
-    model.config.quantization_config = quantization
-    model.config.architectures = [type(model).__name__]  # as save_pretrained writes it
-    model.config.save_pretrained(output)
-    model.generation_config.save_pretrained(output)
-
-
-def linear_4bit(linear: Any, quantization: Any) -> dict[str, Any]:
-    """The state dict of bf16 `linear` quantized as transformers quantizes it for a 4-bit load: bitsandbytes'
-    `Linear4bit` of `quantization`'s settings (`replace_with_bnb_linear`'s arguments), its weight quantized where it
-    lies (CUDA or the CPU) by `Params4bit`, serialized by `Linear4bit._save_to_state_dict`: `weight` (the packed
-    uint8 NF4 codes, two a byte), `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
-    `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4` (the rest of the quant state, packed), `bias`."""
-    import bitsandbytes as bnb
-
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        linear.bias is not None,
-        quantization.bnb_4bit_compute_dtype,
-        compress_statistics=quantization.bnb_4bit_use_double_quant,
-        quant_type=quantization.bnb_4bit_quant_type,
-        quant_storage=quantization.bnb_4bit_quant_storage,
-        device="meta",
-    )
-    layer.weight = bnb.nn.Params4bit(
-        linear.weight.data,
-        requires_grad=False,
-        compress_statistics=layer.weight.compress_statistics,
-        quant_type=layer.weight.quant_type,
-        quant_storage=layer.weight.quant_storage,
-        module=layer,
-    ).to(linear.weight.device)  # a Params4bit is quantized when moved to its device
-    layer.bias = linear.bias
-    return layer.state_dict()
-
-
-def write_shards(states: Iterable[dict[str, Any]], output: Path, shard_bytes: int, parameters: int) -> None:
-    """Write the tensors of `states`, each dict whole, into safetensors files of up to `shard_bytes` in `output`, as
-    save_pretrained names them: `model.safetensors` if one is enough, else `model-00001-of-0000N.safetensors`... and
-    `model.safetensors.index.json` (`parameters`, the bytes, which file holds each tensor). Holds one shard at a time.
-    """
-    from safetensors.torch import save_file
-
-    files: list[tuple[Path, list[str]]] = []
-    total = 0
-    for shard in shards(states, shard_bytes):
-        path = output / f"model-{len(files) + 1:05d}.safetensors"  # numbered "of N" once N is known
-        save_file(shard, path, metadata={"format": "pt"})
-        files.append((path, list(shard)))
-        total += sum(tensor.nbytes for tensor in shard.values())
-        del shard  # not kept while the next one fills
-    if len(files) == 1:
-        files[0][0].rename(output / "model.safetensors")
-        return
-    weight_map = {}
-    for path, names in files:
-        named = path.rename(path.with_name(f"{path.stem}-of-{len(files):05d}.safetensors"))
-        weight_map |= dict.fromkeys(names, named.name)
-    index = {"metadata": {"total_parameters": parameters, "total_size": total}, "weight_map": weight_map}
-    text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-    (output / "model.safetensors.index.json").write_text(text, encoding="utf-8")
-
-
-def shards(states: Iterable[dict[str, Any]], limit: int) -> Iterator[dict[str, Any]]:
-    """`states` merged into shards of up to `limit` bytes, each state whole (one larger than `limit` alone).
-
-    `shards([{"a": 2 bytes}, {"b": 2 bytes}, {"c": 3 bytes}, {"d": 5 bytes}], 4)` -> `{"a", "b"}`, `{"c"}`, `{"d"}`.
-    """
-    shard: dict[str, Any] = {}
-    size = 0
-    for state in states:
-        nbytes = sum(tensor.nbytes for tensor in state.values())
-        if shard and size + nbytes > limit:
-            yield shard
-            shard, size = {}, 0
-        shard |= state
-        size += nbytes
-    if shard:
-        yield shard
 
 
 def shape_config(shape: str, tokenizer: Any = None) -> Any:
@@ -325,26 +195,13 @@ def described(model_dir: Path) -> str:
 
 
 def prequantized(model_dir: Path) -> bool:
-    """Whether `model_dir` holds a pre-quantized bitsandbytes 4-bit checkpoint (its config.json's
-    `quantization_config`), as the 4-bit shapes and the Hub's `*-bnb-4bit` repos do."""
+    """Whether `model_dir` holds a pre-quantized bitsandbytes 4-bit checkpoint (`finetune.model.fit.prequantized`
+    of its config.json), as the 4-bit shapes and the Hub's `*-bnb-4bit` repos do: `fit.resolved` loads it in 4-bit,
+    `auto` too, and refuses `load_in_4bit: false`."""
+    from finetune.model.fit import prequantized as quantized
+
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    quantization = config.get("quantization_config") or {}
-    return quantization.get("quant_method") == "bitsandbytes" and bool(quantization.get("load_in_4bit"))
-
-
-def as_stored(config: ModelConfig) -> ModelConfig:
-    """A speed script's `model` settings on a shape's folder, as the folder can load: a pre-quantized 4-bit one
-    (`prequantized`) in 4-bit, `auto` included (there are no 16-bit weights to load, whatever the GPU); on one,
-    `load_in_4bit: false` is refused, naming the folder. Any other folder: `config` as it is."""
-    folder = Path(config.model_name)
-    if not (folder / "config.json").is_file() or not prequantized(folder):
-        return config
-    if config.load_in_4bit is False:
-        raise ValueError(
-            f"{folder} holds a pre-quantized 4-bit checkpoint (perf.shapes): model.load_in_4bit false would load "
-            "it in 16 bits, which it cannot: set model.load_in_4bit to true or auto"
-        )
-    return dataclasses.replace(config, load_in_4bit=True)
+    return quantized(config.get("quantization_config"))
 
 
 def ensure(shape: str, model_dir: Path, root: Path, env: dict[str, str]) -> None:

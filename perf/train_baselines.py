@@ -10,7 +10,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from perf.shapes import as_stored
 from perf.train_measure import Configs, StepClock, clocked, lora_ran, peak_gib, step_losses
 
 
@@ -28,7 +27,7 @@ def run_bare(configs: Configs, data: list, settings: dict[str, Any], work: Path)
     from finetune.tokens.chat import Chat
     from finetune.tokens.encode import tokenized
 
-    model_config = as_stored(dataclasses.replace(configs.model, load_in_4bit="auto"))
+    model_config = dataclasses.replace(configs.model, load_in_4bit="auto")
     lora = dataclasses.replace(configs.lora, use_gradient_checkpointing="auto")
     split = dataclasses.replace(configs.train, micro_batch_size="auto")
     model_config, lora, split = fit.fit_to_machine(model_config, lora, split)

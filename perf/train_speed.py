@@ -43,9 +43,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.model import fit
 from finetune.model.load import ModelConfig
 from finetune.training.distributed import launcher
-from perf.shapes import as_stored, child_environment, ensure, integers, passed_on
+from perf.shapes import child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
 from perf.train_table import combined, header, median_run, table
@@ -66,9 +67,8 @@ def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, s
 
 
 def setup_model(model: ModelConfig, settings: dict[str, Any]) -> ModelConfig:
-    """`model` with a project setup's `load_in_4bit` over it, as the shape's folder loads (`perf.shapes.as_stored`:
-    a pre-quantized folder in 4-bit, `auto` too; `false` on one raises `ValueError`, naming the folder)."""
-    return as_stored(dataclasses.replace(model, load_in_4bit=settings.get("load_in_4bit", model.load_in_4bit)))
+    """`model` with a project setup's `load_in_4bit` over it."""
+    return dataclasses.replace(model, load_in_4bit=settings.get("load_in_4bit", model.load_in_4bit))
 
 
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     model = configs(args.params, model_dir, args.batch, args.steps).model
     for setup in args.setups.split(","):  # a 16-bit load of a pre-quantized shape fails here, before any setup runs
         if SETUPS[setup][0] is run_project:
-            setup_model(model, SETUPS[setup][1])
+            fit.resolved(setup_model(model, SETUPS[setup][1]))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     # LoRA: forward (2 per parameter) and the backward's input gradients (2); frozen weights get no gradient
     flops_per_token = 4 * matmul_parameters(model_dir)

@@ -156,7 +156,7 @@ def test_a_4bit_build_is_seeded_and_its_shards_indexed(tmp_path: Path, tiny_4bit
 def test_shards_hold_each_module_whole_up_to_the_limit() -> None:
     import torch
 
-    from perf.shapes import shards
+    from perf.quantized import shards
 
     states = [{name: torch.zeros(size, dtype=torch.uint8)} for name, size in (("a", 2), ("b", 2), ("c", 3), ("d", 5))]
     assert [list(shard) for shard in shards(states, 4)] == [["a", "b"], ["c"], ["d"]]  # d alone, over the limit
@@ -182,22 +182,26 @@ def test_a_4bit_shape_takes_half_a_byte_a_linear_weight_on_disk(tiny_4bit: Path)
 def test_a_speed_script_refuses_a_16_bit_load_of_a_4bit_shape(
     tmp_path: Path, tiny_shape: Path, tiny_4bit: Path
 ) -> None:
-    """Before any setup runs: a setup of `load_in_4bit: false` on a pre-quantized folder names both. `auto` loads
-    it in 4-bit whatever the GPU; a bf16 folder keeps its `auto`."""
+    """Before any setup runs: a setup of `load_in_4bit: false` on a pre-quantized folder names the setting and the
+    folder (`finetune.model.fit.resolved`, as the train stage decides). `auto` and true load it in 4-bit; a bf16
+    folder keeps a false."""
     import dataclasses
 
+    from finetune.model.fit import resolved
     from finetune.model.load import ModelConfig
-    from perf.shapes import as_stored
     from perf.train_speed import main
 
     work = work_with(tmp_path, tiny_4bit)
     params = settings(tmp_path, model={"load_in_4bit": "auto"})
-    refused = rf"{work / 'tiny'} holds a pre-quantized 4-bit checkpoint .* model.load_in_4bit false"
+    refused = rf"model.load_in_4bit is false, but {work / 'tiny'} is a pre-quantized 4-bit checkpoint"
     with pytest.raises(ValueError, match=refused):
         main(["--params", str(params), "--shape", "tiny", "--work", str(work), "--setups", "bare,project-16bit-nogc"])
     config = ModelConfig(str(tiny_4bit), None, 256, load_in_4bit="auto", dtype=None)
-    assert as_stored(config).load_in_4bit is True
-    assert as_stored(dataclasses.replace(config, model_name=str(tiny_shape))).load_in_4bit == "auto"
+    assert resolved(config).load_in_4bit is True
+    assert resolved(dataclasses.replace(config, load_in_4bit=True)).load_in_4bit is True
+    with pytest.raises(ValueError, match=rf"model.load_in_4bit is false, but {tiny_4bit} is a pre-quantized"):
+        resolved(dataclasses.replace(config, load_in_4bit=False))
+    assert resolved(dataclasses.replace(config, model_name=str(tiny_shape), load_in_4bit=False)).load_in_4bit is False
 
 
 def test_train_speed_prints_the_lora_and_length_it_trained_with(

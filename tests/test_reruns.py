@@ -83,7 +83,8 @@ RERUNS = {
         for name in ("contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps", "stand_ins")
     },
     **{
-        f"perf/{name}.py": NONE for name in ("shapes", "train_baselines", "train_measure", "train_speed", "train_table")
+        f"perf/{name}.py": NONE
+        for name in ("quantized", "shapes", "train_baselines", "train_measure", "train_speed", "train_table")
     },
 }
 

@@ -1,6 +1,7 @@
 """`auto` settings: the base model's precision, gradient checkpointing and the micro-batch, fitted to the GPU.
 
-    model.load_in_4bit: auto                  16-bit base when its weights take at most 40 % of the GPU, else 4-bit
+    model.load_in_4bit: auto                  16-bit base when its weights take at most 40 % of the GPU, else 4-bit;
+                                              4-bit for a pre-quantized base (`*-bnb-4bit`), which has no other
     lora.use_gradient_checkpointing: auto     off when a micro-batch's activations fit without it, else "unsloth"
     train.micro_batch_size: auto              the largest divisor of the effective batch (per_device_train_batch_size
                                               x gradient_accumulation_steps) that fits; accumulation makes up the rest
@@ -20,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from finetune.config.params import require
 from finetune.model.load import ModelConfig, base_config
 from finetune.training.distributed import World, per_process
 
@@ -140,10 +142,33 @@ def model_shape(config: ModelConfig) -> Shape:
 
 
 def resolved(config: ModelConfig) -> ModelConfig:
-    """`config` with `load_in_4bit: auto` decided for this machine (`load_in_4bit`)."""
+    """`config` with `load_in_4bit: auto` decided for this machine (`load_in_4bit`). A pre-quantized 4-bit base
+    (`prequantized`) loads in 4-bit whatever the GPU, and `false` is refused on one: unsloth would load it in 4-bit
+    anyway, and the run would record 16 bits."""
+    base = base_config(config)
+    if prequantized(getattr(base, "quantization_config", None)):
+        require(
+            config.load_in_4bit is not False,
+            f"model.load_in_4bit is false, but {config.model_name} is a pre-quantized 4-bit checkpoint (its "
+            "config.json's quantization_config): it has no 16-bit weights to load; set it to true or auto",
+        )
+        return replace(config, load_in_4bit=True)
     if config.load_in_4bit != "auto":
         return config
-    return replace(config, load_in_4bit=load_in_4bit("auto", model_shape(config), gpu_memory()))
+    return replace(config, load_in_4bit=load_in_4bit("auto", Shape.of(base), gpu_memory()))
+
+
+def prequantized(quantization: Any) -> bool:
+    """Whether a config.json's `quantization_config` (a mapping, a transformers quantization config or None) is a
+    bitsandbytes 4-bit one: the checkpoint holds 4-bit weights and no others, as unsloth's `*-bnb-4bit` repos and
+    perf.shapes' 32B and 70B shapes do."""
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return (
+        bool(quantization)
+        and quantization.get("quant_method") == "bitsandbytes"
+        and bool(quantization.get("load_in_4bit"))
+    )
 
 
 def fit_to_machine(
