@@ -243,7 +243,8 @@ def test_evaluates_answers_replay_the_decode_step_as_cuda_graphs_and_are_the_eag
 ) -> None:
     """evaluate's answers (`answers.generate`, the speed patches applied) replay unsloth's decode step as CUDA graphs,
     base, tuned and base again (the adapter toggled between calls), and are the eager step's answers token for
-    token; the graphs and decode buffers are freed after each batch. `UNSLOTH_DECODE_CUDA_GRAPHS=0` keeps them off."""
+    token (`UNSLOTH_DECODE_CUDA_GRAPHS=0` keeps the replay off); the decode buffers are freed after each batch, the
+    replayed and the eager alike."""
     import contextlib
 
     from peft import LoraConfig as PeftLoraConfig
@@ -266,9 +267,11 @@ def test_evaluates_answers_replay_the_decode_step_as_cuda_graphs_and_are_the_eag
                 out.append([(a.text, a.tokens, a.ended) for a in generate(model, tokenizer, prompts, 12, 4)])
         return out
 
+    buffers = ("_unsloth_graph_buffers", "paged_attention")  # the replay's and the eager step's: freed after a batch
     monkeypatch.setenv(GRAPH_SWITCH, "0")
     eager = answers()
     assert decode_graph_counts(model)["replays"] == 0
+    assert not any(name in module.__dict__ for module in model.modules() for name in buffers)
     monkeypatch.delenv(GRAPH_SWITCH)
     replayed = answers()
     counts = decode_graph_counts(model)
@@ -276,5 +279,4 @@ def test_evaluates_answers_replay_the_decode_step_as_cuda_graphs_and_are_the_eag
     assert counts["replays"] >= 3 * 5 and counts["captures"] >= 3  # a capture per call: freed after each
     assert replayed == eager
     assert eager[0] != eager[1] and eager[0] == eager[2]  # the adapter changes the answers, and toggles back
-    buffers = ("_unsloth_graph_buffers", "paged_attention")  # the replay's and the eager first step's: freed
     assert not any(name in module.__dict__ for module in model.modules() for name in buffers)

@@ -106,9 +106,10 @@ def decode_graph_counts(model: Any) -> dict[str, int]:
 @contextlib.contextmanager
 def decode_cuda_graphs(model: Any) -> Iterator[None]:
     """Inside, unsloth replays `model`'s one-token decode step (`generate`) as CUDA graphs where
-    `decode_graphs_wanted`; after, it frees the graphs and every decode buffer (the replay's, sized to prompt + new
-    tokens, and the eager first step's), and logs how many steps replayed. Kept, they stayed beside the next batch's:
-    FinQA's third batch on the 8B shape ran out of an H200's memory (BENCHMARKS.md, session 17).
+    `decode_graphs_wanted`, and logs how many steps replayed; after, on CUDA, it frees the graphs and every decode
+    buffer (the replay's, sized to prompt + new tokens, and the eager step's), replayed or not. Kept, they stayed
+    beside the next batch's: FinQA's third batch on the 8B shape ran out of an H200's memory (BENCHMARKS.md, session
+    17).
 
     With the grouped decode attention the eager step is bound by its hundreds of kernel launches, not by the
     attention: replayed, a step of the 8B shape took 21.4 / 26.9 / 38.6 ms at 32 / 128 / 256 prompts of up to 1,024
@@ -119,13 +120,16 @@ def decode_cuda_graphs(model: Any) -> Iterator[None]:
     not support a model (Qwen2 is not on its list in 2026.10.9) and says why in the log line. Out of `generate`
     (training, scoring) nothing changes.
     """
-    if not decode_graphs_wanted():
+    import torch
+
+    if not torch.cuda.is_available():
         yield
         return
     from unsloth.models import _decode_graphs as graphs
 
+    wanted = decode_graphs_wanted()
     before, counts = graphs.ENABLED, decode_graph_counts(model)
-    graphs.ENABLED = True
+    graphs.ENABLED = wanted
     try:
         yield
     finally:
@@ -133,11 +137,12 @@ def decode_cuda_graphs(model: Any) -> Iterator[None]:
         ran = {name: count - counts[name] for name, count in decode_graph_counts(model).items()}
         reasons = {state.disabled for state in graphs._states(model) if state.disabled}
         graphs.release_for_training(model)  # release(), and the eager step's buffers too
-        log.info(
-            "decode steps as CUDA graphs: %d captured, %d replayed, %d eager%s",
-            *(ran["captures"], ran["replays"], ran["eager_steps"]),
-            f" (not replayed: {'; '.join(sorted(reasons))})" if reasons else "",
-        )
+        if wanted:
+            log.info(
+                "decode steps as CUDA graphs: %d captured, %d replayed, %d eager%s",
+                *(ran["captures"], ran["replays"], ran["eager_steps"]),
+                f" (not replayed: {'; '.join(sorted(reasons))})" if reasons else "",
+            )
 
 
 def flash_varlen() -> bool:
