@@ -182,26 +182,20 @@ def described(model_dir: Path) -> str:
     """The shape of the model in `model_dir`, read from its config.json: what a speed script's table header shows.
 
     `described(Path("/tmp/tiny"))` -> `"llama, hidden 64, 2 layers, 4 heads (1 key/value), MLP 224, vocabulary 1,024"`,
-    followed by `", pre-quantized 4-bit (NF4)"` for a pre-quantized folder (`prequantized`).
+    followed by `", pre-quantized 4-bit (NF4)"` for a pre-quantized folder (`finetune.model.fit.prequantized`: it
+    loads in 4-bit, `auto` too).
     """
+    from finetune.model.fit import prequantized
+
     config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    stored = config.get("quantization_config", {}).get("bnb_4bit_quant_type", "").upper()
+    quantization = config.get("quantization_config") or {}
+    stored = quantization.get("bnb_4bit_quant_type", "").upper()
     return (
         f"{config['model_type']}, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"{config['num_attention_heads']} heads ({config['num_key_value_heads']} key/value), "
         f"MLP {config['intermediate_size']}, vocabulary {config['vocab_size']:,}"
-        + (f", pre-quantized 4-bit ({stored})" if prequantized(model_dir) else "")
+        + (f", pre-quantized 4-bit ({stored})" if prequantized(quantization) else "")
     )
-
-
-def prequantized(model_dir: Path) -> bool:
-    """Whether `model_dir` holds a pre-quantized bitsandbytes 4-bit checkpoint (`finetune.model.fit.prequantized`
-    of its config.json), as the 4-bit shapes and the Hub's `*-bnb-4bit` repos do: `fit.resolved` loads it in 4-bit,
-    `auto` too, and refuses `load_in_4bit: false`."""
-    from finetune.model.fit import prequantized as quantized
-
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return quantized(config.get("quantization_config"))
 
 
 def ensure(shape: str, model_dir: Path, root: Path, env: dict[str, str]) -> None:

@@ -78,7 +78,6 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
-    from finetune.model import fit
     from finetune.model.load import load_base
     from finetune.model.patches import apply_speed_patches
     from finetune.tokens.chat import Chat
