@@ -20,7 +20,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "sample" / "finance_instruct_sample.jsonl"
+SAMPLE = ROOT / "data" / "sample" / "finance_instruct_sample.jsonl"  # the corpus of the shapes' tokenizer
 LORA = {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj", "down_proj"]}  # params.yaml: 4, 16, q/k/v/o
 
 
@@ -46,7 +46,7 @@ def tiny_shape(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from perf.shapes import main
 
     folder = tmp_path_factory.mktemp("shapes") / "tiny"
-    main(["tiny", str(folder), "--corpus", str(ROOT / "data" / "sample" / "finance_instruct_sample.jsonl")])
+    main(["tiny", str(folder), "--corpus", str(SAMPLE)])
     return folder
 
 
