@@ -129,13 +129,6 @@ def header(shape: str, work: Path, args: argparse.Namespace) -> str:
     )
 
 
-def generated(metrics: dict[str, Any], name: str, model: str) -> float | None:
-    """A numeric benchmark's mean tokens of reasoning and final answer per item, for `model` (base or tuned);
-    None for a label set."""
-    think, answer = metrics.get(f"{name}_{model}_think_tokens"), metrics.get(f"{name}_{model}_answer_tokens")
-    return None if think is None or answer is None else think + answer
-
-
 def table(metrics: dict[str, Any], names: list[str], walls: dict[str, float]) -> list[str]:
     """The evaluation's numbers: what was scored, the time, the memory."""
     peak = metrics.get("peak_gpu_memory_gib")
@@ -148,10 +141,14 @@ def table(metrics: dict[str, Any], names: list[str], walls: dict[str, float]) ->
             f"{metrics.get('base_answer_tokens', 0):.0f} / {metrics.get('tuned_answer_tokens', 0):.0f}",
         ),
         *((f"{name} items", f"{metrics[f'{name}_rows']:,}") for name in names),
-        *(  # a numeric benchmark's generated tokens per item, as the tokenizer counts its reasoning and answer
-            (f"{name} tokens an answer (base / tuned)", f"{generated(metrics, name, 'base'):.0f} / {tuned:.0f}")
+        *(  # a numeric benchmark's decode steps per item: the tokens generated, not the decoded text's (a random
+            # model's ids outside the stand-in tokenizer's vocabulary decode to nothing)
+            (
+                f"{name} tokens generated an item (base / tuned)",
+                f"{metrics[f'{name}_base_generated_tokens']:.0f} / {metrics[f'{name}_tuned_generated_tokens']:.0f}",
+            )
             for name in names
-            if (tuned := generated(metrics, name, "tuned")) is not None
+            if f"{name}_tuned_generated_tokens" in metrics
         ),
         ("benchmarks stage wall s", f"{walls['benchmarks']:.1f}"),
         ("evaluation s", f"{metrics['evaluate_seconds']:.1f}"),

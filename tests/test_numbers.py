@@ -116,7 +116,8 @@ def test_numeric_metrics_per_model_on_every_and_on_the_clean_items(chat: Chat) -
         "base": ["the total is 4600", "Growth was 13.6%", "maybe", "It was 4,600."],  # never closes its reasoning
         "tuned": ["ok\n</think>\n\n\\boxed{-16}", "</think>\n\n13.6%", "</think>\n\nNo.", "</think>\n\nIt is 4,600."],
     }
-    answers = {model: [Answer(text, 8, True) for text in rows] for model, rows in texts.items()}
+    generated = {"base": 30, "tuned": 12}  # tokens each answer took, as `answers.generate` counts them
+    answers = {model: [Answer(text, generated[model], True) for text in rows] for model, rows in texts.items()}
     scored = {model: score_answers(chat, FINQA, rows) for model, rows in answers.items()}
     assert [s.value for s in scored["tuned"]] == [-16.0, pytest.approx(0.136), "no", 4600.0]
     assert [s.right for s in scored["tuned"]] == [True, True, False, True]
@@ -130,6 +131,7 @@ def test_numeric_metrics_per_model_on_every_and_on_the_clean_items(chat: Chat) -
     assert metrics["finqa_tuned_extraction_failure_rate"] == 0.0 and metrics["finqa_base_answer_tokens"] == 0.0
     assert metrics["finqa_base_think_tokens"] > metrics["finqa_tuned_think_tokens"] > 0
     assert {"finqa_tuned_clean_think_tokens", "finqa_base_clean_answer_tokens"} <= set(metrics)
+    assert (metrics["finqa_base_generated_tokens"], metrics["finqa_tuned_clean_generated_tokens"]) == (30.0, 12.0)
 
     (first,) = numeric_samples(FINQA, answers, scored, limit=1)
     assert first == {

@@ -3,7 +3,7 @@ reasoning freely up to the benchmark's `max_new_tokens` (greedy, batched: `answe
 the text after the reasoning block, read as a number (`numbers.extract`) and scored against the reference within
 the benchmark's relative tolerance (`numbers.correct`). Reported per model: accuracy, the share of answers with no
 value to read (extraction failures, reasoning cut short included), the mean reasoning and final-answer lengths in
-tokens; on every item and on the clean items alone."""
+tokens and the mean tokens generated (what the answers cost); on every item and on the clean items alone."""
 
 from __future__ import annotations
 
@@ -45,29 +45,32 @@ class Scored:
     right: bool  # within the tolerance of the reference
     think_tokens: int  # tokens of the reasoning text
     answer_tokens: int  # tokens of the final answer text
+    generated_tokens: int  # tokens the model generated, end-of-sequence included (`Answer.tokens`)
 
 
 def score_answers(chat: Chat, bench: Benchmark, answers: list[Answer]) -> list[Scored]:
-    """Each generated answer's value, whether it is right, and its reasoning and final-answer lengths."""
+    """Each generated answer's value, whether it is right, its reasoning and final-answer lengths, and the tokens
+    generated."""
     opened = chat.think == "empty_block"
     parts = [split_generated(answer.text, opened) for answer in answers]
     lengths = [len(ids) for ids in token_ids(chat.tokenizer, [text for pair in parts for text in pair])]
     out = []
-    for i, (row, (_, final)) in enumerate(zip(bench.rows, parts, strict=True)):
+    for i, (row, answer, (_, final)) in enumerate(zip(bench.rows, answers, parts, strict=True)):
         value = extract(final, yes_no=isinstance(row["answer"], str))
         right = correct(value, row["answer"], bench.rel_tolerance)
-        out.append(Scored(value, right, lengths[2 * i], lengths[2 * i + 1]))
+        out.append(Scored(value, right, lengths[2 * i], lengths[2 * i + 1], answer.tokens))
     return out
 
 
 def numeric_scores(scored: list[Scored]) -> dict[str, float]:
-    """Accuracy, extraction-failure rate, mean reasoning and final-answer tokens of some scored answers."""
+    """Accuracy, extraction-failure rate, and mean reasoning, final-answer and generated tokens of some answers."""
     n = len(scored)
     return {
         "accuracy": sum(s.right for s in scored) / n,
         "extraction_failure_rate": sum(s.value is None for s in scored) / n,
         "think_tokens": sum(s.think_tokens for s in scored) / n,
         "answer_tokens": sum(s.answer_tokens for s in scored) / n,
+        "generated_tokens": sum(s.generated_tokens for s in scored) / n,
     }
 
 
