@@ -107,11 +107,11 @@ def plan(
     """Checkpointing and micro-batch for this GPU: no checkpointing if any micro-batch fits without it, then the
     largest micro-batch that fits. Settings that are not `auto` are kept; the effective batch always is.
 
-    What fits is also what is fastest, as measured on an H200 with padding-free batches of the real length mix: on
-    the 8B shape micro-batches of 8 ran at 11,300-13,000 tokens/s where 4 ran at 7,900 (BENCHMARKS.md; on the 1.5B
-    shape the largest, 16 in one pass, gave 37,600, and smaller ones were not timed on the same code). Packing is
-    not chosen here: it would change how many conversations a step holds and their order, for 1-4 % (within the
-    spread between machines).
+    The largest is chosen to fill the card, not for a measured speed-up: the one comparison of two sizes with the
+    same settings (8B shape, H100, BENCHMARKS.md session 3) gave 11,745 tokens/s for 8 in one pass and 12,440 for
+    4 x 2; on an H200 the sizes chosen so ran at 15,625 (8B, 8 x 2) and 37,583 (1.5B, 16 in one pass: sessions 10
+    and 11). Packing is not chosen here: it would change how many conversations a step holds and their order, for
+    1-4 % (within the spread between machines).
 
     `plan(Shape(4096, 32, 14336, 32, 8, 128256, False), 80 * GIB, False, "auto", "auto", 2, 4, 2048)`
     -> `Plan(use_gradient_checkpointing=False, per_device_train_batch_size=4, gradient_accumulation_steps=2)`.
