@@ -1,12 +1,14 @@
 """What `perf.train_speed` trains with and measures in each run: the settings (params.yaml's sections, the shape's
-folder as the model, the script's batch and steps), the step clock, peak memory, the LoRA the model carries, and
-the profile of a few steps."""
+folder as the model, the script's batch and steps), the step clock, peak memory, the caching allocator, the LoRA the
+model carries, and the profile of a few steps."""
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +90,20 @@ class StepClock:
         self.pending = (0, 0)
 
     def summary(self, warmup: int) -> dict[str, float]:
-        """Effective tokens/s and padding share over the steps after the first `warmup`."""
+        """Effective tokens/s and padding share over the steps after the first `warmup`, and the slowest and median
+        of those steps' seconds (a stall shows as one step far over the median)."""
         assert len(self.step_ends) > warmup >= 1, f"{len(self.step_ends)} steps timed: need more than --warmup {warmup}"
         seconds = self.step_ends[-1] - self.step_ends[warmup - 1]
         timed = self.steps[warmup:]
         real, positions = sum(r for r, _ in timed), sum(p for _, p in timed)
-        return {"tokens_per_s": real / seconds, "padding_share": 1 - real / positions, "seconds": seconds}
+        durations = [end - start for start, end in pairwise(self.step_ends[warmup - 1 :])]
+        return {
+            "tokens_per_s": real / seconds,
+            "padding_share": 1 - real / positions,
+            "seconds": seconds,
+            "slowest_step_s": max(durations),
+            "median_step_s": statistics.median(durations),
+        }
 
 
 def clocked(trainer: Any) -> StepClock:
@@ -122,6 +132,17 @@ def peak_gib() -> float:
     import torch
 
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def allocator() -> dict[str, float]:
+    """What PyTorch's caching allocator did in this process: the most it held from the GPU (GiB) and how often a
+    cudaMalloc failed and it freed its cache to retry (each one a device-wide synchronisation); zeros on the CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"reserved_gib": 0.0, "alloc_retries": 0}
+    stats = torch.cuda.memory_stats()
+    return {"reserved_gib": stats["reserved_bytes.all.peak"] / 2**30, "alloc_retries": stats["num_alloc_retries"]}
 
 
 PROFILED_STEPS = (5, 7)  # the profiler's window (`profiled`): steady, after the first log and allocations

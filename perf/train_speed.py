@@ -48,7 +48,17 @@ from finetune.model.load import ModelConfig
 from finetune.training.distributed import launcher
 from perf.shapes import child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
-from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, peak_gib, profiled, step_losses
+from perf.train_measure import (
+    PROFILED_STEPS,
+    Configs,
+    allocator,
+    clocked,
+    configs,
+    lora_ran,
+    peak_gib,
+    profiled,
+    step_losses,
+)
 from perf.train_table import combined, header, median_run, table
 
 
@@ -195,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(loaded, data, settings | {"profile": args.profile}, work)
         summary = result.pop("clock").summary(args.warmup)
         rank = os.environ.get("RANK", "0")
-        (work / f"{args.child}.{args.child_lora}.rank{rank}.json").write_text(json.dumps(result | summary))
+        (work / f"{args.child}.{args.child_lora}.rank{rank}.json").write_text(
+            json.dumps(result | summary | allocator())
+        )
         return 0
 
     import torch

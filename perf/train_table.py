@@ -15,12 +15,16 @@ PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on this workplace's H100/
 
 def combined(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from every process's result: tokens/s summed (the steps are synchronised, so the timed windows
-    match), padding share averaged, the largest peak memory and time, rank 0's settings."""
+    match), padding share averaged, the largest peak memory, time, step and allocator retries, rank 0's settings."""
     return ranks[0] | {
         "tokens_per_s": sum(r["tokens_per_s"] for r in ranks),
         "padding_share": sum(r["padding_share"] for r in ranks) / len(ranks),
         "peak_gib": max(r["peak_gib"] for r in ranks),
         "seconds": max(r["seconds"] for r in ranks),
+        "slowest_step_s": max(r["slowest_step_s"] for r in ranks),
+        "median_step_s": max(r["median_step_s"] for r in ranks),
+        "reserved_gib": max(r["reserved_gib"] for r in ranks),
+        "alloc_retries": max(r["alloc_retries"] for r in ranks),
     }
 
 
@@ -74,8 +78,9 @@ def table(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace,
 
     lines = [
         f"| setup | processes | settings | effective tokens/s (median of {args.repeat}) | each run | × 1 process "
-        "| padding share | MFU per GPU | peak GiB | timed s | loss vs 1 process |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| padding share | MFU per GPU | peak GiB (allocated / reserved) | timed s | slowest / median step s "
+        "| allocator retries | loss vs 1 process |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for setup, count, r in rows:
         single = next((one for name, n, one in rows if name == setup and n == 1), None)
@@ -86,6 +91,7 @@ def table(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace,
         each = " ".join(f"{tokens:,.0f}" for tokens in r["each"])
         lines.append(
             f"| {setup} | {count} | {described_settings} | {r['tokens_per_s']:,.0f} | {each} | {speedup} "
-            f"| {r['padding_share']:.1%} | {mfu} | {r['peak_gib']:.1f} | {r['seconds']:.1f} | {apart} |"
+            f"| {r['padding_share']:.1%} | {mfu} | {r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | {r['seconds']:.1f} "
+            f"| {r['slowest_step_s']:.2f} / {r['median_step_s']:.2f} | {r['alloc_retries']} | {apart} |"
         )
     return lines
