@@ -21,12 +21,20 @@ SERVER = {
 }
 
 
-def test_the_server_gets_its_auth_config_from_the_environment_and_no_secret_in_it(tmp_path: Path) -> None:
+def test_the_server_gets_its_auth_config_from_the_environment_and_no_secret_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.server.auth.config import read_auth_config
+
     env = server_environment(SERVER, tmp_path)
     config = Path(env["MLFLOW_AUTH_CONFIG_PATH"]).read_text()
-    assert "database_uri = postgresql://mlflow@db.example.com:5432/mlflow_auth" in config
-    assert "default_permission = EDIT" in config
     assert "admin-password" not in config and "csrf-key" not in config
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", env["MLFLOW_AUTH_CONFIG_PATH"])
+    read = read_auth_config()  # as the server's auth app reads it
+    assert read.database_uri == "postgresql://mlflow@db.example.com:5432/mlflow_auth"
+    assert read.default_permission == "EDIT"
+    assert read.authorization_function == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert read.auth_cache_ttl_seconds == 60  # a checked user and password trusted for a minute, not hashed again
 
 
 @pytest.mark.parametrize(

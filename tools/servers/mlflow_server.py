@@ -15,10 +15,17 @@ from tools.servers.process import LOOPBACK, Service, ServiceError, start
 # every user may read and write every experiment and registered model: the team shares one experiment
 DEFAULT_PERMISSION = "EDIT"
 
+# how long a worker of the server trusts a user and password it has checked: each check is a scrypt hash, ~0.13
+# CPU-s, and every request of a training (its metrics each step, its system metrics, each artifact) carries them;
+# a changed password or a deleted user is refused at once by the worker that made the change, by the others after
+# at most this long (MLflow's `auth_cache_ttl_seconds`)
+AUTH_CACHE_SECONDS = 60
+
 AUTH_CONFIG = """[mlflow]
 default_permission = {permission}
 database_uri = {database_uri}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = {cache_seconds}
 """
 
 
@@ -70,7 +77,11 @@ def server_environment(environ: Mapping[str, str], folder: Path) -> dict[str, st
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "basic_auth.ini"
     config.write_text(
-        AUTH_CONFIG.format(permission=DEFAULT_PERMISSION, database_uri=environ["MLFLOW_AUTH_DATABASE_URI"]),
+        AUTH_CONFIG.format(
+            permission=DEFAULT_PERMISSION,
+            database_uri=environ["MLFLOW_AUTH_DATABASE_URI"],
+            cache_seconds=AUTH_CACHE_SECONDS,
+        ),
         encoding="utf-8",
     )
     return dict(environ) | {"MLFLOW_AUTH_CONFIG_PATH": str(config)}
