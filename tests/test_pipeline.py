@@ -411,6 +411,8 @@ def test_experiment_with_rank_8_reruns_train_and_evaluate_only(repo: Path, rank_
 @pytest.fixture(scope="module")
 def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
     """`make mlflow-ui`'s command on a free loopback port; yields the runs page it prints."""
+    import psutil
+
     log = repo / "mlflow-ui.log"
     port = free_port()
     with log.open("w") as out:
@@ -432,6 +434,9 @@ def mlflow_ui(repo: Path, rank_8: str) -> Iterator[str]:
                 pass
             assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(1)
+        # one server process (`--workers 1`): `mlflow ui` alone would start uvicorn with four workers under it
+        serving = [process.cmdline()[1:3] for process in psutil.Process(server.pid).children(recursive=True)]
+        assert serving == [["-m", "uvicorn"]], serving
         yield log.read_text().splitlines()[0].split(": ", 1)[1]
     finally:
         server.terminate()
