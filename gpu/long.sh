@@ -28,7 +28,7 @@ echo \$rc > '$status'" < /dev/null > /dev/null 2>&1 &
   wait)
     [ -e "$log" ] || { echo "long.sh wait $name: never started here (no $log)" >&2; exit 2; }
     deadline=$((SECONDS + ${3:-570}))
-    while [ ! -e "$status" ] && [ $SECONDS -lt $deadline ]; do sleep 5; done
+    while [ ! -e "$status" ] && [ $SECONDS -lt $deadline ]; do sleep 1; done  # seen within a second of its end
     tail -n 40 "$log"
     if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/$name.log"; fi
     if [ -e "$status" ]; then exit 0; fi
