@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from perf.train_measure import Configs, StepClock, clocked, lora_ran, peak_gib, step_losses
+from perf.train_measure import Configs, StepClock, clocked, lora_ran, step_losses
 
 
 def run_bare(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -68,7 +68,7 @@ def run_bare(configs: Configs, data: list, settings: dict[str, Any], work: Path)
         "gradient_accumulation_steps": split.gradient_accumulation_steps,
     }
     ran = {"lora": lora_ran(model), "max_seq_length": max_length}
-    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": step_losses(trainer)} | ran
+    return {"clock": clock, "settings": chosen, "losses": step_losses(trainer)} | ran
 
 
 def run_plain(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -128,4 +128,4 @@ def run_plain(configs: Configs, data: list, settings: dict[str, Any], work: Path
         clock.tick()
     chosen = {"load_in_4bit": True, "use_gradient_checkpointing": True, "per_device_train_batch_size": batch}
     ran = {"lora": lora_ran(model), "max_seq_length": max_length}
-    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": []} | ran
+    return {"clock": clock, "settings": chosen, "losses": []} | ran

@@ -1,6 +1,6 @@
 """What `perf.train_speed` trains with and measures in each run: the settings (params.yaml's sections, the shape's
-folder as the model, the script's batch and steps), the step clock, peak memory, the caching allocator, the LoRA the
-model carries, and the profile of a few steps."""
+folder as the model, the script's batch and steps), the step clock, the GPU memory it took, the LoRA the model
+carries, and the profile of a few steps."""
 
 from __future__ import annotations
 
@@ -127,22 +127,20 @@ def step_losses(trainer: Any) -> list[float]:
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
-def peak_gib() -> float:
-    """Peak GPU memory allocated by this process (each setup runs in a fresh one), or 0 on the CPU."""
-    import torch
-
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-
-
-def allocator() -> dict[str, float]:
-    """What PyTorch's caching allocator did in this process: the most it held from the GPU (GiB) and how often a
-    cudaMalloc failed and it freed its cache to retry (each one a device-wide synchronisation); zeros on the CPU."""
+def memory() -> dict[str, float]:
+    """What this process took from the GPU (each setup runs in a fresh one): the peak allocated and the most PyTorch's
+    caching allocator reserved (GiB), and how often a cudaMalloc failed and it freed its cache to retry (each one a
+    device-wide synchronisation); zeros on the CPU."""
     import torch
 
     if not torch.cuda.is_available():
-        return {"reserved_gib": 0.0, "alloc_retries": 0}
+        return {"peak_gib": 0.0, "reserved_gib": 0.0, "alloc_retries": 0}
     stats = torch.cuda.memory_stats()
-    return {"reserved_gib": stats["reserved_bytes.all.peak"] / 2**30, "alloc_retries": stats["num_alloc_retries"]}
+    return {
+        "peak_gib": stats["allocated_bytes.all.peak"] / 2**30,
+        "reserved_gib": stats["reserved_bytes.all.peak"] / 2**30,
+        "alloc_retries": stats["num_alloc_retries"],
+    }
 
 
 PROFILED_STEPS = (5, 7)  # the profiler's window (`profiled`): steady, after the first log and allocations

@@ -51,11 +51,10 @@ from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import (
     PROFILED_STEPS,
     Configs,
-    allocator,
     clocked,
     configs,
     lora_ran,
-    peak_gib,
+    memory,
     profiled,
     step_losses,
 )
@@ -124,7 +123,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     else:
         trainer.train()
     ran = {"lora": lora_ran(model), "max_seq_length": model_config.max_seq_length}
-    return {"clock": clock, "peak_gib": peak_gib(), "settings": chosen, "losses": step_losses(trainer)} | ran
+    return {"clock": clock, "settings": chosen, "losses": step_losses(trainer)} | ran
 
 
 EXPANDABLE = "expandable_segments:True"
@@ -205,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         result = run(loaded, data, settings | {"profile": args.profile}, work)
         summary = result.pop("clock").summary(args.warmup)
         rank = os.environ.get("RANK", "0")
-        (work / f"{args.child}.{args.child_lora}.rank{rank}.json").write_text(
-            json.dumps(result | summary | allocator())
-        )
+        (work / f"{args.child}.{args.child_lora}.rank{rank}.json").write_text(json.dumps(result | summary | memory()))
         return 0
 
     import torch
