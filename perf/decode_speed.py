@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finetune.config.cli import exit_without_collecting
 from finetune.config.params import load
 from perf.shapes import child_environment, described, ensure, integers, passed_on
 
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     model_dir = work / args.shape
     if args.child:  # in its own process: unsloth patches transformers when imported
+        exit_without_collecting()
         print("\n".join(measure(args, model_dir)))
         return 0
     import subprocess

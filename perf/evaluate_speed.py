@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from finetune.config.cli import exit_without_collecting
 from finetune.config.params import load
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
 from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--make-adapter", nargs=2, type=Path, help=argparse.SUPPRESS)  # internal: PARAMS OUT
     args = parser.parse_args(argv)
     if args.make_adapter:  # in its own process: unsloth patches transformers when imported
+        exit_without_collecting()
         make_adapter(*args.make_adapter)
         return
     if args.benchmark_items != "real" and not (args.benchmark_items.isdigit() and int(args.benchmark_items) >= 1):

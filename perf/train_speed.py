@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from finetune.config.cli import exit_without_collecting
 from finetune.model import fit
 from finetune.model.load import ModelConfig
 from finetune.training.distributed import launcher
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = work / args.shape
 
     if args.child:  # one setup, in this process (one of `--processes` under torchrun)
+        exit_without_collecting()
         run, settings = SETUPS[args.child]
         data = conversations(args.lengths, args.batch * args.steps)
         loaded = configs(args.params, model_dir, args.batch, args.steps)

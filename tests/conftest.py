@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from finetune.config.cli import exit_without_collecting
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample" / "finance_instruct_sample.jsonl"
 FAST = "not slow"  # the marker expression of `make test-fast`
@@ -38,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     if config.getoption("markexpr") != FAST:
         import unsloth  # noqa: F401  # first: it patches transformers, trl and peft
+
+        exit_without_collecting()  # a worker's end, the suite's last seconds, as quick as a stage's
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,19 @@ def test_stages_holds_the_stages_alone_and_the_library_imports_none(root: Path) 
 def test_the_optional_export_stage_runs_from_the_repo_root(root: Path) -> None:
     definition = yaml.safe_load((root / "export/dvc.yaml").read_text())["stages"]["export"]
     assert definition["wdir"] == ".."  # paths relative to the repo root, like dvc.yaml's
+
+
+def test_a_stages_command_line_freezes_its_objects_before_the_other_exit_handlers_run(root: Path) -> None:
+    # so that the interpreter's last collections skip them (~3 s of a demo stage) while the handlers still run
+    code = (
+        "import atexit, gc, sys\n"
+        "from finetune.config import cli\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "sys.argv = ['stage', '--out', 'x']\n"
+        "print(cli.arguments('A stage.', out='a folder'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True).stdout
+    assert "'out': PosixPath('x')" in out and out.rstrip().endswith("frozen at exit: True"), out
 
 
 @pytest.mark.parametrize("section", list(CONFIGS))
