@@ -84,7 +84,8 @@ def setup_model(model: ModelConfig, settings: dict[str, Any]) -> ModelConfig:
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
     `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
-    `finetune.model.fit.fit_to_machine`, as the stage decides them)."""
+    `finetune.model.fit.fit_to_machine`, as the stage decides them); `compile_padding_free` runs the experiment of
+    `perf.compiled_blocks`."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -94,6 +95,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     from finetune.tokens.encode import tokenized
     from finetune.training.distributed import World
     from finetune.training.trainer import build_trainer
+    from perf.compiled_blocks import compile_padding_free_blocks
 
     model_config = setup_model(configs.model, settings)
     lora = dataclasses.replace(
@@ -114,6 +116,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     print(f"settings: {chosen}", flush=True)
     apply_speed_patches()
     model, tokenizer = load_base(model_config, world.gpu)
+    if settings.get("compile_padding_free"):
+        print(f"padding-free batches into the compiled blocks of: {', '.join(compile_padding_free_blocks(model))}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
@@ -135,6 +139,8 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
     "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
     "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into full-length rows
+    # an experiment: padding-free batches through unsloth's compiled decoder blocks (perf/compiled_blocks.py)
+    "project-auto-compiled": (run_project, AUTO | {"compile_padding_free": True}),
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
     # PyTorch's caching allocator growing its segments instead of retrying cudaMalloc when padding-free batches of
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
