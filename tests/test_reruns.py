@@ -80,12 +80,10 @@ RERUNS = {
     **{f"tools/servers/{name}.py": NONE for name in ("__main__", "process", "s3", "postgres", "mlflow_server", "team")},
     **{
         f"perf/{name}.py": NONE
-        for name in ("contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps", "stand_ins")
+        for name in ("compiled_blocks", "contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps")
     },
-    **{
-        f"perf/{name}.py": NONE
-        for name in ("quantized", "shapes", "train_baselines", "train_measure", "train_speed", "train_table")
-    },
+    **{f"perf/{name}.py": NONE for name in ("quantized", "shapes", "stand_ins", "train_baselines", "train_measure")},
+    **{f"perf/{name}.py": NONE for name in ("train_speed", "train_table")},
 }
 
 
