@@ -242,17 +242,15 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
 
     params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
     arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
-    setups = "project,project-auto-compiled"  # and the experiment's patch of unsloth, which on the CPU changes nothing
-    status = main([*arguments, "--setups", setups, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
+    # the experiment's setup: its patch of unsloth applies on the CPU too, where unsloth compiles no block
+    setup = "project-auto-compiled"
+    status = main([*arguments, "--setups", setup, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
     out, err = capfd.readouterr()
     assert status == 0, out[-3000:] + err[-5000:]
     # r and targets from all-r16, alpha and dropout from the settings file
     assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
-    assert "| project (all-r16) | 1 | " in out and "LoRA r 8" not in out
+    assert "| project-auto-compiled (all-r16) | 1 | " in out and "LoRA r 8" not in out
     assert "padding-free batches into the compiled blocks of: LlamaDecoderLayer" in out
-    assert "| project-auto-compiled (all-r16) | 1 | " in out
-    losses = dict(line.split(" on 1: ") for line in out.splitlines() if line.startswith("loss per step, "))
-    assert losses["loss per step, project-auto-compiled (all-r16)"] == losses["loss per step, project (all-r16)"]
 
 
 def test_train_speed_refuses_an_unknown_setup_or_lora_and_a_profile_too_short() -> None:
