@@ -80,10 +80,11 @@ RERUNS = {
     **{f"tools/servers/{name}.py": NONE for name in ("__main__", "process", "s3", "postgres", "mlflow_server", "team")},
     **{
         f"perf/{name}.py": NONE
-        for name in ("compiled_blocks", "contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps")
+        for name in (
+            *("compiled_blocks", "contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps"),
+            *("quantized", "shapes", "stand_ins", "train_baselines", "train_measure", "train_speed", "train_table"),
+        )
     },
-    **{f"perf/{name}.py": NONE for name in ("quantized", "shapes", "stand_ins", "train_baselines", "train_measure")},
-    **{f"perf/{name}.py": NONE for name in ("train_speed", "train_table")},
 }
 
 
