@@ -13,6 +13,8 @@ compiled padded blocks were ~5 % faster per position than the eager padding-free
   `get_packed_info_from_kwargs` computes once a micro-batch (it caches them on the lengths tensor);
 - inside the block, unsloth's attention takes them from that keyword instead of reading the lengths itself.
 unsloth compiles no block on the CPU: there the wrapped forward runs as it is, and the setup trains as `project-auto`.
+On the 8B shape (BENCHMARKS.md, session 21) every layer trained compiled with the eager losses, but the blocks compile
+again on nearly every micro-batch: unsloth's packing helpers, traced inside, read host caches that dynamo guards on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 def compile_padding_free_blocks(model: Any) -> list[str]:
     """Patch unsloth so that `model`'s decoder blocks compile for padding-free batches too; call it after loading the
     base and before `get_peft_model`, which compiles the blocks. Returns the names of the classes wrapped."""
+    import torch
     import unsloth.models.llama as llama  # first: unsloth.utils' modules import each other through it
     from unsloth.utils import hf_packed_attention, packing
 
@@ -30,7 +33,11 @@ def compile_padding_free_blocks(model: Any) -> list[str]:
     read = packing.get_packed_info_from_kwargs
 
     def block_seq_info(layer: Any, hidden_states: Any, kwargs: dict[str, Any]) -> Any:  # eager, before a block
-        return read(kwargs, hidden_states.device)
+        info = read(kwargs, hidden_states.device)
+        # the segment count changes every micro-batch: one graph for all of them, as unsloth marks its own
+        for tensor in (kwargs["packed_seq_lengths"], *(info[:2] if info is not None else ())):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return info
 
     def seq_info(kwargs: dict[str, Any], device: Any, position_ids: Any = None) -> Any:  # in a block, or outside
         given = kwargs.get(keyword)
@@ -42,6 +49,30 @@ def compile_padding_free_blocks(model: Any) -> list[str]:
     for cls in classes:
         cls.forward = wrapped(cls.forward)
     return sorted(cls.__name__ for cls in classes)
+
+
+def compiled_layers(model: Any) -> tuple[int, int]:
+    """(decoder layers whose training forward ran compiled, decoder layers): `_block_compile` marks a layer's
+    `_unsloth_block_checked` bit 2 once its grad-mode compiled call succeeded, and demotes a layer that failed to
+    compile to the stock forward (`_unsloth_block_mode` 0)."""
+    layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
+    trained = [layer.__dict__.get("_unsloth_block_checked", 0) & 2 for layer in layers]
+    kept = [layer.__dict__.get("_unsloth_block_mode") for layer in layers]
+    compiled = sum(1 for grad_mode_ran, mode in zip(trained, kept, strict=True) if grad_mode_ran and mode)
+    return compiled, len(layers)
+
+
+def recompile_reasons() -> dict[str, int]:
+    """Why `torch.compile` compiled a function again in this process: each distinct first reason that dynamo recorded
+    when a compiled graph's guards failed (`guard_failures`, kept whatever the log settings), and how often."""
+    from collections import Counter
+
+    from torch._dynamo.utils import guard_failures
+
+    # each reason reads "<compile id>: <guard that failed>", the id differs from one recompile to the next
+    lines = (reason.split(": ", 1)[-1].splitlines()[0] for failed in guard_failures.values() for reason in failed)
+    reasons = (" ".join(line.split()) for line in lines)  # the guard's code, then its source after runs of spaces
+    return dict(Counter(reasons).most_common())
 
 
 def wrapped(original: Any) -> Any:

@@ -95,7 +95,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     from finetune.tokens.encode import tokenized
     from finetune.training.distributed import World
     from finetune.training.trainer import build_trainer
-    from perf.compiled_blocks import compile_padding_free_blocks
+    from perf.compiled_blocks import compile_padding_free_blocks, compiled_layers, recompile_reasons
 
     model_config = setup_model(configs.model, settings)
     lora = dataclasses.replace(
@@ -127,6 +127,10 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         profiled(trainer, work / "trace.json.gz")
     else:
         trainer.train()
+    compiled, layers = compiled_layers(model)
+    print(f"decoder layers that trained compiled (unsloth's block compile, CUDA only): {compiled} of {layers}")
+    for reason, count in recompile_reasons().items():
+        print(f"recompiled {count}x, guard failed: {reason[:300]}")
     ran = {"lora": lora_ran(model), "max_seq_length": model_config.max_seq_length}
     return {"clock": clock, "settings": chosen, "losses": step_losses(trainer)} | ran
 

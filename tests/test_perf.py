@@ -251,6 +251,26 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
     assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
     assert "| project-auto-compiled (all-r16) | 1 | " in out and "LoRA r 8" not in out
     assert "padding-free batches into the compiled blocks of: LlamaDecoderLayer" in out
+    assert "decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2" in out
+
+
+def test_the_train_speed_report_counts_each_recompile_by_the_guard_that_failed() -> None:
+    import torch
+
+    from perf.compiled_blocks import recompile_reasons
+
+    def scaled(x: torch.Tensor, factor: int) -> torch.Tensor:
+        return x * factor
+
+    compiled = torch.compile(scaled, backend="eager", dynamic=False)  # every new int is a new graph
+    before = recompile_reasons()
+    for factor in (2, 3, 4, 3):
+        assert compiled(torch.ones(2), factor).tolist() == [factor, factor]
+    new = {reason: count - before.get(reason, 0) for reason, count in recompile_reasons().items()}
+    failed = {reason: count for reason, count in new.items() if count and "factor" in reason}
+    # the calls with 3 and 4 each compiled again (the last 3 reused its graph), each naming the int it was built for
+    assert sum(failed.values()) >= 2, recompile_reasons()
+    assert all("\n" not in reason and not reason[0].isdigit() for reason in failed), failed
 
 
 def test_train_speed_refuses_an_unknown_setup_or_lora_and_a_profile_too_short() -> None:
