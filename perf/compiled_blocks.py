@@ -9,12 +9,16 @@ compiled padded blocks were ~5 % faster per position than the eager padding-free
 - each decoder layer class's forward is wrapped in a function of this module: `_block_compile` keeps eager only the
   forwards defined in `unsloth.models`;
 - the hook that `_block_compile` calls eagerly before each compiled block (`hf_packed_attention.block_varlen_kwargs`,
-  there for transformers' own forwards) returns unsloth's `(lengths, cu_seqlens, max_seqlen)` of the row, which
-  `get_packed_info_from_kwargs` computes once a micro-batch (it caches them on the lengths tensor);
-- inside the block, unsloth's attention takes them from that keyword instead of reading the lengths itself.
+  there for transformers' own forwards) returns the row's `(lengths, cu_seqlens, max_seqlen)`, computed there on the
+  host once a micro-batch (unsloth caches them on the lengths tensor), cu_seqlens covering any pad tail, the segment
+  count marked dynamic;
+- inside the block, unsloth's attention takes them from that keyword instead of reading the lengths itself, and runs
+  them as one call of aten's flash varlen kernel (unsloth's `_flash_varlen`, what its compiled blocks run for
+  transformers' forwards): its own packed path would read the lengths on the host (`packed_segment_lengths`, a tuple
+  of ints) and make a graph for each new set of lengths.
 unsloth compiles no block on the CPU: there the wrapped forward runs as it is, and the setup trains as `project-auto`.
-On the 8B shape (BENCHMARKS.md, session 21) every layer trained compiled with the eager losses, but the blocks compile
-again on nearly every micro-batch: unsloth's packing helpers, traced inside, read host caches that dynamo guards on.
+On the 8B shape (BENCHMARKS.md, session 21), before the last point, every layer trained compiled with the eager
+losses, but the blocks compiled again on nearly every micro-batch, each time on a host cache of those packing helpers.
 """
 
 from __future__ import annotations
@@ -31,20 +35,45 @@ def compile_padding_free_blocks(model: Any) -> list[str]:
 
     keyword = hf_packed_attention.BLOCK_VARLEN_KWARG
     read = packing.get_packed_info_from_kwargs
+    run_attention = llama.run_attention
+    flash_varlen = hf_packed_attention._flash_varlen
 
     def block_seq_info(layer: Any, hidden_states: Any, kwargs: dict[str, Any]) -> Any:  # eager, before a block
         info = read(kwargs, hidden_states.device)
+        if info is None:
+            return None
+        cu_seqlens, max_seqlen = packing.cover_padded_cu_seqlens(info, hidden_states.shape[0] * hidden_states.shape[1])
         # the segment count changes every micro-batch: one graph for all of them, as unsloth marks its own
-        for tensor in (kwargs["packed_seq_lengths"], *(info[:2] if info is not None else ())):
+        for tensor in (kwargs["packed_seq_lengths"], info[0], cu_seqlens):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return info
+        return info[0], cu_seqlens, int(max_seqlen)
 
     def seq_info(kwargs: dict[str, Any], device: Any, position_ids: Any = None) -> Any:  # in a block, or outside
         given = kwargs.get(keyword)
         return given if given is not None else read(kwargs, device, position_ids)
 
+    def attention(*, config: Any, context: Any, Q: Any, K: Any, V: Any) -> Any:
+        given = context.seq_info
+        one_flash_call = (
+            torch.compiler.is_compiling()
+            and given is not None
+            and context.attention_mask is None
+            and context.prefix_seg_info is None
+            and context.is_causal
+            and context.sliding_window is None
+            and Q.shape[0] == 1
+            and context.q_len == context.kv_seq_len
+            and not (config.flash_varlen_kwargs or {}).get("softcap")
+        )
+        if not one_flash_call:
+            return run_attention(config=config, context=context, Q=Q, K=K, V=V)
+        # (1, heads, tokens, head dim) in, (1, tokens, heads, head dim) out; K/V heads grouped as they are
+        out = flash_varlen(Q, K, V, given[1], given[2], context.head_dim**-0.5, None)
+        return out.view(context.bsz, context.q_len, context.n_heads, context.head_dim)
+
     hf_packed_attention.block_varlen_kwargs = block_seq_info
     llama.get_packed_info_from_kwargs = seq_info
+    llama.run_attention = attention
     classes = {type(module) for module in model.modules() if type(module).__name__.endswith("DecoderLayer")}
     for cls in classes:
         cls.forward = wrapped(cls.forward)
