@@ -46,7 +46,8 @@ from typing import Any
 from finetune.config.cli import exit_without_collecting
 from finetune.model import fit
 from finetune.model.load import ModelConfig
-from finetune.training.distributed import launcher
+from finetune.training.config import LoraConfig, TrainConfig
+from finetune.training.distributed import World, launcher
 from perf.shapes import child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import (
@@ -81,6 +82,27 @@ def setup_model(model: ModelConfig, settings: dict[str, Any]) -> ModelConfig:
     return dataclasses.replace(model, load_in_4bit=settings.get("load_in_4bit", model.load_in_4bit))
 
 
+def setup_configs(
+    configs: Configs, settings: dict[str, Any], world: World
+) -> tuple[ModelConfig, LoraConfig, TrainConfig]:
+    """The model, LoRA and train configs a project setup trains with, as the train stage decides them: `settings` over
+    `configs`, the batch split over `world`'s processes (under torchrun, `--processes`), then `auto` ones fitted to
+    this machine (`finetune.model.fit.fit_to_machine`)."""
+    lora = dataclasses.replace(
+        configs.lora,
+        use_gradient_checkpointing=settings.get("use_gradient_checkpointing", configs.lora.use_gradient_checkpointing),
+    )
+    config = dataclasses.replace(
+        configs.train,
+        micro_batch_size=settings.get("micro_batch_size", configs.train.micro_batch_size),
+        padding_free=settings.get("padding_free", configs.train.padding_free),
+        packing=settings.get("packing", configs.train.packing),
+        train_sampling_strategy=settings.get("sampling", configs.train.train_sampling_strategy),
+    )
+    config = fit.split_batch_over_processes(config, world)
+    return fit.fit_to_machine(setup_model(configs.model, settings), lora, config)
+
+
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
     `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
@@ -93,25 +115,11 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     from finetune.model.patches import apply_speed_patches
     from finetune.tokens.chat import Chat
     from finetune.tokens.encode import tokenized
-    from finetune.training.distributed import World
     from finetune.training.trainer import build_trainer
     from perf.compiled_blocks import compile_padding_free_blocks, compiled_layers, recompile_reasons
 
-    model_config = setup_model(configs.model, settings)
-    lora = dataclasses.replace(
-        configs.lora,
-        use_gradient_checkpointing=settings.get("use_gradient_checkpointing", configs.lora.use_gradient_checkpointing),
-    )
-    config = dataclasses.replace(
-        configs.train,
-        micro_batch_size=settings.get("micro_batch_size", configs.train.micro_batch_size),
-        padding_free=settings.get("padding_free", configs.train.padding_free),
-        packing=settings.get("packing", configs.train.packing),
-        train_sampling_strategy=settings.get("sampling", configs.train.train_sampling_strategy),
-    )
     world = World.from_environ(dict(os.environ))  # under torchrun (`--processes`): each takes its share of the batch
-    config = fit.split_batch_over_processes(config, world)
-    model_config, lora, config = fit.fit_to_machine(model_config, lora, config)
+    model_config, lora, config = setup_configs(configs, settings, world)
     chosen = {key.removeprefix("fit."): value for key, value in fit.fit_tags(model_config, lora, config).items()}
     print(f"settings: {chosen}", flush=True)
     apply_speed_patches()
@@ -143,6 +151,9 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-auto": (run_project, AUTO),  # every `auto` setting, fitted to the GPU
     "project-auto-padded": (run_project, AUTO | {"padding_free": False}),  # padded, unsloth's per-block compile
     "project-auto-packed": (run_project, AUTO | {"packing": True}),  # conversations packed into full-length rows
+    # every conversation of a step in one micro-batch, no checkpointing: what an `auto` micro-batch sized by the data's
+    # tokens, not by `max_seq_length`-long conversations, would take where a step's tokens fit (an experiment)
+    "project-auto-one-pass": (run_project, {"load_in_4bit": "auto", "use_gradient_checkpointing": False}),
     # an experiment: padding-free batches through unsloth's compiled decoder blocks (perf/compiled_blocks.py)
     "project-auto-compiled": (run_project, AUTO | {"compile_padding_free": True}),
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly

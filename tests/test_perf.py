@@ -254,6 +254,23 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
     assert "decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2" in out
 
 
+def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_without_checkpointing(
+    tmp_path: Path, tiny_shape: Path
+) -> None:
+    from finetune.training.distributed import World
+    from perf.train_measure import configs
+    from perf.train_speed import SETUPS, setup_configs
+
+    loaded = configs(settings(tmp_path), tiny_shape, batch=16, steps=4)
+    for world, per_process in ((World(0, 0, 1), 16), (World(1, 1, 2), 8)):
+        model, lora, train = setup_configs(loaded, SETUPS["project-auto-one-pass"][1], world)
+        assert (lora.use_gradient_checkpointing, train.per_device_train_batch_size) == (False, per_process)
+        assert train.gradient_accumulation_steps == 1 and model.load_in_4bit in (True, False)
+    # the settings file's own setup keeps its checkpointing (params.yaml: "unsloth")
+    _, lora, _ = setup_configs(loaded, SETUPS["project"][1], World(0, 0, 1))
+    assert lora.use_gradient_checkpointing == "unsloth"
+
+
 def test_the_train_speed_report_counts_each_recompile_by_the_guard_that_failed() -> None:
     import torch
 
