@@ -74,21 +74,26 @@ def compile_padding_free_blocks(model: Any) -> list[str]:
     hf_packed_attention.block_varlen_kwargs = block_seq_info
     llama.get_packed_info_from_kwargs = seq_info
     llama.run_attention = attention
-    classes = {type(module) for module in model.modules() if type(module).__name__.endswith("DecoderLayer")}
+    classes = {type(layer) for layer in decoder_layers(model)}
     for cls in classes:
         cls.forward = wrapped(cls.forward)
     return sorted(cls.__name__ for cls in classes)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers of `model`, the modules that unsloth compiles one block each."""
+    return [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
 
 
 def compiled_layers(model: Any) -> tuple[int, int]:
     """(decoder layers whose training forward ran compiled, decoder layers): `_block_compile` marks a layer's
     `_unsloth_block_checked` bit 2 once its grad-mode compiled call succeeded, and demotes a layer that failed to
     compile to the stock forward (`_unsloth_block_mode` 0)."""
-    layers = [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
-    trained = [layer.__dict__.get("_unsloth_block_checked", 0) & 2 for layer in layers]
-    kept = [layer.__dict__.get("_unsloth_block_mode") for layer in layers]
-    compiled = sum(1 for grad_mode_ran, mode in zip(trained, kept, strict=True) if grad_mode_ran and mode)
-    return compiled, len(layers)
+    states = [layer.__dict__ for layer in decoder_layers(model)]
+    compiled = [
+        state for state in states if state.get("_unsloth_block_checked", 0) & 2 and state.get("_unsloth_block_mode")
+    ]
+    return len(compiled), len(states)
 
 
 def recompile_reasons() -> dict[str, int]:
