@@ -106,17 +106,17 @@ def setup_configs(
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
     `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
-    `finetune.model.fit.fit_to_machine`, as the stage decides them); `compile_padding_free` runs the experiment of
-    `perf.compiled_blocks`."""
+    `finetune.model.fit.fit_to_machine`, as the stage decides them); `eager_blocks` keeps padding-free batches out of
+    unsloth's compiled blocks (`finetune.model.compiled_blocks`, which the stage applies)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
+    from finetune.model import compiled_blocks
     from finetune.model.load import load_base
     from finetune.model.patches import apply_speed_patches
     from finetune.tokens.chat import Chat
     from finetune.tokens.encode import tokenized
     from finetune.training.trainer import build_trainer
-    from perf.compiled_blocks import compile_padding_free_blocks, compiled_layers, recompile_reasons
 
     world = World.from_environ(dict(os.environ))  # under torchrun (`--processes`): each takes its share of the batch
     model_config, lora, config = setup_configs(configs, settings, world)
@@ -124,8 +124,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     print(f"settings: {chosen}", flush=True)
     apply_speed_patches()
     model, tokenizer = load_base(model_config, world.gpu)
-    if settings.get("compile_padding_free"):
-        print(f"padding-free batches into the compiled blocks of: {', '.join(compile_padding_free_blocks(model))}")
+    if not settings.get("eager_blocks"):
+        print(f"padding-free batches into compiled blocks of: {compiled_blocks.compile_padding_free_blocks(model)}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
@@ -135,10 +135,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         profiled(trainer, work / "trace.json.gz")
     else:
         trainer.train()
-    compiled, layers = compiled_layers(model)
-    print(f"decoder layers that trained compiled (unsloth's block compile, CUDA only): {compiled} of {layers}")
-    for reason, count in recompile_reasons().items():
-        print(f"recompiled {count}x, guard failed: {reason[:300]}")
+    print("\n".join(compiled_blocks.report(model)))
     ran = {"lora": lora_ran(model), "max_seq_length": model_config.max_seq_length}
     return {"clock": clock, "settings": chosen, "losses": step_losses(trainer)} | ran
 
@@ -154,8 +151,8 @@ SETUPS = {  # name: (code path, settings over --params')
     # every conversation of a step in one micro-batch, no checkpointing: what an `auto` micro-batch sized by the data's
     # tokens, not by `max_seq_length`-long conversations, would take where a step's tokens fit (an experiment)
     "project-auto-one-pass": (run_project, {"load_in_4bit": "auto", "use_gradient_checkpointing": False}),
-    # an experiment: padding-free batches through unsloth's compiled decoder blocks (perf/compiled_blocks.py)
-    "project-auto-compiled": (run_project, AUTO | {"compile_padding_free": True}),
+    # padding-free batches kept out of unsloth's compiled decoder blocks, as before finetune/model/compiled_blocks.py
+    "project-auto-eager-blocks": (run_project, AUTO | {"eager_blocks": True}),
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
     # PyTorch's caching allocator growing its segments instead of retrying cudaMalloc when padding-free batches of
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)

@@ -22,7 +22,7 @@ from pathlib import Path
 from finetune.config import cli
 from finetune.config.params import flatten, load
 from finetune.data.files import file_hash, write_csv
-from finetune.model import fit
+from finetune.model import compiled_blocks, fit
 from finetune.model.load import ModelConfig, load_base
 from finetune.model.patches import apply_speed_patches
 from finetune.tokens.chat import Chat, ChatConfig
@@ -107,6 +107,7 @@ def main(
             mlflow.set_tags(chosen)
         apply_speed_patches()
         model, tokenizer = load_base(model_config, world.gpu)
+        compiled = compiled_blocks.compile_padding_free_blocks(model)  # CUDA: padding-free rows into compiled blocks
         chat = Chat(tokenizer, chat_config)  # a `chat.template` is saved with the adapter's tokenizer
         chat.check(padding=True)
         check_encoding(chat, data)
@@ -120,6 +121,8 @@ def main(
             mlflow.set_tags(layout)
         with machine_metrics(run, world, tracking, os.environ):
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        for line in compiled_blocks.report(model) if compiled else []:
+            log.info(line)
         if not world.main:
             return
 

@@ -121,3 +121,67 @@ def test_the_grouped_decode_attention_is_unsloths_head_for_head_and_leaves_other
             patched(query, key, value, is_causal=True, enable_gqa=True)
     finally:
         llama.scaled_dot_product_attention = attention
+
+
+def test_a_padding_free_row_enters_a_compiled_block_as_cu_seqlens_covering_its_pad_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What `finetune.model.compiled_blocks` hands a compiled Llama block: the row's lengths, cu_seqlens with a last
+    segment over the pad tail (flash varlen leaves rows past cu_seqlens[-1] unwritten) and the longest segment as an
+    int, all computed eagerly; unsloth's attention then reads them instead of the host lengths."""
+    import torch
+    import unsloth  # noqa: F401
+    import unsloth.models.llama as llama
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from unsloth.utils import hf_packed_attention
+
+    from finetune.model import compiled_blocks
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    model = LlamaForCausalLM(config)
+    forward = type(model.model.layers[0]).forward
+    if not torch.cuda.is_available():  # no compiled block, no flash kernel: nothing is patched
+        assert compiled_blocks.compile_padding_free_blocks(model) == []
+        assert type(model.model.layers[0]).forward is forward
+    assert compiled_blocks.compiled_layers(model) == (0, 2)  # none trained compiled (none trained)
+    monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})  # put back after the test: unsloth's own functions
+    for module, name in ((hf_packed_attention, "block_varlen_kwargs"), (llama, "get_packed_info_from_kwargs")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(llama, "run_attention", llama.run_attention)
+    compiled_blocks.patch_unsloth()
+    assert hf_packed_attention.block_varlen_kwargs is compiled_blocks.block_seq_info
+
+    layer, hidden = model.model.layers[0], torch.zeros(1, 9, 16)
+    kwargs = {"packed_seq_lengths": torch.tensor([3, 2], dtype=torch.int32)}  # 5 tokens, then 4 of padding
+    lengths, cu_seqlens, longest = compiled_blocks.block_seq_info(layer, hidden, kwargs)
+    assert lengths.tolist() == [3, 2] and cu_seqlens.tolist() == [0, 3, 5, 9] and longest == 4
+    assert isinstance(longest, int)
+    # without padding, no extra segment
+    lengths, cu_seqlens, longest = compiled_blocks.block_seq_info(layer, torch.zeros(1, 5, 16), kwargs)
+    assert cu_seqlens.tolist() == [0, 3, 5] and longest == 3
+    # a padded batch (no lengths) keeps unsloth's path
+    assert compiled_blocks.block_seq_info(layer, hidden, {}) is None
+    # in the block, unsloth's attention reads what the hook computed; elsewhere it computes its own
+    given = (lengths, cu_seqlens, longest)
+    assert compiled_blocks.seq_info({**kwargs, hf_packed_attention.BLOCK_VARLEN_KWARG: given}, hidden.device) is given
+    own = compiled_blocks.seq_info(kwargs, hidden.device)
+    assert own[1].tolist() == [0, 3, 5] and int(own[2]) == 3
+
+
+def test_the_train_report_counts_each_recompile_by_the_guard_that_failed() -> None:
+    import torch
+
+    from finetune.model.compiled_blocks import recompile_reasons
+
+    def scaled(x: torch.Tensor, factor: int) -> torch.Tensor:
+        return x * factor
+
+    compiled = torch.compile(scaled, backend="eager", dynamic=False)  # every new int is a new graph
+    before = recompile_reasons()
+    for factor in (2, 3, 4, 3):
+        assert compiled(torch.ones(2), factor).tolist() == [factor, factor]
+    new = {reason: count - before.get(reason, 0) for reason, count in recompile_reasons().items()}
+    failed = {reason: count for reason, count in new.items() if count and "factor" in reason}
+    # the calls with 3 and 4 each compiled again (the last 3 reused its graph), each naming the int it was built for
+    assert sum(failed.values()) >= 2, recompile_reasons()
+    assert all("\n" not in reason and not reason[0].isdigit() for reason in failed), failed

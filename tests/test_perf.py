@@ -242,16 +242,17 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
 
     params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
     arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
-    # the experiment's setup: its patch of unsloth applies on the CPU too, where unsloth compiles no block
-    setup = "project-auto-compiled"
+    setup = "project-auto"
     status = main([*arguments, "--setups", setup, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
     out, err = capfd.readouterr()
     assert status == 0, out[-3000:] + err[-5000:]
     # r and targets from all-r16, alpha and dropout from the settings file
     assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
-    assert "| project-auto-compiled (all-r16) | 1 | " in out and "LoRA r 8" not in out
-    assert "padding-free batches into the compiled blocks of: LlamaDecoderLayer" in out
-    assert "decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2" in out
+    assert "| project-auto (all-r16) | 1 | " in out and "LoRA r 8" not in out
+    # as the train stage: padding-free rows into unsloth's compiled blocks, which it compiles on CUDA only
+    blocks = (["LlamaDecoderLayer"], 2) if cuda() else ([], 0)
+    assert f"padding-free batches into compiled blocks of: {blocks[0]}" in out
+    assert f"decoder layers that trained compiled (unsloth's block compile, CUDA only): {blocks[1]} of 2" in out
 
 
 def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_without_checkpointing(
@@ -269,25 +270,6 @@ def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_witho
     # the settings file's own setup keeps its checkpointing (params.yaml: "unsloth")
     _, lora, _ = setup_configs(loaded, SETUPS["project"][1], World(0, 0, 1))
     assert lora.use_gradient_checkpointing == "unsloth"
-
-
-def test_the_train_speed_report_counts_each_recompile_by_the_guard_that_failed() -> None:
-    import torch
-
-    from perf.compiled_blocks import recompile_reasons
-
-    def scaled(x: torch.Tensor, factor: int) -> torch.Tensor:
-        return x * factor
-
-    compiled = torch.compile(scaled, backend="eager", dynamic=False)  # every new int is a new graph
-    before = recompile_reasons()
-    for factor in (2, 3, 4, 3):
-        assert compiled(torch.ones(2), factor).tolist() == [factor, factor]
-    new = {reason: count - before.get(reason, 0) for reason, count in recompile_reasons().items()}
-    failed = {reason: count for reason, count in new.items() if count and "factor" in reason}
-    # the calls with 3 and 4 each compiled again (the last 3 reused its graph), each naming the int it was built for
-    assert sum(failed.values()) >= 2, recompile_reasons()
-    assert all("\n" not in reason and not reason[0].isdigit() for reason in failed), failed
 
 
 def test_train_speed_refuses_an_unknown_setup_or_lora_and_a_profile_too_short() -> None:

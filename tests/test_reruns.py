@@ -41,6 +41,7 @@ RERUNS = {
     "finetune/tokens/shards.py": {"tokenize"},
     # model
     "finetune/model/load.py": {"tokenize", *MODEL, "export"},
+    "finetune/model/compiled_blocks.py": {"train"},  # padding-free rows into unsloth's compiled blocks
     "finetune/model/patches.py": MODEL,  # the speed patches (flash varlen, grouped decode attention): not tokenize
     "finetune/model/fit.py": {"train"},
     # training
@@ -81,7 +82,7 @@ RERUNS = {
     **{
         f"perf/{name}.py": NONE
         for name in (
-            *("compiled_blocks", "contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps"),
+            *("contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps"),
             *("quantized", "shapes", "stand_ins", "train_baselines", "train_measure", "train_speed", "train_table"),
         )
     },

@@ -1,0 +1,177 @@
+"""Padding-free batches through unsloth's compiled decoder blocks, for the train stage on a CUDA GPU.
+
+unsloth 2026.10.9 compiles each decoder block as one region on CUDA (`unsloth/models/_block_compile.py`), but runs a
+block eagerly whenever its call carries `packed_seq_lengths` on a forward of unsloth's own (a padding-free batch on
+Llama or Qwen2): its packed attention reads the segment lengths on the host, which inside the region would make a
+graph for each new set of lengths. `compile_padding_free_blocks` lets padding-free batches into the region:
+- each decoder layer class's forward is wrapped in a function of this module: `_block_compile` keeps eager only the
+  forwards defined in `unsloth.models`;
+- the hook that `_block_compile` calls eagerly before each compiled block (`hf_packed_attention.block_varlen_kwargs`,
+  there for transformers' own forwards) returns, for a wrapped layer, the row's `(lengths, cu_seqlens, max_seqlen)`,
+  computed there on the host once a micro-batch (unsloth caches them on the lengths tensor), cu_seqlens covering any
+  pad tail, the segment count marked dynamic;
+- inside the block, unsloth's attention takes them from that keyword instead of reading the lengths itself, and runs
+  them as one call of aten's flash varlen kernel (unsloth's `_flash_varlen`, what its compiled blocks run for
+  transformers' forwards).
+Measured on the 8B shape, one H200 (BENCHMARKS.md, session 22): 2 % more tokens/s on the data's length mix and on
+rows of one length, 57 GiB peak instead of 69, losses equal within 1e-3, three recompiles in a run (the rotary table
+growing to a packed row's length); with LoRA on all seven projections at r 16, 1 % slower (one run each).
+
+Only Llama-architecture blocks (the 8B and 70B distills), the ones measured; a Qwen2 model keeps its eager
+padding-free blocks. unsloth compiles no block on the CPU, and the kernel is flash's: without CUDA and a flash build
+on an Ampere or newer GPU nothing is patched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+COMPILED_CLASSES = ("LlamaDecoderLayer",)  # decoder layers measured compiled (the Llama distills)
+_ORIGINAL: dict[str, Any] = {}  # unsloth's functions this module replaces, by name, once patched
+
+
+def compile_padding_free_blocks(model: Any) -> list[str]:
+    """Patch unsloth so that `model`'s decoder blocks compile for padding-free batches too, where `wanted`; call it
+    after loading the base and before `get_peft_model`, which compiles the blocks. Returns the names of the classes
+    wrapped (none where nothing was patched)."""
+    import torch
+
+    classes = {type(layer) for layer in decoder_layers(model) if type(layer).__name__ in COMPILED_CLASSES}
+    if not classes or not wanted(torch):
+        return []
+    patch_unsloth()
+    for cls in classes:
+        if cls.forward.__module__ != __name__:
+            cls.forward = wrapped(cls.forward)
+    names = sorted(cls.__name__ for cls in classes)
+    log.info("padding-free batches into unsloth's compiled decoder blocks of %s", ", ".join(names))
+    return names
+
+
+def wanted(torch: Any) -> bool:
+    """Whether the kernel the compiled blocks call is here: CUDA (not ROCm), torch's flash build, Ampere or newer."""
+    return (
+        torch.cuda.is_available()
+        and torch.version.hip is None
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability()[0] >= 8
+    )
+
+
+def patch_unsloth() -> None:
+    """Point unsloth's hook before a compiled block, its attention's packed metadata and its attention at this
+    module's (once; unsloth's own stay in `_ORIGINAL`)."""
+    import unsloth.models.llama as llama  # first: unsloth.utils' modules import each other through it
+    from unsloth.utils import hf_packed_attention, packing
+
+    if _ORIGINAL:
+        return
+    _ORIGINAL.update(
+        block_varlen_kwargs=hf_packed_attention.block_varlen_kwargs,
+        get_packed_info_from_kwargs=packing.get_packed_info_from_kwargs,
+        run_attention=llama.run_attention,
+    )
+    hf_packed_attention.block_varlen_kwargs = block_seq_info
+    llama.get_packed_info_from_kwargs = seq_info
+    llama.run_attention = attention
+
+
+def block_seq_info(layer: Any, hidden_states: Any, kwargs: dict[str, Any]) -> Any:
+    """Eager, before a compiled block: for a wrapped layer's padding-free row, `(lengths, cu_seqlens, max_seqlen)`,
+    cu_seqlens covering the pad tail that flash varlen would leave unwritten; unsloth's own hook for other layers."""
+    import torch
+    from unsloth.utils import packing
+
+    if type(layer).__name__ not in COMPILED_CLASSES:
+        return _ORIGINAL["block_varlen_kwargs"](layer, hidden_states, kwargs)
+    info = _ORIGINAL["get_packed_info_from_kwargs"](kwargs, hidden_states.device)
+    if info is None:
+        return None
+    cu_seqlens, max_seqlen = packing.cover_padded_cu_seqlens(info, hidden_states.shape[0] * hidden_states.shape[1])
+    # the segment count changes every micro-batch: one graph for all of them, as unsloth marks its own
+    for tensor in (kwargs["packed_seq_lengths"], info[0], cu_seqlens):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    return info[0], cu_seqlens, int(max_seqlen)
+
+
+def seq_info(kwargs: dict[str, Any], device: Any, position_ids: Any = None) -> Any:
+    """unsloth's attention's packed metadata: what `block_seq_info` computed before the block, else its own."""
+    from unsloth.utils import hf_packed_attention
+
+    given = kwargs.get(hf_packed_attention.BLOCK_VARLEN_KWARG)
+    return given if given is not None else _ORIGINAL["get_packed_info_from_kwargs"](kwargs, device, position_ids)
+
+
+def attention(*, config: Any, context: Any, Q: Any, K: Any, V: Any) -> Any:
+    """unsloth's attention; inside a compiled block, a padding-free causal row as one flash varlen call."""
+    import torch
+    from unsloth.utils import hf_packed_attention
+
+    given = context.seq_info
+    one_flash_call = (
+        torch.compiler.is_compiling()
+        and given is not None
+        and context.attention_mask is None
+        and context.prefix_seg_info is None
+        and context.is_causal
+        and context.sliding_window is None
+        and Q.shape[0] == 1
+        and context.q_len == context.kv_seq_len
+        and not (config.flash_varlen_kwargs or {}).get("softcap")
+    )
+    if not one_flash_call:
+        return _ORIGINAL["run_attention"](config=config, context=context, Q=Q, K=K, V=V)
+    # (1, heads, tokens, head dim) in, (1, tokens, heads, head dim) out; K/V heads grouped as they are
+    out = hf_packed_attention._flash_varlen(Q, K, V, given[1], given[2], context.head_dim**-0.5, None)
+    return out.view(context.bsz, context.q_len, context.n_heads, context.head_dim)
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The decoder layers of `model`, the modules that unsloth compiles one block each."""
+    return [module for module in model.modules() if type(module).__name__.endswith("DecoderLayer")]
+
+
+def compiled_layers(model: Any) -> tuple[int, int]:
+    """(decoder layers whose training forward ran compiled, decoder layers): `_block_compile` marks a layer's
+    `_unsloth_block_checked` bit 2 once its grad-mode compiled call succeeded, and demotes a layer that failed to
+    compile to the stock forward (`_unsloth_block_mode` 0)."""
+    states = [layer.__dict__ for layer in decoder_layers(model)]
+    compiled = [
+        state for state in states if state.get("_unsloth_block_checked", 0) & 2 and state.get("_unsloth_block_mode")
+    ]
+    return len(compiled), len(states)
+
+
+def recompile_reasons() -> dict[str, int]:
+    """Why `torch.compile` compiled a function again in this process: each distinct first reason that dynamo recorded
+    when a compiled graph's guards failed (`guard_failures`, kept whatever the log settings), and how often."""
+    from collections import Counter
+
+    from torch._dynamo.utils import guard_failures
+
+    # each reason reads "<compile id>: <guard that failed>", the id differs from one recompile to the next
+    lines = (reason.split(": ", 1)[-1].splitlines()[0] for failed in guard_failures.values() for reason in failed)
+    reasons = (" ".join(line.split()) for line in lines)  # the guard's code, then its source after runs of spaces
+    return dict(Counter(reasons).most_common())
+
+
+def report(model: Any) -> list[str]:
+    """After training: how many of `model`'s decoder layers trained compiled, and each reason to compile again (a
+    slow run compiling on every micro-batch shows here)."""
+    compiled, layers = compiled_layers(model)
+    lines = [f"decoder layers that trained compiled (unsloth's block compile, CUDA only): {compiled} of {layers}"]
+    return lines + [
+        f"recompiled {count}x, guard failed: {reason[:300]}" for reason, count in recompile_reasons().items()
+    ]
+
+
+def wrapped(original: Any) -> Any:
+    """`original` called through a function of this module (not `functools.wraps`: it would copy its module)."""
+
+    def forward(self: Any, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(self, hidden_states, *args, **kwargs)
+
+    return forward
