@@ -106,8 +106,9 @@ def setup_configs(
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
     `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
-    `finetune.model.fit.fit_to_machine`, as the stage decides them); `eager_blocks` keeps padding-free batches out of
-    unsloth's compiled blocks (`finetune.model.compiled_blocks`, which the stage applies)."""
+    `finetune.model.fit.fit_to_machine`, as the stage decides them); `blocks` lets padding-free batches into
+    unsloth's compiled blocks (`compiled`) or keeps them out (`eager`) whatever the settings, where the stage decides
+    by them (`finetune.model.compiled_blocks`)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -124,8 +125,12 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     print(f"settings: {chosen}", flush=True)
     apply_speed_patches()
     model, tokenizer = load_base(model_config, world.gpu)
-    if not settings.get("eager_blocks"):
-        print(f"padding-free batches into compiled blocks of: {compiled_blocks.compile_padding_free_blocks(model)}")
+    blocks = settings.get("blocks")
+    if blocks is None:  # as the train stage decides
+        compiled = compiled_blocks.compile_padding_free_blocks(model, model_config.load_in_4bit, lora)
+    else:
+        compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
+    print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
@@ -151,8 +156,11 @@ SETUPS = {  # name: (code path, settings over --params')
     # every conversation of a step in one micro-batch, no checkpointing: what an `auto` micro-batch sized by the data's
     # tokens, not by `max_seq_length`-long conversations, would take where a step's tokens fit (an experiment)
     "project-auto-one-pass": (run_project, {"load_in_4bit": "auto", "use_gradient_checkpointing": False}),
-    # padding-free batches kept out of unsloth's compiled decoder blocks, as before finetune/model/compiled_blocks.py
-    "project-auto-eager-blocks": (run_project, AUTO | {"eager_blocks": True}),
+    # padding-free batches kept out of unsloth's compiled decoder blocks or let in, whatever the settings (the stage
+    # lets them in where they were measured faster: finetune/model/compiled_blocks.py)
+    "project-auto-eager-blocks": (run_project, AUTO | {"blocks": "eager"}),
+    "project-auto-compiled-blocks": (run_project, AUTO | {"blocks": "compiled"}),
+    "project-compiled-blocks": (run_project, {"blocks": "compiled"}),  # the seed's 4-bit base and checkpointing
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
     # PyTorch's caching allocator growing its segments instead of retrying cudaMalloc when padding-free batches of
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)

@@ -107,7 +107,7 @@ def main(
             mlflow.set_tags(chosen)
         apply_speed_patches()
         model, tokenizer = load_base(model_config, world.gpu)
-        compiled = compiled_blocks.compile_padding_free_blocks(model)  # CUDA: padding-free rows into compiled blocks
+        compiled = compiled_blocks.compile_padding_free_blocks(model, model_config.load_in_4bit, lora)  # where faster
         chat = Chat(tokenizer, chat_config)  # a `chat.template` is saved with the adapter's tokenizer
         chat.check(padding=True)
         check_encoding(chat, data)

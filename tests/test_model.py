@@ -136,12 +136,14 @@ def test_a_padding_free_row_enters_a_compiled_block_as_cu_seqlens_covering_its_p
     from unsloth.utils import hf_packed_attention
 
     from finetune.model import compiled_blocks
+    from finetune.training.config import LoraConfig
 
     config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
     model = LlamaForCausalLM(config)
     forward = type(model.model.layers[0]).forward
     if not torch.cuda.is_available():  # no compiled block, no flash kernel: nothing is patched
-        assert compiled_blocks.compile_padding_free_blocks(model) == []
+        fast = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_gradient_checkpointing=False)
+        assert compiled_blocks.let_in(model) == compiled_blocks.compile_padding_free_blocks(model, False, fast) == []
         assert type(model.model.layers[0]).forward is forward
     assert compiled_blocks.compiled_layers(model) == (0, 2)  # none trained compiled (none trained)
     monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})  # put back after the test: unsloth's own functions
@@ -166,6 +168,17 @@ def test_a_padding_free_row_enters_a_compiled_block_as_cu_seqlens_covering_its_p
     assert compiled_blocks.seq_info({**kwargs, hf_packed_attention.BLOCK_VARLEN_KWARG: given}, hidden.device) is given
     own = compiled_blocks.seq_info(kwargs, hidden.device)
     assert own[1].tolist() == [0, 3, 5] and int(own[2]) == 3
+
+
+def test_the_blocks_compile_only_for_the_settings_they_were_measured_faster_with() -> None:
+    from finetune.model.compiled_blocks import measured_faster
+    from finetune.training.config import LoraConfig
+
+    fast = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], use_gradient_checkpointing=False)
+    assert measured_faster(False, fast)  # auto's choice for the 8B on an H200, the seed's LoRA
+    assert not measured_faster(True, fast)  # a 4-bit base: not measured compiled
+    assert not measured_faster(False, replace(fast, use_gradient_checkpointing="unsloth"))  # checkpointing: neither
+    assert not measured_faster(False, replace(fast, r=16, target_modules=[*fast.target_modules, "down_proj"]))
 
 
 def test_the_train_report_counts_each_recompile_by_the_guard_that_failed() -> None:

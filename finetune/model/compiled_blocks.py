@@ -3,7 +3,7 @@
 unsloth 2026.10.9 compiles each decoder block as one region on CUDA (`unsloth/models/_block_compile.py`), but runs a
 block eagerly whenever its call carries `packed_seq_lengths` on a forward of unsloth's own (a padding-free batch on
 Llama or Qwen2): its packed attention reads the segment lengths on the host, which inside the region would make a
-graph for each new set of lengths. `compile_padding_free_blocks` lets padding-free batches into the region:
+graph for each new set of lengths. `let_in` lets padding-free batches into the region:
 - each decoder layer class's forward is wrapped in a function of this module: `_block_compile` keeps eager only the
   forwards defined in `unsloth.models`;
 - the hook that `_block_compile` calls eagerly before each compiled block (`hf_packed_attention.block_varlen_kwargs`,
@@ -13,13 +13,15 @@ graph for each new set of lengths. `compile_padding_free_blocks` lets padding-fr
 - inside the block, unsloth's attention takes them from that keyword instead of reading the lengths itself, and runs
   them as one call of aten's flash varlen kernel (unsloth's `_flash_varlen`, what its compiled blocks run for
   transformers' forwards).
-Measured on the 8B shape, one H200 (BENCHMARKS.md, session 22): 2 % more tokens/s on the data's length mix and on
-rows of one length, 57 GiB peak instead of 69, losses equal within 1e-3, three recompiles in a run (the rotary table
-growing to a packed row's length); with LoRA on all seven projections at r 16, 1 % slower (one run each).
-
-Only Llama-architecture blocks (the 8B and 70B distills), the ones measured; a Qwen2 model keeps its eager
-padding-free blocks. unsloth compiles no block on the CPU, and the kernel is flash's: without CUDA and a flash build
-on an Ampere or newer GPU nothing is patched.
+Measured on the 8B shape, one H200 (BENCHMARKS.md, session 22), with `auto`'s 16-bit base and no checkpointing: 2 %
+more tokens/s on the data's length mix and on rows of one length, 57 GiB peak instead of 69, losses equal within
+1e-3, three recompiles in a run (the rotary table growing to a packed row's length); with LoRA on all seven
+projections at r 16, 1 % slower (one run each: unsloth's fused LoRA MLP is a custom autograd function). So the stage
+compiles them only where they were measured faster (`measured_faster`): a 16-bit base, no gradient checkpointing,
+no LoRA on the MLP, a Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model
+keeps its eager padding-free blocks). `let_in` patches whatever the setting, for a speed script to measure the
+others. unsloth compiles no block on the CPU, and the kernel is flash's: without CUDA and a flash build on an Ampere
+or newer GPU nothing is patched.
 """
 
 from __future__ import annotations
@@ -33,10 +35,36 @@ COMPILED_CLASSES = ("LlamaDecoderLayer",)  # decoder layers measured compiled (t
 _ORIGINAL: dict[str, Any] = {}  # unsloth's functions this module replaces, by name, once patched
 
 
-def compile_padding_free_blocks(model: Any) -> list[str]:
-    """Patch unsloth so that `model`'s decoder blocks compile for padding-free batches too, where `wanted`; call it
-    after loading the base and before `get_peft_model`, which compiles the blocks. Returns the names of the classes
-    wrapped (none where nothing was patched)."""
+def compile_padding_free_blocks(model: Any, load_in_4bit: bool, lora: Any) -> list[str]:
+    """`let_in` where `measured_faster` says so for the base's precision and the LoRA settings (`LoraConfig`, with
+    `auto` resolved); call it after loading the base and before `get_peft_model`, which compiles the blocks. Returns
+    the names of the classes wrapped (none where nothing was patched)."""
+    import torch
+
+    if not wanted(torch):  # no compiled blocks (the CPU), or no flash kernel: nothing to say
+        return []
+    if not measured_faster(load_in_4bit, lora):
+        log.info(
+            "padding-free batches stay out of unsloth's compiled decoder blocks: measured faster only with a 16-bit "
+            "base, no gradient checkpointing and no LoRA on the MLP (load_in_4bit %s, use_gradient_checkpointing "
+            "%s, target_modules %s)",
+            *(load_in_4bit, lora.use_gradient_checkpointing, ",".join(lora.target_modules)),
+        )
+        return []
+    return let_in(model)
+
+
+MLP = ("gate_proj", "up_proj", "down_proj")  # the MLP's projections (Llama's names)
+
+
+def measured_faster(load_in_4bit: bool, lora: Any) -> bool:
+    """Whether compiled padding-free blocks were measured faster than eager ones for these settings (see above)."""
+    return not load_in_4bit and not lora.use_gradient_checkpointing and not set(lora.target_modules) & set(MLP)
+
+
+def let_in(model: Any) -> list[str]:
+    """Patch unsloth so that `model`'s decoder blocks compile for padding-free batches too (Llama-architecture
+    layers, on CUDA with flash); call it before `get_peft_model`. Returns the names of the classes wrapped."""
     import torch
 
     classes = {type(layer) for layer in decoder_layers(model) if type(layer).__name__ in COMPILED_CLASSES}
