@@ -179,6 +179,7 @@ def test_the_blocks_compile_only_for_the_settings_they_were_measured_faster_with
     assert not measured_faster(True, fast)  # a 4-bit base: not measured compiled
     assert not measured_faster(False, replace(fast, use_gradient_checkpointing="unsloth"))  # checkpointing: neither
     assert not measured_faster(False, replace(fast, r=16, target_modules=[*fast.target_modules, "down_proj"]))
+    assert not measured_faster(False, replace(fast, target_modules="all-linear"))  # may cover the MLP: not measured
 
 
 def test_the_train_report_counts_each_recompile_by_the_guard_that_failed() -> None:

@@ -18,10 +18,10 @@ more tokens/s on the data's length mix and on rows of one length, 57 GiB peak in
 1e-3, three recompiles in a run (the rotary table growing to a packed row's length); with LoRA on all seven
 projections at r 16, 1 % slower (one run each: unsloth's fused LoRA MLP is a custom autograd function). So the stage
 compiles them only where they were measured faster (`measured_faster`): a 16-bit base, no gradient checkpointing,
-no LoRA on the MLP, a Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model
-keeps its eager padding-free blocks). `let_in` patches whatever the setting, for a speed script to measure the
-others. unsloth compiles no block on the CPU, and the kernel is flash's: without CUDA and a flash build on an Ampere
-or newer GPU nothing is patched.
+LoRA on the attention only, a Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2
+model keeps its eager padding-free blocks). `let_in` patches whatever the setting, for a speed script to measure
+the others. unsloth compiles no block on the CPU, and the kernel is flash's: without CUDA and a flash build on an
+Ampere or newer GPU nothing is patched.
 """
 
 from __future__ import annotations
@@ -46,20 +46,22 @@ def compile_padding_free_blocks(model: Any, load_in_4bit: bool, lora: Any) -> li
     if not measured_faster(load_in_4bit, lora):
         log.info(
             "padding-free batches stay out of unsloth's compiled decoder blocks: measured faster only with a 16-bit "
-            "base, no gradient checkpointing and no LoRA on the MLP (load_in_4bit %s, use_gradient_checkpointing "
-            "%s, target_modules %s)",
-            *(load_in_4bit, lora.use_gradient_checkpointing, ",".join(lora.target_modules)),
+            "base, no gradient checkpointing and LoRA on the attention only (load_in_4bit %s, "
+            "use_gradient_checkpointing %s, target_modules %s)",
+            *(load_in_4bit, lora.use_gradient_checkpointing, lora.target_modules),
         )
         return []
     return let_in(model)
 
 
-MLP = ("gate_proj", "up_proj", "down_proj")  # the MLP's projections (Llama's names)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention's projections (Llama's names)
 
 
 def measured_faster(load_in_4bit: bool, lora: Any) -> bool:
-    """Whether compiled padding-free blocks were measured faster than eager ones for these settings (see above)."""
-    return not load_in_4bit and not lora.use_gradient_checkpointing and not set(lora.target_modules) & set(MLP)
+    """Whether compiled padding-free blocks were measured faster than eager ones for these settings (see above): LoRA
+    on attention projections only (not the MLP's, nor a name such as `all-linear` that may cover them)."""
+    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
+    return not load_in_4bit and not lora.use_gradient_checkpointing and set(targets) <= set(ATTENTION)
 
 
 def let_in(model: Any) -> list[str]:
