@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from finetune.model.patches import flash_kernel
+
 log = logging.getLogger(__name__)
 
 COMPILED_CLASSES = ("LlamaDecoderLayer",)  # decoder layers measured compiled (the Llama distills)
@@ -39,9 +41,7 @@ def compile_padding_free_blocks(model: Any, load_in_4bit: bool, lora: Any) -> li
     """`let_in` where `measured_faster` says so for the base's precision and the LoRA settings (`LoraConfig`, with
     `auto` resolved); call it after loading the base and before `get_peft_model`, which compiles the blocks. Returns
     the names of the classes wrapped (none where nothing was patched)."""
-    import torch
-
-    if not wanted(torch):  # no compiled blocks (the CPU), or no flash kernel: nothing to say
+    if not flash_kernel():  # no compiled blocks (the CPU), or not the kernel they would call: nothing to say
         return []
     if not measured_faster(load_in_4bit, lora):
         log.info(
@@ -67,10 +67,8 @@ def measured_faster(load_in_4bit: bool, lora: Any) -> bool:
 def let_in(model: Any) -> list[str]:
     """Patch unsloth so that `model`'s decoder blocks compile for padding-free batches too (Llama-architecture
     layers, on CUDA with flash); call it before `get_peft_model`. Returns the names of the classes wrapped."""
-    import torch
-
     classes = {type(layer) for layer in decoder_layers(model) if type(layer).__name__ in COMPILED_CLASSES}
-    if not classes or not wanted(torch):
+    if not classes or not flash_kernel():
         return []
     patch_unsloth()
     for cls in classes:
@@ -79,16 +77,6 @@ def let_in(model: Any) -> list[str]:
     names = sorted(cls.__name__ for cls in classes)
     log.info("padding-free batches into unsloth's compiled decoder blocks of %s", ", ".join(names))
     return names
-
-
-def wanted(torch: Any) -> bool:
-    """Whether the kernel the compiled blocks call is here: CUDA (not ROCm), torch's flash build, Ampere or newer."""
-    return (
-        torch.cuda.is_available()
-        and torch.version.hip is None
-        and torch.backends.cuda.is_flash_attention_available()
-        and torch.cuda.get_device_capability()[0] >= 8
-    )
 
 
 def patch_unsloth() -> None:

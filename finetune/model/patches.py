@@ -145,6 +145,18 @@ def decode_cuda_graphs(model: Any) -> Iterator[None]:
             )
 
 
+def flash_kernel() -> bool:
+    """Whether torch's flash attention kernel runs here: CUDA (not ROCm), a flash build, an Ampere or newer GPU."""
+    import torch
+
+    return (
+        torch.cuda.is_available()
+        and torch.version.hip is None
+        and torch.backends.cuda.is_flash_attention_available()
+        and torch.cuda.get_device_capability()[0] >= 8
+    )
+
+
 def flash_varlen() -> bool:
     """Whether unsloth runs the attention of a padding-free batch as one call of torch's flash varlen kernel per
     layer; where its own check refuses the installed torch, give it that kernel.
@@ -161,8 +173,7 @@ def flash_varlen() -> bool:
     import torch
     from unsloth.utils import attention_dispatch as dispatch
 
-    flash = torch.backends.cuda.is_flash_attention_available() and torch.version.hip is None
-    if not flash or torch.cuda.get_device_capability()[0] < 8:
+    if not flash_kernel():
         return False
     if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
         return True
