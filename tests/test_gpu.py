@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from examples import tiny_training
+from examples import LORA, tiny_training
 from unsloth import FastLanguageModel
 
 from finetune.model.load import ModelConfig, load_base, mixed_precision
@@ -128,6 +128,59 @@ def test_batched_conversations_keep_apart(
     assert bool(calls) == (dtype != "float32")  # flash has no float32 kernel: unsloth's per-segment SDPA runs there
     merged = summed_loss(model, rows, ("input_ids", "labels"))
     assert abs(merged - alone) > 10 * TOGETHER * abs(alone), (merged, alone)
+
+
+def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_eager_ones(
+    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The train stage's compiled padding-free blocks (`finetune.model.compiled_blocks`, taken where measured faster:
+    a 16-bit base, no checkpointing, LoRA on the attention): every decoder layer trains compiled, and the logged losses
+    and gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B shape
+    within 1e-3: BENCHMARKS.md, session 22)."""
+    import unsloth.models.llama as llama
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from unsloth.utils import hf_packed_attention
+
+    from finetune.model import compiled_blocks
+
+    # let_in patches unsloth and the layer class for the whole process: put them back after this test
+    for owner, name in (
+        (LlamaDecoderLayer, "forward"),
+        (hf_packed_attention, "block_varlen_kwargs"),
+        (llama, "get_packed_info_from_kwargs"),
+        (llama, "run_attention"),
+    ):
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="bfloat16")
+    lora = replace(LORA, use_gradient_checkpointing=False)
+    train = tiny_training(per_device_train_batch_size=6, max_steps=4, padding_free=True)
+    conversations = [
+        [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
+        for row in sample_rows[:24]
+    ]
+    apply_speed_patches()
+
+    def trained(compile_blocks: bool) -> tuple[list[str], tuple[int, int], list[dict[str, float]]]:
+        model, tokenizer = load_base(config)
+        names = compiled_blocks.compile_padding_free_blocks(model, config.load_in_4bit, lora) if compile_blocks else []
+        model = FastLanguageModel.get_peft_model(model, **lora.__dict__)
+        data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
+        trainer = build_trainer(model, tokenizer, data, config, train, tmp_path / f"compiled-{compile_blocks}")
+        assert trainer.args.padding_free
+        assert len(next(iter(trainer.get_train_dataloader()))["input_ids"]) == 1  # conversations share a row
+        trainer.train()
+        return names, compiled_blocks.compiled_layers(model), loss_rows(trainer.state.log_history)
+
+    _, eager_layers, eager = trained(compile_blocks=False)  # first: let_in wraps the layer class for what follows
+    names, layers, compiled = trained(compile_blocks=True)
+    print(f"eager blocks {eager_layers}: {eager}\ncompiled blocks {layers}: {compiled}")
+    assert names == ["LlamaDecoderLayer"] and eager_layers == (0, 2) and layers == (2, 2)
+    assert len(compiled) == len(eager) == train.max_steps
+    for row, expected in zip(compiled, eager, strict=True):
+        assert row["loss"] == pytest.approx(expected["loss"], rel=5e-3), (row, expected)
+        assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2), (row, expected)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 5e-3)])
