@@ -66,17 +66,19 @@ def lora_ran(model: Any) -> dict[str, Any]:
 
 
 class StepClock:
-    """Per-step wall times (device synchronised) and the tokens of the batches each step consumed."""
+    """Per-step wall times (device synchronised) and the tokens of the batches each step trained on."""
 
     def __init__(self) -> None:
         self.steps: list[tuple[int, int]] = []  # (real tokens, positions incl. padding) per optimizer step
         self.step_ends: list[float] = []
-        self.pending = (0, 0)  # of the micro-batches collated since the last step ended
+        self.pending: tuple[Any, int] = (0, 0)  # of the micro-batches trained on since the last step ended
 
     def count(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Add `batch`'s tokens to the step under way; a mask on the GPU is summed there and read at the step's end,
+        which waits for the GPU anyway (an `int` here would stop the host until the GPU caught up)."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
-        real = int(mask.sum()) if mask is not None else int(ids.numel())
+        real = mask.sum() if mask is not None else ids.numel()
         self.pending = (self.pending[0] + real, self.pending[1] + int(ids.numel()))
         return batch
 
@@ -86,7 +88,7 @@ class StepClock:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.step_ends.append(time.perf_counter())
-        self.steps.append(self.pending)
+        self.steps.append((int(self.pending[0]), self.pending[1]))
         self.pending = (0, 0)
 
     def summary(self, warmup: int) -> dict[str, float]:
@@ -107,12 +109,20 @@ class StepClock:
 
 
 def clocked(trainer: Any) -> StepClock:
-    """A `StepClock` fed by `trainer`: the tokens of each batch its collator makes, a tick at each step's end."""
+    """A `StepClock` fed by `trainer`: the tokens of each micro-batch as a training step takes it, a tick at each
+    step's end. Not as its collator makes them: accelerate's data loader collates one batch ahead, which counted the
+    first micro-batch of each step in the step before, so the timed steps came one micro-batch short (a 16-step run
+    with 4 untimed at 8 x 2 read 1/24 low: BENCHMARKS.md, session 23)."""
     from transformers import TrainerCallback
 
     clock = StepClock()
-    collate = trainer.data_collator
-    trainer.data_collator = lambda examples: clock.count(collate(examples))
+    training_step = trainer.training_step
+
+    def counted(model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        clock.count(inputs)
+        return training_step(model, inputs, *args, **kwargs)
+
+    trainer.training_step = counted
 
     class Tick(TrainerCallback):
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +270,41 @@ def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_witho
     # the settings file's own setup keeps its checkpointing (params.yaml: "unsloth")
     _, lora, _ = setup_configs(loaded, SETUPS["project"][1], World(0, 0, 1))
     assert lora.use_gradient_checkpointing == "unsloth"
+
+
+def test_the_step_clock_gives_each_step_the_tokens_it_trained_on(
+    tmp_path: Path, tiny_shape: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The speed tables' tokens: each step counts its own micro-batches, as the trainer's token count does. accelerate's
+    data loader collates one batch ahead, so a count at the collator gave each step the next one's first micro-batch
+    and left the timed steps one short (BENCHMARKS.md, session 23)."""
+    from examples import tiny_training
+    from unsloth import FastLanguageModel
+
+    from finetune.model.load import ModelConfig, load_base
+    from finetune.tokens.chat import Chat, ChatConfig
+    from finetune.tokens.encode import tokenized
+    from finetune.training.config import LoraConfig
+    from finetune.training.trainer import build_trainer
+    from perf.train_measure import clocked
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = ModelConfig(str(tiny_shape), None, 256, load_in_4bit=False, dtype=None)
+    model, tokenizer = load_base(config)
+    model = FastLanguageModel.get_peft_model(model, **LoraConfig(**LORA).__dict__)
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()[:12]]
+    conversations = [
+        [{"role": "user", "content": r["user"]}, {"role": "assistant", "content": r["assistant"]}] for r in rows
+    ]
+    data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
+    train = tiny_training(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=3)
+    trainer = build_trainer(model, tokenizer, data, config, train, tmp_path / "out")
+    clock = clocked(trainer)
+    trainer.train()
+
+    seen = [0] + [entry["num_input_tokens_seen"] for entry in trainer.state.log_history if "loss" in entry]
+    assert [real for real, _ in clock.steps] == [after - before for before, after in pairwise(seen)]
+    assert sum(real for real, _ in clock.steps) == sum(len(ids) for ids in data["input_ids"])  # 3 steps: one epoch
 
 
 def test_train_speed_refuses_an_unknown_setup_or_lora_and_a_profile_too_short() -> None:
