@@ -98,6 +98,7 @@ def setup_configs(
         padding_free=settings.get("padding_free", configs.train.padding_free),
         packing=settings.get("packing", configs.train.packing),
         train_sampling_strategy=settings.get("sampling", configs.train.train_sampling_strategy),
+        dataloader_num_workers=settings.get("workers", configs.train.dataloader_num_workers),
     )
     config = fit.split_batch_over_processes(config, world)
     return fit.fit_to_machine(setup_model(configs.model, settings), lora, config)
@@ -105,10 +106,10 @@ def setup_configs(
 
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
-    `train.micro_batch_size`, `padding_free`, `packing` and `train_sampling_strategy` (`auto` ones are decided by
-    `finetune.model.fit.fit_to_machine`, as the stage decides them); `blocks` lets padding-free batches into
-    unsloth's compiled blocks (`compiled`) or keeps them out (`eager`) whatever the settings, where the stage decides
-    by them (`finetune.model.compiled_blocks`)."""
+    `train.micro_batch_size`, `padding_free`, `packing`, `train_sampling_strategy` and `dataloader_num_workers`
+    (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the stage decides them; `blocks`
+    lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them out (`eager`) whatever the
+    settings, where the stage decides by them (`finetune.model.compiled_blocks`)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -162,6 +163,7 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-auto-compiled-blocks": (run_project, AUTO | {"blocks": "compiled"}),
     "project-compiled-blocks": (run_project, {"blocks": "compiled"}),  # the seed's 4-bit base and checkpointing
     "project-auto-random": (run_project, AUTO | {"sampling": "random"}),  # conversations dealt to GPUs blindly
+    "project-auto-workers": (run_project, AUTO | {"workers": 2}),  # two DataLoader workers collate the next batches
     # PyTorch's caching allocator growing its segments instead of retrying cudaMalloc when padding-free batches of
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
     "project-auto-expandable": (run_project, AUTO | {"environ": {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}}),

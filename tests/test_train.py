@@ -249,6 +249,36 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
     assert all(share == 0 for share in shares) if padding_free else all(0.1 < share < 0.9 for share in shares), shares
 
 
+def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.dataloader_num_workers`: worker processes collate the next batches while the model trains, and the
+    training is the one of the training process collating them itself: the same tokens a step, the same losses."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    conversations = [
+        [{"role": "user", "content": "Why? " * (1 + 5 * (i % 5))}, {"role": "assistant", "content": "So."}]
+        for i in range(24)
+    ]
+    runs = []
+    for workers in (0, 2):
+        model, tokenizer = load_base(model_config)
+        model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
+        rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
+        config = replace(
+            TRAIN, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+            train_sampling_strategy="batch_rebalance", dataloader_num_workers=workers,
+        )  # fmt: skip
+        trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path / f"workers-{workers}")
+        assert trainer.get_train_dataloader().num_workers == workers
+        trainer.train()
+        logged = [row for row in trainer.state.log_history if "loss" in row]
+        runs.append(([row["num_input_tokens_seen"] for row in logged], [row["loss"] for row in logged]))
+    (tokens, losses), (tokens_with_workers, losses_with_workers) = runs
+    assert len(tokens) == 3 and tokens_with_workers == tokens
+    assert losses_with_workers == pytest.approx(losses, rel=1e-6), runs
+
+
 def test_rows_are_said_to_be_cut_only_when_none_is_longer() -> None:
     rows = Dataset.from_dict({"input_ids": [[1] * 5, [1] * 9, [1] * 7], "labels": [[1] * 5, [1] * 9, [1] * 7]})
     with pytest.raises(ValueError, match="row 1 of the tokenized data has 9 tokens, more than model.max_seq_length 8"):

@@ -65,6 +65,7 @@ class TrainConfig:
     micro_batch_size: str | None = None  # auto = the largest split of the effective batch that fits (model.fit)
     devices: str | int = 1  # processes, one per leased GPU: auto = every visible GPU, a sweep's share in one (leases)
     train_sampling_strategy: str = "random"  # random, or batch_rebalance: each step's conversations dealt by length
+    dataloader_num_workers: int = 0  # processes collating the next batches while the GPU trains; 0 = between steps
 
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
@@ -88,6 +89,10 @@ class TrainConfig:
         require(
             self.micro_batch_size in (None, "auto"),
             f"train.micro_batch_size must be null or auto, got {self.micro_batch_size!r}",
+        )
+        require(
+            self.dataloader_num_workers >= 0,
+            f"train.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}",
         )
         processes(self.devices, visible_gpus=0)  # auto or a number >= 1; checked against the GPUs at launch
         require(
