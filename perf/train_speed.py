@@ -24,7 +24,9 @@ x tokens: forward and input gradients, over 790 TFLOP/s) and peak GPU memory. Wi
 setup runs once per count, data-parallel under torchrun as the train stage does (`--batch` split over the processes,
 `finetune.training.distributed`; one GPU each, so skipped without enough): tokens/s summed over them, MFU per GPU,
 the largest peak, the speed-up over one process, and how far each step's loss is from the one-process run's (same
-batches, same order). `--repeat N` runs every setup N times, each in fresh processes, and reports the median run.
+batches, same order). `--repeat N` runs every setup N times, each in fresh processes, in rounds (A B A B, not
+A A B B: a drift over the call spreads over every setup), and reports the median run; a setup named twice in
+`--setups` (`bare,project-auto,bare`) gets a row each time.
 `--loras params,all-r16` runs every setup with each LoRA of `LORAS` (`params`: `--params`' own; `all-r16`: every
 linear projection at r 16), a row each, labelled with its name (the header: the LoRA each row's model carried).
 The table's header shows the settings the runs report: the shape (`pre-quantized 4-bit` for the 32B and 70B, which
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     # LoRA: forward (2 per parameter) and the backward's input gradients (2); frozen weights get no gradient
     flops_per_token = 4 * matmul_parameters(model_dir)
     passed = passed_on(argv, args.params, work)
-    rows, failed = [], []
+    plans = []  # (label, processes, setup, lora, command) of every run, in the order of --loras and --setups
     for setup, lora in ((setup, lora) for lora in args.loras.split(",") for setup in args.setups.split(",")):
         run, settings = SETUPS[setup]
         label = setup if lora == "params" else f"{setup} ({lora})"
@@ -266,19 +268,23 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "perf.train_speed", *arguments]
             if count > 1:  # as the train stage starts itself: torchrun, one process per GPU
                 command = launcher(count, "perf.train_speed", arguments, {})
-            runs = []
-            for _ in range(args.repeat):
-                results = f"{setup}.{lora}.rank*.json"
-                for stale in work.glob(results):
-                    stale.unlink()
-                environ = env | settings.get("environ", {})  # read as the child's torch starts
-                if subprocess.run(command, check=False, env=environ, cwd=root).returncode != 0:
-                    print(f"{label} on {count} processes failed: see its output above", flush=True)
-                    failed.append(f"{label} on {count}")
-                    break
-                runs.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(results))]))
-            if runs:
-                rows.append((label, count, median_run(runs)))
+            plans.append((label, count, setup, lora, command))
+    runs: list[list[dict[str, Any]]] = [[] for _ in plans]  # of each plan, in rounds
+    failed: list[str] = []
+    for _ in range(args.repeat):  # in rounds, every setup once a round: a drift over the call spreads over them all
+        for (label, count, setup, lora, command), done in zip(plans, runs, strict=True):
+            if f"{label} on {count}" in failed:
+                continue
+            results = f"{setup}.{lora}.rank*.json"
+            for stale in work.glob(results):
+                stale.unlink()
+            environ = env | SETUPS[setup][1].get("environ", {})  # read as the child's torch starts
+            if subprocess.run(command, check=False, env=environ, cwd=root).returncode != 0:
+                print(f"{label} on {count} processes failed: see its output above", flush=True)
+                failed.append(f"{label} on {count}")
+                continue
+            done.append(combined([json.loads(f.read_text()) for f in sorted(work.glob(results))]))
+    rows = [(label, count, median_run(done)) for (label, count, *_), done in zip(plans, runs, strict=True) if done]
     if rows:
         print(f"\n{header(args.shape, model_dir, rows, args)}\n")
         print("\n".join(table(rows, args, flops_per_token)))
