@@ -73,14 +73,13 @@ class StepClock:
         self.step_ends: list[float] = []
         self.pending: tuple[Any, int] = (0, 0)  # of the micro-batches trained on since the last step ended
 
-    def count(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def count(self, batch: dict[str, Any]) -> None:
         """Add `batch`'s tokens to the step under way; a mask on the GPU is summed there and read at the step's end,
         which waits for the GPU anyway (an `int` here would stop the host until the GPU caught up)."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         real = mask.sum() if mask is not None else ids.numel()
         self.pending = (self.pending[0] + real, self.pending[1] + int(ids.numel()))
-        return batch
 
     def tick(self) -> None:
         import torch

@@ -12,26 +12,25 @@ for `--steps` steps, the same conversations for every setup:
   (`perf.data_stages`), cut at `model.max_seq_length` tokens;
 - `fixed`: every conversation one long answer, cut at `model.max_seq_length`.
 
-The project's run calls `finetune.model.fit.fit_to_machine`, `finetune.model.load.load_base`, unsloth's
-`get_peft_model` and `finetune.training.trainer.build_trainer` (TRL's SFTTrainer as the stage builds it): `project`
-with the settings as `--params` writes them, `project-auto` with every `auto` setting (16-bit base where it fits,
-checkpointing only if needed, the largest micro-batch that fits), and the variants of `SETUPS`. The baselines
-(`perf.train_baselines`): `bare`, unsloth + TRL's SFTTrainer as their documentation writes them; `plain`,
-transformers + peft + bitsandbytes with a plain loop (CUDA only: skipped on the CPU). Each setup runs in its own
-process (unsloth patches transformers when imported). The first `--warmup` steps are left out; tokens are counted
-from the batches each step consumed: effective (non-padding) tokens/s, the padding share, MFU (4 x matmul parameters
-x tokens: forward and input gradients, over 790 TFLOP/s) and peak GPU memory. With `--processes 1,2` each project
-setup runs once per count, data-parallel under torchrun as the train stage does (`--batch` split over the processes,
-`finetune.training.distributed`; one GPU each, so skipped without enough): tokens/s summed over them, MFU per GPU,
-the largest peak, the speed-up over one process, and how far each step's loss is from the one-process run's (same
-batches, same order). `--repeat N` runs every setup N times, each in fresh processes, in rounds (A B A B, not
-A A B B: a drift over the call spreads over every setup), and reports the median run; a setup named twice in
-`--setups` (`bare,project-auto,bare`) gets a row each time.
-`--loras params,all-r16` runs every setup with each LoRA of `LORAS` (`params`: `--params`' own; `all-r16`: every
-linear projection at r 16), a row each, labelled with its name (the header: the LoRA each row's model carried).
-The table's header shows the settings the runs report: the shape (`pre-quantized 4-bit` for the 32B and 70B, which
-`perf.shapes` writes so: they load in 4-bit, `auto` too, and a setup of `load_in_4bit: false` is refused before any
-setup runs), `max_seq_length`, the LoRA the model carried. Exits 1 when a setup failed.
+The project's run calls `finetune.model.fit.fit_to_machine`, `finetune.model.load.load_base`, unsloth's `get_peft_model`
+and `finetune.training.trainer.build_trainer` (TRL's SFTTrainer as the stage builds it): `project` with the settings as
+`--params` writes them, `project-auto` with every `auto` setting (16-bit base where it fits, checkpointing only if
+needed, the largest micro-batch that fits), and the variants of `SETUPS`. The baselines (`perf.train_baselines`):
+`bare`, unsloth + TRL's SFTTrainer as their documentation writes them; `plain`, transformers + peft + bitsandbytes with
+a plain loop (CUDA only: skipped on the CPU). Each setup runs in its own process (unsloth patches transformers when
+imported). The first `--warmup` steps are left out; tokens are counted from the batches each step consumed: effective
+(non-padding) tokens/s, the padding share, MFU (4 x matmul parameters x tokens: forward and input gradients, over 790
+TFLOP/s) and peak GPU memory. With `--processes 1,2` each project setup runs once per count, data-parallel under
+torchrun as the train stage does (`--batch` split over the processes, `finetune.training.distributed`; one GPU each, so
+skipped without enough): tokens/s summed over them, MFU per GPU, the largest peak, the speed-up over one process, and
+how far each step's loss is from the one-process run's (same batches, same order). `--repeat N` runs every setup N
+times, each in fresh processes, in rounds (A B A B, not A A B B: a drift over the call spreads over every setup), and
+reports the median run; a setup named twice in `--setups` (`bare,project-auto,bare`) gets a row each time.
+`--loras params,all-r16` runs every setup with each LoRA of `LORAS` (`params`: `--params`' own; `all-r16`: every linear
+projection at r 16), a row each, labelled with its name (the header: the LoRA each row's model carried). The table's
+header shows the settings the runs report: the shape (`pre-quantized 4-bit` for the 32B and 70B, which `perf.shapes`
+writes so: they load in 4-bit, `auto` too, and a setup of `load_in_4bit: false` is refused before any setup runs),
+`max_seq_length`, the LoRA the model carried. Exits 1 when a setup failed.
 """
 
 from __future__ import annotations
@@ -253,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     # LoRA: forward (2 per parameter) and the backward's input gradients (2); frozen weights get no gradient
     flops_per_token = 4 * matmul_parameters(model_dir)
     passed = passed_on(argv, args.params, work)
-    plans = []  # (label, processes, setup, lora, command) of every run, in the order of --loras and --setups
+    plans = []  # (label, processes, command, its results, its environment), in the order of --loras and --setups
     for setup, lora in ((setup, lora) for lora in args.loras.split(",") for setup in args.setups.split(",")):
         run, settings = SETUPS[setup]
         label = setup if lora == "params" else f"{setup} ({lora})"
@@ -268,17 +267,16 @@ def main(argv: list[str] | None = None) -> int:
             command = [sys.executable, "-m", "perf.train_speed", *arguments]
             if count > 1:  # as the train stage starts itself: torchrun, one process per GPU
                 command = launcher(count, "perf.train_speed", arguments, {})
-            plans.append((label, count, setup, lora, command))
+            environ = env | settings.get("environ", {})  # read as the child's torch starts
+            plans.append((label, count, command, f"{setup}.{lora}.rank*.json", environ))
     runs: list[list[dict[str, Any]]] = [[] for _ in plans]  # of each plan, in rounds
     failed: list[str] = []
     for _ in range(args.repeat):  # in rounds, every setup once a round: a drift over the call spreads over them all
-        for (label, count, setup, lora, command), done in zip(plans, runs, strict=True):
+        for (label, count, command, results, environ), done in zip(plans, runs, strict=True):
             if f"{label} on {count}" in failed:
                 continue
-            results = f"{setup}.{lora}.rank*.json"
             for stale in work.glob(results):
                 stale.unlink()
-            environ = env | SETUPS[setup][1].get("environ", {})  # read as the child's torch starts
             if subprocess.run(command, check=False, env=environ, cwd=root).returncode != 0:
                 print(f"{label} on {count} processes failed: see its output above", flush=True)
                 failed.append(f"{label} on {count}")

@@ -147,9 +147,12 @@ def test_a_padding_free_row_enters_a_compiled_block_as_cu_seqlens_covering_its_p
         assert type(model.model.layers[0]).forward is forward
     assert compiled_blocks.compiled_layers(model) == (0, 2)  # none trained compiled (none trained)
     monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})  # put back after the test: unsloth's own functions
-    for module, name in ((hf_packed_attention, "block_varlen_kwargs"), (llama, "get_packed_info_from_kwargs")):
+    for module, name in (
+        (hf_packed_attention, "block_varlen_kwargs"),
+        (llama, "get_packed_info_from_kwargs"),
+        (llama, "run_attention"),
+    ):
         monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(llama, "run_attention", llama.run_attention)
     compiled_blocks.patch_unsloth()
     assert hf_packed_attention.block_varlen_kwargs is compiled_blocks.block_seq_info
 
