@@ -72,16 +72,28 @@ def header(shape: str, model_dir: Path, rows: list[tuple[str, int, dict[str, Any
     )
 
 
+def bare_rates(rows: list[tuple[str, int, dict[str, Any]]]) -> dict[str, float]:
+    """The bare library loop's tokens/s by the LoRA it carried (as JSON), the mean of its rows (`bare,project,bare`
+    gives two): what each row of that LoRA is compared with in the same call."""
+    rates: dict[str, list[float]] = {}
+    for setup, _, r in rows:
+        if setup.split(" ")[0] == "bare":
+            rates.setdefault(json.dumps(r["lora"], sort_keys=True), []).append(r["tokens_per_s"])
+    return {lora: sum(each) / len(each) for lora, each in rates.items()}
+
+
 def table(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace, flops_per_token: float) -> list[str]:
-    """One line per setup and number of processes, the median of its repeats."""
+    """One line per setup and number of processes, the median of its repeats; `× bare`: over the mean of the bare
+    loop's rows with the same LoRA, where the call ran it."""
     import torch
 
     lines = [
         f"| setup | processes | settings | effective tokens/s (median of {args.repeat}) | each run | × 1 process "
-        "| padding share | MFU per GPU | peak GiB (allocated / reserved) | timed s | slowest / median step s "
+        "| × bare | padding share | MFU per GPU | peak GiB (allocated / reserved) | timed s | slowest / median step s "
         "| allocator retries | loss vs 1 process |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    bare = bare_rates(rows)
     for setup, count, r in rows:
         single = next((one for name, n, one in rows if name == setup and n == 1), None)
         mfu = f"{r['tokens_per_s'] * flops_per_token / PEAK_FLOPS / count:.1%}" if torch.cuda.is_available() else "-"
@@ -89,9 +101,12 @@ def table(rows: list[tuple[str, int, dict[str, Any]]], args: argparse.Namespace,
         speedup = f"{r['tokens_per_s'] / single['tokens_per_s']:.2f}×" if single and count > 1 else ""
         apart = f"{loss_gap(r['losses'], single['losses']):.2%}" if single and count > 1 else ""
         each = " ".join(f"{tokens:,.0f}" for tokens in r["each"])
+        reference = bare.get(json.dumps(r["lora"], sort_keys=True))
+        over_bare = f"{r['tokens_per_s'] / reference:.3f}×" if reference else ""
         lines.append(
             f"| {setup} | {count} | {described_settings} | {r['tokens_per_s']:,.0f} | {each} | {speedup} "
-            f"| {r['padding_share']:.1%} | {mfu} | {r['peak_gib']:.1f} / {r['reserved_gib']:.1f} | {r['seconds']:.1f} "
-            f"| {r['slowest_step_s']:.2f} / {r['median_step_s']:.2f} | {r['alloc_retries']} | {apart} |"
+            f"| {over_bare} | {r['padding_share']:.1%} | {mfu} | {r['peak_gib']:.1f} / {r['reserved_gib']:.1f} "
+            f"| {r['seconds']:.1f} | {r['slowest_step_s']:.2f} / {r['median_step_s']:.2f} | {r['alloc_retries']} "
+            f"| {apart} |"
         )
     return lines

@@ -222,11 +222,16 @@ def test_train_speed_prints_the_lora_and_length_it_trained_with(
     assert f"settings of {params}" in out
     assert "| project | 1 | load_in_4bit True, use_gradient_checkpointing unsloth, per_device_train_batch_size 2" in out
     assert "| bare | 1 | " in out
-    head, _, project = out[out.index("| setup |") :].splitlines()[:3]
-    row = dict(zip(*([cell.strip() for cell in line[1:-1].split("|")] for line in (head, project)), strict=True))
+    head, _, *lines = out[out.index("| setup |") :].splitlines()
+    cells = [[cell.strip() for cell in line[1:-1].split("|")] for line in [head, *lines] if line.startswith("| ")]
+    rows = {(row["setup"], row["processes"]): row for row in (dict(zip(cells[0], c, strict=True)) for c in cells[1:])}
+    row, bare = rows[("project", "1")], rows[("bare", "1")]
     slowest, median = (float(seconds) for seconds in row["slowest / median step s"].split(" / "))
     assert float(row["timed s"]) > slowest >= median > 0  # 5 timed steps
     assert row["allocator retries"] == "0" if not cuda() else row["allocator retries"].isdigit()
+    rate = {setup: float(r["effective tokens/s (median of 1)"].replace(",", "")) for (setup, _), r in rows.items()}
+    assert float(row["× bare"].rstrip("×")) == pytest.approx(rate["project"] / rate["bare"], abs=2e-3)
+    assert bare["× bare"] == "1.000×"  # the same LoRA: the bare loop over itself
     assert "profile of steps 5-7" in out and "where the GPU waited" in out
     if cuda():
         assert "| plain | 1 | " in out
