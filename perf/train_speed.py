@@ -110,7 +110,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     `train.micro_batch_size`, `padding_free`, `packing`, `train_sampling_strategy` and `dataloader_num_workers`
     (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the stage decides them; `blocks`
     lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them out (`eager`) whatever the
-    settings, where the stage decides by them (`finetune.model.compiled_blocks`)."""
+    settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp: peft` runs LoRA on the MLP
+    through peft's layers, not unsloth's fused LoRA MLP (an instance `forward` that `get_peft_model` sets on CUDA)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -134,6 +135,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
     print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
+    for layer in compiled_blocks.decoder_layers(model) if settings.get("mlp") == "peft" else []:
+        layer.mlp.__dict__.pop("forward", None)  # back to the class's forward, over peft's LoRA layers
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
     trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
@@ -169,6 +172,8 @@ SETUPS = {  # name: (code path, settings over --params')
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
     "project-auto-expandable": (run_project, AUTO | {"environ": {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
+    # LoRA on the MLP inside the compiled blocks through peft's layers (for all-linear LoRA: an experiment)
+    "project-auto-peft-mlp": (run_project, AUTO | {"blocks": "compiled", "mlp": "peft"}),
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
 }
