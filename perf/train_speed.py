@@ -61,7 +61,7 @@ from perf.train_measure import (
     profiled,
     step_losses,
 )
-from perf.train_table import combined, header, median_run, table
+from perf.train_table import combined, header, matmul_parameters, median_run, table
 
 
 def conversations(kind: str, count: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -135,8 +135,9 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
     print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
-    for layer in compiled_blocks.decoder_layers(model) if settings.get("mlp") == "peft" else []:
-        layer.mlp.__dict__.pop("forward", None)  # back to the class's forward, over peft's LoRA layers
+    if settings.get("mlp") == "peft":  # unsloth's fused LoRA MLP is an instance `forward`: back to the class's
+        for layer in compiled_blocks.decoder_layers(model):
+            layer.mlp.__dict__.pop("forward", None)
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
     trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
@@ -184,16 +185,6 @@ LORAS = {  # name: `lora.*` over --params' (each row's header entry says what th
     "params": {},  # --params' own: the seed's r 4 on q/k/v/o in params.yaml
     "all-r16": {"r": 16, "target_modules": ALL_LINEAR},  # every linear projection at r 16: TRL's LoRA guidance
 }
-
-
-def matmul_parameters(model_dir: Path) -> float:
-    """Parameters that every token multiplies through (all linear layers and the output layer)."""
-    from types import SimpleNamespace
-
-    from finetune.model.fit import Shape
-
-    shape = Shape.of(SimpleNamespace(**json.loads((model_dir / "config.json").read_text())))
-    return shape.linear_parameters + shape.hidden * shape.vocab
 
 
 def main(argv: list[str] | None = None) -> int:

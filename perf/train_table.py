@@ -13,6 +13,16 @@ from perf.shapes import described
 PEAK_FLOPS = 790e12  # bf16 dense matmul rate measured on this workplace's H100/H200 (the datasheet says 989)
 
 
+def matmul_parameters(model_dir: Path) -> float:
+    """Parameters that every token multiplies through (all linear layers and the output layer)."""
+    from types import SimpleNamespace
+
+    from finetune.model.fit import Shape
+
+    shape = Shape.of(SimpleNamespace(**json.loads((model_dir / "config.json").read_text())))
+    return shape.linear_parameters + shape.hidden * shape.vocab
+
+
 def combined(ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from every process's result: tokens/s summed (the steps are synchronised, so the timed windows
     match), padding share averaged, the largest peak memory, time, step and allocator retries, rank 0's settings."""
