@@ -96,6 +96,7 @@ def setup_configs(
     config = dataclasses.replace(
         configs.train,
         micro_batch_size=settings.get("micro_batch_size", configs.train.micro_batch_size),
+        micro_batch_tokens=settings.get("micro_batch_tokens", configs.train.micro_batch_tokens),
         padding_free=settings.get("padding_free", configs.train.padding_free),
         packing=settings.get("packing", configs.train.packing),
         train_sampling_strategy=settings.get("sampling", configs.train.train_sampling_strategy),
@@ -107,11 +108,12 @@ def setup_configs(
 
 def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Path) -> dict[str, Any]:
     """The train stage's code. `settings` override `model.load_in_4bit`, `lora.use_gradient_checkpointing`,
-    `train.micro_batch_size`, `padding_free`, `packing`, `train_sampling_strategy` and `dataloader_num_workers`
-    (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the stage decides them; `blocks`
-    lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them out (`eager`) whatever the
-    settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp: peft` runs LoRA on the MLP
-    through peft's layers, not unsloth's fused LoRA MLP (an instance `forward` that `get_peft_model` sets on CUDA)."""
+    `train.micro_batch_size`, `micro_batch_tokens`, `padding_free`, `packing`, `train_sampling_strategy` and
+    `dataloader_num_workers` (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the
+    stage decides them; `blocks` lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them
+    out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp:
+    peft` runs LoRA on the MLP through peft's layers, not unsloth's fused LoRA MLP (an instance `forward` that
+    `get_peft_model` sets on CUDA)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -153,6 +155,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
 
 EXPANDABLE = "expandable_segments:True"
 AUTO = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_size": "auto"}
+TOKENS = AUTO | {"micro_batch_tokens": "auto"}
 SETUPS = {  # name: (code path, settings over --params')
     "project": (run_project, {}),  # the settings as --params writes them (the real run's: 4-bit, checkpointing)
     "project-nogc": (run_project, {"use_gradient_checkpointing": False}),
@@ -173,8 +176,9 @@ SETUPS = {  # name: (code path, settings over --params')
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
     "project-auto-expandable": (run_project, AUTO | {"environ": {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
-    # LoRA on the MLP inside the compiled blocks through peft's layers (for all-linear LoRA: an experiment)
-    "project-auto-peft-mlp": (run_project, AUTO | {"blocks": "compiled", "mlp": "peft"}),
+    "project-auto-peft-mlp": (run_project, AUTO | {"blocks": "compiled", "mlp": "peft"}),  # compiled, MLP LoRA by peft
+    "project-auto-tokens": (run_project, TOKENS),  # a step in passes of the tokens that fit (train.micro_batch_tokens)
+    "project-tokens-peft-mlp": (run_project, TOKENS | {"blocks": "compiled", "mlp": "peft"}),  # both of the above
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
 }

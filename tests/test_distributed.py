@@ -209,12 +209,18 @@ def test_a_killed_process_ends_the_whole_training_promptly_and_it_resumes_on_one
     assert continued.info.status == "FINISHED" and continued.data.tags["world_size"] == "1"
 
 
-def test_two_machines_meet_at_a_rendezvous_and_train_as_one(workspace: Path, single: Path) -> None:
-    # two launcher agents of one process each, as on two one-GPU machines, meeting at a c10d rendezvous on 127.0.0.1
+def test_two_machines_meet_at_a_rendezvous_and_train_as_one_in_passes_of_so_many_tokens(
+    workspace: Path, single: Path
+) -> None:
+    # two launcher agents of one process each, as on two one-GPU machines, meeting at a c10d rendezvous on 127.0.0.1;
+    # each runs its 4 conversations of a step in passes of at most 256 positions (`train.micro_batch_tokens`), as
+    # many as its rows' lengths need, the gradients exchanged once, after the last: the single process's curve still
     nodes = {"PET_NNODES": "2", "PET_RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "PET_RDZV_ID": "two-machines"}
     machines = [workspace / "machine-a", workspace / "machine-b"]
     before = {run.info.run_id for run in runs(workspace)}
-    trainings = [start_training(workspace, folder, devices=1, environ=nodes) for folder in machines]
+    trainings = [
+        start_training(workspace, folder, devices=1, environ=nodes, micro_batch_tokens=256) for folder in machines
+    ]
     for folder, training in zip(machines, trainings, strict=True):
         assert training.wait(timeout=600) == 0, (folder / "train.log").read_text()[-3000:]
     writers = [folder for folder in machines if (folder / "adapter").is_dir()]
@@ -224,6 +230,7 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_one(workspace: Path, sin
     assert losses(writers[0] / "loss.csv") == pytest.approx(losses(single / "loss.csv"), rel=1e-3)
     new = [run for run in runs(workspace) if run.info.run_id not in before]
     assert [run.data.tags["world_size"] for run in new] == ["2"]  # one MLflow run for both machines
+    assert new[0].data.tags["fit.micro_batch_tokens"] == "256"
     # with each machine's use of its GPUs, CPU and memory: rank 0's own, and the other's under its node number
     logged = set(new[0].data.metrics)
     assert {"system/cpu_utilization_percentage", "system/node1/cpu_utilization_percentage"} <= logged, logged

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from finetune.model.fit import GIB, Shape, activation_bytes_per_token, load_in_4bit, plan, weight_bytes
+from finetune.model.fit import (
+    GIB,
+    Shape,
+    activation_bytes_per_token,
+    load_in_4bit,
+    plan,
+    plan_by_tokens,
+    weight_bytes,
+)
 from finetune.model.load import ModelConfig
+from finetune.training.config import TrainConfig, training_arguments
 
 LLAMA_8B = Shape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False)
 H100 = int(79.2 * GIB)
@@ -57,3 +66,41 @@ def test_without_a_gpu_auto_takes_the_seeds_choices() -> None:
 def test_a_bad_load_in_4bit_is_named() -> None:
     with pytest.raises(ValueError, match="model.load_in_4bit must be true, false or auto"):
         ModelConfig("m", None, 2048, load_in_4bit="yes", dtype=None)
+
+
+H200 = 143_771 * 2**20  # as torch reports it
+
+
+def test_micro_batch_tokens_auto_runs_a_step_in_passes_of_the_tokens_that_fit() -> None:
+    """`train.micro_batch_tokens: auto`: a step's 16 conversations as one micro-batch, in passes of as many tokens as
+    the H200 holds by the per-token estimate (~24,800 on the 8B in 16 bits: one pass for most steps of the data's
+    mix, which averages ~23,300 tokens), where `plan` takes 8 x 2 for fear of 16 conversations of 2,048 tokens."""
+    chosen, tokens = plan_by_tokens(
+        LLAMA_8B, H200, False, "auto", "auto", per_device=8, accumulation=2, max_length=2048
+    )
+    assert (chosen.use_gradient_checkpointing, chosen.per_device_train_batch_size) == (False, 16)
+    assert chosen.gradient_accumulation_steps == 1
+    room = 0.85 * H200 - 1.5 * GIB - weight_bytes(LLAMA_8B, four_bit=False)
+    assert tokens == int(room // activation_bytes_per_token(LLAMA_8B, False)) and 24_000 < tokens < 25_500
+    assert plan(LLAMA_8B, H200, False, "auto", "auto", 8, 2, 2048).per_device_train_batch_size == 8
+    # a card too small for one 2,048-token conversation without checkpointing: checkpointing, and its larger passes
+    small, small_tokens = plan_by_tokens(LLAMA_8B, 12 * GIB, True, "auto", "auto", 8, 2, 2048)
+    assert small.use_gradient_checkpointing == "unsloth" and small_tokens > 2048
+
+
+def test_micro_batch_tokens_as_a_number_is_kept_and_must_hold_a_conversation() -> None:
+    chosen, tokens = plan_by_tokens(LLAMA_8B, H200, False, "auto", 8192, per_device=2, accumulation=4, max_length=2048)
+    assert (chosen.use_gradient_checkpointing, chosen.per_device_train_batch_size, tokens) == (False, 8, 8192)
+    without_gpu, tokens = plan_by_tokens(LLAMA_8B, None, True, "auto", "auto", 2, 4, 2048)  # auto: as written, uncut
+    assert (without_gpu.per_device_train_batch_size, without_gpu.gradient_accumulation_steps, tokens) == (2, 4, None)
+    with pytest.raises(ValueError, match="train.micro_batch_tokens is 1024, below model.max_seq_length 2048"):
+        plan_by_tokens(LLAMA_8B, H200, False, "auto", 1024, 2, 4, 2048)
+    with pytest.raises(ValueError, match="train.micro_batch_tokens must be null, auto or a number of tokens >= 1"):
+        TrainConfig(2, 4, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, micro_batch_tokens="many")
+    # evaluation's batches are not cut: as many conversations of max_seq_length as a pass holds
+    config = TrainConfig(16, 1, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, eval_steps=5)
+    assert training_arguments(config, 2048)["per_device_eval_batch_size"] == 16
+    cut = TrainConfig(
+        16, 1, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, eval_steps=5, micro_batch_tokens=8192
+    )
+    assert training_arguments(cut, 2048)["per_device_eval_batch_size"] == 4

@@ -130,20 +130,15 @@ def test_batched_conversations_keep_apart(
     assert abs(merged - alone) > 10 * TOGETHER * abs(alone), (merged, alone)
 
 
-def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_eager_ones(
-    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The train stage's compiled padding-free blocks (`finetune.model.compiled_blocks`, taken where measured faster:
-    a 16-bit base, no checkpointing, LoRA on the attention): every decoder layer trains compiled, and the logged losses
-    and gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B shape
-    within 1e-3: BENCHMARKS.md, session 22)."""
+def restore_after(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compiled_blocks.let_in` patches unsloth and the layer class for the whole process: put them back after the
+    test."""
     import unsloth.models.llama as llama
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
     from unsloth.utils import hf_packed_attention
 
     from finetune.model import compiled_blocks
 
-    # let_in patches unsloth and the layer class for the whole process: put them back after this test
     for owner, name in (
         (LlamaDecoderLayer, "forward"),
         (hf_packed_attention, "block_varlen_kwargs"),
@@ -152,6 +147,18 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
     ):
         monkeypatch.setattr(owner, name, getattr(owner, name))
     monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})
+
+
+def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_eager_ones(
+    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The train stage's compiled padding-free blocks (`finetune.model.compiled_blocks`, taken where measured faster:
+    a 16-bit base, no checkpointing, LoRA on the attention): every decoder layer trains compiled, and the logged losses
+    and gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B shape
+    within 1e-3: BENCHMARKS.md, session 22)."""
+    from finetune.model import compiled_blocks
+
+    restore_after(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="bfloat16")
     lora = replace(LORA, use_gradient_checkpointing=False)
@@ -181,6 +188,121 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
     for row, expected in zip(compiled, eager, strict=True):
         assert row["loss"] == pytest.approx(expected["loss"], rel=5e-3), (row, expected)
         assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2), (row, expected)
+
+
+def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
+    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.micro_batch_tokens` on the stage's CUDA path: padding-free rows cut between conversations, through the
+    compiled blocks, log the losses and gradient norms of the rows run whole (bf16: the tolerances of the compiled
+    blocks' test above)."""
+    from finetune.model import compiled_blocks
+    from finetune.training.batching import cut_by_tokens
+
+    restore_after(monkeypatch)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="bfloat16")
+    lora = replace(LORA, use_gradient_checkpointing=False)
+    conversations = [
+        [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
+        for row in sample_rows[:36]
+    ]
+    apply_speed_patches()
+    runs = []
+    for tokens in (None, 512):
+        model, tokenizer = load_base(config)
+        assert compiled_blocks.compile_padding_free_blocks(model, config.load_in_4bit, lora) == ["LlamaDecoderLayer"]
+        model = FastLanguageModel.get_peft_model(model, **lora.__dict__)
+        data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
+        train = tiny_training(per_device_train_batch_size=12, max_steps=3, padding_free=True, micro_batch_tokens=tokens)
+        trainer = build_trainer(model, tokenizer, data, config, train, tmp_path / f"tokens-{tokens}")
+        first = next(iter(trainer.get_train_dataloader()))
+        assert len(first["input_ids"]) == 1 and "packed_seq_lengths" in first  # one padding-free row
+        assert tokens is None or len(cut_by_tokens(first, tokens)) > 1
+        trainer.train()
+        runs.append(loss_rows(trainer.state.log_history))
+    print(f"whole: {runs[0]}\nin passes: {runs[1]}")
+    assert len(runs[0]) == len(runs[1]) == 3
+    for row, expected in zip(runs[1], runs[0], strict=True):
+        assert row["loss"] == pytest.approx(expected["loss"], rel=5e-3), (row, expected)
+        assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2), (row, expected)
+
+
+ALL_LINEAR = replace(
+    LORA,
+    r=16,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    use_gradient_checkpointing=False,
+)
+
+
+def lora_gradients(
+    model_dir: Path, dtype: str, adapter: dict[str, torch.Tensor], rows: list, mlp: str = "fused"
+) -> tuple[float, int, dict[str, torch.Tensor]]:
+    """The loss of the longest of `rows` through the tiny model in `dtype` with LoRA at r 16 on all seven projections,
+    the adapter's weights set to `adapter` (name -> tensor; if empty, filled first with `get_peft_model`'s A and a
+    random B, so that every weight gets a gradient), the number of MLPs that ran unsloth's fused LoRA MLP, and every
+    LoRA weight's gradient in float32. `mlp="peft"` takes the fused MLP away: peft's layers run the MLP's LoRA."""
+    from finetune.model.compiled_blocks import decoder_layers
+
+    model, tokenizer = load_base(ModelConfig(str(model_dir), None, 512, load_in_4bit=False, dtype=dtype))
+    model = FastLanguageModel.get_peft_model(model, **ALL_LINEAR.__dict__)
+    fused = [layer.mlp for layer in decoder_layers(model) if "forward" in layer.mlp.__dict__]
+    if mlp == "peft":
+        for module in fused:
+            del module.__dict__["forward"]
+        fused = []
+    weights = {name: p for name, p in model.named_parameters() if "lora_" in name}
+    if not adapter:
+        draw = torch.Generator().manual_seed(0)
+        for name, p in sorted(weights.items()):
+            value = p.detach().float().cpu()
+            adapter[name] = torch.randn(value.shape, generator=draw) * 0.05 if "lora_B" in name else value
+    for name, p in weights.items():
+        p.data.copy_(adapter[name])
+    conversations = [
+        [{"role": "user", "content": r["user"]}, {"role": "assistant", "content": r["assistant"]}] for r in rows
+    ]
+    row = max(tokenized(Chat(tokenizer, ChatConfig()), conversations, 512), key=lambda r: len(r["input_ids"]))
+    batch = {key: torch.tensor([row[key]], device=model.device) for key in ("input_ids", "labels")}
+    loss = model(**batch).loss
+    loss.backward()
+    return float(loss), len(fused), {name: p.grad.float().cpu() for name, p in weights.items()}
+
+
+def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
+    tiny_model_dir: Path, sample_rows: list
+) -> None:
+    """In bf16 on CUDA unsloth runs LoRA on q/k/v, o and the MLP through its fused autograd functions; peft's layers
+    run it in float32 (unsloth keeps its fused kernels off a float32 base). The gradients of every LoRA weight, A and
+    B, of one conversation are those of float32 autograd within bf16's error, through unsloth's fused LoRA MLP and
+    through peft's layers in its place (`perf.train_speed`'s peft-MLP setups). Measured on an H200: 1.2-2.5e-2
+    relative either way, the losses within 3e-5 (BENCHMARKS.md, session 25); a wrong gradient would be off by ~100 %."""
+    adapter: dict[str, torch.Tensor] = {}
+    rows = sample_rows[:12]
+    reference_loss, none_fused, reference = lora_gradients(tiny_model_dir, "float32", adapter, rows)
+    assert none_fused == 0
+    results = {}
+    for path in ("fused", "peft"):
+        loss, fused, grads = lora_gradients(tiny_model_dir, "bfloat16", adapter, rows, path)
+        kinds: dict[str, float] = {}
+        for name, expected in reference.items():
+            kind = ".".join(
+                part
+                for part in name.split(".")
+                if part in ("self_attn", "mlp") or part.endswith("_proj") or part.startswith("lora_")
+            )
+            error = float((grads[name] - expected).norm() / expected.norm())
+            kinds[kind] = max(kinds.get(kind, 0.0), error)
+        results[path] = (loss, fused, kinds)
+        print(
+            f"{path}: loss {loss:.6f} (float32 {reference_loss:.6f}), fused MLPs {fused}, worst relative error "
+            + ", ".join(f"{kind} {error:.2e}" for kind, error in sorted(kinds.items()))
+        )
+    assert results["fused"][1] == 2 and results["peft"][1] == 0
+    for path, (loss, _, kinds) in results.items():
+        assert loss == pytest.approx(reference_loss, rel=1e-3), path
+        assert max(kinds.values()) < 5e-2, (path, kinds)
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-5), ("bfloat16", 5e-3)])

@@ -22,7 +22,7 @@ from unsloth import FastLanguageModel
 from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
-from finetune.training.batching import batching_tags, check_cut, split_step_by_tokens
+from finetune.training.batching import batching_tags, check_cut, cut_by_tokens, split_step_by_tokens
 from finetune.training.config import LoraConfig, check_names
 from finetune.training.data import loss_rows
 from finetune.training.failures import disk_full
@@ -307,6 +307,65 @@ def test_a_steps_conversations_are_dealt_to_processes_and_micro_batches_by_token
                 for rank in dealt
             )
     assert split_step_by_tokens([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1) == [[[0, 1]], [[2, 3]]]
+
+
+def test_a_micro_batch_is_cut_into_passes_of_at_most_so_many_tokens_between_conversations() -> None:
+    lengths = [5, 3, 4, 2, 6]
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    row = {  # padding-free, as unsloth's collator gives it: one row, each conversation's length
+        "input_ids": torch.arange(20).unsqueeze(0),
+        "labels": torch.arange(100, 120).unsqueeze(0),
+        "position_ids": positions,
+        "packed_seq_lengths": torch.tensor(lengths, dtype=torch.int32),
+    }
+    passes = cut_by_tokens(row, 8)
+    assert [p["packed_seq_lengths"].tolist() for p in passes] == [[5, 3], [4, 2], [6]]  # the fewest passes of <= 8
+    for key in ("input_ids", "labels", "position_ids"):  # in order, nothing lost
+        assert torch.equal(torch.cat([p[key] for p in passes], dim=1), row[key])
+    assert [p["input_ids"].shape[1] for p in cut_by_tokens(row, 11)] == [8, 6, 6]  # 3 passes, the largest made small
+    assert cut_by_tokens(row, 20) == [row]
+    trl_row = {key: row[key] for key in ("input_ids", "labels", "position_ids")}  # lengths from the positions
+    assert [p["position_ids"].tolist() for p in cut_by_tokens(trl_row, 10)] == [
+        [[0, 1, 2, 3, 4, 0, 1, 2]],
+        [[0, 1, 2, 3, 0, 1]],
+        [[0, 1, 2, 3, 4, 5]],
+    ]
+    # as many passes as another process needs: the heaviest halved; with too few conversations, idle passes
+    assert [p["packed_seq_lengths"].tolist() for p in cut_by_tokens(row, 8, passes=4)] == [[5], [3], [4, 2], [6]]
+    idle = cut_by_tokens(row, 20, passes=6)[5]
+    assert idle["input_ids"].tolist() == [[0, 1, 2, 3, 4]] and set(idle["labels"].flatten().tolist()) == {-100}
+    padded = {"input_ids": torch.ones(5, 4), "attention_mask": torch.ones(5, 4), "labels": torch.ones(5, 4)}
+    assert [p["input_ids"].shape[0] for p in cut_by_tokens(padded, 9)] == [2, 2, 1]  # rows of 4 positions
+    with pytest.raises(ValueError, match="train.micro_batch_tokens is 5, but a conversation of this batch takes 6"):
+        cut_by_tokens(row, 5)
+
+
+def test_a_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.micro_batch_tokens`: each pass's loss is summed over the whole micro-batch's tokens, so a step cut
+    into passes logs the loss and gradient norm of the step run whole (float32, the CPU's padded batches)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype="float32")
+    conversations = [
+        [{"role": "user", "content": "Why? " * (1 + 6 * (i % 4))}, {"role": "assistant", "content": "So it is."}]
+        for i in range(16)
+    ]
+    runs = []
+    for tokens in (None, 256):  # 256: two or three of these padded rows a pass
+        model, tokenizer = load_base(model_config)
+        model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
+        rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
+        config = replace(TRAIN, max_steps=2, per_device_train_batch_size=8, micro_batch_tokens=tokens)
+        trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path / f"tokens-{tokens}")
+        if tokens:  # the first step's batch takes several passes
+            assert len(cut_by_tokens(next(iter(trainer.get_train_dataloader())), tokens)) > 1
+        trainer.train()
+        runs.append(
+            [value for row in loss_rows(trainer.state.log_history) for value in (row["loss"], row["grad_norm"])]
+        )
+    whole, cut = runs
+    assert len(whole) == 4 and cut == pytest.approx(whole, rel=1e-5), runs
 
 
 def test_a_diverged_training_fails_its_run_and_writes_no_adapter(

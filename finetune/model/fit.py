@@ -5,10 +5,13 @@
     lora.use_gradient_checkpointing: auto     off when a micro-batch's activations fit without it, else "unsloth"
     train.micro_batch_size: auto              the largest divisor of the effective batch (per_device_train_batch_size
                                               x gradient_accumulation_steps) that fits; accumulation makes up the rest
+    train.micro_batch_tokens: auto            instead of that: a process's whole share of a step as one micro-batch,
+                                              run in passes of as many tokens as fit (`plan_by_tokens`)
 
 None of them changes what is learnt per optimizer step: the effective batch, the data order and the loss are the
 settings' own (the 16-bit base only removes the 4-bit quantization error). Memory is planned for the worst case, a
-micro-batch of conversations all `max_seq_length` long, from the model's shape (its config.json alone):
+micro-batch of conversations all `max_seq_length` long (for `micro_batch_tokens`, a full pass), from the model's
+shape (its config.json alone):
 - weights: 2 bytes a parameter in 16-bit; in 4-bit, half a byte a linear weight plus 16-bit embeddings;
 - activations kept for the backward pass, per token: 34 x hidden x layers bytes without checkpointing (the
   standard transformer count; measured 4.25 MiB a token on the 8B shape on an H100, unsloth's chunked loss
@@ -129,6 +132,50 @@ def plan(
     return Plan("unsloth" if checkpointing == "auto" else checkpointing, sizes[-1], effective // sizes[-1])
 
 
+def plan_by_tokens(
+    shape: Shape,
+    gpu_bytes: int | None,
+    four_bit: bool,
+    checkpointing: str | bool,
+    tokens: str | int,
+    per_device: int,
+    accumulation: int,
+    max_length: int,
+) -> tuple[Plan, int | None]:
+    """Checkpointing and the passes of `train.micro_batch_tokens`: a process's share of a step in one micro-batch,
+    run in passes of at most this many positions (`cut_by_tokens`), and that number. `auto`: as many as fit the
+    room left by the weights, by the same estimate per token as `plan`, with no checkpointing if a whole
+    `max_length` conversation fits without it; a number is kept (checkpointing off if it fits without). Where the
+    data's conversations are shorter than `max_length`, a pass holds more of them than `plan`'s worst case
+    allows. On the 8B shape a step's 16 conversations in one pass were 2.5 % faster than 8 x 2 with the compiled
+    blocks (BENCHMARKS.md, session 25) and 2.6 % slower with the eager ones (session 22). Without a GPU, `auto`
+    keeps the micro-batch as written, uncut, and checkpointing `auto` takes the seed's "unsloth".
+
+    `plan_by_tokens(Shape(4096, 32, 14336, 32, 8, 128256, False), 80 * GIB, False, "auto", "auto", 2, 4, 2048)`
+    -> `(Plan(use_gradient_checkpointing=False, per_device_train_batch_size=8, gradient_accumulation_steps=1),
+    12418)`.
+    """
+    require(
+        tokens == "auto" or tokens >= max_length,
+        f"train.micro_batch_tokens is {tokens}, below model.max_seq_length {max_length}: a pass must hold a whole "
+        "conversation",
+    )
+    options = [False, "unsloth"] if checkpointing == "auto" else [checkpointing]
+    effective = per_device * accumulation
+    if gpu_bytes is None:
+        seed = "unsloth" if checkpointing == "auto" else checkpointing
+        if tokens == "auto":
+            return Plan(seed, per_device, accumulation), None
+        return Plan(seed, effective, 1), int(tokens)
+    room = USABLE_SHARE * gpu_bytes - RESERVED - weight_bytes(shape, four_bit)
+    for option in options:
+        fit = int(room // activation_bytes_per_token(shape, option)) if tokens == "auto" else int(tokens)
+        if max_length <= fit and fit * activation_bytes_per_token(shape, option) <= room:
+            return Plan(option, effective, 1), fit
+    # nothing fits by this estimate: the most frugal choice, and let the run show whether it does
+    return Plan(options[-1], effective, 1), max_length if tokens == "auto" else int(tokens)
+
+
 def gpu_memory() -> int | None:
     """Bytes of memory of the GPU this process trains on, or None without one."""
     import torch
@@ -174,20 +221,25 @@ def prequantized(quantization: Any) -> bool:
 def fit_to_machine(
     model_config: ModelConfig, lora: LoraConfig, config: TrainConfig
 ) -> tuple[ModelConfig, LoraConfig, TrainConfig]:
-    """The three configs with their `auto` settings decided for this machine (`plan`), the others as written."""
+    """The three configs with their `auto` settings decided for this machine (`plan`, or `plan_by_tokens` where
+    `train.micro_batch_tokens` is set), the others as written."""
     model_config = resolved(model_config)
-    if lora.use_gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
+    tokens = config.micro_batch_tokens
+    if tokens is None and lora.use_gradient_checkpointing != "auto" and config.micro_batch_size != "auto":
         return model_config, lora, config
-    chosen = plan(
-        model_shape(model_config),
-        gpu_memory(),
-        four_bit=bool(model_config.load_in_4bit),
-        checkpointing=lora.use_gradient_checkpointing,
-        micro_batch=config.micro_batch_size,
-        per_device=config.per_device_train_batch_size,
-        accumulation=config.gradient_accumulation_steps,
-        max_length=model_config.max_seq_length,
-    )
+    common = {
+        "shape": model_shape(model_config),
+        "gpu_bytes": gpu_memory(),
+        "four_bit": bool(model_config.load_in_4bit),
+        "checkpointing": lora.use_gradient_checkpointing,
+        "per_device": config.per_device_train_batch_size,
+        "accumulation": config.gradient_accumulation_steps,
+        "max_length": model_config.max_seq_length,
+    }
+    if tokens is None:
+        chosen = plan(**common, micro_batch=config.micro_batch_size)
+    else:
+        chosen, tokens = plan_by_tokens(**common, tokens=tokens)
     return (
         model_config,
         replace(lora, use_gradient_checkpointing=chosen.use_gradient_checkpointing),
@@ -195,18 +247,23 @@ def fit_to_machine(
             config,
             per_device_train_batch_size=chosen.per_device_train_batch_size,
             gradient_accumulation_steps=chosen.gradient_accumulation_steps,
+            micro_batch_tokens=tokens,
         ),
     )
 
 
 def fit_tags(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> dict[str, Any]:
-    """The settings that `fit_to_machine` decides, as the MLflow run is tagged with them."""
-    return {
+    """The settings that `fit_to_machine` decides, as the MLflow run is tagged with them (the passes' tokens where
+    `train.micro_batch_tokens` cuts the micro-batch)."""
+    tags = {
         "fit.load_in_4bit": model_config.load_in_4bit,
         "fit.use_gradient_checkpointing": lora.use_gradient_checkpointing,
         "fit.per_device_train_batch_size": config.per_device_train_batch_size,
         "fit.gradient_accumulation_steps": config.gradient_accumulation_steps,
     }
+    if config.micro_batch_tokens is not None:
+        tags["fit.micro_batch_tokens"] = config.micro_batch_tokens
+    return tags
 
 
 def split_batch_over_processes(config: TrainConfig, world: World) -> TrainConfig:

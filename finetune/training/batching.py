@@ -7,6 +7,7 @@ from typing import Any
 
 from finetune.model.load import ModelConfig
 from finetune.model.patches import flash_varlen
+from finetune.tokens.chat import IGNORE_INDEX
 
 
 def split_step_by_tokens(indices: list[int], lengths: list[int], ranks: int, slots: int) -> list[list[list[int]]]:
@@ -27,6 +28,85 @@ def split_step_by_tokens(indices: list[int], lengths: list[int], ranks: int, slo
         tokens[lightest] += length
     heaviest = sorted(range(count), key=lambda batch: (-tokens[batch], batch))
     return [[batches[heaviest[slot * ranks + rank]] for slot in range(slots)] for rank in range(ranks)]
+
+
+def cut_by_tokens(batch: dict[str, Any], limit: int, passes: int = 1) -> list[dict[str, Any]]:
+    """`batch`, a micro-batch as the collator gives it, cut into passes of at most `limit` positions (tokens, padding
+    included): as few as hold it, but at least `passes`, the largest as small as that allows (`balanced_runs`). A
+    padding-free row (`(1, T)` with `position_ids`; each conversation's length in unsloth's `packed_seq_lengths`,
+    else where its positions restart at 0) is cut between conversations, in order; a padded batch `(rows, length)`
+    between rows. Every tensor of the batch's leading shape is cut alike; the others go to each pass as they are.
+    Where the batch has fewer conversations than `passes`, idle passes make up the count: its first conversation
+    again, every label ignored, which adds nothing to the loss or the gradients (several processes run as many passes
+    each: `TokenCountingTrainer`). A conversation or row longer than `limit` is refused.
+
+    A row of conversations of 5, 3, 4 and 2 tokens cut at 8 is two passes, 5 + 3 and 4 + 2."""
+    ids, lengths = batch["input_ids"], batch.get("packed_seq_lengths")
+    if ids.shape[0] == 1 and "position_ids" in batch:  # padding-free: cut between conversations
+        if lengths is None:  # TRL's collator alone: each conversation's positions start at 0
+            starts = [int(i) for i in (batch["position_ids"][0] == 0).nonzero().flatten()]
+            lengths = [after - start for start, after in zip(starts, [*starts[1:], ids.shape[1]], strict=True)]
+        sizes = [int(n) for n in lengths]
+        sizes[-1] += ids.shape[1] - sum(sizes)  # a pad tail, if any, goes with the last conversation
+        axis = 1
+    else:  # padded: cut between rows
+        sizes, axis = [ids.shape[1]] * ids.shape[0], 0
+    if max(sizes) > limit:
+        raise ValueError(
+            f"train.micro_batch_tokens is {limit}, but a conversation of this batch takes {max(sizes)} positions: "
+            "one pass holds at least one whole conversation; raise it to model.max_seq_length or more"
+        )
+    groups = balanced_runs(sizes, limit, passes)
+    if len(groups) == 1 and passes <= 1:
+        return [batch]
+
+    def part(first: int, last: int) -> dict[str, Any]:
+        start, stop = (sum(sizes[:first]), sum(sizes[:last])) if axis == 1 else (first, last)
+        cut = {key: along(value, ids.shape, axis, start, stop) for key, value in batch.items()}
+        if axis == 1 and "packed_seq_lengths" in batch:
+            cut["packed_seq_lengths"] = batch["packed_seq_lengths"][first:last]
+        return cut
+
+    cuts = [part(first, last) for first, last in groups]
+    if len(cuts) < passes:
+        first = part(0, 1)
+        cuts += [first | {"labels": first["labels"].clone().fill_(IGNORE_INDEX)}] * (passes - len(cuts))
+    return cuts
+
+
+def balanced_runs(sizes: list[int], limit: int, count: int = 1) -> list[tuple[int, int]]:
+    """`sizes` in order as `(first, last)` runs of at most `limit` in sum: the fewest runs, or `count` if more (and
+    there are as many sizes), the largest as small as that allows: the smallest cap that makes no more runs
+    (bisected), then the largest run of several halved until there are `count`."""
+
+    def runs(cap: int) -> list[tuple[int, int]]:
+        found, first, total = [], 0, 0
+        for i, size in enumerate(sizes):
+            if total + size > cap:
+                found.append((first, i))
+                first, total = i, 0
+            total += size
+        return [*found, (first, len(sizes))]
+
+    wanted = min(max(len(runs(limit)), count), len(sizes))
+    low, high = max(sizes), limit  # runs(high) makes at most `wanted` runs; find the smallest cap that does
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(runs(middle)) <= wanted else (middle + 1, high)
+    found = runs(high)
+    while len(found) < wanted:  # the bisection can skip a count: halve the heaviest run of several sizes
+        first, last = max((run for run in found if run[1] - run[0] > 1), key=lambda run: sum(sizes[run[0] : run[1]]))
+        half = sum(sizes[first:last]) / 2
+        cut = min(range(first + 1, last), key=lambda i: abs(sum(sizes[first:i]) - half))
+        found[found.index((first, last)) : found.index((first, last)) + 1] = [(first, cut), (cut, last)]
+    return found
+
+
+def along(value: Any, shape: Any, axis: int, start: int, stop: int) -> Any:
+    """`value[start:stop]` along `axis` if it is a tensor of the batch's leading `shape`, else `value`."""
+    if getattr(value, "shape", None) is None or tuple(value.shape[: axis + 1]) != tuple(shape[: axis + 1]):
+        return value
+    return value[:, start:stop] if axis == 1 else value[start:stop]
 
 
 def token_counts(rows: Any) -> Any:

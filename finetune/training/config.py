@@ -63,6 +63,7 @@ class TrainConfig:
     save_steps: int | None = None  # steps between checkpoints that a killed run resumes from; null = none
     save_total_limit: int = 2  # checkpoints kept; at least 2, so one whole survives a kill during a save
     micro_batch_size: str | None = None  # auto = the largest split of the effective batch that fits (model.fit)
+    micro_batch_tokens: str | int | None = None  # a step's batch in passes of at most this many positions; auto: fit
     devices: str | int = 1  # processes, one per leased GPU: auto = every visible GPU, a sweep's share in one (leases)
     train_sampling_strategy: str = "random"  # random, or batch_rebalance: each step's conversations dealt by length
     dataloader_num_workers: int = 0  # processes collating the next batches while the GPU trains; 0 = between steps
@@ -91,6 +92,15 @@ class TrainConfig:
             f"train.micro_batch_size must be null or auto, got {self.micro_batch_size!r}",
         )
         require(
+            self.micro_batch_tokens in (None, "auto")
+            or (
+                isinstance(self.micro_batch_tokens, int)
+                and not isinstance(self.micro_batch_tokens, bool)
+                and self.micro_batch_tokens >= 1
+            ),
+            f"train.micro_batch_tokens must be null, auto or a number of tokens >= 1, got {self.micro_batch_tokens!r}",
+        )
+        require(
             self.dataloader_num_workers >= 0,
             f"train.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}",
         )
@@ -102,21 +112,26 @@ class TrainConfig:
 
 
 # `train.*` keys that this stage reads itself; the others are SFTConfig's
-STAGE_KEYS = ("eval_rows", "micro_batch_size", "devices")
+STAGE_KEYS = ("eval_rows", "micro_batch_size", "micro_batch_tokens", "devices")
 
 
-def training_arguments(config: TrainConfig) -> dict[str, Any]:
+def training_arguments(config: TrainConfig, max_length: int) -> dict[str, Any]:
     """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation and saves if asked.
 
-    The data comes tokenized, cut to `model.max_seq_length` and without unlearnable conversations, so TRL's own
-    preparation (a Python pass over every conversation, again for each experiment) is skipped unless it packs.
+    The data comes tokenized, cut to `model.max_seq_length` (`max_length`) and without unlearnable conversations, so
+    TRL's own preparation (a Python pass over every conversation, again for each experiment) is skipped unless it
+    packs. Evaluation batches hold as many conversations as a training micro-batch, or, where `micro_batch_tokens`
+    cuts those into passes, as many `max_length` ones as a pass holds (evaluation's batches are not cut).
     """
     arguments = {key: value for key, value in asdict(config).items() if key not in STAGE_KEYS}
     arguments["save_strategy"] = "no" if config.save_steps is None else "steps"
     arguments["dataset_kwargs"] = {"skip_prepare_dataset": not config.packing}
     if config.eval_steps is None:
         return arguments | {"eval_strategy": "no"}
-    return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": config.per_device_train_batch_size}
+    rows = config.per_device_train_batch_size
+    if isinstance(config.micro_batch_tokens, int):
+        rows = max(1, min(rows, config.micro_batch_tokens // max_length))
+    return arguments | {"eval_strategy": "steps", "per_device_eval_batch_size": rows}
 
 
 def check_names(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> None:

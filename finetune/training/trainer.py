@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers, trl and peft
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -21,8 +22,9 @@ import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 from trl import SFTConfig, SFTTrainer
 
+from finetune.config.params import require
 from finetune.model.load import ModelConfig, mixed_precision
-from finetune.training.batching import check_cut, split_step_by_tokens, token_counts
+from finetune.training.batching import check_cut, cut_by_tokens, split_step_by_tokens, token_counts
 from finetune.training.callbacks import MarkCheckpointsComplete, StopOnDivergence
 from finetune.training.config import TrainConfig, training_arguments
 from finetune.training.distributed import World
@@ -45,6 +47,7 @@ class TokenCountingTrainer(SFTTrainer):
     _tokens = 0  # every process's tokens since the last log
     _positions = 0  # every process's positions since the last log
     _since: float | None = None  # when this log interval's training time started
+    micro_batch_tokens: int | None = None  # most positions a forward pass holds (`train.micro_batch_tokens`)
 
     def _load_from_checkpoint(self, checkpoint: str, model: Any = None) -> None:
         # peft loads a saved adapter in float32 (autocast_adapter_dtype); unsloth trains it in the model's 16-bit
@@ -55,9 +58,32 @@ class TokenCountingTrainer(SFTTrainer):
             if name in dtypes and parameter.dtype != dtypes[name]:
                 parameter.data = parameter.data.to(dtypes[name])
 
-    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        """The Trainer's step over `inputs`, in as few passes of at most `micro_batch_tokens` positions as hold them
+        (`cut_by_tokens`; one pass if unset). Each pass's loss is its summed loss over the whole micro-batch's
+        `num_items_in_batch`, so the passes add up to the micro-batch's loss and gradients. Several processes run as
+        many passes each, the most any of them needs (a pass's loss, TRL's token counts, DDP's buffers: each is a
+        collective), and exchange the gradients once, after the last."""
         self._since = self._since or time.perf_counter()
-        return super().training_step(model, inputs, *args, **kwargs)
+        passes = cut_by_tokens(inputs, self.micro_batch_tokens) if self.micro_batch_tokens else [inputs]
+        if self.micro_batch_tokens and self.accelerator.num_processes > 1:
+            count = torch.tensor([len(passes)], device=self.args.device)
+            most = int(self.accelerator.gather(count).max())
+            if most > len(passes):
+                passes = cut_by_tokens(inputs, self.micro_batch_tokens, most)
+        if len(passes) == 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:  # each pass's mean would weigh alike
+            raise ValueError(
+                "train.micro_batch_tokens cuts a micro-batch into passes, which needs a loss summed over the "
+                "micro-batch's tokens (the model's num_items_in_batch); this model's loss is a mean per pass"
+            )
+        loss = 0
+        for i, part in enumerate(passes):
+            last = i == len(passes) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, part, num_items_in_batch)
+        return loss
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
         ids, mask = inputs["input_ids"], inputs.get("attention_mask")
@@ -129,14 +155,20 @@ def build_trainer(
     """The trainer over tokenized conversations (`input_ids`, `labels`), as the tokenize stage writes them.
 
     The `train.*` settings pass straight through; precision follows the hardware; per-step metrics go to the
-    active MLflow run; checkpoints go to `output_dir`, each marked complete once written.
+    active MLflow run; checkpoints go to `output_dir`, each marked complete once written. `train.micro_batch_tokens`,
+    decided by `finetune.model.fit`, cuts each training micro-batch into passes (`TokenCountingTrainer`).
     """
     if config.eval_steps is not None and eval_set is None:
         raise ValueError("train.eval_steps is set but no held-out conversations were given")
     for rows in (train_set, eval_set):
         if rows is not None:
             check_cut(rows, model_config.max_seq_length)
-    return TokenCountingTrainer(
+    require(
+        config.micro_batch_tokens is None or isinstance(config.micro_batch_tokens, int),
+        "train.micro_batch_tokens must be decided before training (finetune.model.fit.fit_to_machine), got "
+        f"{config.micro_batch_tokens!r}",
+    )
+    trainer = TokenCountingTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=train_set,
@@ -151,7 +183,9 @@ def build_trainer(
             # several processes: every LoRA weight gets a gradient, so DDP need not search the graph for unused ones
             ddp_find_unused_parameters=False if World.from_environ(dict(os.environ)).size > 1 else None,
             **mixed_precision(),
-            **training_arguments(config),
+            **training_arguments(config, model_config.max_seq_length),
         ),
         callbacks=[MarkCheckpointsComplete(output_dir), StopOnDivergence(config)],
     )
+    trainer.micro_batch_tokens = config.micro_batch_tokens
+    return trainer
