@@ -155,7 +155,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
 
 EXPANDABLE = "expandable_segments:True"
 AUTO = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_size": "auto"}
-TOKENS = AUTO | {"micro_batch_tokens": "auto"}
+TOKENS = {"load_in_4bit": "auto", "use_gradient_checkpointing": "auto", "micro_batch_tokens": "auto"}
 SETUPS = {  # name: (code path, settings over --params')
     "project": (run_project, {}),  # the settings as --params writes them (the real run's: 4-bit, checkpointing)
     "project-nogc": (run_project, {"use_gradient_checkpointing": False}),

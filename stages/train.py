@@ -123,6 +123,11 @@ def main(
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         for line in compiled_blocks.report(model) if compiled else []:
             log.info(line)
+        if train_config.micro_batch_tokens is not None:
+            log.info(
+                "forward passes: %d for %d micro-batches, at most %d positions each (train.micro_batch_tokens)",
+                *(trainer.passes_run, trainer.micro_batches_run, train_config.micro_batch_tokens),
+            )
         if not world.main:
             return
 

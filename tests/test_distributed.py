@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,10 @@ def test_two_machines_meet_at_a_rendezvous_and_train_as_one_in_passes_of_so_many
     other = next(folder for folder in machines if folder not in writers)
     assert not any((other / name).exists() for name in ("adapter", "train.json", "loss.csv", "eval_loss.csv"))
     assert losses(writers[0] / "loss.csv") == pytest.approx(losses(single / "loss.csv"), rel=1e-3)
+    counts = [
+        re.findall(r"forward passes: (\d+) for (\d+) micro-batches", (f / "train.log").read_text()) for f in machines
+    ]
+    assert counts[0] == counts[1] and int(counts[0][0][0]) > int(counts[0][0][1]) > 0, counts  # cut, alike on both
     new = [run for run in runs(workspace) if run.info.run_id not in before]
     assert [run.data.tags["world_size"] for run in new] == ["2"]  # one MLflow run for both machines
     assert new[0].data.tags["fit.micro_batch_tokens"] == "256"

@@ -97,6 +97,9 @@ def test_micro_batch_tokens_as_a_number_is_kept_and_must_hold_a_conversation() -
         plan_by_tokens(LLAMA_8B, H200, False, "auto", 1024, 2, 4, 2048)
     with pytest.raises(ValueError, match="train.micro_batch_tokens must be null, auto or a number of tokens >= 1"):
         TrainConfig(2, 4, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, micro_batch_tokens="many")
+    with pytest.raises(ValueError, match="train.micro_batch_size and train.micro_batch_tokens both set"):
+        TrainConfig(2, 4, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, micro_batch_size="auto",
+                    micro_batch_tokens="auto")  # fmt: skip
     # evaluation's batches are not cut: as many conversations of max_seq_length as a pass holds
     config = TrainConfig(16, 1, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, eval_steps=5)
     assert training_arguments(config, 2048)["per_device_eval_batch_size"] == 16

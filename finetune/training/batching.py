@@ -46,7 +46,7 @@ def cut_by_tokens(batch: dict[str, Any], limit: int, passes: int = 1) -> list[di
         if lengths is None:  # TRL's collator alone: each conversation's positions start at 0
             starts = [int(i) for i in (batch["position_ids"][0] == 0).nonzero().flatten()]
             lengths = [after - start for start, after in zip(starts, [*starts[1:], ids.shape[1]], strict=True)]
-        sizes = [int(n) for n in lengths]
+        sizes = [int(n) for n in (lengths.tolist() if hasattr(lengths, "tolist") else lengths)]  # one read
         sizes[-1] += ids.shape[1] - sum(sizes)  # a pad tail, if any, goes with the last conversation
         axis = 1
     else:  # padded: cut between rows
@@ -70,7 +70,8 @@ def cut_by_tokens(batch: dict[str, Any], limit: int, passes: int = 1) -> list[di
     cuts = [part(first, last) for first, last in groups]
     if len(cuts) < passes:
         first = part(0, 1)
-        cuts += [first | {"labels": first["labels"].clone().fill_(IGNORE_INDEX)}] * (passes - len(cuts))
+        ignored = {key: first[key].clone().fill_(IGNORE_INDEX) for key in ("labels", "shift_labels") if key in first}
+        cuts += [first | ignored] * (passes - len(cuts))
     return cuts
 
 

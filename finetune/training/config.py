@@ -101,6 +101,11 @@ class TrainConfig:
             f"train.micro_batch_tokens must be null, auto or a number of tokens >= 1, got {self.micro_batch_tokens!r}",
         )
         require(
+            self.micro_batch_tokens is None or self.micro_batch_size is None,
+            "train.micro_batch_size and train.micro_batch_tokens both set: micro_batch_tokens runs a step's batch as "
+            "one micro-batch in passes, micro_batch_size splits it by conversations; keep one, the other null",
+        )
+        require(
             self.dataloader_num_workers >= 0,
             f"train.dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}",
         )

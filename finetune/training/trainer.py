@@ -48,6 +48,8 @@ class TokenCountingTrainer(SFTTrainer):
     _positions = 0  # every process's positions since the last log
     _since: float | None = None  # when this log interval's training time started
     micro_batch_tokens: int | None = None  # most positions a forward pass holds (`train.micro_batch_tokens`)
+    micro_batches_run = 0  # micro-batches this process trained on, and the forward passes they took
+    passes_run = 0
 
     def _load_from_checkpoint(self, checkpoint: str, model: Any = None) -> None:
         # peft loads a saved adapter in float32 (autocast_adapter_dtype); unsloth trains it in the model's 16-bit
@@ -71,12 +73,13 @@ class TokenCountingTrainer(SFTTrainer):
             most = int(self.accelerator.gather(count).max())
             if most > len(passes):
                 passes = cut_by_tokens(inputs, self.micro_batch_tokens, most)
+        self.micro_batches_run, self.passes_run = self.micro_batches_run + 1, self.passes_run + len(passes)
         if len(passes) == 1:
             return super().training_step(model, inputs, num_items_in_batch)
-        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:  # each pass's mean would weigh alike
+        if num_items_in_batch is None:  # each pass's mean would weigh alike (build_trainer checked the model)
             raise ValueError(
-                "train.micro_batch_tokens cuts a micro-batch into passes, which needs a loss summed over the "
-                "micro-batch's tokens (the model's num_items_in_batch); this model's loss is a mean per pass"
+                "train.micro_batch_tokens cuts a micro-batch into passes, which needs the micro-batch's count of "
+                "learnt tokens (num_items_in_batch); the Trainer gave none"
             )
         loss = 0
         for i, part in enumerate(passes):
@@ -168,6 +171,11 @@ def build_trainer(
         "train.micro_batch_tokens must be decided before training (finetune.model.fit.fit_to_machine), got "
         f"{config.micro_batch_tokens!r}",
     )
+    require(
+        config.micro_batch_tokens is None or config.micro_batch_tokens >= model_config.max_seq_length,
+        f"train.micro_batch_tokens is {config.micro_batch_tokens}, below model.max_seq_length "
+        f"{model_config.max_seq_length}: a pass must hold a whole conversation",
+    )
     trainer = TokenCountingTrainer(
         model=model,
         processing_class=tokenizer,
@@ -187,5 +195,11 @@ def build_trainer(
         ),
         callbacks=[MarkCheckpointsComplete(output_dir), StopOnDivergence(config)],
     )
-    trainer.micro_batch_tokens = config.micro_batch_tokens
+    if config.micro_batch_tokens is not None:  # passes add up to the micro-batch only for a loss summed over tokens
+        require(
+            trainer.model_accepts_loss_kwargs and not getattr(trainer, "aux_loss_enabled", False),
+            "train.micro_batch_tokens cuts micro-batches into passes, which needs a loss summed over the learnt "
+            f"tokens without an auxiliary loss; {type(model).__name__} takes no num_items_in_batch or adds one",
+        )
+        trainer.micro_batch_tokens = config.micro_batch_tokens
     return trainer
