@@ -42,6 +42,8 @@ def cut_by_tokens(batch: dict[str, Any], limit: int, passes: int = 1) -> list[di
 
     A row of conversations of 5, 3, 4 and 2 tokens cut at 8 is two passes, 5 + 3 and 4 + 2."""
     ids, lengths = batch["input_ids"], batch.get("packed_seq_lengths")
+    if ids.numel() <= limit and passes <= 1:  # it fits: no need to read the lengths (a host sync on the GPU)
+        return [batch]
     if ids.shape[0] == 1 and "position_ids" in batch:  # padding-free: cut between conversations
         if lengths is None:  # TRL's collator alone: each conversation's positions start at 0
             starts = [int(i) for i in (batch["position_ids"][0] == 0).nonzero().flatten()]
