@@ -333,7 +333,7 @@ def test_a_micro_batch_is_cut_into_passes_of_at_most_so_many_tokens_between_conv
     # as many passes as another process needs: the heaviest halved; with too few conversations, idle passes
     assert [p["packed_seq_lengths"].tolist() for p in cut_by_tokens(row, 8, passes=4)] == [[5], [3], [4, 2], [6]]
     idle = cut_by_tokens(row, 20, passes=6)[5]
-    assert idle["input_ids"].tolist() == [[0, 1, 2, 3, 4]] and set(idle["labels"].flatten().tolist()) == {-100}
+    assert idle["input_ids"].tolist() == [[0, 1, 2, 3, 4]] and set(idle["labels"].flatten().tolist()) == {IGNORE_INDEX}
     padded = {"input_ids": torch.ones(5, 4), "attention_mask": torch.ones(5, 4), "labels": torch.ones(5, 4)}
     assert [p["input_ids"].shape[0] for p in cut_by_tokens(padded, 9)] == [2, 2, 1]  # rows of 4 positions
     with pytest.raises(ValueError, match="train.micro_batch_tokens is 5, but a conversation of this batch takes 6"):

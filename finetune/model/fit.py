@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from finetune.config.params import require
 from finetune.model.load import ModelConfig, base_config
+from finetune.training.config import check_pass_length
 from finetune.training.distributed import World, per_process
 
 if TYPE_CHECKING:
@@ -155,11 +156,7 @@ def plan_by_tokens(
     -> `(Plan(use_gradient_checkpointing=False, per_device_train_batch_size=8, gradient_accumulation_steps=1),
     12418)`.
     """
-    require(
-        tokens == "auto" or tokens >= max_length,
-        f"train.micro_batch_tokens is {tokens}, below model.max_seq_length {max_length}: a pass must hold a whole "
-        "conversation",
-    )
+    check_pass_length(tokens, max_length)
     options = [False, "unsloth"] if checkpointing == "auto" else [checkpointing]
     effective = per_device * accumulation
     if gpu_bytes is None:

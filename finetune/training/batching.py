@@ -59,8 +59,6 @@ def cut_by_tokens(batch: dict[str, Any], limit: int, passes: int = 1) -> list[di
             "one pass holds at least one whole conversation; raise it to model.max_seq_length or more"
         )
     groups = balanced_runs(sizes, limit, passes)
-    if len(groups) == 1 and passes <= 1:
-        return [batch]
 
     def part(first: int, last: int) -> dict[str, Any]:
         start, stop = (sum(sizes[:first]), sum(sizes[:last])) if axis == 1 else (first, last)

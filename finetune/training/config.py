@@ -120,6 +120,15 @@ class TrainConfig:
 STAGE_KEYS = ("eval_rows", "micro_batch_size", "micro_batch_tokens", "devices")
 
 
+def check_pass_length(tokens: str | int | None, max_length: int) -> None:
+    """Refuse a `train.micro_batch_tokens` number below `model.max_seq_length`: a pass holds whole conversations."""
+    require(
+        not isinstance(tokens, int) or tokens >= max_length,
+        f"train.micro_batch_tokens is {tokens}, below model.max_seq_length {max_length}: a pass must hold a whole "
+        "conversation",
+    )
+
+
 def training_arguments(config: TrainConfig, max_length: int) -> dict[str, Any]:
     """SFTConfig's arguments from `train.*`: the settings pass straight through; evaluation and saves if asked.
 

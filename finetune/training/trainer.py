@@ -26,7 +26,7 @@ from finetune.config.params import require
 from finetune.model.load import ModelConfig, mixed_precision
 from finetune.training.batching import check_cut, cut_by_tokens, split_step_by_tokens, token_counts
 from finetune.training.callbacks import MarkCheckpointsComplete, StopOnDivergence
-from finetune.training.config import TrainConfig, training_arguments
+from finetune.training.config import TrainConfig, check_pass_length, training_arguments
 from finetune.training.distributed import World
 
 
@@ -171,11 +171,7 @@ def build_trainer(
         "train.micro_batch_tokens must be decided before training (finetune.model.fit.fit_to_machine), got "
         f"{config.micro_batch_tokens!r}",
     )
-    require(
-        config.micro_batch_tokens is None or config.micro_batch_tokens >= model_config.max_seq_length,
-        f"train.micro_batch_tokens is {config.micro_batch_tokens}, below model.max_seq_length "
-        f"{model_config.max_seq_length}: a pass must hold a whole conversation",
-    )
+    check_pass_length(config.micro_batch_tokens, model_config.max_seq_length)
     trainer = TokenCountingTrainer(
         model=model,
         processing_class=tokenizer,
