@@ -111,9 +111,9 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     `train.micro_batch_size`, `micro_batch_tokens`, `padding_free`, `packing`, `train_sampling_strategy` and
     `dataloader_num_workers` (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the
     stage decides them; `blocks` lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them
-    out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp:
-    peft` runs LoRA on the MLP through peft's layers, not unsloth's fused LoRA MLP (an instance `forward` that
-    `get_peft_model` sets on CUDA)."""
+    out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`
+    runs LoRA on the MLP through peft's layers (`peft`) or unsloth's fused LoRA MLP (`fused`, an instance `forward`
+    that `get_peft_model` sets on CUDA), where the stage takes peft's in compiled blocks only."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -137,9 +137,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
     print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
-    if settings.get("mlp") == "peft":  # unsloth's fused LoRA MLP is an instance `forward`: back to the class's
-        for layer in compiled_blocks.decoder_layers(model):
-            layer.mlp.__dict__.pop("forward", None)
+    if settings.get("mlp", "peft" if compiled else "fused") == "peft":  # the stage's choice unless `mlp` is given
+        compiled_blocks.unfuse_lora_mlps(model)
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
     trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
@@ -176,9 +175,9 @@ SETUPS = {  # name: (code path, settings over --params')
     # varying size fragment the cache (some steps of the 8B shape ran 20-30 % slower than the others: BENCHMARKS.md)
     "project-auto-expandable": (run_project, AUTO | {"environ": {"PYTORCH_CUDA_ALLOC_CONF": EXPANDABLE}}),
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
-    "project-auto-peft-mlp": (run_project, AUTO | {"blocks": "compiled", "mlp": "peft"}),  # compiled, MLP LoRA by peft
+    "project-auto-fused-mlp": (run_project, AUTO | {"mlp": "fused"}),  # compiled blocks, unsloth's fused LoRA MLP
     "project-auto-tokens": (run_project, TOKENS),  # a step in passes of the tokens that fit (train.micro_batch_tokens)
-    "project-tokens-peft-mlp": (run_project, TOKENS | {"blocks": "compiled", "mlp": "peft"}),  # both of the above
+    "project-tokens-eager-blocks": (run_project, TOKENS | {"blocks": "eager"}),  # as the stage chose at r 16 before
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
 }

@@ -149,19 +149,33 @@ def restore_after(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})
 
 
+ALL_LINEAR = replace(
+    LORA,
+    r=16,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    use_gradient_checkpointing=False,
+)
+
+
+@pytest.mark.parametrize(
+    "lora", [replace(LORA, use_gradient_checkpointing=False), ALL_LINEAR], ids=["qkvo-r4", "all-r16"]
+)
 def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_eager_ones(
-    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
+    lora: LoraConfig, tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The train stage's compiled padding-free blocks (`finetune.model.compiled_blocks`, taken where measured faster:
-    a 16-bit base, no checkpointing, LoRA on the attention): every decoder layer trains compiled, and the logged losses
-    and gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B shape
-    within 1e-3: BENCHMARKS.md, session 22)."""
+    a 16-bit base, no checkpointing), with the seed's LoRA and with LoRA on all seven projections, whose MLPs then run
+    peft's layers instead of unsloth's fused MLP: every decoder layer trains compiled, and the logged losses and
+    gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B shape at
+    r 4 within 1e-3: BENCHMARKS.md, session 22). The fused MLP rounds otherwise than peft's layers, and Adam's first
+    updates are the learning rate times each gradient element's sign, however small: after the first step the
+    all-seven curves may part by more (8B shape: up to 0.17 of 12.4 by step 6, session 25)."""
     from finetune.model import compiled_blocks
 
     restore_after(monkeypatch)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="bfloat16")
-    lora = replace(LORA, use_gradient_checkpointing=False)
+    mlp_lora = "gate_proj" in lora.target_modules
     train = tiny_training(per_device_train_batch_size=6, max_steps=4, padding_free=True)
     conversations = [
         [{"role": "user", "content": row["user"]}, {"role": "assistant", "content": row["assistant"]}]
@@ -173,6 +187,11 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
         model, tokenizer = load_base(config)
         names = compiled_blocks.compile_padding_free_blocks(model, config.load_in_4bit, lora) if compile_blocks else []
         model = FastLanguageModel.get_peft_model(model, **lora.__dict__)
+        fused = [layer.mlp for layer in compiled_blocks.decoder_layers(model) if "forward" in vars(layer.mlp)]
+        assert len(fused) == (2 if mlp_lora else 0)  # unsloth fuses a LoRA MLP on CUDA
+        if names:  # as the stage does
+            assert compiled_blocks.unfuse_lora_mlps(model) == len(fused)
+            assert not any("forward" in vars(layer.mlp) for layer in compiled_blocks.decoder_layers(model))
         data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
         trainer = build_trainer(model, tokenizer, data, config, train, tmp_path / f"compiled-{compile_blocks}")
         assert trainer.args.padding_free
@@ -185,9 +204,10 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
     print(f"eager blocks {eager_layers}: {eager}\ncompiled blocks {layers}: {compiled}")
     assert names == ["LlamaDecoderLayer"] and eager_layers == (0, 2) and layers == (2, 2)
     assert len(compiled) == len(eager) == train.max_steps
-    for row, expected in zip(compiled, eager, strict=True):
-        assert row["loss"] == pytest.approx(expected["loss"], rel=5e-3), (row, expected)
-        assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2), (row, expected)
+    for step, (row, expected) in enumerate(zip(compiled, eager, strict=True)):
+        widen = 4 if mlp_lora and step else 1  # fused and peft MLPs, after Adam's first update (see above)
+        assert row["loss"] == pytest.approx(expected["loss"], rel=5e-3 * widen), (row, expected)
+        assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2 * widen), (row, expected)
 
 
 def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
@@ -228,14 +248,6 @@ def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_o
         assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2), (row, expected)
 
 
-ALL_LINEAR = replace(
-    LORA,
-    r=16,
-    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    use_gradient_checkpointing=False,
-)
-
-
 def lora_gradients(
     model_dir: Path, dtype: str, adapter: dict[str, torch.Tensor], rows: list, mlp: str = "fused"
 ) -> tuple[float, int, dict[str, torch.Tensor]]:
@@ -243,15 +255,14 @@ def lora_gradients(
     the adapter's weights set to `adapter` (name -> tensor; if empty, filled first with `get_peft_model`'s A and a
     random B, so that every weight gets a gradient), the number of MLPs that ran unsloth's fused LoRA MLP, and every
     LoRA weight's gradient in float32. `mlp="peft"` takes the fused MLP away: peft's layers run the MLP's LoRA."""
-    from finetune.model.compiled_blocks import decoder_layers
+    from finetune.model.compiled_blocks import decoder_layers, unfuse_lora_mlps
 
     model, tokenizer = load_base(ModelConfig(str(model_dir), None, 512, load_in_4bit=False, dtype=dtype))
     model = FastLanguageModel.get_peft_model(model, **ALL_LINEAR.__dict__)
     fused = [layer.mlp for layer in decoder_layers(model) if "forward" in layer.mlp.__dict__]
-    if mlp == "peft":
-        for module in fused:
-            del module.__dict__["forward"]
-        fused = []
+    if mlp == "peft":  # as the train stage does for compiled blocks
+        assert unfuse_lora_mlps(model) == len(fused)
+        fused = [layer.mlp for layer in decoder_layers(model) if "forward" in layer.mlp.__dict__]
     weights = {name: p for name, p in model.named_parameters() if "lora_" in name}
     if not adapter:
         draw = torch.Generator().manual_seed(0)
@@ -276,7 +287,7 @@ def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
     """In bf16 on CUDA unsloth runs LoRA on q/k/v, o and the MLP through its fused autograd functions; peft's layers
     run it in float32 (unsloth keeps its fused kernels off a float32 base). The gradients of every LoRA weight, A and
     B, of one conversation are those of float32 autograd within bf16's error, through unsloth's fused LoRA MLP and
-    through peft's layers in its place (`perf.train_speed`'s peft-MLP setups). Measured on an H200: 1.2-2.5e-2
+    through peft's layers in its place (the train stage's choice in compiled blocks). Measured on an H200: 1.2-2.5e-2
     relative either way, the losses within 3e-5 (BENCHMARKS.md, session 25); a wrong gradient would be off by ~100 %."""
     adapter: dict[str, torch.Tensor] = {}
     rows = sample_rows[:12]

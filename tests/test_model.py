@@ -181,8 +181,41 @@ def test_the_blocks_compile_only_for_the_settings_they_were_measured_faster_with
     assert measured_faster(False, fast)  # auto's choice for the 8B on an H200, the seed's LoRA
     assert not measured_faster(True, fast)  # a 4-bit base: not measured compiled
     assert not measured_faster(False, replace(fast, use_gradient_checkpointing="unsloth"))  # checkpointing: neither
-    assert not measured_faster(False, replace(fast, r=16, target_modules=[*fast.target_modules, "down_proj"]))
-    assert not measured_faster(False, replace(fast, target_modules="all-linear"))  # may cover the MLP: not measured
+    seven = [*fast.target_modules, "gate_proj", "up_proj", "down_proj"]
+    assert measured_faster(False, replace(fast, r=16, target_modules=seven))  # with the MLP's LoRA through peft
+    assert not measured_faster(True, replace(fast, r=16, target_modules=seven))
+
+
+def test_compiled_blocks_run_the_mlps_lora_through_peft_where_unsloth_fused_it() -> None:
+    """unsloth sets its fused LoRA MLP as an instance `forward` on CUDA (set here as it does, with its own function);
+    `unfuse_lora_mlps` gives each such MLP back its class's forward, through peft's LoRA layers, and leaves others."""
+    import types
+
+    import torch
+    import unsloth  # noqa: F401
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from unsloth.kernels import apply_lora_mlp_swiglu
+
+    from finetune.model.compiled_blocks import decoder_layers, unfuse_lora_mlps
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        LlamaForCausalLM(config), PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    )
+    mlps = [layer.mlp for layer in decoder_layers(model)]
+    for mlp in mlps[:2]:  # as unsloth.models.llama's get_peft_model does on CUDA
+        mlp.forward = types.MethodType(apply_lora_mlp_swiglu, mlp)
+    assert unfuse_lora_mlps(model) == 2
+    assert not any("forward" in vars(mlp) for mlp in mlps) and unfuse_lora_mlps(model) == 0
+    x = torch.randn(1, 5, 16)
+    for mlp in mlps:  # peft's layers, whose LoRA (B not zero here) shows in the output
+        expected = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+        torch.testing.assert_close(mlp(x), expected)
+        with model.disable_adapter():
+            assert not torch.allclose(mlp(x), expected)
 
 
 def test_the_train_report_counts_each_recompile_by_the_guard_that_failed() -> None:

@@ -14,14 +14,18 @@ graph for each new set of lengths. `let_in` lets padding-free batches into the r
   them as one call of aten's flash varlen kernel (unsloth's `_flash_varlen`, what its compiled blocks run for
   transformers' forwards).
 Measured on the 8B shape, one H200 (BENCHMARKS.md, session 22), with `auto`'s 16-bit base and no checkpointing: 2 %
-more tokens/s on the data's length mix and on rows of one length, 57 GiB peak instead of 69, losses equal within
-1e-3, three recompiles in a run (the rotary table growing to a packed row's length); with LoRA on all seven
-projections at r 16, 1 % slower (one run each: unsloth's fused LoRA MLP is a custom autograd function). So the stage
-compiles them only where they were measured faster (`measured_faster`): a 16-bit base, no gradient checkpointing,
-LoRA on the attention only, a Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2
-model keeps its eager padding-free blocks). `let_in` patches whatever the setting, for a speed script to measure
-the others. unsloth compiles no block on the CPU, and the kernel is flash's: without CUDA and a flash build on an
-Ampere or newer GPU nothing is patched.
+more tokens/s on the data's length mix and on rows of one length, 57 GiB peak instead of 69, losses equal within 1e-3,
+three recompiles in a run (the rotary table growing to a packed row's length). With LoRA on all seven projections at r
+16 they were 1 % slower (session 22: unsloth's fused LoRA MLP is a custom autograd function, which the compiler runs
+as an opaque call), and faster than the eager blocks once the MLP's LoRA ran through peft's layers, which the compiler
+sees through: 15,527 tokens/s against 14,326 in one call (session 25, one run each; the eager run stalled once,
+~14,824 without it), 15,910 with `train.micro_batch_tokens` (session 26, median of 3). So the stage compiles them
+where they were measured faster (`measured_faster`): a 16-bit base and no gradient checkpointing, on a
+Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model keeps its eager
+padding-free blocks); and, after `get_peft_model`, `unfuse_lora_mlps` gives the MLPs back their peft layers. `let_in`
+patches whatever the setting, for a speed script to measure the others. unsloth compiles no block on the CPU, where it
+fuses no LoRA MLP either, and the kernel is flash's: without CUDA and a flash build on an Ampere or newer GPU nothing
+is patched.
 """
 
 from __future__ import annotations
@@ -46,22 +50,31 @@ def compile_padding_free_blocks(model: Any, load_in_4bit: bool, lora: Any) -> li
     if not measured_faster(load_in_4bit, lora):
         log.info(
             "padding-free batches stay out of unsloth's compiled decoder blocks: measured faster only with a 16-bit "
-            "base, no gradient checkpointing and LoRA on the attention only (load_in_4bit %s, "
-            "use_gradient_checkpointing %s, target_modules %s)",
-            *(load_in_4bit, lora.use_gradient_checkpointing, lora.target_modules),
+            "base and no gradient checkpointing (load_in_4bit %s, use_gradient_checkpointing %s)",
+            *(load_in_4bit, lora.use_gradient_checkpointing),
         )
         return []
     return let_in(model)
 
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # the attention's projections (Llama's names)
-
-
 def measured_faster(load_in_4bit: bool, lora: Any) -> bool:
     """Whether compiled padding-free blocks were measured faster than eager ones for these settings (see above): LoRA
-    on attention projections only (not the MLP's, nor a name such as `all-linear` that may cover them)."""
-    targets = [lora.target_modules] if isinstance(lora.target_modules, str) else lora.target_modules
-    return not load_in_4bit and not lora.use_gradient_checkpointing and set(targets) <= set(ATTENTION)
+    on the attention (r 4) and on all seven projections (r 16, with `unfuse_lora_mlps`) were; other sets of
+    projections run the same two paths."""
+    return not load_in_4bit and not lora.use_gradient_checkpointing
+
+
+def unfuse_lora_mlps(model: Any) -> int:
+    """After `get_peft_model`, for blocks that compile: the MLPs whose LoRA unsloth fused (an instance `forward`, set on
+    CUDA) go back to their class's forward through peft's LoRA layers, measured faster inside a compiled block (see
+    above). Their gradients are those of float32 autograd as the fused MLP's are (tests/test_gpu.py). Returns how many
+    MLPs changed."""
+    fused = [layer.mlp for layer in decoder_layers(model) if "forward" in vars(layer.mlp)]
+    for mlp in fused:
+        del mlp.forward
+    if fused:
+        log.info("LoRA on the MLP of %d compiled blocks through peft's layers, not unsloth's fused MLP", len(fused))
+    return len(fused)
 
 
 def let_in(model: Any) -> list[str]:
