@@ -51,16 +51,7 @@ from finetune.training.config import LoraConfig, TrainConfig
 from finetune.training.distributed import World, launcher
 from perf.shapes import child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
-from perf.train_measure import (
-    PROFILED_STEPS,
-    Configs,
-    clocked,
-    configs,
-    lora_ran,
-    memory,
-    profiled,
-    step_losses,
-)
+from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, memory, profiled, step_losses
 from perf.train_table import combined, header, matmul_parameters, median_run, table
 
 
@@ -113,7 +104,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     stage decides them; `blocks` lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them
     out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`
     runs LoRA on the MLP through peft's layers (`peft`) or unsloth's fused LoRA MLP (`fused`, an instance `forward`
-    that `get_peft_model` sets on CUDA), where the stage takes peft's in compiled blocks only."""
+    that `get_peft_model` sets on CUDA), where the stage takes peft's in compiled blocks only; `attention: peft` runs
+    q/k/v's and o's LoRA through peft's layers too, in place of unsloth's fused functions (the stage does not)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -139,6 +131,11 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
     if settings.get("mlp", "peft" if compiled else "fused") == "peft":  # the stage's choice unless `mlp` is given
         compiled_blocks.unfuse_lora_mlps(model)
+    if settings.get("attention") == "peft":  # q/k/v's and o's LoRA through peft's layers, not unsloth's fused functions
+        from unsloth.models.llama import original_apply_o, original_apply_qkv
+
+        for layer in compiled_blocks.decoder_layers(model):
+            layer.self_attn.apply_qkv, layer.self_attn.apply_o = original_apply_qkv, original_apply_o
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
     trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
@@ -178,6 +175,7 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-auto-fused-mlp": (run_project, AUTO | {"mlp": "fused"}),  # compiled blocks, unsloth's fused LoRA MLP
     "project-auto-tokens": (run_project, TOKENS),  # a step in passes of the tokens that fit (train.micro_batch_tokens)
     "project-tokens-eager-blocks": (run_project, TOKENS | {"blocks": "eager"}),  # as the stage chose at r 16 before
+    "project-tokens-peft-lora": (run_project, TOKENS | {"attention": "peft"}),  # every LoRA through peft's layers
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
 }
