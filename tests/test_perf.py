@@ -431,3 +431,18 @@ def test_decode_speed_times_a_step_with_each_attention_for_each_batch_and_length
     assert all(float(line.split(" | ")[2]) > 0 and float(line.split(" | ")[3]) > 0 for line in table[2:])
     with pytest.raises(SystemExit):
         main(["--new-tokens", "1"])
+
+
+def test_lora_products_times_each_way_for_every_output_width_and_rank(capfd: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from perf.lora_products import main, padded
+
+    z, b, y = torch.randn(8, 4), torch.randn(6, 4), torch.randn(8, 6)
+    torch.testing.assert_close(y.clone().addmm_(padded(z, 32), padded(b, 32).t()), y.clone().addmm_(z, b.t()))
+    assert main(["--shape", "tiny", "--tokens", "64", "--ranks", "4,8", "--repeat", "2"]) == 0
+    out = capfd.readouterr().out
+    assert "tiny: output widths [16, 64, 224], 64 rows, bf16" in out
+    rows = [line.split(" | ") for line in out[out.rindex("| width |") :].splitlines()[2:]]
+    assert [(row[0], row[1]) for row in rows] == [(f"| {w}", str(r)) for w in (16, 64, 224) for r in (4, 8)]
+    assert all(float(cell) > 0 for row in rows for cell in row[2:6] + row[7:8])
