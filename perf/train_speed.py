@@ -129,8 +129,9 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
     print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
-    if settings.get("mlp", "peft" if compiled else "fused") == "peft":  # the stage's choice unless `mlp` is given
-        compiled_blocks.unfuse_lora_mlps(model)
+    peft_mlp = settings.get("mlp", "peft" if compiled else "fused") == "peft"  # the stage's choice unless given
+    unfused = compiled_blocks.unfuse_lora_mlps(model) if peft_mlp else 0
+    print(f"MLPs whose fused LoRA went back to peft's layers: {unfused}")
     if settings.get("attention") == "peft":  # q/k/v's and o's LoRA through peft's layers, not unsloth's fused functions
         from unsloth.models.llama import original_apply_o, original_apply_qkv
 

@@ -188,7 +188,8 @@ def test_the_blocks_compile_only_for_the_settings_they_were_measured_faster_with
 
 def test_compiled_blocks_run_the_mlps_lora_through_peft_where_unsloth_fused_it() -> None:
     """unsloth sets its fused LoRA MLP as an instance `forward` on CUDA (set here as it does, with its own function);
-    `unfuse_lora_mlps` gives each such MLP back its class's forward, through peft's LoRA layers, and leaves others."""
+    `unfuse_lora_mlps` gives each such MLP back its class's forward, through peft's LoRA layers, and leaves any other
+    instance forward alone."""
     import types
 
     import torch
@@ -208,8 +209,9 @@ def test_compiled_blocks_run_the_mlps_lora_through_peft_where_unsloth_fused_it()
     mlps = [layer.mlp for layer in decoder_layers(model)]
     for mlp in mlps[:2]:  # as unsloth.models.llama's get_peft_model does on CUDA
         mlp.forward = types.MethodType(apply_lora_mlp_swiglu, mlp)
+    mlps[2].forward = types.MethodType(type(mlps[2]).forward, mlps[2])  # an instance forward of another kind
     assert unfuse_lora_mlps(model) == 2
-    assert not any("forward" in vars(mlp) for mlp in mlps) and unfuse_lora_mlps(model) == 0
+    assert ["forward" in vars(mlp) for mlp in mlps] == [False, False, True] and unfuse_lora_mlps(model) == 0
     x = torch.randn(1, 5, 16)
     for mlp in mlps:  # peft's layers, whose LoRA (B not zero here) shows in the output
         expected = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))

@@ -248,16 +248,18 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
 
     params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
     arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
-    setup = "project-auto"
-    status = main([*arguments, "--setups", setup, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
+    setups = "project-auto,project-tokens-peft-lora"  # the second: q/k/v's and o's LoRA put back to peft's layers
+    status = main([*arguments, "--setups", setups, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
     out, err = capfd.readouterr()
     assert status == 0, out[-3000:] + err[-5000:]
     # r and targets from all-r16, alpha and dropout from the settings file
     assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
     assert "| project-auto (all-r16) | 1 | " in out and "LoRA r 8" not in out
-    # as the train stage decides: LoRA on the MLP keeps the eager padding-free blocks (and the CPU has no compiled one)
-    assert "padding-free batches into compiled blocks of: []" in out
-    assert "decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2" in out
+    assert "| project-tokens-peft-lora (all-r16) | 1 | " in out
+    # on the CPU no block compiles, whatever the LoRA, and unsloth fuses no LoRA MLP
+    assert out.count("padding-free batches into compiled blocks of: []") == 2
+    assert out.count("decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2") == 2
+    assert out.count("MLPs whose fused LoRA went back to peft's layers: 0") == 2
 
 
 def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_without_checkpointing(

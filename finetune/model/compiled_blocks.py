@@ -18,9 +18,9 @@ more tokens/s on the data's length mix and on rows of one length, 57 GiB peak in
 three recompiles in a run (the rotary table growing to a packed row's length). With LoRA on all seven projections at r
 16 they were 1 % slower (session 22: unsloth's fused LoRA MLP is a custom autograd function, which the compiler runs
 as an opaque call), and faster than the eager blocks once the MLP's LoRA ran through peft's layers, which the compiler
-sees through: 15,527 tokens/s against 14,326 in one call (session 25, one run each; the eager run stalled once,
-~14,824 without it), 15,910 with `train.micro_batch_tokens` (session 26, median of 3). So the stage compiles them
-where they were measured faster (`measured_faster`): a 16-bit base and no gradient checkpointing, on a
+sees through: 15,527 tokens/s against 14,326 in one call (session 25, one run each; the eager run stalled once, as it
+did in a second call at 14,824), 15,910 with `train.micro_batch_tokens` (session 26, median of 3). So the stage
+compiles them where they were measured faster (`measured_faster`): a 16-bit base and no gradient checkpointing, on a
 Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model keeps its eager
 padding-free blocks); and, after `get_peft_model`, `unfuse_lora_mlps` gives the MLPs back their peft layers. `let_in`
 patches whatever the setting, for a speed script to measure the others. unsloth compiles no block on the CPU, where it
@@ -69,7 +69,13 @@ def unfuse_lora_mlps(model: Any) -> int:
     CUDA) go back to their class's forward through peft's LoRA layers, measured faster inside a compiled block (see
     above). Their gradients are those of float32 autograd as the fused MLP's are (tests/test_gpu.py). Returns how many
     MLPs changed."""
-    fused = [layer.mlp for layer in decoder_layers(model) if "forward" in vars(layer.mlp)]
+    from unsloth.models.llama import _FUSED_LORA_MLPS  # the functions unsloth binds as an MLP's forward
+
+    fused = [
+        layer.mlp
+        for layer in decoder_layers(model)
+        if getattr(vars(layer.mlp).get("forward"), "__func__", None) in _FUSED_LORA_MLPS
+    ]
     for mlp in fused:
         del mlp.forward
     if fused:
