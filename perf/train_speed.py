@@ -49,6 +49,7 @@ from finetune.model import fit
 from finetune.model.load import ModelConfig
 from finetune.training.config import LoraConfig, TrainConfig
 from finetune.training.distributed import World, launcher
+from perf import lora_paths
 from perf.shapes import child_environment, ensure, integers, passed_on
 from perf.train_baselines import run_bare, run_plain
 from perf.train_measure import PROFILED_STEPS, Configs, clocked, configs, lora_ran, memory, profiled, step_losses
@@ -105,7 +106,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`
     runs LoRA on the MLP through peft's layers (`peft`) or unsloth's fused LoRA MLP (`fused`, an instance `forward`
     that `get_peft_model` sets on CUDA), where the stage takes peft's in compiled blocks only; `attention: peft` runs
-    q/k/v's and o's LoRA through peft's layers too, in place of unsloth's fused functions (the stage does not)."""
+    q/k/v's and o's LoRA through peft's layers too, in place of unsloth's fused functions, and `pad_rank` pads the
+    inner size of the LoRA products (`perf.lora_paths`), neither of which the stage does."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -132,11 +134,10 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     peft_mlp = settings.get("mlp", "peft" if compiled else "fused") == "peft"  # the stage's choice unless given
     unfused = compiled_blocks.unfuse_lora_mlps(model) if peft_mlp else 0
     print(f"MLPs whose fused LoRA went back to peft's layers: {unfused}")
-    if settings.get("attention") == "peft":  # q/k/v's and o's LoRA through peft's layers, not unsloth's fused functions
-        from unsloth.models.llama import original_apply_o, original_apply_qkv
-
-        for layer in compiled_blocks.decoder_layers(model):
-            layer.self_attn.apply_qkv, layer.self_attn.apply_o = original_apply_qkv, original_apply_o
+    if settings.get("attention") == "peft":  # q/k/v's and o's LoRA through peft's layers (perf.lora_paths)
+        print(f"attention LoRA back to peft's layers: {lora_paths.peft_attention(model)}")
+    if settings.get("pad_rank"):  # LoRA's full-output products with a zero-padded inner size (perf.lora_paths)
+        print(f"peft LoRA layers padded: {lora_paths.pad_lora_products(model, settings['pad_rank'])}")
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
     trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
@@ -177,6 +178,7 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-auto-tokens": (run_project, TOKENS),  # a step in passes of the tokens that fit (train.micro_batch_tokens)
     "project-tokens-eager-blocks": (run_project, TOKENS | {"blocks": "eager"}),  # as the stage chose at r 16 before
     "project-tokens-peft-lora": (run_project, TOKENS | {"attention": "peft"}),  # every LoRA through peft's layers
+    "project-tokens-pad64": (run_project, TOKENS | {"pad_rank": 64}),  # the LoRA products' inner size padded to 64
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
 }

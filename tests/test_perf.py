@@ -248,18 +248,20 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
 
     params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
     arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
-    setups = "project-auto,project-tokens-peft-lora"  # the second: q/k/v's and o's LoRA put back to peft's layers
+    setups = "project-auto,project-tokens-peft-lora,project-tokens-pad64"  # the last two: perf.lora_paths'
     status = main([*arguments, "--setups", setups, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
     out, err = capfd.readouterr()
     assert status == 0, out[-3000:] + err[-5000:]
     # r and targets from all-r16, alpha and dropout from the settings file
     assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
     assert "| project-auto (all-r16) | 1 | " in out and "LoRA r 8" not in out
-    assert "| project-tokens-peft-lora (all-r16) | 1 | " in out
-    # on the CPU no block compiles, whatever the LoRA, and unsloth fuses no LoRA MLP
-    assert out.count("padding-free batches into compiled blocks of: []") == 2
-    assert out.count("decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2") == 2
-    assert out.count("MLPs whose fused LoRA went back to peft's layers: 0") == 2
+    assert "| project-tokens-peft-lora (all-r16) | 1 | " in out and "| project-tokens-pad64 (all-r16) | 1 | " in out
+    assert "peft LoRA layers padded: 14" in out  # 7 projections in each of 2 layers
+    # on the CPU no block compiles, whatever the LoRA, and unsloth fuses no LoRA function
+    assert out.count("padding-free batches into compiled blocks of: []") == 3
+    assert out.count("decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2") == 3
+    assert out.count("MLPs whose fused LoRA went back to peft's layers: 0") == 3
+    assert "attention LoRA back to peft's layers: 0" in out
 
 
 def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_without_checkpointing(
@@ -448,3 +450,48 @@ def test_lora_products_times_each_way_for_every_output_width_and_rank(capfd: pyt
     rows = [line.split(" | ") for line in out[out.rindex("| width |") :].splitlines()[2:]]
     assert [(row[0], row[1]) for row in rows] == [(f"| {w}", str(r)) for w in (16, 64, 224) for r in (4, 8)]
     assert all(float(cell) > 0 for row in rows for cell in row[2:6] + row[7:8])
+
+
+def test_lora_products_padded_with_zeros_give_the_unpadded_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`perf.lora_paths.pad_lora_products`: unsloth's `addmm_` (its fused LoRA functions' products, CUDA only) and
+    peft's LoRA layers with the inner size zero-padded compute what they computed unpadded (float32, CPU)."""
+    import torch
+    import unsloth.kernels.fast_lora as fast_lora
+    import unsloth.kernels.utils as kernel_utils
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from perf import lora_paths
+
+    for module in (kernel_utils, fast_lora):  # patched for the whole process: put back after the test
+        monkeypatch.setattr(module, "addmm_", module.addmm_)
+    monkeypatch.setattr(lora_paths, "_ORIGINAL", {})
+    out, a, b = torch.randn(8, 6), torch.randn(8, 4), torch.randn(6, 4)
+    padded = lora_paths.padded_addmm(64, kernel_utils.addmm_)
+    for mat2 in (b.t(), b.t().contiguous()):  # B as unsloth passes it (a transposed view), and row-major
+        assert lora_paths.padded_rows(mat2, 64).is_contiguous() == mat2.is_contiguous()
+        torch.testing.assert_close(padded(out.clone(), a, mat2, alpha=0.5), out.clone().addmm_(a, mat2, alpha=0.5))
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        LlamaForCausalLM(config), PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    )
+    ids = torch.randint(0, 64, (2, 9))
+
+    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    unpadded, original = loss_and_gradients(), kernel_utils.addmm_
+    assert lora_paths.pad_lora_products(model, 64) == 2 * len(targets)
+    assert kernel_utils.addmm_ is fast_lora.addmm_ and kernel_utils.addmm_ is not original
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.lora_A["default"](torch.zeros(1, 16)).shape == (1, 64)  # the rank-4 output, padded
+    torch.testing.assert_close(loss_and_gradients(), unpadded)

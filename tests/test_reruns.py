@@ -82,7 +82,8 @@ RERUNS = {
     **{
         f"perf/{name}.py": NONE
         for name in (
-            *("contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps"),
+            *("contamination_speed", "data_stages", "decode_speed", "evaluate_speed", "gaps", "lora_paths"),
+            "lora_products",
             *("quantized", "shapes", "stand_ins", "train_baselines", "train_measure", "train_speed", "train_table"),
         )
     },

@@ -1,0 +1,86 @@
+"""Speed experiments: LoRA paths that `perf.train_speed`'s setups can take and the train stage does not.
+
+`peft_attention(model)`: q/k/v's and o's LoRA through peft's layers, in place of unsloth's fused LoRA functions (the
+`attention: peft` setting).
+
+`pad_lora_products(model, inner)` (the `pad_rank` setting): a step with LoRA runs, per projection, products of inner
+size r (the rank) whose output is as large as the projection's: (X A^T) B^T forward and (dY B) A into dX backward.
+Session 25's profile found cuBLAS running them on slow cutlass kernels for r 4 and 16 (`perf.lora_products` times
+them alone). Padding the inner size with zeros adds only zeros to each sum, so the result is the same up to the order
+of rounding, and cuBLAS may choose other kernels. It pads on both paths a step can take:
+- unsloth's fused LoRA functions (CUDA): its `addmm_` (`unsloth.kernels.utils`, and the copy `fast_lora` imported)
+  pads a product whose inner size is under `inner`, keeping each operand's layout;
+- peft's LoRA layers: each `lora_A` returns its rank-r output padded with zero columns to `inner`, and each `lora_B`
+  takes it with its weight padded to match.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+_ORIGINAL: dict[str, Any] = {}  # unsloth's addmm_, once patched
+
+
+def padded_rows(matrix: Any, inner: int) -> Any:
+    """`matrix` (k × n) with zero rows up to `inner`, in the layout it had (row-major, or a transposed view)."""
+    import torch.nn.functional as F
+
+    if matrix.is_contiguous():
+        return F.pad(matrix, (0, 0, 0, inner - matrix.shape[0]))
+    return F.pad(matrix.t(), (0, inner - matrix.shape[0])).t()
+
+
+def padded_addmm(inner: int, original: Any) -> Any:
+    """unsloth's `addmm_(out, A, B, alpha, beta)` with an inner size under `inner` zero-padded to it."""
+
+    def addmm_(out: Any, A: Any, B: Any, alpha: Any = 1.0, beta: Any = 1.0) -> Any:
+        if A.shape[1] < inner:
+            import torch.nn.functional as F
+
+            A, B = F.pad(A, (0, inner - A.shape[1])), padded_rows(B, inner)
+        return original(out, A, B, alpha=alpha, beta=beta)
+
+    return addmm_
+
+
+def pad_lora_products(model: Any, inner: int) -> int:
+    """Pad the inner size of `model`'s LoRA products to `inner` on unsloth's fused path and peft's layers (see above);
+    returns how many peft LoRA layers it padded."""
+    import torch.nn.functional as F
+    import unsloth.kernels.fast_lora as fast_lora
+    import unsloth.kernels.utils as kernel_utils
+
+    if not _ORIGINAL:
+        _ORIGINAL["addmm_"] = kernel_utils.addmm_
+        kernel_utils.addmm_ = fast_lora.addmm_ = padded_addmm(inner, _ORIGINAL["addmm_"])
+
+    def lora_a(self: Any, x: Any) -> Any:  # (…, r) out, zero columns up to `inner`
+        return F.linear(x, F.pad(self.weight, (0, 0, 0, inner - self.weight.shape[0])))
+
+    def lora_b(self: Any, z: Any) -> Any:  # (…, inner) in: the weight's columns padded to match
+        return F.linear(z, F.pad(self.weight, (0, inner - self.weight.shape[1])), self.bias)
+
+    pairs = [
+        (layer.lora_A[name], layer.lora_B[name])
+        for layer in model.modules()
+        if hasattr(layer, "lora_A") and hasattr(layer, "lora_B")
+        for name in layer.lora_A
+        if layer.lora_A[name].weight.shape[0] < inner
+    ]
+    for a, b in pairs:
+        a.forward, b.forward = types.MethodType(lora_a, a), types.MethodType(lora_b, b)
+    return len(pairs)
+
+
+def peft_attention(model: Any) -> int:
+    """q/k/v's and o's LoRA through peft's layers: unsloth's attention calls `apply_qkv` and `apply_o`, which
+    `get_peft_model` sets to its fused LoRA functions on CUDA; put back its plain ones. Returns the layers changed."""
+    from unsloth.models.llama import original_apply_o, original_apply_qkv
+
+    from finetune.model.compiled_blocks import decoder_layers
+
+    attentions = [layer.self_attn for layer in decoder_layers(model) if "apply_qkv" in vars(layer.self_attn)]
+    for attention in attentions:
+        attention.apply_qkv, attention.apply_o = original_apply_qkv, original_apply_o
+    return len(attentions)
