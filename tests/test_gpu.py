@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -149,6 +150,13 @@ def restore_after(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})
 
 
+def instance_forward_mlps(model: Any) -> list[Any]:
+    """`model`'s MLPs with a `forward` of their own: where unsloth's `get_peft_model` set its fused LoRA MLP (CUDA)."""
+    from finetune.model.compiled_blocks import decoder_layers
+
+    return [layer.mlp for layer in decoder_layers(model) if "forward" in vars(layer.mlp)]
+
+
 ALL_LINEAR = replace(
     LORA,
     r=16,
@@ -187,11 +195,11 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
         model, tokenizer = load_base(config)
         names = compiled_blocks.compile_padding_free_blocks(model, config.load_in_4bit, lora) if compile_blocks else []
         model = FastLanguageModel.get_peft_model(model, **lora.__dict__)
-        fused = [layer.mlp for layer in compiled_blocks.decoder_layers(model) if "forward" in vars(layer.mlp)]
+        fused = instance_forward_mlps(model)
         assert len(fused) == (2 if mlp_lora else 0)  # unsloth fuses a LoRA MLP on CUDA
         if names:  # as the stage does
             assert compiled_blocks.unfuse_lora_mlps(model) == len(fused)
-            assert not any("forward" in vars(layer.mlp) for layer in compiled_blocks.decoder_layers(model))
+            assert instance_forward_mlps(model) == []
         data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
         trainer = build_trainer(model, tokenizer, data, config, train, tmp_path / f"compiled-{compile_blocks}")
         assert trainer.args.padding_free
@@ -255,14 +263,14 @@ def lora_gradients(
     the adapter's weights set to `adapter` (name -> tensor; if empty, filled first with `get_peft_model`'s A and a
     random B, so that every weight gets a gradient), the number of MLPs that ran unsloth's fused LoRA MLP, and every
     LoRA weight's gradient in float32. `mlp="peft"` takes the fused MLP away: peft's layers run the MLP's LoRA."""
-    from finetune.model.compiled_blocks import decoder_layers, unfuse_lora_mlps
+    from finetune.model.compiled_blocks import unfuse_lora_mlps
 
     model, tokenizer = load_base(ModelConfig(str(model_dir), None, 512, load_in_4bit=False, dtype=dtype))
     model = FastLanguageModel.get_peft_model(model, **ALL_LINEAR.__dict__)
-    fused = [layer.mlp for layer in decoder_layers(model) if "forward" in layer.mlp.__dict__]
+    fused = instance_forward_mlps(model)
     if mlp == "peft":  # as the train stage does for compiled blocks
         assert unfuse_lora_mlps(model) == len(fused)
-        fused = [layer.mlp for layer in decoder_layers(model) if "forward" in layer.mlp.__dict__]
+        fused = instance_forward_mlps(model)
     weights = {name: p for name, p in model.named_parameters() if "lora_" in name}
     if not adapter:
         draw = torch.Generator().manual_seed(0)
