@@ -1,8 +1,5 @@
 """Speed experiments: LoRA paths that `perf.train_speed`'s setups can take and the train stage does not.
 
-`peft_attention(model)`: q/k/v's and o's LoRA through peft's layers, in place of unsloth's fused LoRA functions (the
-`attention: peft` setting).
-
 `pad_lora_products(model, inner)` (the `pad_rank` setting): a step with LoRA runs, per projection, products of inner
 size r (the rank) whose output is as large as the projection's: (X A^T) B^T forward and (dY B) A into dX backward.
 Session 25's profile found cuBLAS running them on slow cutlass kernels for r 4 and 16 (`perf.lora_products` times
@@ -71,16 +68,3 @@ def pad_lora_products(model: Any, inner: int) -> int:
     for a, b in pairs:
         a.forward, b.forward = types.MethodType(lora_a, a), types.MethodType(lora_b, b)
     return len(pairs)
-
-
-def peft_attention(model: Any) -> int:
-    """q/k/v's and o's LoRA through peft's layers: unsloth's attention calls `apply_qkv` and `apply_o`, which
-    `get_peft_model` sets to its fused LoRA functions on CUDA; put back its plain ones. Returns the layers changed."""
-    from unsloth.models.llama import original_apply_o, original_apply_qkv
-
-    from finetune.model.compiled_blocks import decoder_layers
-
-    attentions = [layer.self_attn for layer in decoder_layers(model) if "apply_qkv" in vars(layer.self_attn)]
-    for attention in attentions:
-        attention.apply_qkv, attention.apply_o = original_apply_qkv, original_apply_o
-    return len(attentions)

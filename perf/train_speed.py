@@ -104,10 +104,9 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     `dataloader_num_workers` (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the
     stage decides them; `blocks` lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them
     out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`
-    runs LoRA on the MLP through peft's layers (`peft`) or unsloth's fused LoRA MLP (`fused`, an instance `forward`
-    that `get_peft_model` sets on CUDA), where the stage takes peft's in compiled blocks only; `attention: peft` runs
-    q/k/v's and o's LoRA through peft's layers too, in place of unsloth's fused functions, and `pad_rank` pads the
-    inner size of the LoRA products (`perf.lora_paths`), neither of which the stage does."""
+    and `attention` run the MLP's and q/k/v's and o's LoRA through peft's layers (`peft`) or unsloth's fused functions
+    (`fused`, set by `get_peft_model` on CUDA), where the stage decides (`compiled_blocks.unfuse_lora`, in compiled
+    blocks only); `pad_rank` pads the inner size of the LoRA products (`perf.lora_paths`), which the stage does not."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -131,11 +130,12 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
     print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
-    peft_mlp = settings.get("mlp", "peft" if compiled else "fused") == "peft"  # the stage's choice unless given
-    unfused = compiled_blocks.unfuse_lora_mlps(model) if peft_mlp else 0
-    print(f"MLPs whose fused LoRA went back to peft's layers: {unfused}")
-    if settings.get("attention") == "peft":  # q/k/v's and o's LoRA through peft's layers (perf.lora_paths)
-        print(f"attention LoRA back to peft's layers: {lora_paths.peft_attention(model)}")
+    if compiled and not {"mlp", "attention"} & settings.keys():  # the stage's choice
+        mlps, attentions = compiled_blocks.unfuse_lora(model)
+    else:  # as the setup says; unsloth's fused functions where it says nothing
+        mlps = compiled_blocks.unfuse_lora_mlps(model) if settings.get("mlp") == "peft" else 0
+        attentions = compiled_blocks.unfuse_lora_attention(model) if settings.get("attention") == "peft" else 0
+    print(f"LoRA back to peft's layers from unsloth's fused functions: {mlps} MLPs, {attentions} attentions")
     if settings.get("pad_rank"):  # LoRA's full-output products with a zero-padded inner size (perf.lora_paths)
         print(f"peft LoRA layers padded: {lora_paths.pad_lora_products(model, settings['pad_rank'])}")
     chat = Chat(tokenizer, configs.chat)
@@ -176,8 +176,9 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-16bit-nogc": (run_project, {"load_in_4bit": False, "use_gradient_checkpointing": False}),
     "project-auto-fused-mlp": (run_project, AUTO | {"mlp": "fused"}),  # compiled blocks, unsloth's fused LoRA MLP
     "project-auto-tokens": (run_project, TOKENS),  # a step in passes of the tokens that fit (train.micro_batch_tokens)
-    "project-tokens-eager-blocks": (run_project, TOKENS | {"blocks": "eager"}),  # as the stage chose at r 16 before
-    "project-tokens-peft-lora": (run_project, TOKENS | {"attention": "peft"}),  # every LoRA through peft's layers
+    "project-tokens-eager-blocks": (run_project, TOKENS | {"blocks": "eager"}),  # the stage's r 16 path to session 25
+    "project-tokens-peft-lora": (run_project, TOKENS | {"mlp": "peft", "attention": "peft"}),  # all through peft's
+    "project-tokens-fused-attention": (run_project, TOKENS | {"mlp": "peft"}),  # the stage's r 16 path in session 26
     "project-tokens-pad64": (run_project, TOKENS | {"pad_rank": 64}),  # the LoRA products' inner size padded to 64
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0

@@ -150,11 +150,19 @@ def restore_after(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(compiled_blocks, "_ORIGINAL", {})
 
 
-def instance_forward_mlps(model: Any) -> list[Any]:
-    """`model`'s MLPs with a `forward` of their own: where unsloth's `get_peft_model` set its fused LoRA MLP (CUDA)."""
+def fused(model: Any) -> tuple[int, int]:
+    """How many of `model`'s MLPs and attentions run unsloth's fused LoRA, which its `get_peft_model` sets on CUDA: MLPs
+    with a `forward` of their own, attentions whose `apply_qkv` or `apply_o` is unsloth's LoRA function."""
+    from unsloth.models.llama import apply_lora_o, apply_lora_qkv
+
     from finetune.model.compiled_blocks import decoder_layers
 
-    return [layer.mlp for layer in decoder_layers(model) if "forward" in vars(layer.mlp)]
+    layers = decoder_layers(model)
+    attentions = [vars(layer.self_attn) for layer in layers]
+    return (
+        sum("forward" in vars(layer.mlp) for layer in layers),
+        sum(own.get("apply_qkv") is apply_lora_qkv or own.get("apply_o") is apply_lora_o for own in attentions),
+    )
 
 
 ALL_LINEAR = replace(
@@ -172,12 +180,12 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
     lora: LoraConfig, tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The train stage's compiled padding-free blocks (`finetune.model.compiled_blocks`, taken where measured faster:
-    a 16-bit base, no checkpointing), with the seed's LoRA and with LoRA on all seven projections, whose MLPs then run
-    peft's layers instead of unsloth's fused MLP: every decoder layer trains compiled, and the logged losses and
-    gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B shape at
-    r 4 within 1e-3: BENCHMARKS.md, session 22). The fused MLP rounds otherwise than peft's layers, and Adam's first
-    updates are the learning rate times each gradient element's sign, however small: after the first step the
-    all-seven curves may part by more (8B shape: up to 0.17 of 12.4 by step 6, session 25)."""
+    a 16-bit base, no checkpointing), with the seed's LoRA and with LoRA on all seven projections, which then runs
+    through peft's layers instead of unsloth's fused functions: every decoder layer trains compiled, and the logged
+    losses and gradient norms of a few steps on rows of several conversations are those of the eager blocks (on the 8B
+    shape at r 4 within 1e-3: BENCHMARKS.md, session 22). unsloth's fused LoRA rounds otherwise than peft's layers,
+    and Adam's first updates are the learning rate times each gradient element's sign, however small: after the first
+    step the all-seven curves may part by more (8B shape: up to 0.17 of 12.4 by step 6, session 25)."""
     from finetune.model import compiled_blocks
 
     restore_after(monkeypatch)
@@ -195,11 +203,10 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
         model, tokenizer = load_base(config)
         names = compiled_blocks.compile_padding_free_blocks(model, config.load_in_4bit, lora) if compile_blocks else []
         model = FastLanguageModel.get_peft_model(model, **lora.__dict__)
-        fused = instance_forward_mlps(model)
-        assert len(fused) == (2 if mlp_lora else 0)  # unsloth fuses a LoRA MLP on CUDA
-        if names:  # as the stage does
-            assert compiled_blocks.unfuse_lora_mlps(model) == len(fused)
-            assert instance_forward_mlps(model) == []
+        assert fused(model) == ((2 if mlp_lora else 0), 2)  # unsloth fuses LoRA on CUDA
+        if names:  # as the stage does: peft's layers for all seven, unsloth's fused functions for q/k/v/o alone
+            assert compiled_blocks.unfuse_lora(model) == ((2, 2) if mlp_lora else (0, 0))
+            assert fused(model) == ((0, 0) if mlp_lora else (0, 2))
         data = tokenized(Chat(tokenizer, ChatConfig()), conversations, config.max_seq_length)
         trainer = build_trainer(model, tokenizer, data, config, train, tmp_path / f"compiled-{compile_blocks}")
         assert trainer.args.padding_free
@@ -257,20 +264,19 @@ def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_o
 
 
 def lora_gradients(
-    model_dir: Path, dtype: str, adapter: dict[str, torch.Tensor], rows: list, mlp: str = "fused"
-) -> tuple[float, int, dict[str, torch.Tensor]]:
+    model_dir: Path, dtype: str, adapter: dict[str, torch.Tensor], rows: list, path: str = "fused"
+) -> tuple[float, tuple[int, int], dict[str, torch.Tensor]]:
     """The loss of the longest of `rows` through the tiny model in `dtype` with LoRA at r 16 on all seven projections,
     the adapter's weights set to `adapter` (name -> tensor; if empty, filled first with `get_peft_model`'s A and a
-    random B, so that every weight gets a gradient), the number of MLPs that ran unsloth's fused LoRA MLP, and every
-    LoRA weight's gradient in float32. `mlp="peft"` takes the fused MLP away: peft's layers run the MLP's LoRA."""
-    from finetune.model.compiled_blocks import unfuse_lora_mlps
+    random B, so that every weight gets a gradient), how many MLPs and attentions ran unsloth's fused LoRA (`fused`),
+    and every LoRA weight's gradient in float32. `path="peft"` takes unsloth's fused LoRA away: peft's layers run it."""
+    from finetune.model.compiled_blocks import unfuse_lora
 
     model, tokenizer = load_base(ModelConfig(str(model_dir), None, 512, load_in_4bit=False, dtype=dtype))
     model = FastLanguageModel.get_peft_model(model, **ALL_LINEAR.__dict__)
-    fused = instance_forward_mlps(model)
-    if mlp == "peft":  # as the train stage does for compiled blocks
-        assert unfuse_lora_mlps(model) == len(fused)
-        fused = instance_forward_mlps(model)
+    if path == "peft":  # as the train stage does for compiled blocks, where the MLPs have LoRA
+        before = fused(model)
+        assert unfuse_lora(model) == before and fused(model) == (0, 0)
     weights = {name: p for name, p in model.named_parameters() if "lora_" in name}
     if not adapter:
         draw = torch.Generator().manual_seed(0)
@@ -286,7 +292,7 @@ def lora_gradients(
     batch = {key: torch.tensor([row[key]], device=model.device) for key in ("input_ids", "labels")}
     loss = model(**batch).loss
     loss.backward()
-    return float(loss), len(fused), {name: p.grad.float().cpu() for name, p in weights.items()}
+    return float(loss), fused(model), {name: p.grad.float().cpu() for name, p in weights.items()}
 
 
 def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
@@ -294,16 +300,16 @@ def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
 ) -> None:
     """In bf16 on CUDA unsloth runs LoRA on q/k/v, o and the MLP through its fused autograd functions; peft's layers
     run it in float32 (unsloth keeps its fused kernels off a float32 base). The gradients of every LoRA weight, A and
-    B, of one conversation are those of float32 autograd within bf16's error, through unsloth's fused LoRA MLP and
-    through peft's layers in its place (the train stage's choice in compiled blocks). Measured on an H200: 1.2-2.5e-2
+    B, of one conversation are those of float32 autograd within bf16's error, through unsloth's fused LoRA functions and
+    through peft's layers in their place (the train stage's choice in compiled blocks). Measured on an H200: 1.2-2.5e-2
     relative either way, the losses within 3e-5 (BENCHMARKS.md, session 25); a wrong gradient would be off by ~100 %."""
     adapter: dict[str, torch.Tensor] = {}
     rows = sample_rows[:12]
     reference_loss, none_fused, reference = lora_gradients(tiny_model_dir, "float32", adapter, rows)
-    assert none_fused == 0
+    assert none_fused == (0, 0)
     results = {}
     for path in ("fused", "peft"):
-        loss, fused, grads = lora_gradients(tiny_model_dir, "bfloat16", adapter, rows, path)
+        loss, ran_fused, grads = lora_gradients(tiny_model_dir, "bfloat16", adapter, rows, path)
         kinds: dict[str, float] = {}
         for name, expected in reference.items():
             kind = ".".join(
@@ -313,12 +319,12 @@ def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
             )
             error = float((grads[name] - expected).norm() / expected.norm())
             kinds[kind] = max(kinds.get(kind, 0.0), error)
-        results[path] = (loss, fused, kinds)
+        results[path] = (loss, ran_fused, kinds)
         print(
-            f"{path}: loss {loss:.6f} (float32 {reference_loss:.6f}), fused MLPs {fused}, worst relative error "
-            + ", ".join(f"{kind} {error:.2e}" for kind, error in sorted(kinds.items()))
+            f"{path}: loss {loss:.6f} (float32 {reference_loss:.6f}), fused (MLPs, attentions) {ran_fused}, worst "
+            "relative error " + ", ".join(f"{kind} {error:.2e}" for kind, error in sorted(kinds.items()))
         )
-    assert results["fused"][1] == 2 and results["peft"][1] == 0
+    assert results["fused"][1] == (2, 2) and results["peft"][1] == (0, 0)
     for path, (loss, _, kinds) in results.items():
         assert loss == pytest.approx(reference_loss, rel=1e-3), path
         assert max(kinds.values()) < 5e-2, (path, kinds)

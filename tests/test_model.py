@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,8 +191,6 @@ def test_compiled_blocks_run_the_mlps_lora_through_peft_where_unsloth_fused_it()
     """unsloth sets its fused LoRA MLP as an instance `forward` on CUDA (set here as it does, with its own function);
     `unfuse_lora_mlps` gives each such MLP back its class's forward, through peft's LoRA layers, and leaves any other
     instance forward alone."""
-    import types
-
     import torch
     import unsloth  # noqa: F401
     from peft import LoraConfig as PeftLoraConfig
@@ -218,6 +217,44 @@ def test_compiled_blocks_run_the_mlps_lora_through_peft_where_unsloth_fused_it()
         torch.testing.assert_close(mlp(x), expected)
         with model.disable_adapter():
             assert not torch.allclose(mlp(x), expected)
+
+
+def test_compiled_blocks_run_the_attentions_lora_through_peft_only_where_the_mlps_had_it_too() -> None:
+    """unsloth sets its fused LoRA functions as an attention's `apply_qkv` and `apply_o` on CUDA (set here as it does).
+    `unfuse_lora` keeps them with LoRA on q/k/v/o alone (measured faster so, r 4) and, with the MLP's LoRA fused too,
+    puts unsloth's plain functions back, whose q/k/v and o run through peft's LoRA layers."""
+    import torch
+    import unsloth  # noqa: F401
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from unsloth.kernels import apply_lora_mlp_swiglu
+    from unsloth.models.llama import apply_lora_o, apply_lora_qkv, original_apply_o, original_apply_qkv
+
+    from finetune.model.compiled_blocks import decoder_layers, unfuse_lora
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    for targets in (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"]):
+        model = get_peft_model(
+            LlamaForCausalLM(config), PeftLoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+        )
+        layers = decoder_layers(model)
+        for layer in layers:  # as unsloth.models.llama's get_peft_model does on CUDA
+            layer.self_attn.apply_qkv, layer.self_attn.apply_o = apply_lora_qkv, apply_lora_o
+            if "up_proj" in targets:
+                layer.mlp.forward = types.MethodType(apply_lora_mlp_swiglu, layer.mlp)
+        if "up_proj" not in targets:
+            assert unfuse_lora(model) == (0, 0)
+            assert all(layer.self_attn.apply_qkv is apply_lora_qkv for layer in layers)
+            continue
+        assert unfuse_lora(model) == (2, 2) and unfuse_lora(model) == (0, 0)
+        x = torch.randn(1, 5, 16)
+        for attention in (layer.self_attn for layer in layers):
+            assert (attention.apply_qkv, attention.apply_o) == (original_apply_qkv, original_apply_o)
+            q, k, v = attention.apply_qkv(attention, x)
+            torch.testing.assert_close(attention.apply_o(attention, q), attention.o_proj(attention.q_proj(x)))
+            with model.disable_adapter():  # peft's LoRA (B not zero here) shows in the output
+                assert not torch.allclose(attention.q_proj(x), q) and not torch.allclose(attention.v_proj(x), v)
 
 
 def test_the_train_report_counts_each_recompile_by_the_guard_that_failed() -> None:

@@ -19,10 +19,11 @@ three recompiles in a run (the rotary table growing to a packed row's length). W
 16 they were 1 % slower (session 22: unsloth's fused LoRA MLP is a custom autograd function, which the compiler runs
 as an opaque call), and faster than the eager blocks once the MLP's LoRA ran through peft's layers, which the compiler
 sees through: 15,527 tokens/s against 14,326 in one call (session 25, one run each; the eager run stalled once, as it
-did in a second call at 14,824), 15,910 with `train.micro_batch_tokens` (session 26, median of 3). So the stage
-compiles them where they were measured faster (`measured_faster`): a 16-bit base and no gradient checkpointing, on a
-Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model keeps its eager
-padding-free blocks); and, after `get_peft_model`, `unfuse_lora_mlps` gives the MLPs back their peft layers. `let_in`
+did in a second call at 14,824), 15,910 with `train.micro_batch_tokens` (session 26, median of 3), 15,987 against
+15,735 with q/k/v's and o's LoRA through peft's layers too (session 27, one run each). So the stage compiles them where
+they were measured faster (`measured_faster`): a 16-bit base and no gradient checkpointing, on a Llama-architecture
+model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model keeps its eager padding-free blocks); and,
+after `get_peft_model`, `unfuse_lora` gives the layers unsloth fused back their peft layers. `let_in`
 patches whatever the setting, for a speed script to measure the others. unsloth compiles no block on the CPU, where it
 fuses no LoRA MLP either, and the kernel is flash's: without CUDA and a flash build on an Ampere or newer GPU nothing
 is patched.
@@ -59,9 +60,42 @@ def compile_padding_free_blocks(model: Any, load_in_4bit: bool, lora: Any) -> li
 
 def measured_faster(load_in_4bit: bool, lora: Any) -> bool:
     """Whether compiled padding-free blocks were measured faster than eager ones for these settings (see above): LoRA
-    on the attention (r 4) and on all seven projections (r 16, with `unfuse_lora_mlps`) were; other sets of
+    on the attention (r 4) and on all seven projections (r 16, with `unfuse_lora`) were; other sets of
     projections run the same two paths."""
     return not load_in_4bit and not lora.use_gradient_checkpointing
+
+
+def unfuse_lora(model: Any) -> tuple[int, int]:
+    """After `get_peft_model`, for blocks that compile: LoRA through peft's layers where unsloth fused it, on the MLPs
+    (`unfuse_lora_mlps`) and, where the MLPs had LoRA too, on the attention (`unfuse_lora_attention`); both measured
+    faster so (see above). The attention alone (the seed's r 4 on q/k/v/o) keeps unsloth's fused functions, as measured
+    (17,013 tokens/s, session 26): those fold LoRA's scale (alpha / r = 4) into their `addmm_`, where peft's layers
+    multiply the whole output by it. Returns (MLPs, attentions) changed."""
+    mlps = unfuse_lora_mlps(model)
+    return mlps, unfuse_lora_attention(model) if mlps else 0
+
+
+def unfuse_lora_attention(model: Any) -> int:
+    """The attentions whose q/k/v or o LoRA unsloth fused (`apply_qkv`, `apply_o`, set on CUDA) go back to unsloth's
+    plain functions, through peft's LoRA layers, as unsloth does for FSDP. Returns how many attentions changed."""
+    from unsloth.models.llama import apply_lora_o, apply_lora_qkv, original_apply_o, original_apply_qkv
+
+    fused = [
+        layer.self_attn
+        for layer in decoder_layers(model)
+        if vars(layer.self_attn).get("apply_qkv") is apply_lora_qkv
+        or vars(layer.self_attn).get("apply_o") is apply_lora_o
+    ]
+    for attention in fused:
+        if attention.apply_qkv is apply_lora_qkv:
+            attention.apply_qkv = original_apply_qkv
+        if attention.apply_o is apply_lora_o:
+            attention.apply_o = original_apply_o
+    if fused:
+        log.info(
+            "LoRA on q/k/v and o of %d compiled blocks through peft's layers, not unsloth's fused ones", len(fused)
+        )
+    return len(fused)
 
 
 def unfuse_lora_mlps(model: Any) -> int:
