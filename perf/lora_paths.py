@@ -1,5 +1,11 @@
 """Speed experiments: LoRA paths that `perf.train_speed`'s setups can take and the train stage does not.
 
+`addmm_lora_forwards()` (the `lora_forward: addmm` setting): peft's LoRA layers compute `result + B(A(x)) * scale`,
+which the compiled blocks run as a product with a full-size output, then a multiply and an add over that output
+wherever the scale (alpha / r) is not 1 (session 26's reading of the compiled graph). unsloth rewrites their forward
+as `torch.addmm(result, A(x), B^T, alpha=scale)`, the scale applied inside the one product, for the models it
+compiles whole (`unsloth_zoo.compiler.patch_lora_forwards`); its Llama path does not call it. This calls it.
+
 `pad_lora_products(model, inner)` (the `pad_rank` setting): a step with LoRA runs, per projection, products of inner
 size r (the rank) whose output is as large as the projection's: (X A^T) B^T forward and (dY B) A into dX backward.
 Session 25's profile found cuBLAS running them on slow cutlass kernels for r 4 and 16 (`perf.lora_products` times
@@ -68,3 +74,14 @@ def pad_lora_products(model: Any, inner: int) -> int:
     for a, b in pairs:
         a.forward, b.forward = types.MethodType(lora_a, a), types.MethodType(lora_b, b)
     return len(pairs)
+
+
+def addmm_lora_forwards() -> bool:
+    """peft's LoRA layer classes' forward as unsloth rewrites it (see above), for the whole process; returns whether
+    peft's `Linear` now runs unsloth's."""
+    from peft.tuners.lora.layer import Linear
+    from unsloth.models._utils import torch_compile_options
+    from unsloth_zoo.compiler import patch_lora_forwards
+
+    patch_lora_forwards(torch_compile_options)  # skips a class already patched
+    return Linear.forward.__name__ == "unsloth_forward"

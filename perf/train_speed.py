@@ -27,10 +27,10 @@ how far each step's loss is from the one-process run's (same batches, same order
 times, each in fresh processes, in rounds (A B A B, not A A B B: a drift over the call spreads over every setup), and
 reports the median run; a setup named twice in `--setups` (`bare,project-auto,bare`) gets a row each time.
 `--loras params,all-r16` runs every setup with each LoRA of `LORAS` (`params`: `--params`' own; `all-r16`: every linear
-projection at r 16), a row each, labelled with its name (the header: the LoRA each row's model carried). The table's
-header shows the settings the runs report: the shape (`pre-quantized 4-bit` for the 32B and 70B, which `perf.shapes`
-writes so: they load in 4-bit, `auto` too, and a setup of `load_in_4bit: false` is refused before any setup runs),
-`max_seq_length`, the LoRA the model carried. Exits 1 when a setup failed.
+projection at r 16; `all-r16-a32`: the same with alpha 32), a row each, labelled with its name (the header: the LoRA
+each row's model carried). The table's header shows the settings the runs report: the shape (`pre-quantized 4-bit` for
+the 32B and 70B, which `perf.shapes` writes so: they load in 4-bit, `auto` too, and a setup of `load_in_4bit: false` is
+refused before any setup runs), `max_seq_length`, the LoRA the model carried. Exits 1 when a setup failed.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`
     and `attention` run the MLP's and q/k/v's and o's LoRA through peft's layers (`peft`) or unsloth's fused functions
     (`fused`, set by `get_peft_model` on CUDA), where the stage decides (`compiled_blocks.unfuse_lora`, in compiled
-    blocks only); `pad_rank` pads the inner size of the LoRA products (`perf.lora_paths`), which the stage does not."""
+    blocks only); `lora_forward: addmm` gives peft's layers unsloth's addmm forward and `pad_rank` pads the inner size
+    of the LoRA products (`perf.lora_paths`), which the stage does not."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -136,6 +137,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         mlps = compiled_blocks.unfuse_lora_mlps(model) if settings.get("mlp") == "peft" else 0
         attentions = compiled_blocks.unfuse_lora_attention(model) if settings.get("attention") == "peft" else 0
     print(f"LoRA back to peft's layers from unsloth's fused functions: {mlps} MLPs, {attentions} attentions")
+    if settings.get("lora_forward") == "addmm":  # the scale inside the adapter's product (perf.lora_paths)
+        print(f"peft's LoRA layers through unsloth's addmm forward: {lora_paths.addmm_lora_forwards()}")
     if settings.get("pad_rank"):  # LoRA's full-output products with a zero-padded inner size (perf.lora_paths)
         print(f"peft LoRA layers padded: {lora_paths.pad_lora_products(model, settings['pad_rank'])}")
     chat = Chat(tokenizer, configs.chat)
@@ -179,6 +182,8 @@ SETUPS = {  # name: (code path, settings over --params')
     "project-tokens-eager-blocks": (run_project, TOKENS | {"blocks": "eager"}),  # the stage's r 16 path to session 25
     "project-tokens-peft-lora": (run_project, TOKENS | {"mlp": "peft", "attention": "peft"}),  # all through peft's
     "project-tokens-fused-attention": (run_project, TOKENS | {"mlp": "peft"}),  # the stage's r 16 path in session 26
+    "project-tokens-addmm-lora": (run_project, TOKENS | {"lora_forward": "addmm"}),  # peft's layers: unsloth's addmm
+    "project-tokens-peft-addmm": (run_project, TOKENS | {"mlp": "peft", "attention": "peft", "lora_forward": "addmm"}),
     "project-tokens-pad64": (run_project, TOKENS | {"pad_rank": 64}),  # the LoRA products' inner size padded to 64
     "bare": (run_bare, {}),  # unsloth + TRL's SFTTrainer, library defaults, the project-auto split of the batch
     "plain": (run_plain, {"cuda": True}),  # transformers + peft + bitsandbytes NF4 on cuda:0
@@ -189,6 +194,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 LORAS = {  # name: `lora.*` over --params' (each row's header entry says what the model carried)
     "params": {},  # --params' own: the seed's r 4 on q/k/v/o in params.yaml
     "all-r16": {"r": 16, "target_modules": ALL_LINEAR},  # every linear projection at r 16: TRL's LoRA guidance
+    "all-r16-a32": {"r": 16, "lora_alpha": 32, "target_modules": ALL_LINEAR},  # the same, scaled by 2 (alpha 2 r)
 }
 
 

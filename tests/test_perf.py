@@ -248,14 +248,16 @@ def test_train_speed_runs_a_setup_with_the_lora_named_and_says_which_it_carried(
 
     params = settings(tmp_path, lora=LORA, model={"max_seq_length": 256})
     arguments = ["--params", str(params), "--shape", "tiny", "--work", str(work_with(tmp_path, tiny_shape))]
-    setups = "project-tokens-peft-lora,project-tokens-pad64"  # perf.lora_paths' two, over the `auto` settings
-    status = main([*arguments, "--setups", setups, "--loras", "all-r16", "--steps", "3", "--warmup", "1"])
+    setups = "project-tokens-peft-addmm,project-tokens-pad64"  # perf.lora_paths' paths, over the `auto` settings
+    status = main([*arguments, "--setups", setups, "--loras", "all-r16-a32", "--steps", "3", "--warmup", "1"])
     out, err = capfd.readouterr()
     assert status == 0, out[-3000:] + err[-5000:]
-    # r and targets from all-r16, alpha and dropout from the settings file
+    # r, alpha and targets from all-r16-a32, dropout from the settings file
     assert "LoRA r 16, alpha 32, dropout 0.0 on down_proj/gate_proj/k_proj/o_proj/q_proj/up_proj/v_proj" in out
-    assert "| project-tokens-peft-lora (all-r16) | 1 | " in out and "| project-tokens-pad64 (all-r16) | 1 | " in out
+    assert "| project-tokens-peft-addmm (all-r16-a32) | 1 | " in out
+    assert "| project-tokens-pad64 (all-r16-a32) | 1 | " in out
     assert "LoRA r 8" not in out and "peft LoRA layers padded: 14" in out  # 7 projections in each of 2 layers
+    assert "peft's LoRA layers through unsloth's addmm forward: True" in out
     # on the CPU no block compiles, whatever the LoRA, and unsloth fuses no LoRA function
     assert out.count("padding-free batches into compiled blocks of: []") == 2
     assert out.count("decoder layers that trained compiled (unsloth's block compile, CUDA only): 0 of 2") == 2
@@ -450,6 +452,45 @@ def test_lora_products_times_each_way_for_every_output_width_and_rank(capfd: pyt
     assert all(float(cell) > 0 for row in rows for cell in row[2:6] + row[7:8])
 
 
+def loss_and_gradients(model: Any, ids: Any) -> tuple[Any, dict[str, Any]]:
+    """`model`'s loss on `ids` as their own labels, and the gradient of each weight it trains."""
+    model.zero_grad()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_peft_layers_through_unsloths_addmm_forward_give_peft_layers_loss_and_gradients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`perf.lora_paths.addmm_lora_forwards`: peft's LoRA layers through unsloth's rewrite of their forward (the scale,
+    here alpha 16 / r 4, inside the adapter's product) compute the loss and gradients of peft's own (float32, CPU)."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from unsloth_zoo.compiler import get_lora_layer_modules
+
+    from perf import lora_paths
+
+    for cls, _, _ in get_lora_layer_modules():  # patched for the whole process: put back after the test
+        monkeypatch.setattr(cls, "forward", cls.forward)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+    )
+    targets = ["q_proj", "v_proj", "gate_proj", "down_proj"]
+    lora = PeftLoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    ids = torch.randint(0, 64, (2, 9))
+
+    peft_forward = loss_and_gradients(model, ids)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == 4 and type(q_proj).forward.__name__ == "forward"
+    assert lora_paths.addmm_lora_forwards() and type(q_proj).forward.__name__ == "unsloth_forward"
+    torch.testing.assert_close(loss_and_gradients(model, ids), peft_forward)
+
+
 def test_lora_products_padded_with_zeros_give_the_unpadded_loss_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
     """`perf.lora_paths.pad_lora_products`: unsloth's `addmm_` (its fused LoRA functions' products, CUDA only) and
     peft's LoRA layers with the inner size zero-padded compute what they computed unpadded (float32, CPU)."""
@@ -481,15 +522,9 @@ def test_lora_products_padded_with_zeros_give_the_unpadded_loss_and_gradients(mo
     )
     ids = torch.randint(0, 64, (2, 9))
 
-    def loss_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        model.zero_grad()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-    unpadded, original = loss_and_gradients(), kernel_utils.addmm_
+    unpadded, original = loss_and_gradients(model, ids), kernel_utils.addmm_
     assert lora_paths.pad_lora_products(model, 64) == 2 * len(targets)
     assert kernel_utils.addmm_ is fast_lora.addmm_ and kernel_utils.addmm_ is not original
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.lora_A["default"](torch.zeros(1, 16)).shape == (1, 64)  # the rank-4 output, padded
-    torch.testing.assert_close(loss_and_gradients(), unpadded)
+    torch.testing.assert_close(loss_and_gradients(model, ids), unpadded)
