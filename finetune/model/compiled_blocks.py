@@ -13,20 +13,20 @@ graph for each new set of lengths. `let_in` lets padding-free batches into the r
 - inside the block, unsloth's attention takes them from that keyword instead of reading the lengths itself, and runs
   them as one call of aten's flash varlen kernel (unsloth's `_flash_varlen`, what its compiled blocks run for
   transformers' forwards).
-Measured on the 8B shape, one H200 (BENCHMARKS.md, session 22), with `auto`'s 16-bit base and no checkpointing: 2 %
-more tokens/s on the data's length mix and on rows of one length, 57 GiB peak instead of 69, losses equal within 1e-3,
-three recompiles in a run (the rotary table growing to a packed row's length). With LoRA on all seven projections at r
-16 they were 1 % slower (session 22: unsloth's fused LoRA MLP is a custom autograd function, which the compiler runs
-as an opaque call), and faster than the eager blocks once the MLP's LoRA ran through peft's layers, which the compiler
-sees through: 15,527 tokens/s against 14,326 in one call (session 25, one run each; the eager run stalled once, as it
-did in a second call at 14,824), 15,910 with `train.micro_batch_tokens` (session 26, median of 3), 15,987 against
-15,735 with q/k/v's and o's LoRA through peft's layers too (session 27, one run each). So the stage compiles them where
-they were measured faster (`measured_faster`): a 16-bit base and no gradient checkpointing, on a Llama-architecture
-model (the 8B distill; the 70B's checkpoint is 4-bit, and a Qwen2 model keeps its eager padding-free blocks); and,
-after `get_peft_model`, `unfuse_lora` gives the layers unsloth fused back their peft layers. `let_in`
-patches whatever the setting, for a speed script to measure the others. unsloth compiles no block on the CPU, where it
-fuses no LoRA MLP either, and the kernel is flash's: without CUDA and a flash build on an Ampere or newer GPU nothing
-is patched.
+Measured on the 8B shape, one H200 (BENCHMARKS.md, session 22), with `auto`'s 16-bit base and no checkpointing: 2 % more
+tokens/s on the data's length mix and on rows of one length, 57 GiB peak instead of 69, losses equal within 1e-3, three
+recompiles in a run (the rotary table growing to a packed row's length). With LoRA on all seven projections at r 16 they
+were 1 % slower (session 22: unsloth's fused LoRA MLP is a custom autograd function, which the compiler runs as an
+opaque call), and faster than the eager blocks once the MLP's LoRA ran through peft's layers, which the compiler sees
+through: 15,527 tokens/s against 14,326 in one call (session 25, one run each; the eager run stalled once, as it did in
+a second call at 14,824), 15,910 with `train.micro_batch_tokens` (session 26, median of 3), 15,987 against 15,735 with
+q/k/v's and o's LoRA through peft's layers too (session 27, one run each; then 15,823, median of 3, 1.307× the bare
+unsloth + TRL loop in the same call). So the stage compiles them where they were measured faster (`measured_faster`): a
+16-bit base and no gradient checkpointing, on a Llama-architecture model (the 8B distill; the 70B's checkpoint is 4-bit,
+and a Qwen2 model keeps its eager padding-free blocks); and, after `get_peft_model`, `unfuse_lora` gives the layers
+unsloth fused back their peft layers. `let_in` patches whatever the setting, for a speed script to measure the others.
+unsloth compiles no block on the CPU, where it fuses no LoRA MLP either, and the kernel is flash's: without CUDA and a
+flash build on an Ampere or newer GPU nothing is patched.
 """
 
 from __future__ import annotations

@@ -15,7 +15,11 @@ shape (its config.json alone):
 - weights: 2 bytes a parameter in 16-bit; in 4-bit, half a byte a linear weight plus 16-bit embeddings;
 - activations kept for the backward pass, per token: 34 x hidden x layers bytes without checkpointing (the
   standard transformer count; measured 4.25 MiB a token on the 8B shape on an H100, unsloth's chunked loss
-  included); with unsloth's offloaded checkpointing 64 x hidden bytes (measured 0.22 MiB) stay on the GPU.
+  included); with unsloth's offloaded checkpointing 64 x hidden bytes (measured 0.22 MiB) stay on the GPU. Through
+  the compiled blocks (`compiled_blocks`) the 8B measured ~3.2 MiB a token with the seed's LoRA and ~4.6 MiB with
+  LoRA on all seven projections, which keeps each projection's input for the adapter's gradient (passes of 24,666
+  tokens on an H200: 91.4 and 126.7 GiB at the peak, BENCHMARKS.md sessions 26 and 27): over this estimate, within
+  the share of the card left unplanned (USABLE_SHARE).
 Without a GPU every `auto` takes the seed's choice: 4-bit, checkpointing "unsloth", the micro-batch as written.
 """
 
