@@ -4,7 +4,12 @@
 which the compiled blocks run as a product with a full-size output, then a multiply and an add over that output
 wherever the scale (alpha / r) is not 1 (session 26's reading of the compiled graph). unsloth rewrites their forward
 as `torch.addmm(result, A(x), B^T, alpha=scale)`, the scale applied inside the one product, for the models it
-compiles whole (`unsloth_zoo.compiler.patch_lora_forwards`); its Llama path does not call it. This calls it.
+compiles whole (`unsloth_zoo.compiler.patch_lora_forwards`); its Llama path does not call it. This calls it. The
+compiled graph of one LoRA projection at scale 2 (r 16, alpha 32; inductor's post-grad graph on the CPU, session 27):
+peft's forward writes the adapter's full-size product, multiplies it by 2 into another full-size tensor, then adds
+the base product (`addmm`); its backward multiplies the full-size output gradient by 2 before the two rank-r products.
+unsloth's forward is `mm` for the base, then `addmm` with the rank-r product, and its multiplies by 2 are on rank-r
+tensors only: two full-size passes fewer forward, two fewer backward.
 
 `pad_lora_products(model, inner)` (the `pad_rank` setting): a step with LoRA runs, per projection, products of inner
 size r (the rank) whose output is as large as the projection's: (X A^T) B^T forward and (dY B) A into dX backward.
