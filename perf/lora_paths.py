@@ -1,4 +1,4 @@
-"""Speed experiments: LoRA paths that `perf.train_speed`'s setups can take and the train stage does not.
+"""Speed experiments: the LoRA paths that `perf.train_speed`'s setups take (`take`), the train stage's and others.
 
 `addmm_lora_forwards()` (the `lora_forward: addmm` setting): peft's LoRA layers compute `result + B(A(x)) * scale`,
 which the compiled blocks run as a product with a full-size output, then a multiply and an add over that output
@@ -28,6 +28,28 @@ import types
 from typing import Any
 
 _ORIGINAL: dict[str, Any] = {}  # unsloth's addmm_, once patched
+
+
+def take(model: Any, compiled: list[str], settings: dict[str, Any]) -> list[str]:
+    """After `get_peft_model`, the LoRA path a setup's `settings` name, and a line on each change made. `mlp` and
+    `attention` run the MLP's and q/k/v's and o's LoRA through peft's layers (`peft`) or unsloth's fused functions
+    (`fused`, which `get_peft_model` sets on CUDA); where neither is given, the train stage decides
+    (`compiled_blocks.unfuse_lora`, in compiled blocks only). `lora_forward: addmm` gives peft's layers unsloth's
+    addmm forward (`addmm_lora_forwards`) and `pad_rank` pads the LoRA products' inner size (`pad_lora_products`),
+    which the stage does not."""
+    from finetune.model import compiled_blocks
+
+    if compiled and not {"mlp", "attention"} & settings.keys():  # the stage's choice
+        mlps, attentions = compiled_blocks.unfuse_lora(model)
+    else:  # as the setup says; unsloth's fused functions where it says nothing
+        mlps = compiled_blocks.unfuse_lora_mlps(model) if settings.get("mlp") == "peft" else 0
+        attentions = compiled_blocks.unfuse_lora_attention(model) if settings.get("attention") == "peft" else 0
+    lines = [f"LoRA back to peft's layers from unsloth's fused functions: {mlps} MLPs, {attentions} attentions"]
+    if settings.get("lora_forward") == "addmm":
+        lines.append(f"peft's LoRA layers through unsloth's addmm forward: {addmm_lora_forwards()}")
+    if settings.get("pad_rank"):
+        lines.append(f"peft LoRA layers padded: {pad_lora_products(model, settings['pad_rank'])}")
+    return lines
 
 
 def padded_rows(matrix: Any, inner: int) -> Any:

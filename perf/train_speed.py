@@ -103,11 +103,8 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
     `train.micro_batch_size`, `micro_batch_tokens`, `padding_free`, `packing`, `train_sampling_strategy` and
     `dataloader_num_workers` (`workers`); `auto` ones are decided by `finetune.model.fit.fit_to_machine`, as the
     stage decides them; `blocks` lets padding-free batches into unsloth's compiled blocks (`compiled`) or keeps them
-    out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`
-    and `attention` run the MLP's and q/k/v's and o's LoRA through peft's layers (`peft`) or unsloth's fused functions
-    (`fused`, set by `get_peft_model` on CUDA), where the stage decides (`compiled_blocks.unfuse_lora`, in compiled
-    blocks only); `lora_forward: addmm` gives peft's layers unsloth's addmm forward and `pad_rank` pads the inner size
-    of the LoRA products (`perf.lora_paths`), which the stage does not."""
+    out (`eager`) whatever the settings, where the stage decides by them (`finetune.model.compiled_blocks`); `mlp`,
+    `attention`, `lora_forward` and `pad_rank` choose the LoRA's path (`perf.lora_paths.take`)."""
     import unsloth  # noqa: F401, I001  # isort: skip
     from unsloth import FastLanguageModel
 
@@ -131,16 +128,7 @@ def run_project(configs: Configs, data: list, settings: dict[str, Any], work: Pa
         compiled = compiled_blocks.let_in(model) if blocks == "compiled" else []
     print(f"padding-free batches into compiled blocks of: {compiled}")
     model = FastLanguageModel.get_peft_model(model, **dataclasses.asdict(lora))
-    if compiled and not {"mlp", "attention"} & settings.keys():  # the stage's choice
-        mlps, attentions = compiled_blocks.unfuse_lora(model)
-    else:  # as the setup says; unsloth's fused functions where it says nothing
-        mlps = compiled_blocks.unfuse_lora_mlps(model) if settings.get("mlp") == "peft" else 0
-        attentions = compiled_blocks.unfuse_lora_attention(model) if settings.get("attention") == "peft" else 0
-    print(f"LoRA back to peft's layers from unsloth's fused functions: {mlps} MLPs, {attentions} attentions")
-    if settings.get("lora_forward") == "addmm":  # the scale inside the adapter's product (perf.lora_paths)
-        print(f"peft's LoRA layers through unsloth's addmm forward: {lora_paths.addmm_lora_forwards()}")
-    if settings.get("pad_rank"):  # LoRA's full-output products with a zero-padded inner size (perf.lora_paths)
-        print(f"peft LoRA layers padded: {lora_paths.pad_lora_products(model, settings['pad_rank'])}")
+    print("\n".join(lora_paths.take(model, compiled, settings)))  # the stage's LoRA path, or the setup's
     chat = Chat(tokenizer, configs.chat)
     dataset = tokenized(chat, data, model_config.max_seq_length, configs.tokenize)  # as the tokenize stage writes
     trainer = build_trainer(model, tokenizer, dataset, model_config, config, work / "out")
