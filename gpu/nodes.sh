@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Several machines, shown on one with two GPUs: two torchrun agents of one GPU each (CUDA_VISIBLE_DEVICES), each in
 # its own copy of the workspace as on two machines, run the train stage's command from dvc.yaml unchanged and meet
-# at a c10d rendezvous on 127.0.0.1, as the README's "Several machines" section runs them.
+# at a c10d rendezvous on 127.0.0.1, as docs/gpus.md's "Several machines" section runs them.
 #   bash gpu/nodes.sh        # on a 2-GPU CUDA machine, after gpu/bundle.sh made gpu/site.tar.xz here
 set -euo pipefail
 source "$(dirname "$0")/workspace.sh"

@@ -1,10 +1,11 @@
-"""export: merge the trained adapter into the base model, one 16-bit model folder for vLLM, TGI or transformers.
+"""export: merge the trained adapter into the base model, one model folder for vLLM, TGI or transformers.
 
     python -m stages.export --adapter models/adapter --out models/merged --metrics metrics/export.json
 
 Optional, so it lives in `export/dvc.yaml`: `dvc repro` (the root pipeline) never runs it; `dvc repro
 export/dvc.yaml` does, after train if the adapter is stale. The merge is unsloth's `save_pretrained_merged`, which
-dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft.
+dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft
+(`export.save_method: merged_16bit`, the default; `merged_4bit` keeps the base in 4 bits, for bitsandbytes).
 The base is loaded in the precision the adapter was trained in (`finetune.model.load.trained_precision`).
 """
 

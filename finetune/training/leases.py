@@ -12,7 +12,7 @@ GPUs never wait on each other, and while too few are free it waits, logging for 
 sets `CUDA_VISIBLE_DEVICES` to its GPUs before anything starts CUDA; torchrun's processes inherit both.
 
 How many: `train.devices` as a number; `auto` every visible GPU, or in an experiment of a sweep (DVC's queue
-workers running) a fair share: visible GPUs / running workers, at least one. evaluate takes one.
+workers running) a fair share: visible GPUs / running workers, at least one; `evaluate.devices` the same way.
 """
 
 from __future__ import annotations
