@@ -131,7 +131,7 @@ def browser() -> Iterator[Any]:
     chromium = shutil.which("chromium")
     if chromium is None:
         if os.environ.get("CI"):
-            pytest.fail("CI must install Debian's chromium for the MLflow UI test (see .ci/run)")
+            pytest.fail("CI must install Debian's chromium for the browser tests (see .ci/run)")
         pytest.skip("Debian's chromium is not installed: apt-get install chromium")
     from playwright.sync_api import sync_playwright
 

@@ -177,7 +177,7 @@ def test_two_processes_train_as_one_with_the_same_effective_batch(workspace: Pat
     assert (workspace / "two" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_a_killed_process_ends_the_whole_training_promptly_and_it_resumes_on_one(workspace: Path) -> None:
+def test_a_killed_process_ends_the_whole_training_and_it_resumes_on_one(workspace: Path) -> None:
     import mlflow
 
     # time to kill it after its first save (step 2: it is watched for every 0.1 s, while a step takes ~0.5 s), and
@@ -191,11 +191,14 @@ def test_a_killed_process_ends_the_whole_training_promptly_and_it_resumes_on_one
     assert training.poll() is None, (workspace / "resumed" / "train.log").read_text()[-3000:]
     workers = psutil.Process(training.pid).children()
     assert len(workers) == 2, (workspace / "resumed" / "train.log").read_text()[-3000:]
-    next(worker for worker in workers if worker.environ().get("RANK") == "1").send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    assert training.wait(timeout=120) != 0  # the stage fails, promptly, and leaves no process behind
-    assert time.monotonic() - killed_at < 60
+    victim = next(worker for worker in workers if worker.environ().get("RANK") == "1")
+    victim.send_signal(signal.SIGKILL)
+    # the stage fails (rank 0 does not wait out the collective's timeout, 30 min) and leaves no process behind
+    assert training.wait(timeout=120) != 0
     assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    log = (workspace / "resumed" / "train.log").read_text()
+    assert f"Signal 9 (SIGKILL) received by PID {victim.pid}" in log, log[-3000:]  # the failure named: rank 1's kill
+    assert not (workspace / "resumed" / "adapter").exists()  # the 30 steps did not run on
     started = {run.info.run_id for run in runs(workspace)}
 
     (workspace / "resumed" / "params.yaml").unlink()

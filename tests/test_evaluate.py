@@ -8,13 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from examples import tiny_training
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
-from finetune.evaluation.answers import final_answer, generate
+from finetune.evaluation.answers import Answer, final_answer, generate
 from finetune.evaluation.base_vs_tuned import (
     BAR_COLUMNS,
     EvaluateConfig,
@@ -162,8 +163,14 @@ def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_
     prompts = [chat.prompt_ids(MESSAGES[:1]), chat.prompt_ids([{"role": "user", "content": "Define beta."}])]
     assert tokenizer.decode(prompts[1]) == f"{BOS}<｜User｜>Define beta.<｜Assistant｜><think>\n"
     first = generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2)
-    assert len(first) == 2 and all(isinstance(answer.text, str) for answer in first)
-    assert all(1 <= answer.tokens <= 5 and (answer.ended or answer.tokens == 5) for answer in first)
+    for prompt, answer in zip(prompts, first, strict=True):  # each the argmax token after token, up to EOS
+        ids = list(prompt)
+        while len(ids) < len(prompt) + 5 and tokenizer.eos_token_id not in ids[len(prompt) :]:
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        new = ids[len(prompt) :]
+        ended = new[-1] == tokenizer.eos_token_id
+        assert answer == Answer(tokenizer.decode(new[:-1] if ended else new), len(new), ended)
     assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2) == first
     assert generate(model, tokenizer, prompts, max_new_tokens=5, batch_tokens=1) == first  # one prompt a batch
     with pytest.raises(ValueError, match="give batch_size or batch_tokens, one of them: got 2 and 64"):

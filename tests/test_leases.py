@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from finetune.config.workspace import experiment_copy, require_in_copy
-from finetune.training.leases import gpu_ids, lock_file, running_workers, sweep_workers, take, try_take, wanted
+from finetune.training.leases import (
+    FOLDER,
+    gpu_ids,
+    lease_gpus,
+    lock_file,
+    running_workers,
+    sweep_workers,
+    take,
+    try_take,
+    wanted,
+)
 
 GONE = 2**31 - 1  # a process id above any pid_max: no such process
 
@@ -63,6 +74,30 @@ def test_a_lease_is_all_of_its_gpus_or_none_and_names_its_holder(tmp_path: Path)
     again.release()
     with pytest.raises(ValueError, match=r"3 GPU\(s\) asked for, but this machine shows 2"):
         take(["0", "1"], 3, tmp_path, "x")
+
+
+def test_a_stage_leases_in_the_real_repository_names_its_experiment_and_sees_only_its_gpus(tmp_path: Path) -> None:
+    repo, copy = tmp_path / "repo", tmp_path / "repo/.dvc/tmp/exps/tmpab12"  # a queued experiment's copy
+    environ = {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c", "DVC_ROOT": str(repo), "DVC_EXP_NAME": "rapt-olms"}
+    lease = lease_gpus(2, 3, environ, copy, "train")
+    assert lease.ids == ("GPU-a", "GPU-b") and environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    text = lock_file(repo / FOLDER, "GPU-a").read_text()  # the real repository's folder, not the copy's
+    assert re.fullmatch(rf"rapt-olms: train \(pid {os.getpid()}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)\n", text)
+    assert not (copy / FOLDER).exists()
+    # a second stage of another experiment gets the GPU left, by its id
+    other = {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c", "DVC_ROOT": str(repo), "DVC_EXP_NAME": "other"}
+    second = lease_gpus(1, 3, other, copy, "evaluate")
+    assert second.ids == ("GPU-c",) and other["CUDA_VISIBLE_DEVICES"] == "GPU-c"
+    lease.release()
+    second.release()
+    # `dvc repro` in the workspace: the folder under it, the holder named so; no GPU: nothing leased or changed
+    environ = {}
+    lease = lease_gpus(1, 2, environ, repo, "evaluate")
+    assert lease.ids == ("0",) and environ == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert lock_file(repo / FOLDER, "0").read_text().startswith(f"dvc repro: evaluate (pid {os.getpid()}, since ")
+    lease.release()
+    environ = {}
+    assert lease_gpus(0, 0, environ, repo, "train").ids == () and environ == {}
 
 
 def test_a_path_the_experiments_copy_lacks_is_named_with_the_fix(tmp_path: Path) -> None:

@@ -121,16 +121,32 @@ def test_numeric_metrics_per_model_on_every_and_on_the_clean_items(chat: Chat) -
     scored = {model: score_answers(chat, FINQA, rows) for model, rows in answers.items()}
     assert [s.value for s in scored["tuned"]] == [-16.0, pytest.approx(0.136), "no", 4600.0]
     assert [s.right for s in scored["tuned"]] == [True, True, False, True]
-    assert all(s.value is None and s.answer_tokens == 0 and s.think_tokens > 0 for s in scored["base"])
-    assert scored["tuned"][0].think_tokens == len(chat.tokenizer("ok", add_special_tokens=False)["input_ids"])
+    assert all(s.value is None for s in scored["base"])
+
+    def count(text: str) -> int:
+        return len(chat.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # (reasoning, final answer) of each text: the base's never closes its reasoning, the tuned's split at </think>
+    parts = {
+        "base": [(text, "") for text in texts["base"]],
+        "tuned": [("ok", "\\boxed{-16}"), ("", "13.6%"), ("", "No."), ("", "It is 4,600.")],
+    }
+    tokens = {model: [(count(think), count(final)) for think, final in pairs] for model, pairs in parts.items()}
+    assert all(think > 0 for think, _ in tokens["base"]) and all(final > 0 for _, final in tokens["tuned"])
+    for model, rows in scored.items():
+        assert [(s.think_tokens, s.answer_tokens) for s in rows] == tokens[model], model
 
     metrics = numeric_metrics(FINQA, scored)
     assert (metrics["finqa_rows"], metrics["finqa_contaminated_rows"], metrics["finqa_clean_rows"]) == (4, 1, 3)
     assert metrics["finqa_tuned_accuracy"] == 0.75 and metrics["finqa_tuned_clean_accuracy"] == pytest.approx(2 / 3)
     assert metrics["finqa_base_accuracy"] == 0.0 and metrics["finqa_base_extraction_failure_rate"] == 1.0
     assert metrics["finqa_tuned_extraction_failure_rate"] == 0.0 and metrics["finqa_base_answer_tokens"] == 0.0
-    assert metrics["finqa_base_think_tokens"] > metrics["finqa_tuned_think_tokens"] > 0
-    assert {"finqa_tuned_clean_think_tokens", "finqa_base_clean_answer_tokens"} <= set(metrics)
+    for model, counts in tokens.items():  # means over the four rows, and over the clean ones (the 2nd is not)
+        clean = [counts[i] for i in (0, 2, 3)]
+        assert metrics[f"finqa_{model}_think_tokens"] == pytest.approx(sum(t for t, _ in counts) / 4)
+        assert metrics[f"finqa_{model}_answer_tokens"] == pytest.approx(sum(a for _, a in counts) / 4)
+        assert metrics[f"finqa_{model}_clean_think_tokens"] == pytest.approx(sum(t for t, _ in clean) / 3)
+        assert metrics[f"finqa_{model}_clean_answer_tokens"] == pytest.approx(sum(a for _, a in clean) / 3)
     assert (metrics["finqa_base_generated_tokens"], metrics["finqa_tuned_clean_generated_tokens"]) == (30.0, 12.0)
 
     (first,) = numeric_samples(FINQA, answers, scored, limit=1)
@@ -162,9 +178,12 @@ CLEAN = '"exact": false, "ngram": false'
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (f'{{"text": "Total?", "answer": 4.0, {CLEAN}}}\n{{"text": "Up?", "answer": "maybe", {CLEAN}}}\n', ":2: "),
+        (
+            f'{{"text": "Total?", "answer": 4.0, {CLEAN}}}\n{{"text": "Up?", "answer": "maybe", {CLEAN}}}\n',
+            r":2: \"answer\" 'maybe' is no finite number nor yes/no",
+        ),
         (f'{{"text": "Total?", "answer": "4.0", {CLEAN}}}\n', r":1: \"answer\" '4.0' is no finite number"),
-        (f'{{"text": "Total?", "answer": true, {CLEAN}}}\n', ":1: "),
+        (f'{{"text": "Total?", "answer": true, {CLEAN}}}\n', r":1: \"answer\" True is no finite number nor yes/no"),
         (f'{{"text": "Total?", "label": "positive", {CLEAN}}}\n', r":1: \"answer\" None"),
     ],
 )

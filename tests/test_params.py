@@ -17,6 +17,7 @@ from demo.run import apply_overrides, set_param_flags
 from finetune.config import params
 from finetune.data.cleaning import FetchConfig
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
+from finetune.evaluation.benchmark_sets import PRESETS
 from finetune.model.load import ModelConfig
 from finetune.training.config import LoraConfig, TrainConfig
 from stages.to_sharegpt import ToSharegptConfig
@@ -90,9 +91,28 @@ def test_a_stages_command_line_freezes_its_objects_before_the_other_exit_handler
     assert "'out': PosixPath('x')" in out and out.rstrip().endswith("frozen at exit: True"), out
 
 
+def assert_loaded_as_written(config: object, written: dict, section: str) -> None:
+    """Each key of a params file's section reaches its config's field with the value the file gives it; a benchmark
+    preset (benchmarks.sets) reaches it as its preset's settings, label values as text, under the preset's name."""
+    for key, value in written.items():
+        loaded = getattr(config, key)
+        if (section, key) != ("benchmarks", "sets"):
+            if type(value) is int and type(loaded) is float:  # an integer where a number is asked for (conform)
+                value = float(value)
+            assert (loaded, type(loaded)) == (value, type(value)), f"{section}.{key}: {loaded!r}, written {value!r}"
+            continue
+        assert [bench.name for bench in loaded] == [entry.get("preset", entry.get("name")) for entry in value]
+        for bench, entry in zip(loaded, value, strict=True):
+            fields = {**PRESETS.get(entry.get("preset"), {}), **{k: v for k, v in entry.items() if k != "preset"}}
+            if fields.get("label_map") is not None:
+                fields["label_map"] = {str(label): word for label, word in fields["label_map"].items()}
+            assert {field: getattr(bench, field) for field in fields} == fields, f"{section}.{key}: {bench.name}"
+
+
 @pytest.mark.parametrize("section", list(CONFIGS))
-def test_every_params_section_loads(root: Path, section: str) -> None:
-    params.load(CONFIGS[section], root / "params.yaml", section)
+def test_every_params_section_loads_as_written(root: Path, section: str) -> None:
+    written = yaml.safe_load((root / "params.yaml").read_text())[section]
+    assert_loaded_as_written(params.load(CONFIGS[section], root / "params.yaml", section), written, section)
 
 
 def test_params_sections_are_the_known_ones(root: Path) -> None:
@@ -140,7 +160,7 @@ def test_demo_overrides_name_real_keys_and_load(root: Path, tmp_path: Path) -> N
     merged = apply_overrides(base, yaml.safe_load((root / "demo" / "params.yaml").read_text()))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(merged))
     for section, cls in CONFIGS.items():
-        params.load(cls, tmp_path / "params.yaml", section)
+        assert_loaded_as_written(params.load(cls, tmp_path / "params.yaml", section), merged[section], section)
     assert merged["model"]["model_name"] == "models/tiny-deepseek"
     assert base["model"]["model_name"] == "unsloth/DeepSeek-R1-Distill-Llama-8B"
 

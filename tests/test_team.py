@@ -204,7 +204,9 @@ def test_a_request_without_a_valid_user_is_refused(team: Team, users: dict[str, 
         with pytest.raises(urllib.error.HTTPError) as refused:
             api(team, "experiments/search", auth, max_results=1)
         assert refused.value.code == 401, auth
-    assert isinstance(api(team, "experiments/search", ("alice", users["alice"]), max_results=1), dict)
+    # a valid user's request is answered: the experiment that MLflow makes in a new store, id 0
+    found = api(team, "experiments/search", ("alice", users["alice"]), max_results=1, filter="name = 'Default'")
+    assert [(e["experiment_id"], e["name"]) for e in found["experiments"]] == [("0", "Default")], found
 
 
 def test_the_run_on_the_server_has_params_step_metrics_inputs_evaluation_adapter_and_version(

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from pathlib import Path
 
 import mlflow
+import pytest
 
+from finetune.tracking.adapter_run import adapter_run
 from finetune.tracking.guard import verdict
 from finetune.tracking.records import MAX_RUN_NAME, report, run_name, storable
-from finetune.tracking.store import is_tracking_server, store_lock, store_root, tracking_uri, use_experiment
+from finetune.tracking.store import (
+    TrackingConfig,
+    is_tracking_server,
+    store_lock,
+    store_root,
+    tracking_uri,
+    use_experiment,
+)
 from finetune.tracking.ui import RUNS_VIEW, SWEEPS_VIEW, runs_page, save_runs_view
 
 
@@ -50,10 +61,13 @@ def test_storable_writes_nul_out_and_cuts_long_values_keeping_them_apart() -> No
     assert one.startswith("xxxx") and one.endswith("...]") and "100 chars, sha256 " in one
 
 
-def test_a_tracking_server_keeps_its_own_artifact_location_a_local_store_the_repo_root() -> None:
+def test_a_tracking_server_keeps_its_own_artifact_location_a_local_store_the_repo_root(tmp_path: Path) -> None:
     assert is_tracking_server("http://127.0.0.1:5000") and is_tracking_server("https://mlflow.example.com")
     assert not is_tracking_server("sqlite:////repo/mlflow.db")
     assert not is_tracking_server("postgresql://mlflow@db/mlflow")
+    # a local store: the artifacts beside it, where DVC's temporary experiment copies do not take them along
+    experiment_id = use_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "local", tmp_path / "mlartifacts")
+    assert mlflow.get_experiment(experiment_id).artifact_location == (tmp_path / "mlartifacts").as_uri()
 
 
 def test_the_ui_launcher_gives_the_experiment_the_runs_view_with_lora_and_result_columns(tmp_path: Path) -> None:
@@ -91,3 +105,22 @@ def test_the_runs_guard_marks_it_only_when_the_training_did_not_say_it_ended() -
     assert verdict("0a1b2c\nended\n") == ("0a1b2c", True)  # ended by the training: nothing to do
     assert verdict("0a1b2c\n") == ("0a1b2c", False)  # the pipe closed without it: the training's process died
     assert verdict("") == (None, False)  # died before its run started: no run to mark
+
+
+def test_evaluate_continues_the_run_that_trained_its_adapter_else_records_a_run_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    environ = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"the adapter's weights")
+    tracking = TrackingConfig(experiment_name="unit")
+    with caplog.at_level(logging.WARNING), adapter_run(tracking, adapter, environ) as alone:
+        pass  # the store holds no run of this adapter (deleted, say)
+    assert alone.info.run_name == "evaluate-only" and "no MLflow run holds this adapter" in caplog.text
+    with mlflow.start_run() as trained:  # as train tags the run that saved it
+        mlflow.set_tag("adapter_sha256", hashlib.sha256(b"the adapter's weights").hexdigest())
+    with adapter_run(tracking, adapter, environ) as continued:
+        assert continued.info.run_id == trained.info.run_id
+    assert mlflow.get_run(alone.info.run_id).info.status == "FINISHED"

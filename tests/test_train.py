@@ -17,6 +17,7 @@ import pytest
 import torch
 from datasets import Dataset
 from examples import LORA, TINY_TRAINING
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 from unsloth import FastLanguageModel
 
 from finetune.model.load import ModelConfig, load_base
@@ -26,7 +27,7 @@ from finetune.training.batching import batching_tags, check_cut, cut_by_tokens, 
 from finetune.training.config import LoraConfig, check_names
 from finetune.training.data import loss_rows
 from finetune.training.failures import disk_full
-from finetune.training.trainer import build_trainer
+from finetune.training.trainer import TokenSampler, build_trainer
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
@@ -241,12 +242,23 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         trainer.data_collator = DataCollatorForLanguageModeling(tokenizer.pad_token_id, padding_free=True)
+    batches, collate = [], trainer.data_collator  # each micro-batch's tokens and positions, as collated
+
+    def collated(features: list[dict]) -> dict:
+        batch = collate(features)
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        batches.append((int(mask.sum()), batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = collated
     trainer.train()
     logged = loss_rows(trainer.state.log_history)
     assert len(logged) == 2 and all(row["tokens_per_second"] > 0 for row in logged)
     assert trainer.state.num_input_tokens_seen == sum(len(ids) for ids in rows["input_ids"])  # each token once
-    shares = [row["padding_share"] for row in logged]
-    assert all(share == 0 for share in shares) if padding_free else all(0.1 < share < 0.9 for share in shares), shares
+    steps = [batches[:4], batches[4:]]  # 4 micro-batches a step
+    expected = [1 - sum(t for t, _ in step) / sum(p for _, p in step) for step in steps]
+    assert len(batches) == 8 and [row["padding_share"] for row in logged] == pytest.approx(expected)
+    assert all(share == 0 for share in expected) if padding_free else all(share > 0 for share in expected)
 
 
 def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
@@ -271,6 +283,10 @@ def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
         )  # fmt: skip
         trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path / f"workers-{workers}")
         assert trainer.get_train_dataloader().num_workers == workers
+        assert type(trainer._get_train_sampler()) is BatchRebalanceSampler  # padded batches: by transformers' cost
+        trainer.args.padding_free = True  # as on CUDA: dealt by tokens
+        assert type(trainer._get_train_sampler()) is TokenSampler
+        trainer.args.padding_free = False
         trainer.train()
         logged = [row for row in trainer.state.log_history if "loss" in row]
         runs.append(([row["num_input_tokens_seen"] for row in logged], [row["loss"] for row in logged]))
@@ -307,6 +323,16 @@ def test_a_steps_conversations_are_dealt_to_processes_and_micro_batches_by_token
                 for rank in dealt
             )
     assert split_step_by_tokens([0, 1, 2, 3], [9, 1, 5, 4], ranks=2, slots=1) == [[[0, 1]], [[2, 3]]]
+
+
+def test_the_token_sampler_deals_each_shuffled_step_by_tokens_each_process_its_own_micro_batches() -> None:
+    lengths = [(7 * i) % 23 + 1 for i in range(16)]
+    dealt = [list(TokenSampler(lengths, 8, dp_size=2, grad_accum=2, seed=3, rank=rank)) for rank in (0, 1)]
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(3)).tolist()  # transformers' shuffle
+    for step in range(2):  # 2 steps of 8 conversations: 2 micro-batches on each of 2 processes
+        indices = order[8 * step : 8 * step + 8]
+        expected = split_step_by_tokens(indices, [lengths[i] for i in indices], ranks=2, slots=2)
+        assert [rank[2 * step : 2 * step + 2] for rank in dealt] == expected
 
 
 def test_a_micro_batch_is_cut_into_passes_of_at_most_so_many_tokens_between_conversations() -> None:
@@ -391,7 +417,7 @@ def test_a_diverged_training_fails_its_run_and_writes_no_adapter(
     assert all(torch.isfinite(t).all() for path in saved for t in load_file(path).values())
 
 
-def test_unknown_target_modules_and_optimizers_are_refused_before_any_weight_loads(
+def test_unknown_target_modules_and_optimizers_are_refused_by_name_before_the_run_starts(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
 ) -> None:
     import mlflow
