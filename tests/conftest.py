@@ -91,6 +91,14 @@ def mlflow_as_a_fresh_process_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(service, "_tracking_uri", None)
 
 
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test's own MLflow store, SQLite in its `tmp_path`, chosen as the stages choose one: MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT

@@ -318,7 +318,7 @@ TOY_ANSWER = "It is a finance term."
 
 
 def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     config = ModelConfig(
         model_name=str(tiny_model_dir), revision=None, max_seq_length=256, load_in_4bit=True, dtype=None
@@ -329,7 +329,6 @@ def test_tuning_on_a_learnable_task_beats_the_base_model_on_every_measure(
     train = tiny_training(per_device_train_batch_size=8, max_steps=100, logging_steps=10)
     chat = Chat(tokenizer, ChatConfig())
     data = tokenized(chat, toy_rows(range(0, 60)), config.max_seq_length)  # 420 conversations, ~2 epochs
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     build_trainer(model, tokenizer, data, config, train, tmp_path / "out").train()
     FastLanguageModel.for_inference(model)
 

@@ -26,10 +26,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available()
 TRAIN = tiny_training(per_device_train_batch_size=8, max_steps=15, optim="adamw_8bit")
 
 
-def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, mlflow_store: str) -> None:
     import bitsandbytes as bnb
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
     apply_speed_patches()
     model, tokenizer = load_base(config)
@@ -177,7 +176,12 @@ ALL_LINEAR = replace(
     "lora", [replace(LORA, use_gradient_checkpointing=False), ALL_LINEAR], ids=["qkvo-r4", "all-r16"]
 )
 def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_eager_ones(
-    lora: LoraConfig, tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
+    lora: LoraConfig,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    sample_rows: list,
+    monkeypatch: pytest.MonkeyPatch,
+    mlflow_store: str,
 ) -> None:
     """The train stage's compiled padding-free blocks (`finetune.model.compiled_blocks`, taken where measured faster:
     a 16-bit base, no checkpointing), with the seed's LoRA and with LoRA on all seven projections, which then runs
@@ -189,7 +193,6 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
     from finetune.model import compiled_blocks
 
     restore_after(monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="bfloat16")
     mlp_lora = "gate_proj" in lora.target_modules
     train = tiny_training(per_device_train_batch_size=6, max_steps=4, padding_free=True)
@@ -226,7 +229,7 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
 
 
 def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
-    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
 ) -> None:
     """`train.micro_batch_tokens` on the stage's CUDA path: padding-free rows cut between conversations, through the
     compiled blocks, log the losses and gradient norms of the rows run whole (bf16: the tolerances of the compiled
@@ -235,7 +238,6 @@ def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_o
     from finetune.training.batching import cut_by_tokens
 
     restore_after(monkeypatch)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_model_dir), None, 512, load_in_4bit=False, dtype="bfloat16")
     lora = replace(LORA, use_gradient_checkpointing=False)
     conversations = [

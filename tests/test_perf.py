@@ -283,7 +283,7 @@ def test_the_one_pass_setup_takes_a_steps_conversations_in_one_micro_batch_witho
 
 
 def test_the_step_clock_gives_each_step_the_tokens_it_trained_on(
-    tmp_path: Path, tiny_shape: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_shape: Path, mlflow_store: str
 ) -> None:
     """The speed tables' tokens: each step counts its own micro-batches, as the trainer's token count does. accelerate's
     data loader collates one batch ahead, so a count at the collator gave each step the next one's first micro-batch
@@ -298,7 +298,6 @@ def test_the_step_clock_gives_each_step_the_tokens_it_trained_on(
     from finetune.training.trainer import build_trainer
     from perf.train_measure import clocked
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     config = ModelConfig(str(tiny_shape), None, 256, load_in_4bit=False, dtype=None)
     model, tokenizer = load_base(config)
     model = FastLanguageModel.get_peft_model(model, **LoraConfig(**LORA).__dict__)

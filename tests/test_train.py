@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -24,7 +25,7 @@ from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.batching import batching_tags, check_cut, cut_by_tokens, split_step_by_tokens
-from finetune.training.config import LoraConfig, check_names
+from finetune.training.config import LoraConfig, TrainConfig, check_names
 from finetune.training.data import loss_rows
 from finetune.training.failures import disk_full
 from finetune.training.trainer import TokenSampler, build_trainer
@@ -32,6 +33,15 @@ from finetune.training.trainer import TokenSampler, build_trainer
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 TRAIN = TINY_TRAINING
+
+
+def tiny_trainer(model_config: ModelConfig, conversations: list, config: TrainConfig, out: Path) -> tuple[Any, Dataset]:
+    """The train stage's trainer of the tiny model with the seed's LoRA on `conversations`, tokenized as tokenize
+    does: the trainer and the rows."""
+    model, tokenizer = load_base(model_config)
+    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
+    rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
+    return build_trainer(model, tokenizer, rows, model_config, config, out), rows
 
 
 def toy_conversations(n: int) -> list[list[dict[str, str]]]:
@@ -62,10 +72,7 @@ def test_loss_rows_keep_per_step_records_only() -> None:
     ]
 
 
-def test_adapter_learns_and_base_stays_frozen(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_adapter_learns_and_base_stays_frozen(tiny_model_dir: Path, tmp_path: Path, mlflow_store: str) -> None:
     model_config = ModelConfig(
         model_name=str(tiny_model_dir), revision=None, max_seq_length=256, load_in_4bit=True, dtype=None
     )
@@ -110,14 +117,11 @@ TWO_TURNS = [
 
 
 def test_the_trainer_learns_from_the_answers_and_their_end_token_only(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
-    model, tokenizer = load_base(model_config)
-    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
-    data = tokenized(Chat(tokenizer, ChatConfig()), [TWO_TURNS] * 4, model_config.max_seq_length)
-    trainer = build_trainer(model, tokenizer, data, model_config, TRAIN, tmp_path / "out")
+    trainer, _ = tiny_trainer(model_config, [TWO_TURNS] * 4, TRAIN, tmp_path / "out")
+    tokenizer = trainer.processing_class
     batch = next(iter(trainer.get_train_dataloader()))  # what the model is given: the collator's labels
     user, assistant, think = (tokenizer.convert_tokens_to_ids(t) for t in ("<｜User｜>", "<｜Assistant｜>", "<think>"))
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist(), strict=True):
@@ -169,7 +173,7 @@ def failing_training(tiny_model_dir: Path, tmp_path: Path, root: Path):
 
 
 def test_a_failed_run_is_failed_and_leaves_no_folder_and_one_killed_before_any_checkpoint_is_killed(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str, root: Path
 ) -> None:
     import mlflow
 
@@ -180,7 +184,6 @@ def test_a_failed_run_is_failed_and_leaves_no_folder_and_one_killed_before_any_c
     def statuses() -> list[str]:
         return [r.info.status for r in started()] if (tmp_path / "mlflow.db").exists() else []
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     train = failing_training(tiny_model_dir, tmp_path, root)
     for _ in range(2):  # the same settings and data each time, and no checkpoint to resume from
@@ -223,20 +226,17 @@ def test_a_failed_run_is_failed_and_leaves_no_folder_and_one_killed_before_any_c
 
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_each_step_logs_its_tokens_per_second_and_padding_share(
-    padding_free: bool, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    padding_free: bool, tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
-    model, tokenizer = load_base(model_config)
-    model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
     conversations = [
         [{"role": "user", "content": "Why? " * (1 + 7 * (i % 4))}, {"role": "assistant", "content": "So."}]
         for i in range(16)
     ]
-    rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
     # questions 1 to 22 words long; 2 steps of 2 x 4 conversations: the whole epoch
     config = replace(TRAIN, max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=4)
-    trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path)
+    trainer, rows = tiny_trainer(model_config, conversations, config, tmp_path)
+    tokenizer = trainer.processing_class
     assert batching_tags(trainer.args, model_config) == {"fit.batching": "padded", "fit.attention": "sdpa"}  # the CPU
     if padding_free:  # as on CUDA (unsloth's CPU backend turns padding-free batching off): one row, no attention mask
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -262,11 +262,10 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
 
 
 def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     """`train.dataloader_num_workers`: worker processes collate the next batches while the model trains, and the
     training is the one of the training process collating them itself: the same tokens a step, the same losses."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
     conversations = [
         [{"role": "user", "content": "Why? " * (1 + 5 * (i % 5))}, {"role": "assistant", "content": "So."}]
@@ -274,14 +273,11 @@ def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
     ]
     runs = []
     for workers in (0, 2):
-        model, tokenizer = load_base(model_config)
-        model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
-        rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
         config = replace(
             TRAIN, max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2,
             train_sampling_strategy="batch_rebalance", dataloader_num_workers=workers,
         )  # fmt: skip
-        trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path / f"workers-{workers}")
+        trainer, _ = tiny_trainer(model_config, conversations, config, tmp_path / f"workers-{workers}")
         assert trainer.get_train_dataloader().num_workers == workers
         assert type(trainer._get_train_sampler()) is BatchRebalanceSampler  # padded batches: by transformers' cost
         trainer.args.padding_free = True  # as on CUDA: dealt by tokens
@@ -367,11 +363,10 @@ def test_a_micro_batch_is_cut_into_passes_of_at_most_so_many_tokens_between_conv
 
 
 def test_a_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
     """`train.micro_batch_tokens`: each pass's loss is summed over the whole micro-batch's tokens, so a step cut
     into passes logs the loss and gradient norm of the step run whole (float32, the CPU's padded batches)."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype="float32")
     conversations = [
         [{"role": "user", "content": "Why? " * (1 + 6 * (i % 4))}, {"role": "assistant", "content": "So it is."}]
@@ -379,11 +374,8 @@ def test_a_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
     ]
     runs = []
     for tokens in (None, 256):  # 256: two or three of these padded rows a pass
-        model, tokenizer = load_base(model_config)
-        model = FastLanguageModel.get_peft_model(model, **LORA.__dict__)
-        rows = tokenized(Chat(tokenizer, ChatConfig()), conversations, model_config.max_seq_length)
         config = replace(TRAIN, max_steps=2, per_device_train_batch_size=8, micro_batch_tokens=tokens)
-        trainer = build_trainer(model, tokenizer, rows, model_config, config, tmp_path / f"tokens-{tokens}")
+        trainer, _ = tiny_trainer(model_config, conversations, config, tmp_path / f"tokens-{tokens}")
         if tokens:  # the first step's batch takes several passes
             assert len(cut_by_tokens(next(iter(trainer.get_train_dataloader())), tokens)) > 1
         trainer.train()
@@ -395,12 +387,11 @@ def test_a_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
 
 
 def test_a_diverged_training_fails_its_run_and_writes_no_adapter(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str, root: Path
 ) -> None:
     import mlflow
     from safetensors.torch import load_file
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     settings = {"learning_rate": 1.0e30, "warmup_steps": 0, "optim": "adamw_torch", "max_steps": 8}
     train = training_stage(tiny_model_dir, tmp_path, root, **settings, save_steps=1, eval_steps=None)
@@ -418,7 +409,7 @@ def test_a_diverged_training_fails_its_run_and_writes_no_adapter(
 
 
 def test_unknown_target_modules_and_optimizers_are_refused_by_name_before_the_run_starts(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str, root: Path
 ) -> None:
     import mlflow
 
@@ -426,7 +417,6 @@ def test_unknown_target_modules_and_optimizers_are_refused_by_name_before_the_ru
     check_names(model_config, LoraConfig(r=4, target_modules=["q_proj", "down_proj", "lm_head"]), TRAIN)
     with pytest.raises(ValueError, match=r"lora.target_modules\[1\] is 'qproj', which names no linear layer .*k_proj"):
         check_names(model_config, LoraConfig(r=4, target_modules=["q_proj", "qproj"]), TRAIN)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     train = training_stage(tiny_model_dir, tmp_path, root, optim="adamw_9bit")
     with pytest.raises(ValueError, match="train.optim 'adamw_9bit' is not one of transformers': .*adamw_8bit"):
