@@ -1,10 +1,12 @@
-"""What several tests train with: the tiny model's training settings, changed per test where it needs to."""
+"""What several tests train and evaluate with: the tiny model's training settings, changed per test where it needs
+to; a label benchmark and the flags of a benchmark line seen in no training row."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import Any
 
+from finetune.evaluation.benchmark_items import Benchmark
 from finetune.training.config import LoraConfig, TrainConfig
 
 LORA = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # the seed's adapter
@@ -26,3 +28,13 @@ TINY_TRAINING = TrainConfig(  # a few constant-rate steps that move a random tin
 def tiny_training(**changes: Any) -> TrainConfig:
     """`TINY_TRAINING` with `changes`: `tiny_training(max_steps=150)`."""
     return replace(TINY_TRAINING, **changes)
+
+
+SENTIMENT = Benchmark(  # a label benchmark as the benchmarks stage writes one, its rows left to each test
+    name="sentiment",
+    labels=["negative", "neutral", "positive"],
+    instruction="Classify the sentiment.",
+    rows=[],
+    provenance={"source": "data/benchmarks/sentiment"},
+)
+CLEAN = '"exact": false, "ngram": false'  # a benchmark file line's contamination flags: seen in no training row

@@ -2,34 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from examples import tiny_training
+from examples import SENTIMENT, tiny_training
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
-from finetune.evaluation.answers import Answer, final_answer, generate
+from finetune.evaluation.answers import Answer, generate
 from finetune.evaluation.base_vs_tuned import (
-    BAR_COLUMNS,
     EvaluateConfig,
     Sample,
-    bar_rows,
     evaluate_models,
     held_out_samples,
 )
-from finetune.evaluation.benchmark_items import Benchmark, read_benchmarks, read_rows
+from finetune.evaluation.benchmark_items import Benchmark
 from finetune.evaluation.benchmark_sets import REASONING
-from finetune.evaluation.label_sets import label_metrics
 from finetune.evaluation.likelihood import (
-    by_length,
-    by_tokens,
     choice_nll,
     mean_loss,
     nll_per_row,
@@ -109,17 +103,6 @@ def test_padding_never_enters_the_loss(model_and_tokenizer, chat: Chat) -> None:
     assert scored["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-4)
 
 
-def test_batches_by_length_cover_every_row_once() -> None:
-    assert by_length([3, 9, 1, 8], 2) == [[1, 3], [0, 2]]
-    batches = by_length(list(range(10)), 3)
-    assert sorted(i for batch in batches for i in batch) == list(range(10)) and len(batches[-1]) == 1
-    assert by_tokens([3, 9, 1, 8], 18) == [[1, 3], [0, 2]]
-    assert by_tokens([3, 9, 1, 8], 8) == [[1], [3], [0, 2]]  # a row longer than the budget goes alone
-    batches = by_tokens(list(range(1, 11)), 12)
-    assert sorted(i for batch in batches for i in batch) == list(range(10))
-    assert all(len(batch) * (max(batch) + 1) <= 12 or len(batch) == 1 for batch in batches)
-
-
 def full_choice_nll(model, pad_id: int, choices: list[tuple[list[int], list[int]]]) -> list[float]:
     """Each choice scored whole, one sequence each, on the learnt tokens after the ones all choices share."""
     shared = max(shared_length([ids for ids, _ in choices]), 1)
@@ -176,103 +159,6 @@ def test_generate_answers_each_prompt_greedily_and_tells_whether_it_ended(model_
     with pytest.raises(ValueError, match="give batch_size or batch_tokens, one of them: got 2 and 64"):
         generate(model, tokenizer, prompts, max_new_tokens=5, batch_size=2, batch_tokens=64)
     assert generate(model, tokenizer, [], max_new_tokens=5, batch_size=2) == []
-
-
-def test_final_answer_leaves_the_reasoning_out() -> None:
-    assert final_answer("<think>\nLet me see.\n</think>\n\nDuration is 4.2 years.") == "Duration is 4.2 years."
-    assert final_answer("  Duration is 4.2 years. ") == "Duration is 4.2 years."
-
-
-SENTIMENT = Benchmark(
-    name="sentiment",
-    labels=["negative", "neutral", "positive"],
-    instruction="Classify the sentiment.",
-    rows=[],
-    provenance={"source": "data/benchmarks/sentiment"},
-)
-CLEAN = '"exact": false, "ngram": false'
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (
-            f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n'
-            f'{{"text": "Shares fell.", "label": "bearish", {CLEAN}}}\n',
-            r":2: label 'bearish' is not one of \['negative', 'neutral', 'positive'\]",
-        ),
-        (
-            f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n{{"text": "Shares fell.",\n',
-            r":2: not valid JSON",
-        ),
-        (f'{{"label": "positive", {CLEAN}}}\n', r':1: expected an object with a non-empty "text" string'),
-        (f'{{"text": "  ", "label": "positive", {CLEAN}}}\n', r':1: expected an object with a non-empty "text" string'),
-        ('["Shares rose.", "positive"]\n', r":1: expected an object"),
-        ('{"text": "Shares rose.", "label": "positive"}\n', r':1: expected "exact" and "ngram" flags'),
-        ("\n\n", r": no rows"),
-    ],
-)
-def test_a_bad_benchmark_file_is_refused_naming_the_line(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "bench.jsonl"
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=message):
-        read_rows(path, "labels", SENTIMENT.labels)
-
-
-def test_a_missing_benchmark_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no benchmark file .*nowhere.jsonl: run the benchmarks stage"):
-        read_rows(tmp_path / "nowhere.jsonl", "labels", SENTIMENT.labels)
-
-
-def test_the_benchmarks_are_read_in_the_stage_order_with_their_provenance(tmp_path: Path) -> None:
-    manifest = {"benchmarks": [{**vars(SENTIMENT), "name": name} for name in ("tfns", "fpb")], "ngram": 13}
-    for entry in manifest["benchmarks"]:
-        del entry["rows"]
-        (tmp_path / f"{entry['name']}.jsonl").write_text(f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n')
-    (tmp_path / "benchmarks.json").write_text(json.dumps(manifest))
-    tfns, fpb = read_benchmarks(tmp_path)
-    assert (tfns.name, fpb.name) == ("tfns", "fpb") and fpb.provenance == SENTIMENT.provenance
-    assert fpb.rows == [{"text": "Shares rose.", "label": "positive", "exact": False, "ngram": False}]
-
-
-def test_the_clean_score_leaves_the_contaminated_rows_out() -> None:
-    rows = [
-        {"text": "a", "label": "positive", "exact": False, "ngram": False},
-        {"text": "b", "label": "negative", "exact": True, "ngram": False},
-        {"text": "c", "label": "neutral", "exact": False, "ngram": True},
-        {"text": "d", "label": "neutral", "exact": False, "ngram": False},
-    ]
-    bench = replace(SENTIMENT, rows=rows)
-    metrics = label_metrics(bench, {"tuned": ["positive", "negative", "neutral", "positive"]})
-    assert metrics["sentiment_rows"] == 4 and metrics["sentiment_contaminated_rows"] == 2
-    assert metrics["sentiment_contaminated_share"] == 0.5 and metrics["sentiment_clean_rows"] == 2
-    assert metrics["sentiment_tuned_accuracy"] == 0.75  # the memorised rows count here ...
-    assert metrics["sentiment_tuned_clean_accuracy"] == 0.5  # ... and not here
-    # clean: positive right, neutral called positive: F1 positive 2/3, neutral 0, negative 0
-    assert metrics["sentiment_tuned_clean_macro_f1"] == pytest.approx((2 / 3) / 3)
-    every_row_seen = label_metrics(replace(bench, rows=rows[1:3]), {"tuned": ["negative", "neutral"]})
-    assert every_row_seen["sentiment_clean_rows"] == 0 and "sentiment_tuned_clean_accuracy" not in every_row_seen
-
-
-def test_bar_rows_put_base_and_tuned_side_by_side_each_measure_in_its_panel() -> None:
-    metrics = {"base_loss": 2.0, "tuned_loss": 1.5, "base_perplexity": 7.4, "tuned_perplexity": 4.5}
-    metrics |= {"base_rouge_l": 0.1, "tuned_rouge_l": 0.2, "my_set_base_accuracy": 0.4, "my_set_tuned_accuracy": 0.9}
-    metrics |= {"my_set_base_clean_accuracy": 0.3, "my_set_tuned_clean_accuracy": 0.6, "tuned_token_f1": 0.5}
-    rows = bar_rows(metrics, ["my_set"])
-    assert all(list(row) == list(BAR_COLUMNS) for row in rows)
-    assert [tuple(row.values()) for row in rows] == [
-        ("loss", "loss", "base", 2.0),
-        ("loss", "loss", "tuned", 1.5),
-        ("perplexity", "perplexity", "base", 7.4),
-        ("perplexity", "perplexity", "tuned", 4.5),
-        ("score", "rouge_l", "base", 0.1),
-        ("score", "rouge_l", "tuned", 0.2),
-        ("score", "token_f1", "tuned", 0.5),  # a measure one model lacks: its bar alone
-        ("score", "my_set accuracy", "base", 0.4),
-        ("score", "my_set accuracy", "tuned", 0.9),
-        ("score", "my_set clean accuracy", "base", 0.3),
-        ("score", "my_set clean accuracy", "tuned", 0.6),
-    ]
 
 
 MOVES = {"rose": "positive", "fell": "negative", "held": "neutral"}

@@ -3,14 +3,13 @@ reasoning block, scored within the tolerance, reported per model on every item a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from finetune.evaluation.answers import Answer
-from finetune.evaluation.benchmark_items import Benchmark, read_benchmarks, read_rows
+from finetune.evaluation.benchmark_items import Benchmark
 from finetune.evaluation.numbers import boxed, correct, extract, numbers, reference
 from finetune.evaluation.numeric_sets import (
     numeric_metrics,
@@ -170,35 +169,3 @@ def test_a_numeric_prompt_is_the_question_after_the_instruction_and_a_long_one_i
     assert chat.tokenizer.decode(first).endswith("<｜Assistant｜><think>\n")  # the model reasons first
     with pytest.raises(ValueError, match=r"finqa row 1: its prompt takes \d+ tokens, more than model.max_seq_length 8"):
         numeric_prompts(chat, FINQA, max_length=8)
-
-
-CLEAN = '"exact": false, "ngram": false'
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (
-            f'{{"text": "Total?", "answer": 4.0, {CLEAN}}}\n{{"text": "Up?", "answer": "maybe", {CLEAN}}}\n',
-            r":2: \"answer\" 'maybe' is no finite number nor yes/no",
-        ),
-        (f'{{"text": "Total?", "answer": "4.0", {CLEAN}}}\n', r":1: \"answer\" '4.0' is no finite number"),
-        (f'{{"text": "Total?", "answer": true, {CLEAN}}}\n', r":1: \"answer\" True is no finite number nor yes/no"),
-        (f'{{"text": "Total?", "label": "positive", {CLEAN}}}\n', r":1: \"answer\" None"),
-    ],
-)
-def test_a_bad_numeric_benchmark_file_is_refused_naming_the_line(tmp_path: Path, content: str, message: str) -> None:
-    path = tmp_path / "finqa.jsonl"
-    path.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=message):
-        read_rows(path, "numeric")
-
-
-def test_numeric_benchmarks_are_read_with_the_generation_settings_of_the_stage(tmp_path: Path) -> None:
-    entry = {"name": "finqa", "kind": "numeric", "labels": None, "instruction": "Reason.", "provenance": {}}
-    manifest = {"benchmarks": [entry], "ngram": 13, "max_new_tokens": 48, "rel_tolerance": 0.005}
-    (tmp_path / "benchmarks.json").write_text(json.dumps(manifest))
-    (tmp_path / "finqa.jsonl").write_text(f'{{"text": "Up?", "answer": "yes", {CLEAN}}}\n')
-    (bench,) = read_benchmarks(tmp_path)
-    assert (bench.kind, bench.max_new_tokens, bench.rel_tolerance, bench.labels) == ("numeric", 48, 0.005, None)
-    assert bench.rows == [{"text": "Up?", "answer": "yes", "exact": False, "ngram": False}]
