@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from examples import tiny_training
 
 from finetune.model.fit import (
     GIB,
@@ -14,7 +15,7 @@ from finetune.model.fit import (
     weight_bytes,
 )
 from finetune.model.load import ModelConfig
-from finetune.training.config import TrainConfig, training_arguments
+from finetune.training.config import training_arguments
 
 LLAMA_8B = Shape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False)
 H100 = int(79.2 * GIB)
@@ -96,14 +97,11 @@ def test_micro_batch_tokens_as_a_number_is_kept_and_must_hold_a_conversation() -
     with pytest.raises(ValueError, match="train.micro_batch_tokens is 1024, below model.max_seq_length 2048"):
         plan_by_tokens(LLAMA_8B, H200, False, "auto", 1024, 2, 4, 2048)
     with pytest.raises(ValueError, match="train.micro_batch_tokens must be null, auto or a number of tokens >= 1"):
-        TrainConfig(2, 4, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, micro_batch_tokens="many")
+        tiny_training(micro_batch_tokens="many")
     with pytest.raises(ValueError, match="train.micro_batch_size and train.micro_batch_tokens both set"):
-        TrainConfig(2, 4, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, micro_batch_size="auto",
-                    micro_batch_tokens="auto")  # fmt: skip
+        tiny_training(micro_batch_size="auto", micro_batch_tokens="auto")
     # evaluation's batches are not cut: as many conversations of max_seq_length as a pass holds
-    config = TrainConfig(16, 1, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, eval_steps=5)
+    config = tiny_training(per_device_train_batch_size=16, eval_steps=5)
     assert training_arguments(config, 2048)["per_device_eval_batch_size"] == 16
-    cut = TrainConfig(
-        16, 1, 2e-4, 10, 1.0, 0, 0.0, "adamw_torch", "linear", 1, 0, eval_steps=5, micro_batch_tokens=8192
-    )
+    cut = tiny_training(per_device_train_batch_size=16, eval_steps=5, micro_batch_tokens=8192)
     assert training_arguments(cut, 2048)["per_device_eval_batch_size"] == 4
