@@ -21,7 +21,7 @@ from typing import Any
 from datasets import Dataset
 
 from finetune.config import cli
-from finetune.config.params import load
+from finetune.config.params import load, require
 from finetune.config.workspace import require_in_copy
 from finetune.data.cleaning import BAD_LINE_REASONS, FetchConfig, check_schema, clean_and_split, read_jsonl, write_rows
 from finetune.data.files import file_hash, write_json
@@ -30,21 +30,30 @@ from finetune.data.sources import LOCAL_FORMATS, check_watched, from_file, from_
 log = logging.getLogger("fetch")
 
 
-def load_rows(config: FetchConfig, sources: tuple[Path, ...]) -> tuple[Dataset, dict[str, Any], dict[str, list[int]]]:
+def load_rows(
+    config: FetchConfig, sources: tuple[Path, ...]
+) -> tuple[Dataset, dict[str, Any], dict[str, list[int]], list[str]]:
     """The dataset from a local file (by its suffix, in one of `sources`, the folders DVC watches) or the Hub; its
-    provenance; the lines of a .jsonl file left out by `fetch.bad_rows: drop`, by reason."""
-    if Path(config.dataset).suffix.lower() not in LOCAL_FORMATS:
+    provenance; the lines of a .jsonl file left out by `fetch.bad_rows: drop`, by reason; the columns not of the
+    schema, which are not read."""
+    path, none_left_out = Path(config.dataset), {reason: [] for reason in BAD_LINE_REASONS}
+    if path.suffix.lower() not in LOCAL_FORMATS:
+        require(  # the Hub's loader would read a local folder of any files, unchecked and unhashed
+            not path.exists(),
+            f"fetch.dataset: {path} is a local {'folder' if path.is_dir() else 'file'}; give a "
+            f"{', '.join(LOCAL_FORMATS)} file, or a Hub dataset id",
+        )
         dataset, provenance = from_hub(config.dataset, config.split, config.revision)
-        return dataset, provenance, {reason: [] for reason in BAD_LINE_REASONS}
-    path = Path(config.dataset)
+        return dataset, provenance, none_left_out, check_schema(dataset)
     if not path.is_file():
         raise FileNotFoundError(f"fetch.dataset: no such file: {path}")
     check_watched(path, sources, "fetch.dataset")
     provenance = {"source": str(path), "sha256": file_hash(path, "sha256")}
     if path.suffix.lower() == ".jsonl":  # read line by line: a bad line is named, or left out and counted
-        dataset, dropped = read_jsonl(path, config.bad_rows)
-        return dataset, provenance, dropped
-    return from_file(path), provenance, {reason: [] for reason in BAD_LINE_REASONS}
+        dataset, dropped, other_keys = read_jsonl(path, config.bad_rows)
+        return dataset, provenance, dropped, check_schema(dataset) + other_keys
+    dataset = from_file(path, text=True)
+    return dataset, provenance, none_left_out, check_schema(dataset)
 
 
 def main(params_path: Path, sources: tuple[Path, ...], out: Path, metrics: Path) -> None:
@@ -53,11 +62,10 @@ def main(params_path: Path, sources: tuple[Path, ...], out: Path, metrics: Path)
     require_in_copy(config.dataset, "fetch.dataset", os.environ, Path.cwd())  # a file git lacks, in a DVC copy
 
     # --- load, in the dataset's schema
-    dataset, provenance, bad = load_rows(config, sources)
+    dataset, provenance, bad, ignored = load_rows(config, sources)
     for reason, lines in bad.items():
         if lines:
             log.warning("left out %d lines (%s), the first: %s", len(lines), reason, lines[:10])
-    ignored = check_schema(dataset)
     if ignored:
         log.info("ignoring columns not in the schema: %s", ignored)
 

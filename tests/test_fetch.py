@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from datasets import Dataset
+from datasets import Dataset, Features, Value
 
 from finetune.data.cleaning import FetchConfig, check_schema, clean, clean_and_split, draw, read_jsonl
 from finetune.data.files import digests
@@ -54,7 +54,7 @@ def test_load_local_file_by_suffix_with_its_hash(tmp_path: Path, suffix: str) ->
     path = tmp_path / f"data{suffix}"
     dataset = Dataset.from_list(rows(5))
     {".jsonl": dataset.to_json, ".csv": dataset.to_csv, ".parquet": dataset.to_parquet}[suffix](str(path))
-    loaded, provenance, _ = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
+    loaded, provenance, _, _ = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
     assert loaded["user"] == [f"question {i}" for i in range(5)]
     assert provenance == {"source": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
@@ -100,12 +100,59 @@ def test_number_in_a_text_column_names_line_and_column(tmp_path: Path) -> None:
         read_jsonl(path)
 
 
-def test_numeric_column_in_parquet_is_named(tmp_path: Path) -> None:
+def test_a_number_in_a_text_column_of_parquet_or_json_is_named_with_its_row(tmp_path: Path) -> None:
     path = tmp_path / "data.parquet"
     Dataset.from_list([{"system": "", "user": "q", "assistant": 1}]).to_parquet(str(path))
-    dataset, _, _ = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
-    with pytest.raises(ValueError, match="column 'assistant' must hold text"):
-        check_schema(dataset)
+    message = r"column 'assistant' must hold text, found Value\('int64'\): row 0 holds int 1$"
+    with pytest.raises(ValueError, match=message):
+        load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
+    path = tmp_path / "data.json"  # one JSON array: a column of mixed cells
+    path.write_text(json.dumps([*rows(2), {"system": "", "user": "q", "assistant": 5}]))
+    with pytest.raises(ValueError, match=r"column 'assistant' must hold text, found .*: row 2 holds int 5$"):
+        load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
+
+
+def test_a_csv_keeps_answers_that_pandas_would_read_as_missing_and_reads_every_column_as_text(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("system,user,assistant\n,Any dividend?,None\n,Its rating?,N/A\n,Year?,2024\n,,null\n,NA,nan\n")
+    dataset, _, _, ignored = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
+    assert ignored == [] and dataset.features == Features({c: Value("string") for c in ("system", "user", "assistant")})
+    assert dataset.to_list() == [  # an empty cell alone is missing: the system column's, and one question
+        {"system": None, "user": "Any dividend?", "assistant": "None"},
+        {"system": None, "user": "Its rating?", "assistant": "N/A"},
+        {"system": None, "user": "Year?", "assistant": "2024"},
+        {"system": None, "user": None, "assistant": "null"},
+        {"system": None, "user": "NA", "assistant": "nan"},
+    ]
+    path.write_bytes(b"system,user,assistant\n,ok,fine\n,caf\xe9,x\n")  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"data.csv line 3: not valid UTF-8 \(invalid continuation byte at byte 4\)"):
+        load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
+
+
+def test_other_keys_of_a_jsonl_file_are_named_not_read_whatever_they_hold(tmp_path: Path) -> None:
+    records = [{**rows(2)[0], "source": "web", "tags": {"a": 1}}, {**rows(2)[1], "source": 3, "tags": [1]}]
+    path = write_jsonl(tmp_path / "rows.jsonl", records)
+    dataset, _, _, ignored = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
+    assert ignored == ["source", "tags"] and dataset.to_list() == rows(2)
+
+
+def test_a_lone_surrogate_is_named_or_with_drop_counted(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(rows(1)[0]) + '\n{"system": "", "user": "q \\ud800 x", "assistant": "a"}\n')
+    message = r"rows.jsonl line 2: column 'user' holds a lone surrogate '\\ud800' at character 2, not valid Unicode"
+    with pytest.raises(ValueError, match=message):
+        read_jsonl(path)
+    dataset, dropped, _ = read_jsonl(path, "drop")
+    assert dataset.to_list() == rows(1) and dropped == {"unreadable_line": [], "non_text_cell": [2]}
+
+
+def test_a_local_folder_or_a_file_of_another_kind_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "rows").mkdir()
+    with pytest.raises(ValueError, match=r"fetch.dataset: .*rows is a local folder; give a .parquet, .jsonl, .json"):
+        load_rows(replace(CONFIG, dataset=str(tmp_path / "rows")), (tmp_path,))
+    (tmp_path / "rows.tsv").write_text("system\tuser\tassistant\n")
+    with pytest.raises(ValueError, match=r"fetch.dataset: .*rows.tsv is a local file; give a .parquet"):
+        load_rows(replace(CONFIG, dataset=str(tmp_path / "rows.tsv")), (tmp_path,))
 
 
 def test_unreadable_csv_names_the_file(tmp_path: Path) -> None:
@@ -283,11 +330,23 @@ def test_one_row_dataset_leaves_nothing_to_train_on() -> None:
         draw(1, eval_size=2, seed=0)
 
 
-def test_empty_dataset_is_refused(tmp_path: Path) -> None:
+def test_no_rows_left_is_refused_with_every_rows_fate(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
-    dataset, _ = read_jsonl(tmp_path / "empty.jsonl")
-    with pytest.raises(ValueError, match="no rows left to train on"):
-        draw(len(cleaned(dataset)[0]), eval_size=1, seed=0)
+    dataset, none_left_out, _ = read_jsonl(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match="^fetch: no rows left of 0 to train on: none dropped$"):
+        clean_and_split(dataset, CONFIG, none_left_out)
+    blank = Dataset.from_list(
+        [{"system": "", "user": "q", "assistant": " "}, {"system": "", "user": "", "assistant": "a"}]
+    )
+    fates = "dropped_empty_user 1, dropped_empty_answer 1, dropped_unreadable_line 1"
+    message = f"^fetch: no rows left of 3 to train on: {fates}$"
+    with pytest.raises(ValueError, match=message):
+        clean_and_split(blank, CONFIG, {"unreadable_line": [7], "non_text_cell": []})
+    # three rows of one question and answer: one held out, the others its copies, dropped
+    same = Dataset.from_list([{"system": s, "user": "q", "assistant": "a"} for s in ("", "You are brief.", "Be kind.")])
+    message = "^fetch: no training rows left of 3, 1 held out: dropped_same_as_held_out 2$"
+    with pytest.raises(ValueError, match=message):
+        clean_and_split(same, replace(CONFIG, eval_size=1), {})
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------

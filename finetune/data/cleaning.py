@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Value
+from datasets import Dataset, Features, Value
 
 from finetune.config.params import require
 from finetune.data import parallel
@@ -71,12 +71,20 @@ def bad_line(path: Path, number: int, raw: bytes) -> tuple[str | None, Any]:
             return "non_text_cell", (
                 f"{path} line {number}: column '{column}' holds {type(cell).__name__} {cell!r}, expected text"
             )
+        try:  # JSON's \ud800 escape reads as a lone surrogate: no Unicode text, which no file can hold
+            (cell or "").encode("utf-8")
+        except UnicodeEncodeError as error:
+            return "non_text_cell", (
+                f"{path} line {number}: column '{column}' holds a lone surrogate {cell[error.start]!r} at character "
+                f"{error.start}, not valid Unicode text"
+            )
     return None, row
 
 
-def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, list[int]]]:
+def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, list[int]], list[str]]:
     """Read a JSON-lines file; a bad line (`bad_line`) stops it naming the line, or with `bad_rows: drop` is left
-    out. Returns the rows and the numbers of the lines left out, by reason. A byte-order mark at the start of the
+    out. Returns the rows' text columns, the numbers of the lines left out, by reason, and the other keys found (not
+    read: a key of a number here and a text there would not make one column). A byte-order mark at the start of the
     file is skipped; a CRLF line end is whitespace after the line's JSON, so it reads as an LF one."""
     rows, dropped = [], {reason: [] for reason in BAD_LINE_REASONS}
     with path.open("rb") as f:
@@ -92,10 +100,11 @@ def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, 
                 dropped[reason].append(number)
             else:
                 raise ValueError(f"{read} (fetch.bad_rows: drop leaves such lines out, counted)")
-    if not rows:
-        return Dataset.from_dict({column: [] for column in TEXT_COLUMNS}), dropped
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    return Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns}), dropped
+    keys = list(dict.fromkeys(key for row in rows for key in row)) if rows else list(TEXT_COLUMNS)
+    columns = [key for key in keys if key in TEXT_COLUMNS]
+    features = Features({column: Value("string") for column in columns})
+    texts = Dataset.from_dict({column: [row.get(column) for row in rows] for column in columns}, features=features)
+    return texts, dropped, [key for key in keys if key not in TEXT_COLUMNS]
 
 
 def check_schema(dataset: Dataset) -> list[str]:
@@ -111,7 +120,12 @@ def check_schema(dataset: Dataset) -> list[str]:
             raise ValueError(f"dataset has no '{column}' column; expected {list(TEXT_COLUMNS)}, found {found}")
         feature = dataset.features[column]
         if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string", "null")):
-            raise ValueError(f"column '{column}' must hold text, found {feature}")
+            row, cell = next(
+                ((i, cell) for i, cell in enumerate(dataset[column]) if cell is not None and not isinstance(cell, str)),
+                (None, None),
+            )
+            where = f": row {row} holds {type(cell).__name__} {cell!r}" if row is not None else ""
+            raise ValueError(f"column '{column}' must hold text, found {feature}{where}")
     return [column for column in found if column not in TEXT_COLUMNS]
 
 
@@ -233,6 +247,7 @@ def clean_and_split(
     table, kept, counts, keys = clean(dataset, config)
     counts["rows_in"] += sum(len(lines) for lines in bad_lines.values())
     counts |= {f"dropped_{reason}": len(lines) for reason, lines in bad_lines.items()}
+    require(len(kept) > 0, f"fetch: no rows left of {counts['rows_in']} to train on: {fates(counts)}")
     train_rows, held_out_rows = (kept[drawn] for drawn in draw(len(kept), config.eval_size, config.seed))
     same, copied = same_as_held_out(keys[train_rows], keys[held_out_rows])
     train_rows = train_rows[~same]
@@ -253,4 +268,14 @@ def clean_and_split(
     }
     dropped = sum(value for key, value in counts.items() if key.startswith("dropped_"))
     assert counts["rows_in"] == counts["rows_kept"] + dropped, f"row accounting does not add up: {counts}"
+    require(
+        len(train_rows) > 0,
+        f"fetch: no training rows left of {counts['rows_in']}, {len(held_out_rows)} held out: {fates(counts)}",
+    )
     return table, train_rows, held_out_rows, counts
+
+
+def fates(counts: dict[str, int]) -> str:
+    """The rows dropped, by reason, the reasons that dropped none left out: `"dropped_empty_answer 3"`."""
+    dropped = [f"{key} {value}" for key, value in counts.items() if key.startswith("dropped_") and value]
+    return ", ".join(dropped) or "none dropped"

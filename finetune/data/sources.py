@@ -5,6 +5,7 @@ provenance: the Hub commit it resolved to, or the SHA-256 of each local file.
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,37 @@ def from_hub(dataset: str, split: str, revision: str | None, **options: Any) -> 
     return loaded, provenance
 
 
-def from_file(path: Path) -> Any:
-    """A local .parquet/.json/.jsonl/.csv file's rows; one that cannot be parsed is named."""
-    from datasets import load_dataset
+def from_file(path: Path, text: bool = False) -> Any:
+    """A local .parquet/.json/.jsonl/.csv file's rows; one that cannot be parsed is named. A CSV's cells are read as
+    written: only an empty cell is null, where pandas would also read `None`, `NA`, `N/A`, `null`, `nan` ... so;
+    `text`: every CSV column as text (an answer of digits stays an answer, an empty column holds nulls of text)."""
+    from datasets import Features, Value, load_dataset
 
+    options: dict[str, Any] = {}
+    if path.suffix.lower() == ".csv":
+        check_utf8_lines(path)
+        options = {"keep_default_na": False, "na_values": [""]}
+        if text:
+            with path.open(encoding="utf-8-sig", newline="") as f:
+                header = next(csv.reader(f), [])
+            options["features"] = Features({column: Value("string") for column in header})
     try:
-        return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train", **options)
     except Exception as error:  # datasets wraps the parser's error; name the file, keep the cause
         cause = error.__cause__ or error
         raise ValueError(f"{path}: cannot be read as {path.suffix[1:]}: {cause}") from error
+
+
+def check_utf8_lines(path: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming the line and the byte in it (pandas names a byte of its chunk)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+                ) from None
 
 
 def local_provenance(path: Path) -> dict[str, Any]:
