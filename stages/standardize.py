@@ -35,6 +35,12 @@ class StandardizeConfig:
     def __post_init__(self) -> None:
         for role in ("system", "user", "assistant"):
             require(bool(getattr(self, f"aliases_for_{role}")), f"standardize.aliases_for_{role} must not be empty")
+        for role, written in (("user", "human"), ("assistant", "gpt")):  # unsloth's to_sharegpt's roles
+            aliases = getattr(self, f"aliases_for_{role}")
+            require(
+                written in (alias.strip().lower() for alias in aliases),  # as unsloth compares them
+                f"standardize.aliases_for_{role} must include '{written}', the role to_sharegpt writes; got {aliases}",
+            )
 
 
 def standardize(dataset: Dataset, config: StandardizeConfig) -> Dataset:

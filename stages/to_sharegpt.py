@@ -42,11 +42,36 @@ class ToSharegptConfig:
             self.conversation_extension >= 1,
             f"to_sharegpt.conversation_extension must be >= 1, got {self.conversation_extension}",
         )
+        require(self.random_state >= 0, f"to_sharegpt.random_state must be >= 0, got {self.random_state}")
+
+
+OPTIONAL = re.compile(r"\[\[.+?\]\]", re.DOTALL)  # a [[...]] part of a merged prompt, as unsloth finds them
 
 
 def prompt_columns(merged_prompt: str) -> list[str]:
-    """The columns a merged prompt names: `prompt_columns("{user}[[ in: {system}]]")` -> `['user', 'system']`."""
-    return list(dict.fromkeys(re.findall(r"\{(\w+)\}", merged_prompt)))
+    """The columns a merged prompt names, as unsloth reads them (`{{` and `}}` are literal braces):
+    `prompt_columns("{user}[[ in: {system}]]")` -> `['user', 'system']`."""
+    return list(dict.fromkeys(re.findall(r"\{(.+?)\}", re.sub(r"\{\{|\}\}", "", merged_prompt))))
+
+
+def check_columns(config: ToSharegptConfig, columns: list[str], source: Path) -> None:
+    """Refuse a merged prompt or an answer column that names no column of `source` (whose columns are `columns`),
+    and a merged prompt that would leave out a row's question: `{user}` only inside a `[[...]]` part, or not at all.
+
+    `check_columns(config, ["system", "user", "assistant"], Path("data/raw/train.parquet"))` with
+    `merged_prompt: "{question}"` raises `ValueError: to_sharegpt.merged_prompt names {question}, not a column of
+    data/raw/train.parquet (system, user, assistant)`.
+    """
+    where = f"not a column of {source} ({', '.join(columns)})"
+    for column in prompt_columns(config.merged_prompt):
+        require(column in columns, f"to_sharegpt.merged_prompt names {{{column}}}, {where}")
+    answer = config.output_column_name
+    require(answer in columns, f"to_sharegpt.output_column_name names {answer}, {where}")
+    require(  # unsloth leaves a [[...]] part out wherever its first column is empty
+        "user" in prompt_columns(OPTIONAL.sub("", config.merged_prompt)),
+        "to_sharegpt.merged_prompt must hold {user}, each row's question, outside any [[...]] part; "
+        f"got {config.merged_prompt!r}",
+    )
 
 
 def whitespace_only(cells: Any) -> Any:
@@ -116,6 +141,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     config = load(ToSharegptConfig, params_path, "to_sharegpt")
     log.info("config: %s", asdict(config))
 
+    for source in (data / "train.parquet", data / "eval.parquet"):  # both checked before either is converted
+        check_columns(config, pq.read_schema(source).names, source)
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, extension in (("train", config.conversation_extension), ("eval", 1)):

@@ -22,7 +22,7 @@ from finetune.evaluation.benchmark_items import read_benchmarks, read_rows
         ),
         (
             f'{{"text": "Shares rose.", "label": "positive", {CLEAN}}}\n{{"text": "Shares fell.",\n',
-            r":2: not valid JSON",
+            r":2: not valid JSON at column 25 \(Expecting property name enclosed in double quotes\)$",
         ),
         (f'{{"label": "positive", {CLEAN}}}\n', r':1: expected an object with a non-empty "text" string'),
         (f'{{"text": "  ", "label": "positive", {CLEAN}}}\n', r':1: expected an object with a non-empty "text" string'),
@@ -36,6 +36,19 @@ def test_a_bad_benchmark_file_is_refused_naming_the_line(tmp_path: Path, content
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         read_rows(path, "labels", SENTIMENT.labels)
+
+
+def test_an_item_with_a_unicode_line_separator_reads_back_as_the_stage_wrote_it(tmp_path: Path) -> None:
+    # json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 unescaped; str.splitlines() splits on them
+    rows = [
+        {"text": "Revenue rose.\u2028Costs fell.", "label": "positive", "exact": False, "ngram": False},
+        {"text": "Margins\u0085held\u2029flat.", "label": "neutral", "exact": True, "ngram": False},
+    ]
+    with (tmp_path / "bench.jsonl").open("w", encoding="utf-8") as f:  # as stages/benchmarks.py writes its items
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    assert "\u2028" in (tmp_path / "bench.jsonl").read_text(encoding="utf-8")  # unescaped, as the stage leaves it
+    assert read_rows(tmp_path / "bench.jsonl", "labels", SENTIMENT.labels) == rows
 
 
 def test_a_missing_benchmark_file_is_named(tmp_path: Path) -> None:

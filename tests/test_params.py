@@ -248,3 +248,66 @@ def test_a_number_written_as_1e_4_is_read_as_the_number(root: Path, tmp_path: Pa
     (tmp_path / "params.yaml").write_text(text)
     assert yaml.safe_load(text)["train"]["learning_rate"] == "1e-4"  # YAML 1.1 leaves it text
     assert params.load(TrainConfig, tmp_path / "params.yaml", "train").learning_rate == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (  # a key given twice in a section
+            "  over_length: truncate  #",
+            "  over_length: drop  # once\n  over_length: truncate  #",
+            "line 33: tokenize.over_length is given twice",
+        ),
+        (
+            "\nmodel:\n",
+            "\ntokenize:  # again\n  over_length: drop  # twice\n\nmodel:\n",
+            "line 34: tokenize is given twice",
+        ),
+        (  # in a mapping inside a list
+            "{preset: tfns}",
+            "{preset: tfns, split: test, split: train}",
+            "benchmarks.sets[2].split is given twice",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused_naming_its_path_and_line(
+    root: Path, tmp_path: Path, old: str, new: str, message: str
+) -> None:
+    text = (root / "params.yaml").read_text(encoding="utf-8")
+    assert text.count(old) == 1
+    (tmp_path / "params.yaml").write_text(text.replace(old, new), encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        params.read_section(tmp_path / "params.yaml", "fetch")
+
+
+def test_a_key_given_twice_is_named_with_the_file_and_line(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("lora:\n  r: 8\n  r: 16\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'params.yaml'))} line 3: lora.r is given twice$"):
+        params.read_section(tmp_path / "params.yaml", "lora")
+
+
+def test_keys_after_a_yaml_merge_override_it_without_being_refused(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("base: &base {r: 8, alpha: 16}\nlora:\n  <<: *base\n  r: 4\n")
+    assert params.read_section(tmp_path / "params.yaml", "lora") == {"r": 4, "alpha": 16}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("- lora\n- train\n", "params.yaml must be a mapping of sections, got list"),
+        ("lora: [8]\n", "params.yaml: section 'lora' must be a mapping, got list"),
+        ("lora: 8\n", "params.yaml: section 'lora' must be a mapping, got int"),
+        ("", "params.yaml: section 'lora' is missing"),
+    ],
+)
+def test_a_params_file_of_the_wrong_shape_is_named(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "params.yaml").write_text(content, encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{re.escape(message)}$"):
+        params.read_section(tmp_path / "params.yaml", "lora")
+
+
+def test_a_section_with_no_keys_takes_every_default_or_names_the_first_required_key(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("tokenize:  # every key has a default\nlora:\n", encoding="utf-8")
+    assert params.load(CONFIGS["tokenize"], tmp_path / "params.yaml", "tokenize") == CONFIGS["tokenize"]()
+    with pytest.raises(ValueError, match=r"^lora\.r is required$"):
+        params.load(LoraConfig, tmp_path / "params.yaml", "lora")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,3 +72,33 @@ def test_a_file_with_no_conversations_is_refused_by_name(tmp_path: Path) -> None
     with pytest.raises(ValueError, match=r"eval\.parquet: no conversations to standardize"):
         standardize_file(tmp_path / "eval.parquet", tmp_path / "out.parquet", CONFIG)
     assert not (tmp_path / "out.parquet").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"aliases_for_user": ["user", "input"]},
+            "standardize.aliases_for_user must include 'human', the role to_sharegpt writes; got ['user', 'input']",
+        ),
+        (
+            {"aliases_for_assistant": ["assistant"]},
+            "standardize.aliases_for_assistant must include 'gpt', the role to_sharegpt writes; got ['assistant']",
+        ),
+    ],
+)
+def test_aliases_without_the_roles_to_sharegpt_writes_are_refused(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        StandardizeConfig(**{**vars(CONFIG), **change})
+
+
+def test_aliases_are_matched_as_unsloth_matches_them_case_and_spaces_aside() -> None:
+    config = StandardizeConfig(
+        aliases_for_system=["system"], aliases_for_user=[" Human"], aliases_for_assistant=["GPT"]
+    )
+    turns = [{"from": "human", "value": "What is beta?"}, {"from": "gpt", "value": "Market sensitivity."}]
+    result = standardize(Dataset.from_dict({"conversations": [turns]}), config)
+    assert result[0]["conversations"] == [
+        {"role": "user", "content": "What is beta?"},
+        {"role": "assistant", "content": "Market sensitivity."},
+    ]

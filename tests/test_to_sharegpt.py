@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,45 @@ def test_blank_whitespace_touches_only_whitespace_cells() -> None:
 
 def test_prompt_columns() -> None:
     assert prompt_columns("{user}[[\nYour input is:\n{system}]]") == ["user", "system"]
+    assert prompt_columns('{{"as": "json"}} {user}{user} {the system}') == ["user", "the system"]  # as unsloth reads
+
+
+def test_a_negative_random_state_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^to_sharegpt\.random_state must be >= 0, got -1$"):
+        ToSharegptConfig(**{**vars(CONFIG), "random_state": -1})
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"merged_prompt": "{question}"}, "to_sharegpt.merged_prompt names {question}, not a column of {raw}"),
+        (
+            {"merged_prompt": "{user}[[\nContext: {context}]]"},
+            "to_sharegpt.merged_prompt names {context}, not a column of {raw}",
+        ),
+        ({"output_column_name": "answer"}, "to_sharegpt.output_column_name names answer, not a column of {raw}"),
+        (
+            {"merged_prompt": "{system}"},
+            "to_sharegpt.merged_prompt must hold {user}, each row's question, outside any [[...]] part; got '{system}'",
+        ),
+        (
+            {"merged_prompt": "[[{system}\n{user}]]"},
+            "to_sharegpt.merged_prompt must hold {user}, each row's question, outside any [[...]] part; "
+            "got '[[{system}\\n{user}]]'",
+        ),
+    ],
+)
+def test_a_prompt_or_answer_column_the_rows_lack_is_refused_before_any_output(
+    tmp_path: Path, sample_rows: list[dict[str, str]], setting: dict, message: str
+) -> None:
+    (tmp_path / "raw").mkdir()
+    for split in ("train", "eval"):
+        Dataset.from_list(sample_rows[:4]).to_parquet(tmp_path / "raw" / f"{split}.parquet")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"to_sharegpt": vars(CONFIG) | setting}), encoding="utf-8")
+    raw = f"{tmp_path / 'raw' / 'train.parquet'} (system, user, assistant)"
+    with pytest.raises(ValueError, match=f"^{re.escape(message.replace('{raw}', raw))}$"):
+        main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "out", tmp_path / "metrics.json")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "metrics.json").exists()
 
 
 def test_prompt_without_columns_is_refused() -> None:

@@ -14,12 +14,61 @@ import yaml
 C = TypeVar("C")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML would keep the last one silently).
+
+    `tokenize: {over_length: drop, over_length: truncate}` on line 42 of params.yaml raises
+    `ValueError: params.yaml line 42: tokenize.over_length is given twice`.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self.paths: dict[int, str] = {}  # id of each node: its key path, "" for the top level, "benchmarks.sets[0]"
+        stack = [(node, "")]
+        while stack:  # each node once: an alias (*name) is the node it names, and may name one that holds it
+            inner, path = stack.pop()
+            if id(inner) in self.paths:
+                continue
+            self.paths[id(inner)] = path
+            if isinstance(inner, yaml.MappingNode):
+                stack += [(value, joined(path, key.value)) for key, value in inner.value]
+            elif isinstance(inner, yaml.SequenceNode):
+                stack += [(item, f"{path}[{i}]") for i, item in enumerate(inner.value)]
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # the keys after a merge (`<<: *defaults`) override the merged ones, as YAML means
+            key = self.construct_object(key_node)
+            if key in seen:
+                mark = key_node.start_mark
+                path = joined(self.paths.get(id(node), ""), key)
+                raise ValueError(f"{mark.name} line {mark.line + 1}: {path} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def joined(path: str, key: Any) -> str:
+    """The key path of `key` in the mapping at `path`: `joined("tokenize", "over_length")` -> `'tokenize.over_length'`,
+    `joined("", "tokenize")` -> `'tokenize'`."""
+    return f"{path}.{key}" if path else str(key)
+
+
 def read_section(params_path: Path, section: str) -> dict[str, Any]:
-    """Return the mapping under `section` in the YAML file, or raise naming the file and section."""
-    params = yaml.safe_load(params_path.read_text(encoding="utf-8")) or {}
-    if not isinstance(params.get(section), dict):
-        raise ValueError(f"{params_path}: section '{section}' is missing or not a mapping")
-    return params[section]
+    """Return the mapping under `section` in the YAML file, or raise naming the file and section. A section given
+    with no keys (`tokenize:` alone, which YAML reads as null) is `{}`: every key takes its default."""
+    with params_path.open(encoding="utf-8") as stream:  # the loader's marks then name the file
+        params = yaml.load(stream, Loader=UniqueKeyLoader)
+    params = {} if params is None else params
+    if not isinstance(params, dict):
+        raise ValueError(f"{params_path} must be a mapping of sections, got {type(params).__name__}")
+    if section not in params:
+        raise ValueError(f"{params_path}: section '{section}' is missing")
+    raw = {} if params[section] is None else params[section]
+    if not isinstance(raw, dict):
+        raise ValueError(f"{params_path}: section '{section}' must be a mapping, got {type(raw).__name__}")
+    return raw
 
 
 MOVED = {  # keys of earlier params.yaml files, and where they are now

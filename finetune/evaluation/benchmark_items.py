@@ -43,14 +43,15 @@ def read_rows(path: Path, kind: str = "labels", labels: list[str] | None = None)
         raise FileNotFoundError(f"no benchmark file {path}: run the benchmarks stage (dvc repro benchmarks)")
     key = "label" if kind == "labels" else "answer"
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # "\n" alone ends a line: the stage writes U+2028, U+2029 and U+0085 unescaped, and splitlines() splits on them
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+            raise ValueError(f"{where}: not valid JSON at column {error.colno} ({error.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
             raise ValueError(f'{where}: expected an object with a non-empty "text" string, got {line[:80]!r}')
         problem = target(row, kind, labels)
