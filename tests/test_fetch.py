@@ -307,6 +307,11 @@ def test_keys_and_search_depend_on_neither_batch_nor_processes() -> None:
         assert (other[0] == holding).all() and (other[1] == found).all()
 
 
+def test_a_negative_seed_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="^fetch.seed must be >= 0, got -1$"):
+        replace(CONFIG, seed=-1)
+
+
 def test_a_held_out_ngram_below_1_is_refused() -> None:
     with pytest.raises(ValueError, match="fetch.held_out_ngram must be >= 1, got 0"):
         replace(CONFIG, held_out_ngram=0)

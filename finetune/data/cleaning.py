@@ -49,6 +49,7 @@ class FetchConfig:
         require(self.held_out_ngram >= 1, f"fetch.held_out_ngram must be >= 1, got {self.held_out_ngram}")
         require(self.bad_rows in ("error", "drop"), f"fetch.bad_rows must be error or drop, got {self.bad_rows!r}")
         require(self.eval_size >= 1, f"fetch.eval_size must be >= 1, got {self.eval_size}")
+        require(self.seed >= 0, f"fetch.seed must be >= 0, got {self.seed}")  # numpy's generators take no other
 
 
 def bad_line(path: Path, number: int, raw: bytes) -> tuple[str | None, Any]:
