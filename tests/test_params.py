@@ -12,6 +12,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from examples import tiny_training
 
 from demo.run import apply_overrides, set_param_flags
 from finetune.config import params
@@ -19,7 +20,8 @@ from finetune.data.cleaning import FetchConfig
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
 from finetune.evaluation.benchmark_sets import PRESETS
 from finetune.model.load import ModelConfig
-from finetune.training.config import LoraConfig, TrainConfig
+from finetune.tracking.store import TrackingConfig
+from finetune.training.config import LoraConfig, TrainConfig, check_schedule
 from stages.to_sharegpt import ToSharegptConfig
 from tools.deps import imported_files, project_imports, stage_definitions
 from tools.params_schema import SECTIONS, params_schema, rendered
@@ -208,6 +210,20 @@ def test_missing_section_is_named(tmp_path: Path) -> None:
         (LoraConfig, "lora", {"r": 0}, "lora.r must be >= 1, got 0"),
         (LoraConfig, "lora", {"bias": "some"}, "lora.bias must be"),
         (TrainConfig, "train", {"learning_rate": -1.0}, "train.learning_rate must be > 0, got -1.0"),
+        (TrainConfig, "train", {"learning_rate": float("inf")}, "train.learning_rate must be a finite number, got inf"),
+        (TrainConfig, "train", {"weight_decay": -0.01}, "train.weight_decay must be >= 0, got -0.01"),
+        (TrainConfig, "train", {"warmup_steps": -1}, "train.warmup_steps must be >= 0, got -1"),
+        (TrainConfig, "train", {"seed": 2**32}, "train.seed must be in [0, 2**32 - 1] (numpy's seeds), got 4294967296"),
+        (
+            TrainConfig,
+            "train",
+            {"max_steps": 5, "logging_steps": 10},
+            "train.logging_steps (10) is above train.max_steps (5): no training loss would be logged",
+        ),
+        (LoraConfig, "lora", {"loftq_config": {"loftq_bits": 4}}, "lora.loftq_config has no effect here (LoftQ needs"),
+        (TrackingConfig, "tracking", {"registered_model": "team/a"}, "tracking.registered_model must hold no '/'"),
+        (TrackingConfig, "tracking", {"registered_model": "it's"}, 'got "it\'s"'),
+        (TrackingConfig, "tracking", {"registered_model": ".."}, "not be '.' or '..' (MLflow's model names), got '..'"),
         (FetchConfig, "fetch", {"eval_size": 0}, "fetch.eval_size must be >= 1"),
         (ModelConfig, "model", {"dtype": "fp8"}, "model.dtype must be one of"),
         (ToSharegptConfig, "to_sharegpt", {"conversation_extension": 0}, "to_sharegpt.conversation_extension"),
@@ -311,3 +327,14 @@ def test_a_section_with_no_keys_takes_every_default_or_names_the_first_required_
     assert params.load(CONFIGS["tokenize"], tmp_path / "params.yaml", "tokenize") == CONFIGS["tokenize"]()
     with pytest.raises(ValueError, match=r"^lora\.r is required$"):
         params.load(LoraConfig, tmp_path / "params.yaml", "lora")
+
+
+def test_a_schedule_transformers_cannot_run_so_is_refused_by_name() -> None:
+    check_schedule(tiny_training(lr_scheduler_type="cosine"))
+    check_schedule(tiny_training(lr_scheduler_type="reduce_lr_on_plateau", eval_steps=5))
+    with pytest.raises(ValueError, match=r"^train.lr_scheduler_type 'cosine_with_min_lr' needs a minimum rate"):
+        check_schedule(tiny_training(lr_scheduler_type="cosine_with_min_lr"))
+    with pytest.raises(ValueError, match=r"^train.lr_scheduler_type 'cosin' is not one of transformers': linear, cos"):
+        check_schedule(tiny_training(lr_scheduler_type="cosin"))
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau steps on the held-out loss: set train.eval_steps$"):
+        check_schedule(tiny_training(lr_scheduler_type="reduce_lr_on_plateau"))

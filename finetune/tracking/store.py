@@ -33,6 +33,12 @@ class TrackingConfig:
             self.registered_model is None or bool(self.registered_model.strip()),
             "tracking.registered_model must be a name or null",
         )
+        name = self.registered_model or "model"
+        require(  # MLflow refuses '/' and ':' and path-like names; a quote would break the search for its versions
+            not any(c in name for c in "/:'\"") and name.strip() not in (".", ".."),
+            f"tracking.registered_model must hold no '/', ':' or quote and not be '.' or '..' (MLflow's model names), "
+            f"got {self.registered_model!r}",
+        )
 
 
 def store_root(environ: Mapping[str, str], cwd: Path) -> Path:

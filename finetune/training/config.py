@@ -5,6 +5,7 @@ pass straight through to TRL's `SFTConfig` (`training_arguments`) but for the fe
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,6 +38,11 @@ class LoraConfig:
             self.use_gradient_checkpointing in ("unsloth", True, False, "auto"),
             'lora.use_gradient_checkpointing must be "unsloth", true, false or auto, '
             f"got {self.use_gradient_checkpointing!r}",
+        )
+        require(  # peft applies LoftQ only with init_lora_weights: loftq, which no setting passes: it would be ignored
+            not self.loftq_config,
+            f"lora.loftq_config has no effect here (LoftQ needs peft's init_lora_weights: loftq and a 16-bit base, "
+            f"which this pipeline does not set): set it to null, got {self.loftq_config!r}",
         )
 
 
@@ -71,12 +77,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.per_device_train_batch_size >= 1, "train.per_device_train_batch_size must be >= 1")
         require(self.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
+        for key in ("learning_rate", "num_train_epochs", "weight_decay"):
+            require(math.isfinite(getattr(self, key)), f"train.{key} must be a finite number, got {getattr(self, key)}")
         require(self.learning_rate > 0, f"train.learning_rate must be > 0, got {self.learning_rate}")
         require(
             self.max_steps == -1 or self.max_steps >= 1, f"train.max_steps must be -1 or >= 1, got {self.max_steps}"
         )
         require(self.num_train_epochs > 0, f"train.num_train_epochs must be > 0, got {self.num_train_epochs}")
+        require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.seed < 2**32, f"train.seed must be in [0, 2**32 - 1] (numpy's seeds), got {self.seed}")
         require(self.logging_steps >= 1, f"train.logging_steps must be >= 1, got {self.logging_steps}")
+        require(  # a training with no logged loss has no curve and no train_loss to report
+            self.max_steps == -1 or self.logging_steps <= self.max_steps,
+            f"train.logging_steps ({self.logging_steps}) is above train.max_steps ({self.max_steps}): no training "
+            "loss would be logged",
+        )
         require(
             self.eval_steps is None or self.eval_steps >= 1,
             f"train.eval_steps must be >= 1 or null, got {self.eval_steps}",
@@ -149,8 +165,8 @@ def training_arguments(config: TrainConfig, max_length: int) -> dict[str, Any]:
 
 
 def check_names(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig) -> None:
-    """Refuse, before any weight loads, a `lora.target_modules` entry that names no linear layer of the base model
-    and a `train.optim` that transformers does not know."""
+    """Refuse, before any weight loads, a `lora.target_modules` entry that names no linear layer of the base model,
+    a `train.optim` that transformers does not know, and a schedule it cannot run so (`check_schedule`)."""
     from transformers.training_args import OptimizerNames
 
     layers = linear_names(model_config)
@@ -162,3 +178,27 @@ def check_names(model_config: ModelConfig, lora: LoraConfig, config: TrainConfig
         )
     known = sorted(optimizer.value for optimizer in OptimizerNames)
     require(config.optim in known, f"train.optim {config.optim!r} is not one of transformers': {', '.join(known)}")
+    check_schedule(config)
+
+
+# schedules that need transformers' lr_scheduler_kwargs (a minimum rate), which no setting passes
+NEEDS_KWARGS = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
+
+
+def check_schedule(config: TrainConfig) -> None:
+    """Refuse a `train.lr_scheduler_type` that transformers does not know or that needs what no setting gives: a
+    minimum rate, or (`reduce_lr_on_plateau`) held-out losses during training (`train.eval_steps`)."""
+    from transformers import SchedulerType
+
+    known = [schedule.value for schedule in SchedulerType if schedule.value not in NEEDS_KWARGS]
+    name = config.lr_scheduler_type
+    require(
+        name not in NEEDS_KWARGS,
+        f"train.lr_scheduler_type {name!r} needs a minimum rate (transformers' lr_scheduler_kwargs), which no "
+        f"setting gives; one of: {', '.join(known)}",
+    )
+    require(name in known, f"train.lr_scheduler_type {name!r} is not one of transformers': {', '.join(known)}")
+    require(
+        name != "reduce_lr_on_plateau" or config.eval_steps is not None,
+        "train.lr_scheduler_type reduce_lr_on_plateau steps on the held-out loss: set train.eval_steps",
+    )
