@@ -6,7 +6,8 @@ Optional, so it lives in `export/dvc.yaml`: `dvc repro` (the root pipeline) neve
 export/dvc.yaml` does, after train if the adapter is stale. The merge is unsloth's `save_pretrained_merged`, which
 dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft
 (`export.save_method: merged_16bit`, the default; `merged_4bit` keeps the base in 4 bits, for bitsandbytes).
-The base is loaded in the precision the adapter was trained in (`finetune.model.load.trained_precision`).
+The base is loaded in the precision the adapter was trained in (`finetune.model.load.trained_precision`), and an
+adapter of another base than `model.model_name` is refused before it loads.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ SAVE_METHODS = ("merged_16bit", "merged_4bit")
 @dataclass(frozen=True)
 class ExportConfig:
     save_method: str = "merged_16bit"  # unsloth's save_method: merged_16bit or merged_4bit
-    max_shard_size: str = "5GB"  # largest safetensors file written
 
     def __post_init__(self) -> None:
         require(
@@ -49,9 +49,8 @@ def main(params_path: Path, adapter: Path, out: Path, metrics: Path) -> None:
     model, tokenizer, model_config = load_with_adapter(load(ModelConfig, params_path, "model"), adapter)
     log.info("config: %s", {**flatten("model", model_config), **flatten("export", config)})
     patch_saving_functions(model)  # unsloth's merged save, as get_peft_model would have attached it
-    model.save_pretrained_merged(
-        str(out), tokenizer, save_method=config.save_method, max_shard_size=config.max_shard_size
-    )
+    # the base's own shards are written (unsloth's merge takes no max_shard_size: it rewrites each shard of the base)
+    model.save_pretrained_merged(str(out), tokenizer, save_method=config.save_method)
     shards = sorted(path.name for path in out.glob("*.safetensors"))
     require(bool(shards), f"{out}: the merge wrote no safetensors file")
     write_json(metrics, {"export_bytes": folder_bytes(out), "export_shards": len(shards)})

@@ -22,6 +22,7 @@ from finetune.evaluation.benchmark_sets import PRESETS
 from finetune.model.load import ModelConfig
 from finetune.tracking.store import TrackingConfig
 from finetune.training.config import LoraConfig, TrainConfig, check_schedule
+from stages.export import ExportConfig
 from stages.to_sharegpt import ToSharegptConfig
 from tools.deps import imported_files, project_imports, stage_definitions
 from tools.params_schema import SECTIONS, params_schema, rendered
@@ -188,9 +189,11 @@ def test_unknown_key_is_named() -> None:
         params.build(Example, {"rat": 1.0}, "ex")
 
 
-def test_a_key_of_an_earlier_params_file_says_where_it_moved() -> None:
+def test_a_key_of_an_earlier_params_file_says_where_it_moved_or_why_it_went() -> None:
     with pytest.raises(ValueError, match=r"evaluate\.benchmarks is not a known key \(it moved to benchmarks\.sets\)"):
         params.build(EvaluateConfig, {"benchmarks": []}, "evaluate")
+    with pytest.raises(ValueError, match=r"export\.max_shard_size is not a known key \(removed: unsloth's merge"):
+        params.build(ExportConfig, {"max_shard_size": "5GB"}, "export")
 
 
 def test_missing_key_is_named() -> None:

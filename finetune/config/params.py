@@ -75,6 +75,9 @@ MOVED = {  # keys of earlier params.yaml files, and where they are now
     "evaluate.benchmarks": "benchmarks.sets",
     "evaluate.batch_size": "evaluate.batch_tokens",
 }
+REMOVED = {  # keys of earlier params.yaml files that no longer exist, and why
+    "export.max_shard_size": "unsloth's merge writes the base model's own shards whatever it says",
+}
 
 
 def build(cls: type[C], raw: dict[str, Any], section: str) -> C:
@@ -87,6 +90,7 @@ def build(cls: type[C], raw: dict[str, Any], section: str) -> C:
     if unknown:
         key = f"{section}.{unknown[0]}"
         moved = f" (it moved to {MOVED[key]})" if key in MOVED else ""
+        moved = f" (removed: {REMOVED[key]})" if key in REMOVED else moved
         raise ValueError(f"{key} is not a known key{moved}; expected one of {sorted(fields)}")
     missing = [
         name
