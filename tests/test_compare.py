@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from tools.compare import WIDTH, best, flatten, lower_is_better, table
+from tools.compare import WIDTH, best, flatten, lower_is_better, table, unread
 
 
 def revision(name: str | None, timestamp: str, r: int, steps: int, loss: float | None) -> dict[str, Any]:
@@ -113,3 +113,29 @@ def test_an_unknown_or_ambiguous_metric_is_named_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"in metrics/evaluate.json and metrics/train.json: name one"):
         table(shown, sort="tuned_loss")
     assert lower_is_better("evaluate_seconds") and not lower_is_better("metrics/train.json:tokens_per_second")
+
+
+def test_a_revision_dvc_could_not_read_is_left_out_and_named() -> None:
+    """`dvc exp show --json` gives a revision it failed to collect as `"data": null` beside an `"error"` (dvc's
+    `ExpState`); the table and the best leave it out, and `unread` says which and why."""
+    broken = {"rev": "fedcba9876543210", "name": None, "data": None, "experiments": None}
+    broken["error"] = {
+        "msg": "unable to read: 'params.yaml', YAML file structure is corrupted",
+        "type": "YAMLFileCorrupted",
+    }
+    shown = sweep()
+    shown[0]["experiments"][0]["revs"].append(broken | {"name": "rank-32"})
+    shown[0]["experiments"].append({"revs": [broken | {"error": None}], "executor": None, "name": None})
+    shown.insert(0, broken)  # a baseline too: its experiments still count
+    assert unread(shown) == [
+        "fedcba9: DVC could not read it (unable to read: 'params.yaml', YAML file structure is corrupted), left out",
+        "rank-32: DVC could not read it (unable to read: 'params.yaml', YAML file structure is corrupted), left out",
+        "fedcba9: DVC could not read it (no data), left out",
+    ]
+    assert [line.split()[0] for line in table(shown, sort="tuned_loss").splitlines()[-3:]] == [
+        "rank-8",
+        "rank-4",
+        "rank-16",
+    ]
+    assert best(shown, "tuned_loss").splitlines()[0].startswith("Best of 3 experiments by tuned_loss (lowest): rank-8")
+    assert unread(sweep()) == []

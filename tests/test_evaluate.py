@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from finetune.evaluation.base_vs_tuned import (
     Sample,
     evaluate_models,
     held_out_samples,
+    scored_rows,
 )
 from finetune.evaluation.benchmark_items import Benchmark
 from finetune.evaluation.benchmark_sets import REASONING
@@ -61,18 +63,28 @@ def chat(model_and_tokenizer) -> Chat:
     return Chat(model_and_tokenizer[1], ChatConfig())
 
 
-def test_samples_are_the_first_held_out_prompts_kept_whole(chat: Chat) -> None:
+def test_samples_are_the_first_held_out_prompts_kept_whole(chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
     long_question = [{"role": "user", "content": "Why? " * 80}, MESSAGES[1]]
     conversations = [long_question, MESSAGES, MESSAGES]
     rows = tokenized(chat, conversations, max_length=64).to_list()  # the long question is cut inside its prompt
     assert [row["row"] for row in rows] == [1, 2]  # and left with no answer token: tokenize dropped it
     rows = tokenized(chat, conversations, max_length=4096).to_list()
     rows[0] |= {"input_ids": rows[0]["input_ids"][:40]}  # as a cut inside the prompt would leave it
-    (first,) = held_out_samples(rows, conversations, limit=1)
-    assert first == Sample(chat.prompt_ids(MESSAGES[:1]), MESSAGES[0]["content"], MESSAGES[1]["content"])
-    assert len(held_out_samples(rows, conversations, limit=5)) == 2
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluation.base_vs_tuned"):
+        (first,) = held_out_samples(rows, conversations, limit=1)
+        assert first == Sample(chat.prompt_ids(MESSAGES[:1]), MESSAGES[0]["content"], MESSAGES[1]["content"])
+        assert caplog.messages == []
+        assert len(held_out_samples(rows, conversations, limit=5)) == 2  # fewer than asked: said
+    assert caplog.messages == ["evaluate.num_samples is 5 but only 2 held-out prompts are whole: answering 2"]
     with pytest.raises(ValueError, match="held-out conversation 1 must end with an assistant turn"):
         held_out_samples(rows, [long_question, MESSAGES[::-1]], limit=1)
+
+
+def test_max_rows_above_the_held_out_rows_scores_them_all_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="finetune.evaluation.base_vs_tuned"):
+        assert scored_rows(500, 100) == 100 and scored_rows(40, 40) == 40 and caplog.messages == []
+        assert scored_rows(40, 100) == 40
+    assert caplog.messages == ["evaluate.max_rows is 100 but only 40 held-out rows were tokenized: scoring 40"]
 
 
 def test_encode_scores_the_answer_as_trained_and_cuts_at_max_length(chat: Chat) -> None:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 from finetune.evaluation.answers import generate
 from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import Chat, ChatConfig
+from finetune.tracking.store import use_experiment
 from tools.generate import adapter_folder, messages, stream_answer
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
@@ -46,3 +49,29 @@ def test_the_streamed_answer_is_the_greedy_answer_evaluate_scores(
 def test_a_missing_adapter_folder_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no adapter_config.json; train first"):
         adapter_folder(tmp_path / "adapter", None, tmp_path)
+
+
+def test_an_mlflow_run_without_an_adapter_artifact_is_named(tmp_path: Path, mlflow_store: str) -> None:
+    use_experiment(mlflow_store, "generate", tmp_path / "mlartifacts")
+    with mlflow.start_run() as failed:  # a FAILED training's, or one evaluate made: no adapter logged
+        mlflow.set_tag("stage", "evaluate")
+    with mlflow.start_run() as partial:  # an adapter folder with its weights but no adapter_config.json
+        (tmp_path / "weights").mkdir()
+        (tmp_path / "weights" / "adapter_model.safetensors").write_bytes(b"")
+        mlflow.log_artifacts(str(tmp_path / "weights"), artifact_path="adapter")
+    with mlflow.start_run() as trained:
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+        mlflow.log_artifacts(str(tmp_path / "adapter"), artifact_path="adapter")
+
+    run_id = failed.info.run_id
+    with pytest.raises(FileNotFoundError) as missing:
+        adapter_folder(None, run_id, tmp_path)
+    assert str(missing.value) == (
+        f"MLflow run {run_id} holds no adapter artifact (a failed or evaluate-only run): pick a FINISHED training run"
+    )
+    with pytest.raises(FileNotFoundError, match=rf"the adapter artifact of MLflow run {partial.info.run_id} has no "):
+        adapter_folder(None, partial.info.run_id, tmp_path)
+    assert (adapter_folder(None, trained.info.run_id, tmp_path) / "adapter_config.json").read_text() == "{}"
+    with pytest.raises(MlflowException, match="Run with id=0123456789abcdef0123456789abcdef not found"):
+        adapter_folder(None, "0123456789abcdef0123456789abcdef", tmp_path)  # no such run: MLflow says so

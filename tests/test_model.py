@@ -18,9 +18,11 @@ from finetune.model.load import (
     linear_names,
     load_base,
     load_tokenizer,
+    load_with_adapter,
     record_precision,
     trained_precision,
 )
+from finetune.training.adapter import save_adapter
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
@@ -41,6 +43,35 @@ def test_an_adapter_without_a_record_needs_an_explicit_setting(tmp_path: Path) -
         trained_precision(CONFIG, tmp_path)
     four_bit = ModelConfig("m", None, 2048, load_in_4bit=True, dtype=None)
     assert trained_precision(four_bit, tmp_path) == four_bit
+
+
+def test_an_adapter_of_another_base_is_refused_before_any_weight_loads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype=None)
+    model, tokenizer = load_base(config)
+    adapter = tmp_path / "adapter"
+    save_adapter(
+        get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"])), tokenizer, adapter, config
+    )
+    tuned, _, loaded = load_with_adapter(replace(config, load_in_4bit="auto"), adapter)
+    assert isinstance(tuned, PeftModel) and loaded == config  # on its own base it loads
+
+    other = tmp_path / "other"  # no such folder: loading it would fail otherwise, so the check comes first
+    with pytest.raises(ValueError) as refused:
+        load_with_adapter(replace(config, model_name=str(other)), adapter)
+    assert str(refused.value) == (
+        f"{adapter} was trained on {tiny_model_dir} (revision null), but model.model_name is {other} (revision null): "
+        "set model.model_name and model.revision to the adapter's base"
+    )
+    with pytest.raises(ValueError, match=r"\(revision null\), but model.model_name is .* \(revision v2\): set"):
+        load_with_adapter(replace(config, revision="v2"), adapter)  # the same name at another revision
+
+    # an adapter saved before the base was recorded (its precision alone) is not checked
+    (adapter / PRECISION_FILE).write_text(json.dumps({"load_in_4bit": False}) + "\n")
+    elsewhere = replace(config, model_name=str(other))
+    assert trained_precision(elsewhere, adapter) == elsewhere
 
 
 def test_auto_is_decided_before_loading() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 from datasets import Dataset
@@ -15,6 +17,7 @@ from finetune.data.files import digests, distinct
 from finetune.tokens.chat import IGNORE_INDEX, PROBE, PROBE_FILE, Chat, ChatConfig
 from finetune.tokens.encode import TokenizeConfig, encode, summary
 from finetune.tokens.shards import SHARD_ROWS
+from finetune.training.data import read_tokenized
 from stages.tokenize import main
 
 TWO_TURNS = [
@@ -179,6 +182,21 @@ def test_the_stage_writes_every_split_in_order_whatever_the_shards(
     probe = json.loads((tmp_path / "tokenized" / PROBE_FILE).read_text())
     assert probe["input_ids"] == chat.encode(PROBE)[0]
     assert sorted(p.name for p in (tmp_path / "tokenized").iterdir()) == [PROBE_FILE, "eval.arrow", "train.arrow"]
+
+
+def test_train_reads_the_first_eval_rows_held_out_rows_and_says_when_there_are_fewer(
+    tmp_path: Path, chat: Chat, caplog: pytest.LogCaptureFixture
+) -> None:
+    table, _, _ = encode(chat, [TWO_TURNS[1:3], TWO_TURNS[1:]], np.arange(2), 64, TokenizeConfig())
+    for split in ("train", "eval"):  # written as the stage writes them: an Arrow stream
+        with pa.OSFile(str(tmp_path / f"{split}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
+            out.write_table(table)
+    with caplog.at_level(logging.WARNING, logger="finetune.training.data"):
+        train_set, held_out = read_tokenized(tmp_path, 1)
+        assert (len(train_set), held_out["input_ids"]) == (2, table["input_ids"].to_pylist()[:1])
+        assert caplog.messages == []
+        assert read_tokenized(tmp_path, 5)[1]["input_ids"] == table["input_ids"].to_pylist()  # every one there is
+    assert caplog.messages == ["train.eval_rows is 5 but only 2 held-out rows were tokenized: scoring 2"]
 
 
 def test_each_distinct_text_is_numbered_once_in_order_of_first_occurrence() -> None:

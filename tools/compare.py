@@ -11,7 +11,8 @@ ROUGE-L of the tuned answers and the training throughput (`RESULTS`). Settings t
 that differ from the commit they ran from (the demo's `demo/params.yaml`, say) are listed once above the table.
 A metric is named by its key in its metrics file (`tuned_loss`), or as `metrics/evaluate.json:tuned_loss` where two
 files have the key; the best is the lowest for a loss, perplexity, change in %, time or memory (`LOWER_IS_BETTER`),
-the highest for anything else (ROUGE-L, accuracy, F1, tokens/s). Not a pipeline stage: changing it reruns nothing.
+the highest for anything else (ROUGE-L, accuracy, F1, tokens/s). A revision DVC could not read is left out and
+named on stderr with DVC's reason. Not a pipeline stage: changing it reruns nothing.
 """
 
 from __future__ import annotations
@@ -80,11 +81,35 @@ def rows(shown: list[dict[str, Any]]) -> Iterator[Row]:
         metrics |= {f"{path}:{key}": value for (path, key), value in numbers.items()}
         return Row(name, experiment, settings, results, metrics)
 
-    for baseline in shown:
-        yield row(baseline.get("name") or baseline["rev"][:7], baseline["data"], False)
-        experiments = [rev for group in baseline.get("experiments") or [] for rev in group["revs"]]
+    for baseline in shown:  # a revision DVC could not read (`"data": null`) is left out (`unread`)
+        if baseline.get("data") is not None:
+            yield row(label(baseline), baseline["data"], False)
+        experiments = [rev for rev in experiments_of(baseline) if rev.get("data") is not None]
         for rev in sorted(experiments, key=lambda rev: rev["data"].get("timestamp") or ""):
-            yield row(rev.get("name") or rev["rev"][:7], rev["data"], True)
+            yield row(label(rev), rev["data"], True)
+
+
+def label(rev: Mapping[str, Any]) -> str:
+    """A revision's name in the table: `label({"rev": "0123456789abcdef", "name": None})` -> `'0123456'`."""
+    return rev.get("name") or rev["rev"][:7]
+
+
+def experiments_of(baseline: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The experiments of a baseline of `dvc exp show --json`, every group's: `experiments_of({"experiments":
+    [{"revs": [{"rev": "a"}]}, {"revs": [{"rev": "b"}]}]})` -> `[{"rev": "a"}, {"rev": "b"}]`."""
+    return [rev for group in baseline.get("experiments") or [] for rev in group.get("revs") or []]
+
+
+def unread(shown: list[dict[str, Any]]) -> list[str]:
+    """A line for each revision DVC could not read (`"data": null`, its `"error"` saying why), which the table leaves
+    out. `unread([{"rev": "0123456789", "data": None, "error": {"msg": "bad YAML", "type": "YAMLError"}}])` ->
+    `['0123456: DVC could not read it (bad YAML), left out']`."""
+    revs = [rev for baseline in shown for rev in (baseline, *experiments_of(baseline))]
+    return [
+        f"{label(rev)}: DVC could not read it ({(rev.get('error') or {}).get('msg') or 'no data'}), left out"
+        for rev in revs
+        if rev.get("data") is None
+    ]
 
 
 def lower_is_better(metric: str) -> bool:
@@ -213,6 +238,8 @@ def main() -> None:
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
     shown = json.loads(result.stdout)
+    for line in unread(shown):
+        print(line, file=sys.stderr)
     try:
         print(best(shown, args.best) if args.best else table(shown, sort=args.sort))
     except ValueError as error:

@@ -57,16 +57,33 @@ def stream_answer(
 
 
 def adapter_folder(adapter: Path | None, run_id: str | None, store: Path) -> Path:
-    """The adapter to load: a local folder, or the `adapter` artifacts of an MLflow run (downloaded)."""
+    """The adapter to load: a local folder, or the `adapter` artifacts of an MLflow run (downloaded); either must
+    hold an `adapter_config.json`."""
     if run_id is None:
         folder = adapter or Path("models/adapter")
         if not (folder / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{folder}: no adapter_config.json; train first (dvc repro) or pass --run")
         return folder
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(os.environ, store)
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", tracking_uri=uri))
+    try:
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", tracking_uri=uri))
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        mlflow.MlflowClient(uri).get_run(run_id)  # no such run: MLflow's "Run with id=... not found"
+        raise FileNotFoundError(
+            f"MLflow run {run_id} holds no adapter artifact (a failed or evaluate-only run): pick a FINISHED "
+            "training run"
+        ) from error
+    if not (folder / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: the adapter artifact of MLflow run {run_id} has no adapter_config.json: pick a FINISHED "
+            "training run"
+        )
+    return folder
 
 
 def main() -> None:

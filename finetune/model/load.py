@@ -1,9 +1,10 @@
 """The `model` section: which base model the stages load, and how (4-bit, sequence length, dtype).
 
-train decides `model.load_in_4bit: auto` for its GPU (`finetune.model.fit`) and records the precision it trained in
-with the adapter (`PRECISION_FILE`); evaluate, export and generate load the base in that same precision, with the
-adapter on it (`load_with_adapter`). No speed patch here (`finetune.model.patches`): tokenize reads this file for
-the tokenizer, and a patch is no reason to tokenize again.
+train decides `model.load_in_4bit: auto` for its GPU (`finetune.model.fit`) and records, with the adapter, the base
+it trained on and the precision it loaded it in (`PRECISION_FILE`); evaluate, export and generate refuse an adapter
+of another base than `model.model_name` and `model.revision` name, and load the base in that same precision, with
+the adapter on it (`load_with_adapter`). No speed patch here (`finetune.model.patches`): tokenize reads this file
+for the tokenizer, and a patch is no reason to tokenize again.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from finetune.config.params import require
 log = logging.getLogger(__name__)
 
 DTYPES = (None, "float16", "bfloat16", "float32")
-PRECISION_FILE = "base_precision.json"  # in the adapter's folder: how train loaded the base
+PRECISION_FILE = "base_precision.json"  # in the adapter's folder: which base train loaded, and how
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def load_with_adapter(
     config: ModelConfig, adapter: Path, local_rank: int | None = None
 ) -> tuple[Any, Any, ModelConfig]:
     """The base model in the precision `adapter` was trained in (`trained_precision`), the adapter on it, and the
-    tokenizer; also the config as loaded. For evaluate (one of several processes: `local_rank`, as `load_base`),
-    export and generate."""
+    tokenizer; also the config as loaded. An adapter of another base than `config`'s is refused before any weight
+    loads. For evaluate (one of several processes: `local_rank`, as `load_base`), export and generate."""
     from peft import PeftModel
 
     config = trained_precision(config, adapter)
@@ -109,12 +110,15 @@ def base_config(config: ModelConfig) -> Any:
 
 
 def record_precision(adapter: Path, config: ModelConfig) -> None:
-    """Write, beside the adapter's weights, the precision the base was trained in."""
-    (adapter / PRECISION_FILE).write_text(json.dumps({"load_in_4bit": config.load_in_4bit}) + "\n", encoding="utf-8")
+    """Write, beside the adapter's weights, the base it was trained on (`model_name`, `revision`, as params.yaml
+    names them) and the precision that base was loaded in."""
+    record = {"load_in_4bit": config.load_in_4bit, "model_name": config.model_name, "revision": config.revision}
+    (adapter / PRECISION_FILE).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
 def trained_precision(config: ModelConfig, adapter: Path) -> ModelConfig:
-    """`config` with the base's precision as the adapter was trained (its `PRECISION_FILE`).
+    """`config` with the base's precision as the adapter was trained (its `PRECISION_FILE`), once its base is the
+    one `config` names (`check_base`), so that no weight of another base is read.
 
     An adapter without that file (trained before it was written) is loaded as `model.load_in_4bit` says, which must
     then be true or false: `auto` could decide otherwise on this machine than it did on the training's GPU.
@@ -127,7 +131,9 @@ def trained_precision(config: ModelConfig, adapter: Path) -> ModelConfig:
             "to true or false as in that training",
         )
         return config
-    recorded = json.loads(path.read_text(encoding="utf-8"))["load_in_4bit"]
+    record = json.loads(path.read_text(encoding="utf-8"))
+    check_base(config, adapter, record)
+    recorded = record["load_in_4bit"]
     if config.load_in_4bit not in ("auto", recorded):
         log.warning(
             "model.load_in_4bit is %s, but %s was trained on a base loaded with %s: loading it so",
@@ -136,6 +142,29 @@ def trained_precision(config: ModelConfig, adapter: Path) -> ModelConfig:
             recorded,
         )
     return replace(config, load_in_4bit=recorded)
+
+
+def check_base(config: ModelConfig, adapter: Path, record: dict[str, Any]) -> None:
+    """Refuse an adapter trained on another base than `config`'s (name or revision): its weights would not fit
+    (torch's "size mismatch for ...lora_A..." minutes later), or fit and give wrong answers. A record without a
+    `model_name` (written before it was recorded) is not checked.
+
+    `check_base(ModelConfig("a/b", None, ...), Path("adapter"), {"model_name": "a/c", "revision": None})` raises
+    `ValueError: adapter was trained on a/c (revision null), but model.model_name is a/b (revision null): set ...`.
+    """
+    if "model_name" not in record:
+        return
+    trained, asked = (record["model_name"], record.get("revision")), (config.model_name, config.revision)
+    require(
+        trained == asked,
+        f"{adapter} was trained on {trained[0]} (revision {shown(trained[1])}), but model.model_name is {asked[0]} "
+        f"(revision {shown(asked[1])}): set model.model_name and model.revision to the adapter's base",
+    )
+
+
+def shown(revision: str | None) -> str:
+    """A revision as params.yaml writes it: `shown(None)` -> `'null'`, `shown("main")` -> `'main'`."""
+    return "null" if revision is None else revision
 
 
 def mixed_precision() -> dict[str, bool]:

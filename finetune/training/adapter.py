@@ -1,5 +1,6 @@
-"""The trained adapter: saved with its tokenizer and the base's precision, in bytes that depend on the weights
-alone; and the one check that a set of weights is finite (train before each checkpoint, evaluate on the file)."""
+"""The trained adapter: saved with its tokenizer, the base it was trained on and that base's precision, in bytes
+that depend on those alone; and the one check that a set of weights is finite (train before each checkpoint,
+evaluate on the file)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from finetune.model.load import ModelConfig, record_precision
 
 
 def save_adapter(model: Any, tokenizer: Any, folder: Path, model_config: ModelConfig) -> None:
-    """The adapter's weights and config, the tokenizer (with any `chat.template`) and the precision the base was
-    trained in (`record_precision`), into `folder`."""
+    """The adapter's weights and config, the tokenizer (with any `chat.template`), the base it was trained on and the
+    precision that base was loaded in (`record_precision`), into `folder`."""
     model.save_pretrained(folder)
     sort_target_modules(folder)
     tokenizer.save_pretrained(folder)

@@ -4,6 +4,7 @@ tokenizer, and the loss curves of the Trainer's log."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from statistics import mean
 from typing import Any
@@ -14,15 +15,24 @@ from finetune.tokens.chat import PROBE, PROBE_FILE, Chat
 LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "padding_share")
 EVAL_LOSS_COLUMNS = ("step", "eval_loss")
 
+log = logging.getLogger(__name__)
+
 
 def read_tokenized(data: Path, eval_rows: int) -> tuple[Any, Any]:
-    """The training conversations and the first `eval_rows` held-out ones, as the tokenize stage wrote them:
-    memory-mapped Arrow files, read without a copy (by every rank alike)."""
+    """The training conversations and the first `eval_rows` held-out ones (all of them, said, where there are fewer),
+    as the tokenize stage wrote them: memory-mapped Arrow files, read without a copy (by every rank alike)."""
     from datasets import Dataset
 
     columns = ["input_ids", "labels"]
     train_set = Dataset.from_file(str(data / "train.arrow")).select_columns(columns)
     held_out = Dataset.from_file(str(data / "eval.arrow")).select_columns(columns)
+    if eval_rows > len(held_out):
+        log.warning(
+            "train.eval_rows is %d but only %d held-out rows were tokenized: scoring %d",
+            eval_rows,
+            len(held_out),
+            len(held_out),
+        )
     return train_set, held_out.select(range(min(eval_rows, len(held_out))))
 
 
