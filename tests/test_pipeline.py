@@ -226,7 +226,8 @@ def test_repro_runs_every_stage_and_writes_its_outputs(
     assert (
         lengths["train_conversations"] == json.loads((repo / "metrics/train.json").read_text())["train_conversations"]
     )
-    assert json.loads((repo / "models/adapter/base_precision.json").read_text()) == {"load_in_4bit": True}
+    record = json.loads((repo / "models/adapter/base_precision.json").read_text())  # the base trained on, and how
+    assert record == {"load_in_4bit": True, "model_name": "models/tiny-deepseek", "revision": None}
     assert not [path.name for path in (repo / "models/adapter").iterdir() if path.suffix in PICKLES]  # safetensors
 
 
