@@ -51,7 +51,7 @@ def load_rows(
     provenance = {"source": str(path), "sha256": file_hash(path, "sha256")}
     if path.suffix.lower() == ".jsonl":  # read line by line: a bad line is named, or left out and counted
         dataset, dropped, other_keys = read_jsonl(path, config.bad_rows)
-        return dataset, provenance, dropped, check_schema(dataset) + other_keys
+        return dataset, provenance, dropped, check_schema(dataset, other_keys)
     dataset = from_file(path, text=True)
     return dataset, provenance, none_left_out, check_schema(dataset)
 

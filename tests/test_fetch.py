@@ -134,6 +134,9 @@ def test_other_keys_of_a_jsonl_file_are_named_not_read_whatever_they_hold(tmp_pa
     path = write_jsonl(tmp_path / "rows.jsonl", records)
     dataset, _, _, ignored = load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
     assert ignored == ["source", "tags"] and dataset.to_list() == rows(2)
+    write_jsonl(path, [{"system": "", "question": "q", "assistant": "a"}])  # the schema's user under another name
+    with pytest.raises(ValueError, match=r"no 'user' column; expected .* found \['system', 'assistant', 'question'\]"):
+        load_rows(replace(CONFIG, dataset=str(path)), (tmp_path,))
 
 
 def test_a_lone_surrogate_is_named_or_with_drop_counted(tmp_path: Path) -> None:

@@ -108,9 +108,10 @@ def read_jsonl(path: Path, bad_rows: str = "error") -> tuple[Dataset, dict[str, 
     return texts, dropped, [key for key in keys if key not in TEXT_COLUMNS]
 
 
-def check_schema(dataset: Dataset) -> list[str]:
-    """Raise naming the column when a text column is missing or not text; return the columns that are ignored."""
-    found = list(dataset.column_names)
+def check_schema(dataset: Dataset, unread: list[str] | None = None) -> list[str]:
+    """Raise naming the column when a text column is missing or not text; return the columns that are ignored, with
+    those of the file that were `unread` (`read_jsonl`'s other keys)."""
+    found = list(dataset.column_names) + list(unread or [])
     if "conversations" in found and "user" not in found:
         raise ValueError(
             "dataset is already in ShareGPT form (a 'conversations' column); this pipeline converts "
