@@ -30,7 +30,7 @@ from finetune.tracking.records import report
 from finetune.tracking.store import TrackingConfig
 from finetune.tracking.training_run import machine_metrics, record_adapter, training_run
 from finetune.training import leases
-from finetune.training.checkpoints import fingerprint, latest
+from finetune.training.checkpoints import fingerprint, keep_precision, latest
 from finetune.training.config import LoraConfig, TrainConfig, check_names
 from finetune.training.data import (
     EVAL_LOSS_COLUMNS,
@@ -105,6 +105,7 @@ def main(
         log.info("fitted to this machine: %s", chosen)
         if world.main:  # tags, not params: a resumed run may land on another GPU or number of them
             mlflow.set_tags(chosen)
+            keep_precision(folder, model_config.load_in_4bit, resume)  # but not on another base's precision
         apply_speed_patches()
         model, tokenizer = load_base(model_config, world.gpu)
         compiled = compiled_blocks.compile_padding_free_blocks(model, model_config.load_in_4bit, lora)  # where faster

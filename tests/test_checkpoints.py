@@ -1,8 +1,12 @@
-"""checkpoints: only complete checkpoints of the same settings and data are ever resumed from."""
+"""checkpoints: only complete checkpoints of the same settings and data are ever resumed from, and on a base of the
+precision they were trained on."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from finetune.training import checkpoints
 
@@ -36,3 +40,21 @@ def test_the_run_id_of_an_earlier_attempt_is_remembered(tmp_path: Path) -> None:
     assert checkpoints.run_id(tmp_path / "f") is None
     checkpoints.remember_run(tmp_path / "f", "abc123")
     assert checkpoints.run_id(tmp_path / "f") == "abc123"
+
+
+def test_a_resumed_training_keeps_the_base_precision_its_checkpoints_were_trained_on(tmp_path: Path) -> None:
+    folder, checkpoint = tmp_path / "0123456789abcdef", tmp_path / "0123456789abcdef" / "checkpoint-20"
+    checkpoints.keep_precision(folder, False, None)  # a first training: recorded (16-bit, as `auto` chose it)
+    record = folder / checkpoints.PRECISION
+    assert json.loads(record.read_text()) == {"load_in_4bit": False}
+    checkpoints.keep_precision(folder, False, checkpoint)  # resumed on a GPU like it
+    message = (
+        f"{folder}: its checkpoints were trained on a 16-bit base, but model.load_in_4bit chose 4-bit on this "
+        "machine: resume on a GPU like the one that trained them, or delete the folder to train again"
+    )
+    with pytest.raises(ValueError) as refused:
+        checkpoints.keep_precision(folder, True, checkpoint)  # `auto` decided otherwise here
+    assert str(refused.value) == message and json.loads(record.read_text()) == {"load_in_4bit": False}
+    record.unlink()  # a folder of a training before the record: nothing to compare, recorded from now on
+    checkpoints.keep_precision(folder, True, checkpoint)
+    assert json.loads(record.read_text()) == {"load_in_4bit": True}

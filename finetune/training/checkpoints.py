@@ -3,11 +3,14 @@
     models/checkpoints/<fingerprint>/checkpoint-<step>/   the Trainer's checkpoint (adapter, optimizer, RNG, state)
     models/checkpoints/<fingerprint>/checkpoint-<step>/complete.json   written once the save has finished
     models/checkpoints/<fingerprint>/mlflow_run_id        the MLflow run a resumed training continues
+    models/checkpoints/<fingerprint>/base_precision.json  the base's precision the checkpoints were trained on
 
 The fingerprint hashes every setting that decides the training and the bytes of its data, so a checkpoint of
 other parameters or other data lives in another folder and is never picked up. A checkpoint without
 `complete.json` (its save was cut short: a kill, a full disk) is deleted, never loaded. The folder is a DVC output with
 `persist: true`, so DVC keeps it when the stage reruns after a crash; train deletes it once training finished.
+The fingerprint holds `model.load_in_4bit` as written; what `auto` decided is recorded apart, and a resumed training
+on a machine where `auto` decides otherwise is refused (`keep_precision`).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from finetune.config.params import require
+
 log = logging.getLogger("train")
 
 COMPLETE = "complete.json"
 RUN_ID = "mlflow_run_id"
+PRECISION = "base_precision.json"
 STEP = re.compile(r"checkpoint-(\d+)")
 
 
@@ -58,6 +64,26 @@ def run_id(folder: Path) -> str | None:
     """The MLflow run that an earlier, killed attempt of this training opened, if any."""
     path = folder / RUN_ID
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def keep_precision(folder: Path, load_in_4bit: bool, resume: Path | None) -> None:
+    """Record the base's precision the training in `folder` runs on (`model.load_in_4bit` as decided); a training
+    that resumes a checkpoint there must run on the same, or its adapter would go on over another base.
+
+    Resuming a folder recorded as `{"load_in_4bit": false}` with `True` raises `ValueError: <folder>: its checkpoints
+    were trained on a 16-bit base, but model.load_in_4bit chose 4-bit on this machine: ...`."""
+    path = folder / PRECISION
+    if resume is not None and path.is_file():
+        trained = json.loads(path.read_text(encoding="utf-8"))["load_in_4bit"]
+        bits = {True: "4-bit", False: "16-bit"}
+        require(
+            trained == load_in_4bit,
+            f"{folder}: its checkpoints were trained on a {bits[trained]} base, but model.load_in_4bit chose "
+            f"{bits[load_in_4bit]} on this machine: resume on a GPU like the one that trained them, or delete the "
+            "folder to train again",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"load_in_4bit": load_in_4bit}) + "\n", encoding="utf-8")
 
 
 def remember_run(folder: Path, run: str) -> None:
