@@ -47,7 +47,8 @@ def field_comments(cls: type) -> dict[str, str]:
 
 def config_schema(cls: type) -> dict[str, Any]:
     """An object of the config's fields: each one's type, comment and default; required, those without a default;
-    no other key allowed (the stages refuse one, naming it)."""
+    no other key allowed (the stages refuse one, naming it). A config of defaults alone may be null too: a section
+    given with no keys (`tokenize:`) loads with every default."""
     hints, comments = typing.get_type_hints(cls), field_comments(cls)
     properties, required = {}, []
     for field in dataclasses.fields(cls):
@@ -59,4 +60,5 @@ def config_schema(cls: type) -> dict[str, Any]:
         else:
             required.append(field.name)
         properties[field.name] = schema
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    kind = "object" if required else ["object", "null"]
+    return {"type": kind, "properties": properties, "required": required, "additionalProperties": False}
