@@ -90,18 +90,20 @@ def swept(repo: Path) -> Iterator[Path]:  # noqa: F811  (the fixture)
     assert run(["git", "status", "--porcelain", f"{TINY_MODEL}.dvc"], repo).startswith("A "), "staged, not committed"
     queue, start, _ = readme_sweep(repo)
     assert queue[:4] == ["dvc", "exp", "run", "--queue"] and start == ["dvc", "queue", "start", "-j", str(WORKERS)]
-    # first in line; like the grid, no target stage: with one, DVC would check out only that stage's inputs, which
-    # the tiny model is not (it is a setting's value)
-    dvc("exp", "run", "--queue", "-n", "killed", "-S", "train.max_steps=100000", cwd=repo)
+    # last in line, so that nothing waits behind it when it is killed: the worker that `dvc queue kill` ends may
+    # have taken the next experiment as it went, which then shows Running with no worker and never runs (seen once,
+    # 2026-12-04). Like the grid, no target stage: with one, DVC would check out only that stage's inputs, which the
+    # tiny model is not (it is a setting's value)
     run(queue, repo)
+    dvc("exp", "run", "--queue", "-n", "killed", "-S", "train.max_steps=100000", cwd=repo)
     began = time.monotonic()
     # its output not captured: the workers it starts in the background hold on to what they inherit, a pipe would
     # stay open until the queue is done; one thread each: four trainings on two cores (a thread per core thrashes)
     environ = clean_env() | {"OMP_NUM_THREADS": "1"}
     subprocess.run(start, cwd=repo, env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
     try:
-        # `killed` once it trains: stopped as `dvc queue kill` stops it (SIGINT), which also ends its worker; the
-        # same `dvc queue start -j 4` starts a fourth again, rather than leave the rest of the queue to three
+        # `killed` once it trains, after a worker of the grid took it: stopped as `dvc queue kill` stops it (SIGINT),
+        # which also ends its worker; the same `dvc queue start -j 4` again finds the queue empty and ends
         wait_for(lambda: "{'loss': " in queue_logs(repo).get("killed", ""), "killed", repo, poll=0.5)
         dvc("queue", "kill", "killed", cwd=repo)
         wait_for(lambda: running_workers(repo) < WORKERS, "its worker", repo, poll=0.5)
