@@ -105,7 +105,7 @@ def main(
         log.info("fitted to this machine: %s", chosen)
         if world.main:  # tags, not params: a resumed run may land on another GPU or number of them
             mlflow.set_tags(chosen)
-            keep_precision(folder, model_config.load_in_4bit, resume)  # but not on another base's precision
+            keep_precision(folder, model_config, resume)  # but not on another base's precision
         apply_speed_patches()
         model, tokenizer = load_base(model_config, world.gpu)
         compiled = compiled_blocks.compile_padding_free_blocks(model, model_config.load_in_4bit, lora)  # where faster

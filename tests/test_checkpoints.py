@@ -4,10 +4,12 @@ precision they were trained on."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from finetune.model.load import PRECISION_FILE, ModelConfig
 from finetune.training import checkpoints
 
 
@@ -44,17 +46,20 @@ def test_the_run_id_of_an_earlier_attempt_is_remembered(tmp_path: Path) -> None:
 
 def test_a_resumed_training_keeps_the_base_precision_its_checkpoints_were_trained_on(tmp_path: Path) -> None:
     folder, checkpoint = tmp_path / "0123456789abcdef", tmp_path / "0123456789abcdef" / "checkpoint-20"
-    checkpoints.keep_precision(folder, False, None)  # a first training: recorded (16-bit, as `auto` chose it)
-    record = folder / checkpoints.PRECISION
-    assert json.loads(record.read_text()) == {"load_in_4bit": False}
-    checkpoints.keep_precision(folder, False, checkpoint)  # resumed on a GPU like it
+    sixteen = ModelConfig("org/base", None, 2048, load_in_4bit=False, dtype=None)  # as `auto` chose it
+    four = replace(sixteen, load_in_4bit=True)
+    checkpoints.keep_precision(folder, sixteen, None)  # a first training: recorded, as an adapter records its base
+    record = folder / PRECISION_FILE
+    written = {"load_in_4bit": False, "model_name": "org/base", "revision": None}
+    assert json.loads(record.read_text()) == written
+    checkpoints.keep_precision(folder, sixteen, checkpoint)  # resumed on a GPU like it
     message = (
         f"{folder}: its checkpoints were trained on a 16-bit base, but model.load_in_4bit chose 4-bit on this "
         "machine: resume on a GPU like the one that trained them, or delete the folder to train again"
     )
     with pytest.raises(ValueError) as refused:
-        checkpoints.keep_precision(folder, True, checkpoint)  # `auto` decided otherwise here
-    assert str(refused.value) == message and json.loads(record.read_text()) == {"load_in_4bit": False}
+        checkpoints.keep_precision(folder, four, checkpoint)  # `auto` decided otherwise here
+    assert str(refused.value) == message and json.loads(record.read_text()) == written
     record.unlink()  # a folder of a training before the record: nothing to compare, recorded from now on
-    checkpoints.keep_precision(folder, True, checkpoint)
-    assert json.loads(record.read_text()) == {"load_in_4bit": True}
+    checkpoints.keep_precision(folder, four, checkpoint)
+    assert json.loads(record.read_text()) == written | {"load_in_4bit": True}

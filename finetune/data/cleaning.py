@@ -24,6 +24,7 @@ from finetune.config.params import require
 from finetune.data import parallel
 from finetune.data.files import ROWS_PER_GROUP, digests, distinct
 from finetune.data.near_copies import row_keys, sharing_answers
+from finetune.data.sources import decoded_line
 
 TEXT_COLUMNS = ("system", "user", "assistant")
 BAD_LINE_REASONS = ("unreadable_line", "non_text_cell")  # why a .jsonl line is left out (`fetch.bad_rows: drop`)
@@ -56,9 +57,9 @@ def bad_line(path: Path, number: int, raw: bytes) -> tuple[str | None, Any]:
     """A JSON-lines line read: `(None, row)`, or `(reason, message)` for a line that is no JSON object of text cells
     (`unreadable_line`: not UTF-8, not JSON, not an object; `non_text_cell`: a number, list ... in a text column)."""
     try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return "unreadable_line", f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
+        line = decoded_line(path, number, raw)
+    except ValueError as error:
+        return "unreadable_line", str(error)
     try:
         row = json.loads(line)
     except json.JSONDecodeError as error:

@@ -60,12 +60,17 @@ def check_utf8_lines(path: Path) -> None:
     """Refuse a text file that is not UTF-8, naming the line and the byte in it (pandas names a byte of its chunk)."""
     with path.open("rb") as f:
         for number, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})"
-                ) from None
+            decoded_line(path, number, raw)
+
+
+def decoded_line(path: Path, number: int, raw: bytes) -> str:
+    """Line `number` of `path` (its bytes `raw`) as text, or `ValueError` naming the line and the byte that is not
+    UTF-8: `decoded_line(Path("a.csv"), 3, b"caf\xe9")` raises `a.csv line 3: not valid UTF-8 (invalid continuation
+    byte at byte 3)`."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} line {number}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 def local_provenance(path: Path) -> dict[str, Any]:

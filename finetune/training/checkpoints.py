@@ -3,7 +3,7 @@
     models/checkpoints/<fingerprint>/checkpoint-<step>/   the Trainer's checkpoint (adapter, optimizer, RNG, state)
     models/checkpoints/<fingerprint>/checkpoint-<step>/complete.json   written once the save has finished
     models/checkpoints/<fingerprint>/mlflow_run_id        the MLflow run a resumed training continues
-    models/checkpoints/<fingerprint>/base_precision.json  the base's precision the checkpoints were trained on
+    models/checkpoints/<fingerprint>/base_precision.json  the base the checkpoints were trained on, and its precision
 
 The fingerprint hashes every setting that decides the training and the bytes of its data, so a checkpoint of
 other parameters or other data lives in another folder and is never picked up. A checkpoint without
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.params import require
+from finetune.model.load import PRECISION_FILE, ModelConfig, record_precision
 
 log = logging.getLogger("train")
 
 COMPLETE = "complete.json"
 RUN_ID = "mlflow_run_id"
-PRECISION = "base_precision.json"
 STEP = re.compile(r"checkpoint-(\d+)")
 
 
@@ -66,13 +66,14 @@ def run_id(folder: Path) -> str | None:
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
-def keep_precision(folder: Path, load_in_4bit: bool, resume: Path | None) -> None:
-    """Record the base's precision the training in `folder` runs on (`model.load_in_4bit` as decided); a training
-    that resumes a checkpoint there must run on the same, or its adapter would go on over another base.
+def keep_precision(folder: Path, model_config: ModelConfig, resume: Path | None) -> None:
+    """Record the base the training in `folder` runs on, in the precision decided (`model.load_in_4bit`), as an
+    adapter records it (`record_precision`); a training that resumes a checkpoint there must run on the same, or its
+    adapter would go on over another base.
 
-    Resuming a folder recorded as `{"load_in_4bit": false}` with `True` raises `ValueError: <folder>: its checkpoints
-    were trained on a 16-bit base, but model.load_in_4bit chose 4-bit on this machine: ...`."""
-    path = folder / PRECISION
+    Resuming a folder recorded with `"load_in_4bit": false` on a 4-bit base raises `ValueError: <folder>: its
+    checkpoints were trained on a 16-bit base, but model.load_in_4bit chose 4-bit on this machine: ...`."""
+    path, load_in_4bit = folder / PRECISION_FILE, model_config.load_in_4bit
     if resume is not None and path.is_file():
         trained = json.loads(path.read_text(encoding="utf-8"))["load_in_4bit"]
         bits = {True: "4-bit", False: "16-bit"}
@@ -83,7 +84,7 @@ def keep_precision(folder: Path, load_in_4bit: bool, resume: Path | None) -> Non
             "folder to train again",
         )
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"load_in_4bit": load_in_4bit}) + "\n", encoding="utf-8")
+    record_precision(folder, model_config)
 
 
 def remember_run(folder: Path, run: str) -> None:
