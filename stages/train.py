@@ -30,11 +30,12 @@ from finetune.tracking.records import report
 from finetune.tracking.store import TrackingConfig
 from finetune.tracking.training_run import machine_metrics, record_adapter, training_run
 from finetune.training import leases
-from finetune.training.checkpoints import fingerprint, keep_precision, latest
+from finetune.training.checkpoints import checkpoint_step, fingerprint, keep_precision, latest
 from finetune.training.config import LoraConfig, TrainConfig, check_names
 from finetune.training.data import (
     EVAL_LOSS_COLUMNS,
     LOSS_COLUMNS,
+    attempt_speed,
     check_encoding,
     logged_mean,
     loss_rows,
@@ -145,8 +146,8 @@ def main(
             "train_loss": logged_mean(losses, "loss"),
             "tokens_per_second": logged_mean(losses, "tokens_per_second"),  # non-padding tokens
             "padding_share": logged_mean(losses, "padding_share"),
-            "train_runtime": result.metrics["train_runtime"],
-            "train_samples_per_second": result.metrics["train_samples_per_second"],
+            # of this attempt: a resumed training's since its checkpoint
+            **attempt_speed(result.metrics, result.global_step - checkpoint_step(resume), trainer.state.max_steps),
             "global_step": result.global_step,
             "train_conversations": len(train_set),
             "trainable_parameters": trainable,

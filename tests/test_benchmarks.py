@@ -65,6 +65,7 @@ def test_a_preset_is_one_line_with_any_field_overridden(root: Path) -> None:
         ([{"preset": "fiqa_sa", "label_map": {1: "positive"}}], r"sets\[0\]: give label_map or cuts, not both"),
         ([{"preset": "fpb"}, {"preset": "fpb"}], r"benchmarks.sets: names repeat"),
         ([{"preset": "fpb", "name": "f-p-b"}], r"sets\[0\].name must be letters, digits or _"),
+        ([{"preset": "fpb", "name": "eval"}], r"sets\[0\].name 'eval' is the first word of evaluate's own metrics"),
         ([{"name": "mine", "dataset": "data/benchmarks/mine.jsonl"}], r"benchmarks.sets\[0\].split is required"),
         (["fpb"], r"benchmarks.sets\[0\] must be a mapping, e.g. \{preset: fpb\}"),
         ([{"preset": "fpb", "kind": "ranked"}], r"sets\[0\].kind must be one of \('labels', 'numeric'\)"),

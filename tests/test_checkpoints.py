@@ -4,6 +4,7 @@ precision they were trained on."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,42 @@ def test_the_fingerprint_changes_with_any_setting_or_data_digest() -> None:
     assert checkpoints.fingerprint(dict(reversed(settings.items())), data) == first  # key order is irrelevant
     assert checkpoints.fingerprint(settings | {"lora.r": 8}, data) != first
     assert checkpoints.fingerprint(settings, data | {"training": "0f3b"}) != first
+
+
+def newest(folder: Path, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue) -> None:
+    start.wait()
+    try:
+        out.put(str(checkpoints.latest(folder)))
+    except OSError as error:
+        out.put(repr(error))
+
+
+@pytest.mark.slow  # processes
+def test_the_processes_of_one_training_delete_an_incomplete_checkpoint_together(tmp_path: Path) -> None:
+    """Every rank of a multi-GPU resume looks for the checkpoint at once: each used to trip over files another
+    had just deleted (FileNotFoundError in one rank of two, every trial of ten)."""
+    context = multiprocessing.get_context("spawn")
+    for trial in range(5):
+        folder = tmp_path / str(trial)
+        (folder / "checkpoint-20").mkdir(parents=True)
+        checkpoints.mark_complete(folder, 20)
+        (folder / "checkpoint-30").mkdir()  # killed while saving: hundreds of files to delete
+        for i in range(400):
+            (folder / "checkpoint-30" / f"shard-{i}").write_bytes(b"half")
+        start, out = context.Barrier(4), context.Queue()
+        ranks = [context.Process(target=newest, args=(folder, start, out)) for _ in range(4)]
+        for rank in ranks:
+            rank.start()
+        found = [out.get(timeout=60) for _ in ranks]
+        for rank in ranks:
+            rank.join()
+        assert found == [str(folder / "checkpoint-20")] * 4
+        assert not (folder / "checkpoint-30").exists()
+
+
+def test_a_checkpoints_step_is_read_from_its_name() -> None:
+    assert checkpoints.checkpoint_step(Path("models/checkpoints/0a1b/checkpoint-20")) == 20
+    assert checkpoints.checkpoint_step(None) == 0  # no checkpoint: the training starts at step 0
 
 
 def test_latest_takes_the_newest_complete_checkpoint_and_deletes_incomplete_ones(tmp_path: Path) -> None:

@@ -65,6 +65,11 @@ def test_settings_that_do_not_fit_move_above_the_table() -> None:
     assert "model.model_name=" in " ".join(lines[:-4])
 
 
+def test_the_workspace_is_named_whole() -> None:
+    workspace = revision(None, "", 4, 60, 1.4) | {"rev": "workspace"}
+    assert table([workspace]).splitlines()[-1].split()[0] == "workspace"
+
+
 def test_no_results_yet_says_what_to_run() -> None:
     assert "make demo" in table([revision(None, "", 4, 60, None) | {"rev": "workspace"}])
 
@@ -113,6 +118,9 @@ def test_an_unknown_or_ambiguous_metric_is_named_with_the_choices() -> None:
     with pytest.raises(ValueError, match=r"in metrics/evaluate.json and metrics/train.json: name one"):
         table(shown, sort="tuned_loss")
     assert lower_is_better("evaluate_seconds") and not lower_is_better("metrics/train.json:tokens_per_second")
+    lower = ("finqa_tuned_extraction_failure_rate", "padding_share", "fpb_contaminated_share", "tuned_perplexity")
+    higher = ("tuned_eos_rate", "fpb_tuned_clean_accuracy", "finqa_tuned_macro_f1", "tuned_token_f1")
+    assert all(map(lower_is_better, lower)) and not any(map(lower_is_better, higher))
 
 
 def test_a_revision_dvc_could_not_read_is_left_out_and_named() -> None:

@@ -33,6 +33,22 @@ def test_words_are_lower_case_with_punctuation_as_spaces() -> None:
     ]
 
 
+def test_typographic_punctuation_and_unicode_spaces_separate_words_as_ascii_ones_do() -> None:
+    typographic = (
+        "The company\u2019s \u201cNET\u201d profit\u00a0rose\u2009\u2014 sharply\u2026 (\u00e9t\u00e9 \u6771\u4eac)"
+    )
+    plain = 'the company\'s "net" profit rose - sharply... (\u00e9t\u00e9 \u6771\u4eac)'
+    assert words([typographic]).to_pylist() == words([plain]).to_pylist()
+    assert words([typographic]).to_pylist() == [
+        ["the", "company", "s", "net", "profit", "rose", "sharply", "\u00e9t\u00e9", "\u6771\u4eac"]
+    ]
+    # a benchmark item copied into a training message with typographic quotes and no-break spaces is found
+    index = Index([LONG], 13)
+    copied = LONG.replace("'", "\u2019").replace(" ", "\u00a0")
+    found = contamination(index, messages(f"{FILLER} {copied}"), processes=1)
+    assert found["exact"].tolist() == [True] and found["ngram"].tolist() == [True]
+
+
 def test_an_item_inside_a_message_is_found_whole_whatever_its_case_spacing_and_punctuation() -> None:
     index = Index([LONG, SHORT, "Revenue fell short of analyst estimates for the quarter, the company said today."], 13)
     planted = messages(

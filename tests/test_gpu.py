@@ -33,7 +33,7 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
     apply_speed_patches()
     model, tokenizer = load_base(config)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())  # NF4 weights, on the GPU
-    assert next(model.parameters()).is_cuda and mixed_precision()["bf16"] != mixed_precision()["fp16"]
+    assert next(model.parameters()).is_cuda and mixed_precision(None)["bf16"] != mixed_precision(None)["fp16"]
     model = FastLanguageModel.get_peft_model(model, **LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).__dict__)
     rows = [
         [{"role": "user", "content": f"Ratio of firm {i}?"}, {"role": "assistant", "content": "Assets over debts."}]

@@ -16,9 +16,8 @@ from finetune.evaluation.numeric_sets import (
     numeric_prompts,
     numeric_samples,
     score_answers,
-    split_generated,
 )
-from finetune.tokens.chat import Chat, ChatConfig
+from finetune.tokens.chat import Chat, ChatConfig, split_generated
 
 
 @pytest.mark.parametrize(
@@ -52,6 +51,15 @@ def test_boxed_values_keep_their_inner_braces_and_an_unclosed_box_is_left_out() 
         (r"\boxed{\text{increase}} by 4", False, None),  # a box holding no number
         ("No. Well, yes: 2012 was higher.", True, "yes"),  # a yes/no question: the last yes or no
         ("It is 5.", True, None),
+        # LaTeX as the distills write numbers: a sign before \frac, {,} and \, as separators, a power of ten
+        (r"\boxed{-\frac{1}{4}}", False, -0.25),
+        (r"\boxed{-\dfrac{-3}{4}}", False, 0.75),
+        (r"\boxed{\$1{,}234.5}", False, 1234.5),
+        (r"\boxed{1\,234}", False, 1234.0),
+        (r"\boxed{14.1\,\%}", False, 0.141),
+        (r"\boxed{12.5 percent}", False, 0.125),
+        (r"\boxed{1.2 \times 10^{3}}", False, 1200.0),
+        ("about 3 × 10^−2 of it", False, 0.03),
     ],
 )
 def test_the_final_answer_value_is_the_last_box_else_the_last_number(answer: str, yes_no: bool, expected) -> None:
@@ -77,6 +85,9 @@ def test_correct_is_within_the_relative_tolerance_bounds_included() -> None:
     assert correct(0.0, 0.0, 0.01) and not correct(1e-9, 0.0, 0.01)  # a zero reference is met exactly
     assert correct("yes", "yes", 0.01) and not correct("no", "yes", 0.01) and not correct(1.0, "yes", 0.01)
     assert not correct(None, 1.0, 0.01) and not correct(None, "no", 0.01)
+    # bounds whose floating-point difference lands a hair above the tolerance (1.01 - 1.0 = 0.010000000000000009)
+    assert correct(1.01, 1.0, 0.01) and correct(0.99, 1.0, 0.01) and correct(1.1, 1.0, 0.1)
+    assert not correct(1.0100001, 1.0, 0.01)
 
 
 def test_an_answer_left_in_the_think_block_is_no_answer() -> None:
@@ -87,6 +98,9 @@ def test_an_answer_left_in_the_think_block_is_no_answer() -> None:
     reasoning, final = split_generated("Let me add 2 and 2: that is \\boxed{4}", opened=True)  # never closed
     assert final == "" and extract(final, yes_no=False) is None and "boxed{4}" in reasoning
     assert split_generated("It is 4.", opened=False) == ("", "It is 4.")  # chat.think none: no block was opened
+    # chat.think none, but the distill opens a block itself and is cut short in it: its reasoning is no answer
+    assert split_generated("<think>\nGrowth is 14.1%", opened=False) == ("Growth is 14.1%", "")
+    assert split_generated("<think>\nr\n</think>\n\nIt is 4.", opened=False) == ("r", "It is 4.")
 
 
 FINQA = Benchmark(

@@ -23,6 +23,7 @@ import yaml
 from datasets import Dataset
 
 from demo.run import apply_overrides
+from finetune.evaluation.benchmark_sets import RESERVED
 from tools.servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -204,6 +205,9 @@ def test_repro_runs_every_stage_and_writes_its_outputs(
     for model in ("base", "tuned"):  # the scores are the means over the samples written beside them
         assert evaluation[f"{model}_rouge_l"] == pytest.approx(sum(r[f"{model}_rouge_l"] for r in written) / 8)
         assert evaluation[f"{model}_eos_rate"] == sum(r[f"{model}_ended"] for r in written) / 8
+    # a benchmark's metrics start with its name, evaluate's own with a word no benchmark may take as its name
+    ours = {key for key in evaluation if not key.startswith(("fpb_", "fiqa_sa_", "tfns_", "finqa_"))}
+    assert {key.split("_")[0] for key in ours} <= set(RESERVED), ours
     # the presets on the demo's local stand-ins; FPB's last sentence is a training answer of the sample
     assert (evaluation["fpb_rows"], evaluation["fiqa_sa_rows"], evaluation["tfns_rows"]) == (31, 24, 24)
     assert evaluation["fpb_contaminated_rows"] >= 1 and evaluation["tfns_contaminated_share"] == 0.0
@@ -580,6 +584,10 @@ def test_a_training_killed_mid_run_resumes_from_its_last_complete_checkpoint(rep
     assert all(r.info.status != "RUNNING" for r in runs(repo))
     losses = mlflow.MlflowClient().get_metric_history(latest.info.run_id, "loss")
     assert {m.step for m in losses} == set(range(1, 31))
+    # the speed of this attempt: steps 21 to 30, 4 conversations each, in the time it took
+    speed = json.loads((repo / "metrics/train.json").read_text())
+    assert speed["global_step"] == 30
+    assert speed["train_samples_per_second"] == pytest.approx(10 * 4 / speed["train_runtime"], rel=2e-3)
 
 
 def test_training_again_under_another_hash_seed_writes_the_same_adapter(repo: Path, rank_8: str) -> None:

@@ -8,9 +8,11 @@ from dataclasses import replace
 import pytest
 from examples import SENTIMENT
 
+from finetune.evaluation.answers import Answer, answer_scores
 from finetune.evaluation.base_vs_tuned import BAR_COLUMNS, bar_rows
 from finetune.evaluation.label_sets import label_metrics
 from finetune.evaluation.scoring import accuracy, lcs_length, macro_f1, rouge_l, token_f1, words
+from finetune.tokens.chat import split_generated
 
 
 def test_words_drop_case_punctuation_and_articles() -> None:
@@ -37,6 +39,17 @@ def test_rouge_l_rewards_order_where_token_f1_does_not() -> None:
 def test_lcs_length() -> None:
     assert lcs_length("abcbdab", "bdcaba") == 4
     assert lcs_length([], ["a"]) == 0
+
+
+def test_an_answer_cut_short_in_its_reasoning_scores_nothing() -> None:
+    """The base distill reasons past max_new_tokens: its reasoning, however close to the reference, is no answer."""
+    reference = "Beta measures sensitivity to the market."
+    cut = Answer("Okay, the user asks about beta. Beta measures sensitivity to the market", 256, False)
+    done = Answer("Beta.\n</think>\n\nBeta measures sensitivity to the market.", 20, True)
+    finals = [split_generated(answer.text, opened=True)[1] for answer in (cut, done)]  # chat.think empty_block
+    assert finals == ["", reference]
+    scores = answer_scores([cut, done], finals, [reference, reference])
+    assert scores == {"rouge_l": 0.5, "token_f1": 0.5, "eos_rate": 0.5, "answer_tokens": 138.0}
 
 
 def test_accuracy_and_macro_f1() -> None:

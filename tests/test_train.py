@@ -26,7 +26,7 @@ from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.batching import batching_tags, cut_by_tokens, split_step_by_tokens
 from finetune.training.config import LoraConfig, TrainConfig, check_names
-from finetune.training.data import loss_rows
+from finetune.training.data import attempt_speed, loss_rows
 from finetune.training.failures import disk_full
 from finetune.training.trainer import TokenSampler, build_trainer
 
@@ -53,6 +53,16 @@ def toy_conversations(n: int) -> list[list[dict[str, str]]]:
         ]
         for i in range(n)
     ]
+
+
+def test_a_resumed_attempts_speed_counts_the_samples_of_its_own_steps() -> None:
+    """The Trainer divides the samples of all max_steps by the time of the steps this attempt ran."""
+    trainer_says = {"train_runtime": 10.0, "train_samples_per_second": 12.0, "train_loss": 1.0}  # 30 steps x 4
+    assert attempt_speed(trainer_says, steps_run=10, max_steps=30) == {
+        "train_runtime": 10.0,
+        "train_samples_per_second": 4.0,  # 10 steps x 4 conversations in 10 s
+    }
+    assert attempt_speed(trainer_says, 30, 30)["train_samples_per_second"] == 12.0  # uninterrupted: as it says
 
 
 def test_loss_rows_keep_per_step_records_only() -> None:
@@ -259,6 +269,29 @@ def test_each_step_logs_its_tokens_per_second_and_padding_share(
     expected = [1 - sum(t for t, _ in step) / sum(p for _, p in step) for step in steps]
     assert len(batches) == 8 and [row["padding_share"] for row in logged] == pytest.approx(expected)
     assert all(share == 0 for share in expected) if padding_free else all(share > 0 for share in expected)
+
+
+def test_a_checkpoints_save_is_not_counted_as_training_time(
+    tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """A save follows its step's log: its time fell into the next step's tokens per second, which a checkpoint of
+    the 8B (seconds to write) pulled down."""
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    config = replace(TRAIN, max_steps=3, logging_steps=1, save_steps=1, per_device_train_batch_size=4)
+    trainer, _ = tiny_trainer(model_config, toy_conversations(12), config, tmp_path)
+    save = trainer._save_optimizer_and_scheduler  # a slow disk: each save takes 3 s more
+
+    def slow_save(*args: Any, **kwargs: Any) -> None:
+        time.sleep(3)
+        save(*args, **kwargs)
+
+    trainer._save_optimizer_and_scheduler = slow_save
+    trainer.train()
+    logged = [row for row in trainer.state.log_history if "tokens_per_second" in row]
+    seen = [0] + [row["num_input_tokens_seen"] for row in logged]
+    steps = zip(seen, seen[1:], logged, strict=False)  # seen has one entry more
+    seconds = [(after - before) / row["tokens_per_second"] for before, after, row in steps]
+    assert len(seconds) == 3 and max(seconds) < 3, seconds  # steps 2 and 3 came after a save each
 
 
 def test_dataloader_workers_collate_the_same_batches_in_the_same_order(

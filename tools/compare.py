@@ -36,8 +36,9 @@ RESULTS = (
     ("tokens/s", "metrics/train.json", "tokens_per_second", "{:,.0f}"),
 )
 VALUE_WIDTH = 28  # a longer setting (a list of benchmarks, say) is cut to this many characters
-# metric keys whose lowest value is the best: losses, perplexities, the loss change in %, times, memory
-LOWER_IS_BETTER = ("loss", "perplexity", "_pct", "seconds", "runtime", "_gib")
+# metric keys whose lowest value is the best: losses, perplexities, the loss change in %, times, memory, the share
+# of answers with no number to read, of padding, of benchmark items found in the training data
+LOWER_IS_BETTER = ("loss", "perplexity", "_pct", "seconds", "runtime", "_gib", "failure_rate", "_share")
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -90,8 +91,9 @@ def rows(shown: list[dict[str, Any]]) -> Iterator[Row]:
 
 
 def label(rev: Mapping[str, Any]) -> str:
-    """A revision's name in the table: `label({"rev": "0123456789abcdef", "name": None})` -> `'0123456'`."""
-    return rev.get("name") or rev["rev"][:7]
+    """A revision's name in the table: `label({"rev": "0123456789abcdef", "name": None})` -> `'0123456'`; the
+    workspace's `'workspace'`."""
+    return rev.get("name") or (rev["rev"] if rev["rev"] == "workspace" else rev["rev"][:7])
 
 
 def experiments_of(baseline: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ from typing import Any
 from finetune.evaluation import scoring
 from finetune.evaluation.likelihood import by_length, by_tokens
 from finetune.model.patches import decode_cuda_graphs
-from finetune.tokens.chat import split_think
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +60,18 @@ def generate(
         for i, new in zip(batch, output[:, width:].tolist(), strict=True):
             ended = tokenizer.eos_token_id in new
             kept = new[: new.index(tokenizer.eos_token_id) + 1] if ended else new
-            # special tokens are kept but EOS: </think> may be one, and split_think needs it
+            # special tokens are kept but EOS: </think> may be one, and split_generated needs it
             answers[i] = Answer(tokenizer.decode(kept[:-1] if ended else kept), len(kept), ended)
     return [answer for answer in answers if answer is not None]
 
 
-def final_answer(text: str) -> str:
-    """What follows any reasoning block, as the chat template keeps of an assistant turn."""
-    return split_think(text)[1]
-
-
-def answer_scores(answers: list[Answer], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-L and token F1 against the references, share ended with EOS, mean answer length in tokens."""
+def answer_scores(answers: list[Answer], finals: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-L and token F1 of the final answers (`finals`: the text after each answer's reasoning block, empty
+    where the reasoning was cut short) against the references, share ended with EOS, mean answer length in tokens."""
     if not answers:
         return {}
     n = len(answers)
-    pairs = [(final_answer(a.text), r) for a, r in zip(answers, references, strict=True)]
+    pairs = list(zip(finals, references, strict=True))
     return {
         "rouge_l": sum(scoring.rouge_l(answer, reference) for answer, reference in pairs) / n,
         "token_f1": sum(scoring.token_f1(answer, reference) for answer, reference in pairs) / n,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.config.params import require
-from finetune.evaluation.answers import answer_scores, final_answer, generate
+from finetune.evaluation.answers import answer_scores, generate
 from finetune.evaluation.benchmark_items import Benchmark
 from finetune.evaluation.label_sets import classify, label_choices, label_metrics
 from finetune.evaluation.likelihood import Encoded, mean_loss, nll_per_row
@@ -152,8 +152,10 @@ def evaluate_models(
         "loss_change_pct": 100.0 * (tuned["loss"]["loss"] - base["loss"]["loss"]) / base["loss"]["loss"],
         "generated_samples": len(prompts),
     }
+    finals = {name: [chat.split_generated(a.text)[1] for a in result["answers"]] for name, result in results.items()}
     for name, result in results.items():
-        metrics |= {f"{name}_{key}": value for key, value in answer_scores(result["answers"], references).items()}
+        scores = answer_scores(result["answers"], finals[name], references)
+        metrics |= {f"{name}_{key}": value for key, value in scores.items()}
     benchmark_rows = []
     for bench in benchmarks:
         predicted = {name: result["predictions"][bench.name] for name, result in results.items()}
@@ -169,12 +171,14 @@ def evaluate_models(
             "reference": sample.reference,
             "base": b.text,
             "tuned": t.text,
-            "base_rouge_l": rouge_l(final_answer(b.text), sample.reference),
-            "tuned_rouge_l": rouge_l(final_answer(t.text), sample.reference),
+            "base_rouge_l": rouge_l(base_final, sample.reference),
+            "tuned_rouge_l": rouge_l(tuned_final, sample.reference),
             "base_ended": b.ended,
             "tuned_ended": t.ended,
         }
-        for sample, b, t in zip(prompts, base["answers"], tuned["answers"], strict=True)
+        for sample, b, t, base_final, tuned_final in zip(
+            prompts, base["answers"], tuned["answers"], finals["base"], finals["tuned"], strict=True
+        )
     ]
     return metrics, sample_rows, benchmark_rows
 

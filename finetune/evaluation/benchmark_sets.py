@@ -87,6 +87,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# the first words of evaluate's own metrics (eval_rows, base_loss, tuned_rouge_l, loss_change_pct, ...): a benchmark
+# so named would write over them (`<name>_rows`, `<name>_tuned_accuracy`, ...)
+RESERVED = ("eval", "base", "tuned", "loss", "generated", "evaluate", "peak")
+
+
 @dataclass(frozen=True)
 class BenchmarkConfig:
     name: str  # prefix of its metrics: <name>_tuned_accuracy, ...
@@ -118,6 +123,11 @@ def resolve(raw: Any, key: str) -> BenchmarkConfig:
         fields = {"name": preset, **PRESETS[preset], **fields}
     bench = params.build(BenchmarkConfig, fields, key)
     require(bool(re.fullmatch(r"[A-Za-z0-9_]+", bench.name)), f"{key}.name must be letters, digits or _")
+    require(
+        bench.name not in RESERVED,
+        f"{key}.name {bench.name!r} is the first word of evaluate's own metrics ({', '.join(RESERVED)}): its "
+        "metrics would overwrite them; choose another name",
+    )
     require(bench.kind in KINDS, f"{key}.kind must be one of {KINDS}, got {bench.kind!r}")
     if bench.kind == "numeric":
         require(bench.answer_column is not None, f"{key}.answer_column is required for a numeric benchmark")

@@ -41,8 +41,10 @@ def words(texts: pa.Array | pa.ChunkedArray | list[str]) -> pa.ListArray:
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
     texts = texts.cast(pa.large_string())
-    if not pc.all(pc.string_is_ascii(texts)).as_py():  # `BYTES` lower-cases ASCII letters: the others here
-        texts = pc.utf8_lower(texts)
+    if not pc.all(pc.string_is_ascii(texts)).as_py():  # `BYTES` handles ASCII: other characters here
+        # lower case, and every run of characters no letter, digit or mark a space: ’ “ ” — and the no-break space
+        # separate words as ' " - and the space do (`BYTES` keeps the bytes of what is left, letters in any script)
+        texts = pc.replace_substring_regex(pc.utf8_lower(texts), r"[^\x00-\x7f\p{L}\p{N}\p{M}]+", " ")
     validity, offsets, data = texts.buffers()
     mapped = BYTES[np.frombuffer(data, np.uint8)] if data is not None else np.zeros(0, np.uint8)
     spaced = pa.Array.from_buffers(

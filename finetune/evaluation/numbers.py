@@ -19,13 +19,20 @@ MINUS = "-\u2212"  # ASCII hyphen-minus and the Unicode minus sign
 SIGN = r"[+\-\u2212]"
 # a number in running text, not inside a word or another number ("Q4" holds none, "2019-20" no -20): an optional
 # sign and dollar sign (LaTeX's \$ too) in either order, digits with or without thousands separators, an optional
-# fraction and exponent, an optional percent sign (LaTeX's \% too)
+# fraction and exponent, an optional percent sign (LaTeX's \% too, or the word)
 NUMBER = re.compile(
     rf"(?<![\w.,])(?P<sign>{SIGN})?(?:\\?\$\s?)?(?P<sign2>{SIGN})?"
     r"(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)(?P<exponent>[eE][-+]?\d+)?(?![\d,]\d)"
-    r"(?P<percent>\s?\\?%)?"
+    r"(?P<percent>\s?(?:\\?%|percent\b|per cent\b))?"
 )
-FRACTION = re.compile(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}")  # LaTeX's \frac{a}{b} and \dfrac{a}{b}
+FRACTION = re.compile(r"\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # LaTeX's \frac{a}{b}, \dfrac and \tfrac
+# LaTeX as models write numbers, rewritten as plain text before reading: `1{,}234` (a comma in braces), thin and
+# negative spaces (`1\,234`, `14.1\,\%`), a power of ten (`1.2 \times 10^{3}` -> `1.2e3`)
+LATEX = [
+    (re.compile(r"\{,\}"), ","),
+    (re.compile(r"\\[,!;:]"), ""),
+    (re.compile(rf"\s*(?:\\times|\\cdot|\u00d7)\s*10\^\{{?({SIGN}?\d+)\}}?"), r"e\1"),
+]
 WORD = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
@@ -59,9 +66,18 @@ def boxed(text: str) -> list[str]:
     return out
 
 
+def plain(text: str) -> str:
+    """`text` with LaTeX's ways of writing numbers rewritten as plain text (`LATEX`), the Unicode minus of an
+    exponent a hyphen: `plain(r"\\boxed{1{,}234.5\\,\\%}")` -> `r"\\boxed{1,234.5\\%}"`."""
+    for pattern, replacement in LATEX:
+        text = pattern.sub(replacement, text)
+    return re.sub(r"(?<=[eE])\u2212(?=\d)", "-", text)
+
+
 def last_value(text: str, yes_no: bool) -> Value | None:
     """The last value of `text`: its last yes or no (`yes_no`), else its last number, or the `\\frac{a}{b}` that
-    number ends; None where there is none. `last_value(r"x = \\frac{1}{4}", False)` -> 0.25."""
+    number ends, with a sign written before it; None where there is none.
+    `last_value(r"x = -\\frac{1}{4}", False)` -> -0.25."""
     if yes_no:
         words = WORD.findall(text)
         return words[-1].lower() if words else None
@@ -72,7 +88,9 @@ def last_value(text: str, yes_no: bool) -> Value | None:
         top, bottom = (list(NUMBER.finditer(part)) for part in (fraction[1], fraction[2]))
         inside = fraction.start() <= matches[-1].start() < fraction.end()
         if inside and len(top) == len(bottom) == 1 and number(bottom[0]) != 0:
-            return number(top[0]) / number(bottom[0])
+            negative = re.search(rf"{SIGN}\s*(?:\\?\$\s*)?$", text[: fraction.start()])
+            sign = -1.0 if negative and negative[0][0] in MINUS else 1.0
+            return sign * number(top[0]) / number(bottom[0])
     return number(matches[-1])
 
 
@@ -82,6 +100,7 @@ def extract(answer: str, yes_no: bool) -> Value | None:
 
     `extract(r"The margin is \\boxed{12.5\\%}, up from 10%", False)` -> 0.125; `extract("It rose.", False)` -> None.
     """
+    answer = plain(answer)
     boxes = boxed(answer)
     return last_value(boxes[-1] if boxes else answer, yes_no)
 
@@ -114,4 +133,5 @@ def correct(predicted: Value | None, expected: Value, rel_tolerance: float) -> b
     """
     if predicted is None or isinstance(predicted, str) or isinstance(expected, str):
         return predicted == expected
-    return abs(predicted - expected) <= rel_tolerance * abs(expected)
+    # the bound's own rounding let in: 1.01 - 1.0 is 0.010000000000000009 in binary floating point
+    return abs(predicted - expected) <= (rel_tolerance + 1e-12) * abs(expected)

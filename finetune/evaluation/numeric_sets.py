@@ -13,7 +13,7 @@ from typing import Any
 from finetune.evaluation.answers import Answer
 from finetune.evaluation.benchmark_items import Benchmark, check_fits, clean_rows, contamination_counts, question
 from finetune.evaluation.numbers import Value, correct, extract
-from finetune.tokens.chat import THINK_CLOSE, Chat, split_think, token_ids
+from finetune.tokens.chat import Chat, token_ids
 
 
 def numeric_prompts(chat: Chat, bench: Benchmark, max_length: int) -> list[list[int]]:
@@ -28,17 +28,6 @@ def numeric_prompts(chat: Chat, bench: Benchmark, max_length: int) -> list[list[
     return out
 
 
-def split_generated(text: str, opened: bool) -> tuple[str, str]:
-    """(reasoning, final answer) of a generated text. Where the prompt opened the reasoning block (`opened`), a text
-    that never closes it is reasoning cut short, with no final answer.
-
-    `split_generated("r</think> 4", True)` -> `("r", "4")`; `split_generated("r 4", True)` -> `("r 4", "")`.
-    """
-    if opened and THINK_CLOSE not in text:
-        return text.strip(), ""
-    return split_think(text)
-
-
 @dataclass(frozen=True)
 class Scored:
     value: Value | None  # the number (or yes/no) read from the final answer; None: nothing to read
@@ -51,8 +40,7 @@ class Scored:
 def score_answers(chat: Chat, bench: Benchmark, answers: list[Answer]) -> list[Scored]:
     """Each generated answer's value, whether it is right, its reasoning and final-answer lengths, and the tokens
     generated."""
-    opened = chat.think == "empty_block"
-    parts = [split_generated(answer.text, opened) for answer in answers]
+    parts = [chat.split_generated(answer.text) for answer in answers]
     lengths = [len(ids) for ids in token_ids(chat.tokenizer, [text for pair in parts for text in pair])]
     out = []
     for i, (row, answer, (_, final)) in enumerate(zip(bench.rows, answers, parts, strict=True)):

@@ -167,12 +167,25 @@ def shown(revision: str | None) -> str:
     return "null" if revision is None else revision
 
 
-def mixed_precision() -> dict[str, bool]:
-    """Trainer precision flags for this hardware: bf16 where the GPU has it, else fp16; none on the CPU."""
+def precision_flags(dtype: str | None, cuda: bool, bf16_supported: bool) -> dict[str, bool]:
+    """The Trainer's `bf16`/`fp16` flags for `model.dtype` on this hardware: the compute dtype the model loads in,
+    chosen by the hardware where `dtype` is null (bf16 where the GPU has it, else fp16); none on the CPU, nor for
+    float32 weights (unsloth's trainer then picks the autocast the GPU allows). A flag other than the weights' dtype
+    stops unsloth's trainer: `precision_flags("float16", True, True)` -> `{"bf16": False, "fp16": True}`."""
+    if not cuda or dtype == "float32":
+        return {"bf16": False, "fp16": False}
+    require(
+        dtype != "bfloat16" or bf16_supported,
+        "model.dtype is bfloat16, which this GPU does not have: set float16, float32 or null",
+    )
+    bf16 = dtype == "bfloat16" or (dtype is None and bf16_supported)
+    return {"bf16": bf16, "fp16": not bf16}
+
+
+def mixed_precision(dtype: str | None) -> dict[str, bool]:
+    """Trainer precision flags for `model.dtype` on this machine's hardware (`precision_flags`)."""
     import torch
     from unsloth import is_bfloat16_supported
 
-    if not torch.cuda.is_available():
-        return {"bf16": False, "fp16": False}
-    bf16 = bool(is_bfloat16_supported())
-    return {"bf16": bf16, "fp16": not bf16}
+    cuda = torch.cuda.is_available()
+    return precision_flags(dtype, cuda, cuda and bool(is_bfloat16_supported()))

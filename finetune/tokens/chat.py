@@ -69,6 +69,18 @@ def split_think(text: str) -> tuple[str, str]:
     return reasoning.strip().removeprefix("<think>").strip(), answer.strip()
 
 
+def split_generated(text: str, opened: bool) -> tuple[str, str]:
+    """(reasoning, final answer) of a generated text. A reasoning block never closed, whether the prompt opened it
+    (`opened`: `chat.think` empty_block) or the model did, is reasoning cut short by `max_new_tokens`: no answer.
+
+    `split_generated("r</think> 4", True)` -> `("r", "4")`; `split_generated("r 4", True)` -> `("r 4", "")`;
+    `split_generated("<think>\\nr 4", False)` -> `("r 4", "")`; `split_generated("4", False)` -> `("", "4")`.
+    """
+    if THINK_CLOSE not in text and (opened or text.lstrip().startswith(THINK_OPEN.strip())):
+        return text.strip().removeprefix(THINK_OPEN.strip()).strip(), ""
+    return split_think(text)
+
+
 def answer_text(content: str, think: str) -> tuple[str, str]:
     """(the part of an answer the prompt already holds, the part the model writes), for one assistant turn.
 
@@ -115,6 +127,11 @@ class Chat:
         self.tokenizer = tokenizer
         self.think = config.think
         self._layouts: dict[tuple[str, ...], tuple[list[Segment], list[str | int]] | None] = {}
+
+    def split_generated(self, text: str) -> tuple[str, str]:
+        """(reasoning, final answer) of a text generated after `prompt_ids`' generation prompt, which opens the
+        reasoning block where `chat.think` is empty_block (`split_generated`)."""
+        return split_generated(text, opened=self.think == "empty_block")
 
     def _segments(self, messages: list[dict[str, str]], open_answer: bool) -> tuple[list[tuple[str, int, str]], str]:
         """The template rendered with each answer replaced by a mark: (text before, answer index, end-of-turn text

@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 DATA_TAGS = ("data/raw", "data/sharegpt", "data/standardized", "data/tokenized")  # dvc.lock hashes tagged on the run
 
 
-def run_status(run_id: str) -> str | None:
-    """The MLflow run's status (RUNNING, FINISHED, FAILED, KILLED), or None if the store does not hold it."""
+def stored_run(run_id: str) -> Any:
+    """The MLflow run of that id, or None if the store does not hold it (or holds it deleted)."""
     import mlflow
 
     try:
-        return mlflow.MlflowClient().get_run(run_id).info.status
+        run = mlflow.MlflowClient().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         return None
+    return None if run.info.lifecycle_stage == "deleted" else run
 
 
 @contextlib.contextmanager
@@ -52,20 +53,30 @@ def training_run(
     hashes, the `dvc.lock` tags) and the commit, and ends FAILED if the training raises."""
     import mlflow
 
-    open_store(tracking, environ, Path.cwd())
+    experiment = open_store(tracking, environ, Path.cwd())
     commit = git_commit(Path.cwd())
-    earlier = checkpoints.run_id(folder)
-    status = run_status(earlier) if earlier is not None else None
-    if resume is None and status == "RUNNING":  # killed (a failed run was marked FAILED as it failed)
-        mlflow.MlflowClient().set_terminated(earlier, "KILLED")
-    if resume is None or status is None:  # nothing of it is reused, or its store was deleted: a new run
+    remembered = checkpoints.run_id(folder)
+    earlier = stored_run(remembered) if remembered is not None else None
+    continues = {}
+    if earlier is not None and (resume is None or earlier.info.experiment_id != experiment):
+        # not continued: nothing of it is reused, or tracking.experiment_name changed since the kill (then a new run
+        # in that experiment records this training from the checkpoint on, tagged with the run it continues)
+        if earlier.info.status == "RUNNING":  # killed (a failed run was marked FAILED as it failed)
+            mlflow.MlflowClient().set_terminated(remembered, "KILLED")
+        if resume is not None:
+            log.warning(
+                "the killed attempt's run %s is in another experiment than tracking.experiment_name %r: a new run "
+                "records this training from %s on (tag continues_run)",
+                *(remembered, tracking.experiment_name, resume.name),
+            )
+            continues = {"continues_run": remembered}
         earlier = None
     name = None if earlier else run_name(environ, commit)
     mlflow.set_system_metrics_sampling_interval(tracking.system_metrics_seconds)
     # the guard outlives the run's block: it marks the run KILLED if this process dies before the run has ended
     with (
         guarded(mlflow.get_tracking_uri()) as guard,
-        mlflow.start_run(run_id=earlier, run_name=name, log_system_metrics=True) as run,
+        mlflow.start_run(run_id=earlier and earlier.info.run_id, run_name=name, log_system_metrics=True) as run,
     ):
         guard(run.info.run_id)
         checkpoints.remember_run(folder, run.info.run_id)
@@ -73,8 +84,8 @@ def training_run(
         tags = {"git_commit": commit, "dvc_exp_name": environ.get("DVC_EXP_NAME", ""), "stage": "train"}
         if environ.get("DVC_EXP_BASELINE_REV"):  # the experiments of one commit, a sweep's: grouped in the UI
             tags["sweep"] = environ["DVC_EXP_BASELINE_REV"][:7]
-        log_settings(settings, tags | locked | ({"resumed_from": resume.name} if resume else {}))
-        if resume is None:
+        log_settings(settings, tags | locked | continues | ({"resumed_from": resume.name} if resume else {}))
+        if earlier is None:  # a new run: a continued one has them from its first attempt
             log_data_inputs(files, digests)
         yield run
 

@@ -50,8 +50,13 @@ def latest(folder: Path) -> Path | None:
             complete.append((int(match[1]), path))
         else:
             log.warning("%s: incomplete (its save was cut short): deleted", path)
-            shutil.rmtree(path)
+            shutil.rmtree(path, ignore_errors=True)  # every process of a training deletes it, at the same time
     return max(complete)[1] if complete else None
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The step a checkpoint was saved at, 0 for none: `checkpoint_step(Path("out/checkpoint-20"))` -> 20."""
+    return 0 if checkpoint is None else int(STEP.fullmatch(checkpoint.name)[1])
 
 
 def mark_complete(folder: Path, step: int) -> None:

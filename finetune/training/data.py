@@ -60,3 +60,15 @@ def loss_rows(log_history: list[dict[str, float]], columns: tuple[str, ...] = LO
 def logged_mean(rows: list[dict[str, float]], key: str) -> float:
     """Mean of `key` over the logged steps that hold it: `logged_mean([{"loss": 1.0}, {"loss": 3.0}], "loss")` = 2."""
     return mean(row[key] for row in rows if row.get(key) is not None)
+
+
+def attempt_speed(metrics: dict[str, float], steps_run: int, max_steps: int) -> dict[str, float]:
+    """`train_runtime` and `train_samples_per_second` of this attempt at the training, from the Trainer's result:
+    it times this process's steps alone, but counts the samples of all `max_steps`, so a resumed training (or one
+    stopped early) would claim the samples of steps it did not run.
+
+    `attempt_speed({"train_runtime": 10.0, "train_samples_per_second": 6.0}, 10, 30)` ->
+    `{"train_runtime": 10.0, "train_samples_per_second": 2.0}`
+    """
+    rate = metrics["train_samples_per_second"] * steps_run / max_steps
+    return {"train_runtime": metrics["train_runtime"], "train_samples_per_second": rate}

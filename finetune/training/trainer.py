@@ -106,7 +106,10 @@ class TokenCountingTrainer(SFTTrainer):
 
     def _save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
         self._count_tokens()  # the checkpoint's state holds the count a resumed run goes on from
+        start = time.perf_counter()
         super()._save_checkpoint(*args, **kwargs)
+        if self._since is not None:  # saving is not training time either (it follows the step's log)
+            self._since += time.perf_counter() - start
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         self._count_tokens()
@@ -186,7 +189,7 @@ def build_trainer(
             logging_nan_inf_filter=False,  # a non-finite loss is logged as it is (StopOnDivergence ends the training)
             # several processes: every LoRA weight gets a gradient, so DDP need not search the graph for unused ones
             ddp_find_unused_parameters=False if World.from_environ(dict(os.environ)).size > 1 else None,
-            **mixed_precision(),
+            **mixed_precision(model_config.dtype),
             **training_arguments(config, model_config.max_seq_length),
         ),
         callbacks=[MarkCheckpointsComplete(output_dir), StopOnDivergence(config)],

@@ -1,0 +1,88 @@
+"""The train stage's MLflow run without a training: one run per training, continued by the attempt that resumes a
+killed one, a new one where the killed attempt's run cannot be continued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from finetune.tracking.store import TrackingConfig
+from finetune.tracking.training_run import training_run
+from finetune.training import checkpoints
+
+pytestmark = pytest.mark.slow  # the run's guard is a process of its own: not in make test-fast
+
+SETTINGS = {"lora.r": 4, "train.max_steps": 60}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    train = tmp_path / "data" / "train.arrow"
+    train.parent.mkdir()
+    train.write_bytes(b"rows")
+    return {"training": train}, {"training": "0" * 32}
+
+
+@pytest.fixture
+def folder(mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The training's checkpoint folder, in a project folder of its own with its own MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "checkpoints" / "abc"
+
+
+def killed_attempt(folder: Path, experiment: str) -> str:
+    """A run left RUNNING in `experiment`, as a killed training leaves it, remembered in its checkpoint folder."""
+    client = mlflow.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    run = client.create_run(found.experiment_id if found else client.create_experiment(experiment))
+    checkpoints.remember_run(folder, run.info.run_id)
+    return run.info.run_id
+
+
+def trained(folder: Path, experiment: str, resume: Path | None, data: tuple) -> str:
+    with training_run(TrackingConfig(experiment_name=experiment), folder, resume, SETTINGS, *data, {}) as run:
+        mlflow.log_metric("loss", 1.0, step=30)
+    return run.info.run_id
+
+
+def test_a_resumed_training_continues_its_killed_attempts_run(folder: Path, data: tuple) -> None:
+    first = killed_attempt(folder, "finance")
+    assert trained(folder, "finance", folder / "checkpoint-20", data) == first
+    run = mlflow.MlflowClient().get_run(first)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from"] == "checkpoint-20"
+    assert "continues_run" not in run.data.tags and run.inputs.dataset_inputs == []  # its first attempt logs them
+
+
+def test_a_training_that_starts_afresh_ends_the_killed_attempts_run_killed(folder: Path, data: tuple) -> None:
+    first = killed_attempt(folder, "finance")
+    second = trained(folder, "finance", None, data)
+    client = mlflow.MlflowClient()
+    assert second != first and client.get_run(first).info.status == "KILLED"
+    assert [i.dataset.digest for i in client.get_run(second).inputs.dataset_inputs] == ["0" * 32]
+
+
+def test_a_resume_after_the_experiment_was_renamed_records_the_rest_in_a_new_run_there(
+    folder: Path, data: tuple, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MLflow cannot continue a run in another experiment than the active one: every resume used to fail so."""
+    first = killed_attempt(folder, "finance")
+    second = trained(folder, "finance-v2", folder / "checkpoint-20", data)
+    client = mlflow.MlflowClient()
+    assert second != first and client.get_run(first).info.status == "KILLED"
+    run = client.get_run(second)
+    assert client.get_experiment(run.info.experiment_id).name == "finance-v2" and run.info.status == "FINISHED"
+    assert run.data.tags["continues_run"] == first and run.data.tags["resumed_from"] == "checkpoint-20"
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == ["0" * 32]
+    assert checkpoints.run_id(folder) == second  # a further kill and resume continues the new run
+    assert f"the killed attempt's run {first} is in another experiment than tracking.experiment_name" in caplog.text
+
+
+def test_a_remembered_run_deleted_from_the_store_is_not_continued(folder: Path, data: tuple) -> None:
+    first = killed_attempt(folder, "finance")
+    mlflow.MlflowClient().delete_run(first)
+    second = trained(folder, "finance", folder / "checkpoint-20", data)
+    run = mlflow.MlflowClient().get_run(second)
+    assert second != first and run.data.tags["resumed_from"] == "checkpoint-20"
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == ["0" * 32]  # a new run carries its data
