@@ -118,10 +118,10 @@ def header(rows: int, settings: Path, tokenizer: Path) -> str:
     """What the stages ran: the settings that shape the work, read back from the file they read."""
     from finetune.config.params import load
     from finetune.data.cleaning import FetchConfig
+    from finetune.data.conversion import ToSharegptConfig
     from finetune.model.load import ModelConfig
     from finetune.tokens.chat import ChatConfig
     from finetune.tokens.encode import TokenizeConfig
-    from stages.to_sharegpt import ToSharegptConfig
 
     fetch, sharegpt = load(FetchConfig, settings, "fetch"), load(ToSharegptConfig, settings, "to_sharegpt")
     tokenize, model = load(TokenizeConfig, settings, "tokenize"), load(ModelConfig, settings, "model")

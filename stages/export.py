@@ -7,7 +7,8 @@ export/dvc.yaml` does, after train if the adapter is stale. The merge is unsloth
 dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft
 (`export.save_method: merged_16bit`, the default; `merged_4bit` keeps the base in 4 bits, for bitsandbytes).
 The base is loaded in the precision the adapter was trained in (`finetune.model.load.trained_precision`), and an
-adapter of another base than `model.model_name` is refused before it loads.
+adapter of another base than `model.model_name` is refused before it loads; the tokenizer saved beside the merged
+weights has the chat template the adapter was trained with (`finetune.model.load.trained_template`).
 """
 
 from __future__ import annotations

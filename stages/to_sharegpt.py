@@ -11,10 +11,8 @@ unsloth's conversion runs on ranges of rows in a worker per core (`finetune.data
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,36 +20,12 @@ from datasets import Dataset
 
 from finetune.config import cli
 from finetune.config.params import load, require
+from finetune.data.conversion import OPTIONAL, ToSharegptConfig, convert, prompt_columns, whitespace_only
 from finetune.data.files import ROWS_PER_GROUP, write_json
 from finetune.data.parallel import STATE, cores, read_rows, row_ranges, run
 from finetune.data.sharegpt import extension_orders, write_extended
 
 log = logging.getLogger("to_sharegpt")
-
-
-@dataclass(frozen=True)
-class ToSharegptConfig:
-    merged_prompt: str  # how columns merge into the user turn; [[...]] is left out when its column is empty
-    output_column_name: str  # column holding the assistant's answer
-    conversation_extension: int  # training rows merged into one conversation (1 = none)
-    random_state: int  # seed of unsloth's shuffles that pick the rows merged together
-
-    def __post_init__(self) -> None:
-        require(bool(prompt_columns(self.merged_prompt)), "to_sharegpt.merged_prompt must name a {column}")
-        require(
-            self.conversation_extension >= 1,
-            f"to_sharegpt.conversation_extension must be >= 1, got {self.conversation_extension}",
-        )
-        require(self.random_state >= 0, f"to_sharegpt.random_state must be >= 0, got {self.random_state}")
-
-
-OPTIONAL = re.compile(r"\[\[.+?\]\]", re.DOTALL)  # a [[...]] part of a merged prompt, as unsloth finds them
-
-
-def prompt_columns(merged_prompt: str) -> list[str]:
-    """The columns a merged prompt names, as unsloth reads them (`{{` and `}}` are literal braces):
-    `prompt_columns("{user}[[ in: {system}]]")` -> `['user', 'system']`."""
-    return list(dict.fromkeys(re.findall(r"\{(.+?)\}", re.sub(r"\{\{|\}\}", "", merged_prompt))))
 
 
 def check_columns(config: ToSharegptConfig, columns: list[str], source: Path) -> None:
@@ -71,44 +45,6 @@ def check_columns(config: ToSharegptConfig, columns: list[str], source: Path) ->
         "user" in prompt_columns(OPTIONAL.sub("", config.merged_prompt)),
         "to_sharegpt.merged_prompt must hold {user}, each row's question, outside any [[...]] part; "
         f"got {config.merged_prompt!r}",
-    )
-
-
-def whitespace_only(cells: Any) -> Any:
-    """Arrow mask of the cells that are non-empty and all whitespace; null cells are not."""
-    import pyarrow.compute as pc
-
-    return pc.fill_null(pc.utf8_is_space(cells), False)
-
-
-def blank_whitespace(dataset: Dataset, columns: list[str]) -> Dataset:
-    """Replace whitespace-only cells of `columns` with `""`.
-
-    unsloth keeps an optional `[[...]]` part whenever its column is not exactly `""`; the real data's `"\\n"`
-    system prompts would otherwise add an empty "Your input is:" block. `{"system": "\\n"}` -> `{"system": ""}`.
-    """
-    import pyarrow.compute as pc
-
-    def blank(batch: Any) -> Any:
-        for column in columns:
-            cells = batch[column]
-            blanked = pc.if_else(whitespace_only(cells), "", cells)
-            batch = batch.set_column(batch.schema.get_field_index(column), column, blanked)
-        return batch
-
-    return dataset.with_format("arrow").map(blank, batched=True, desc="Blanking whitespace-only cells").with_format()
-
-
-def convert(dataset: Dataset, config: ToSharegptConfig) -> Dataset:
-    """unsloth's `to_sharegpt` with this stage's settings on whitespace-blanked rows: one conversation per row."""
-    from unsloth.chat_templates import to_sharegpt
-
-    columns = [c for c in prompt_columns(config.merged_prompt) if c in dataset.column_names]
-    return to_sharegpt(
-        blank_whitespace(dataset, columns),
-        merged_prompt=config.merged_prompt,
-        output_column_name=config.output_column_name,
-        conversation_extension=1,
     )
 
 

@@ -10,21 +10,35 @@ from mlflow.exceptions import MlflowException
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from finetune.data.conversion import ToSharegptConfig
 from finetune.evaluation.answers import generate
 from finetune.model.load import ModelConfig, load_base
 from finetune.tokens.chat import Chat, ChatConfig
 from finetune.tracking.store import use_experiment
-from tools.generate import adapter_folder, messages, stream_answer
+from tools.generate import adapter_folder, messages, stream_answer, trained_chat
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 
-def test_messages_put_the_system_text_first() -> None:
-    assert messages("Hi", None) == [{"role": "user", "content": "Hi"}]
-    assert messages("Hi", "Be brief.") == [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Hi"},
-    ]
+SHAREGPT = ToSharegptConfig("{user}[[\nYour input is:\n{system}]]", "assistant", 3, 3407)  # params.yaml's
+
+
+def test_a_system_text_is_merged_into_the_question_as_the_training_rows_were() -> None:
+    """The training never saw a system turn: to_sharegpt merged each row's system text into its user turn."""
+    assert messages("Hi", None, SHAREGPT) == [{"role": "user", "content": "Hi"}]
+    assert messages("Hi", "Be brief.", SHAREGPT) == [{"role": "user", "content": "Hi\nYour input is:\nBe brief."}]
+
+
+def test_the_chat_settings_are_the_runs_and_the_template_the_adapters(tmp_path: Path, mlflow_store: str) -> None:
+    workspace = ChatConfig(template="{{ messages }}", think="empty_block")
+    use_experiment(mlflow_store, "generate", tmp_path / "mlartifacts")
+    with mlflow.start_run() as trained:
+        mlflow.log_params({"chat.think": "none", "chat.template": "None"})
+    with mlflow.start_run() as older:  # a run that logged no chat settings
+        mlflow.log_params({"lora.r": 4})
+    assert trained_chat(workspace, trained.info.run_id, mlflow_store) == ChatConfig(template=None, think="none")
+    assert trained_chat(workspace, older.info.run_id, mlflow_store) == ChatConfig(template=None, think="empty_block")
+    assert trained_chat(workspace, None, mlflow_store) == ChatConfig(template=None, think="empty_block")
 
 
 def test_the_streamed_answer_is_the_greedy_answer_evaluate_scores(
@@ -34,7 +48,7 @@ def test_the_streamed_answer_is_the_greedy_answer_evaluate_scores(
     model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     model.eval()
     chat = Chat(tokenizer, ChatConfig())
-    history = messages("What is a basis point?", "You are an analyst.")
+    history = messages("What is a basis point?", "You are an analyst.", SHAREGPT)
     capsys.readouterr()  # what loading printed
 
     ids = stream_answer(model, chat, history, max_new_tokens=12, temperature=0.0)

@@ -22,6 +22,7 @@ from finetune.model.load import (
     precision_flags,
     record_precision,
     trained_precision,
+    trained_template,
 )
 from finetune.training.adapter import save_adapter
 
@@ -44,6 +45,26 @@ def test_an_adapter_without_a_record_needs_an_explicit_setting(tmp_path: Path) -
         trained_precision(CONFIG, tmp_path)
     four_bit = ModelConfig("m", None, 2048, load_in_4bit=True, dtype=None)
     assert trained_precision(four_bit, tmp_path) == four_bit
+
+
+def test_the_adapter_comes_with_the_chat_template_it_was_trained_with(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A `chat.template` of the training is saved with the adapter's tokenizer; export merges with the tokenizer
+    loaded here, so the merged model must carry that template, not the base's."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype=None)
+    model, tokenizer = load_base(config)
+    base_template = tokenizer.chat_template
+    trained = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tokenizer.chat_template = trained  # as Chat applies a chat.template
+    adapter = tmp_path / "adapter"
+    save_adapter(get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj"])), tokenizer, adapter, config)
+    assert trained_template(adapter) == trained != base_template
+    _, loaded, _ = load_with_adapter(config, adapter)
+    assert loaded.chat_template == trained
+    assert loaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == "[user] Hi\n"
+    assert trained_template(tmp_path) is None  # a folder without a tokenizer: the base's stays
 
 
 def test_an_adapter_of_another_base_is_refused_before_any_weight_loads(tiny_model_dir: Path, tmp_path: Path) -> None:

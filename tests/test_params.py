@@ -17,13 +17,13 @@ from examples import tiny_training
 from demo.run import apply_overrides, set_param_flags
 from finetune.config import params
 from finetune.data.cleaning import FetchConfig
+from finetune.data.conversion import ToSharegptConfig
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
 from finetune.evaluation.benchmark_sets import PRESETS
 from finetune.model.load import ModelConfig
 from finetune.tracking.store import TrackingConfig
 from finetune.training.config import LoraConfig, TrainConfig, check_schedule
 from stages.export import ExportConfig
-from stages.to_sharegpt import ToSharegptConfig
 from tools.deps import imported_files, project_imports, stage_definitions
 from tools.params_schema import SECTIONS, params_schema, rendered
 

@@ -34,6 +34,7 @@ RERUNS = {
     "finetune/data/sources.py": {"fetch", "benchmarks"},
     "finetune/data/cleaning.py": {"fetch"},
     "finetune/data/near_copies.py": {"fetch"},
+    "finetune/data/conversion.py": {"to_sharegpt"},
     "finetune/data/sharegpt.py": {"to_sharegpt"},
     # tokens
     "finetune/tokens/chat.py": {"tokenize", *MODEL},

@@ -11,8 +11,9 @@ import yaml
 from datasets import Dataset, concatenate_datasets
 from unsloth.chat_templates import to_sharegpt
 
+from finetune.data.conversion import ToSharegptConfig, blank_whitespace, convert, prompt_columns, user_turn
 from finetune.data.sharegpt import extension_orders, write_extended
-from stages.to_sharegpt import ToSharegptConfig, blank_whitespace, convert, main, prompt_columns, whitespace_cells
+from stages.to_sharegpt import main, whitespace_cells
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
@@ -46,6 +47,16 @@ def test_merged_prompt_with_system() -> None:
 @pytest.mark.parametrize("system", ["", "\n", "  \t\n"])
 def test_empty_or_whitespace_system_leaves_the_optional_part_out(system: str) -> None:
     assert first_turn(system)[0] == {"from": "human", "value": "What is beta?"}
+
+
+def test_a_question_asked_later_gets_the_user_turn_its_row_would_have_had() -> None:
+    """tools.generate asks through the same merge: a system text where the training rows had theirs."""
+    assert user_turn("What is beta?", "Acme has beta 1.2.", CONFIG) == first_turn("Acme has beta 1.2.")[0]["value"]
+    assert user_turn("What is beta?", None, CONFIG) == "What is beta?" == user_turn("What is beta?", " \n", CONFIG)
+    bare = ToSharegptConfig(**{**vars(CONFIG), "merged_prompt": "Question: {user}"})
+    assert user_turn("What is beta?", None, bare) == "Question: What is beta?"
+    with pytest.raises(ValueError, match=r"to_sharegpt.merged_prompt 'Question: \{user\}' has no \{system\}"):
+        user_turn("What is beta?", "Be brief.", bare)
 
 
 def test_extension_merges_three_rows_per_training_conversation(

@@ -5,10 +5,12 @@
     python -m tools.generate --system "You are a credit analyst." --max-new-tokens 512 "..."
 
 The base model comes from `params.yaml`'s `model` section, loaded in the precision the adapter was trained in
-(`finetune.model.load.trained_precision`), and the prompt is encoded by `finetune.tokens.chat` with the `chat`
-section, exactly as tokenize encoded the training conversations: the same template, the same think block, the same
-token pieces. Greedy by default; `--temperature` > 0 samples. Not a pipeline stage (it lives outside `stages/`):
-nothing is written but the answer, on stdout.
+(`finetune.model.load.trained_precision`). The question is asked as the training rows were: `--system` merged into
+the user turn by `to_sharegpt.merged_prompt` (`finetune.data.conversion.user_turn`: "<question>\nYour input
+is:\n<system>"), encoded by `finetune.tokens.chat` with the chat template saved with the adapter and `chat.think`
+(a run's own, with `--run`): the same template, the same think block, the same token pieces as tokenize encoded.
+Greedy by default; `--temperature` > 0 samples. Not a pipeline stage (it lives outside `stages/`): nothing is
+written but the answer, on stdout.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from finetune.config import cli
 from finetune.config.params import load
+from finetune.data.conversion import ToSharegptConfig, user_turn
 from finetune.model.load import ModelConfig, load_with_adapter
 from finetune.tokens.chat import Chat, ChatConfig
 from finetune.tracking.store import store_root, tracking_uri
@@ -28,10 +32,23 @@ from finetune.tracking.store import store_root, tracking_uri
 log = logging.getLogger("generate")
 
 
-def messages(prompt: str, system: str | None) -> list[dict[str, str]]:
-    """`messages("Hi", None)` -> `[{"role": "user", "content": "Hi"}]`; a system text comes first."""
-    system_turn = [{"role": "system", "content": system}] if system else []
-    return [*system_turn, {"role": "user", "content": prompt}]
+def messages(prompt: str, system: str | None, config: ToSharegptConfig) -> list[dict[str, str]]:
+    """The question as a training row's user turn (`user_turn`): with the seed's settings `messages("Hi", "Be
+    brief.", config)` -> `[{"role": "user", "content": "Hi\\nYour input is:\\nBe brief."}]`."""
+    return [{"role": "user", "content": user_turn(prompt, system, config)}]
+
+
+def trained_chat(workspace: ChatConfig, run_id: str | None, uri: str) -> ChatConfig:
+    """The chat settings the adapter was trained with: no `template` (the adapter's tokenizer carries its own), and
+    `think` as the MLflow run logged it (`--run`; a run that logged none, and a local adapter: the workspace's)."""
+    think = workspace.think
+    if run_id is not None:
+        import mlflow
+
+        think = mlflow.MlflowClient(uri).get_run(run_id).data.params.get("chat.think", think)
+        if think != workspace.think:
+            log.info("chat.think %s, as run %s trained (params.yaml: %s)", think, run_id, workspace.think)
+    return replace(workspace, template=None, think=think)
 
 
 def stream_answer(
@@ -93,7 +110,7 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--adapter", type=Path, help="adapter folder (default models/adapter)")
     source.add_argument("--run", help="MLflow run id whose logged adapter to use")
-    parser.add_argument("--system", help="system text put before the question")
+    parser.add_argument("--system", help="system text, merged into the question as to_sharegpt merged the rows'")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     args = parser.parse_args()
@@ -103,14 +120,16 @@ def main() -> None:
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers and peft
     from unsloth import FastLanguageModel
 
-    chat_config = load(ChatConfig, args.params, "chat")
-    folder = adapter_folder(args.adapter, args.run, store_root(os.environ, Path.cwd()))
+    store = store_root(os.environ, Path.cwd())
+    history = messages(args.prompt, args.system, load(ToSharegptConfig, args.params, "to_sharegpt"))
+    chat_config = trained_chat(load(ChatConfig, args.params, "chat"), args.run, tracking_uri(os.environ, store))
+    folder = adapter_folder(args.adapter, args.run, store)
     model, tokenizer, model_config = load_with_adapter(load(ModelConfig, args.params, "model"), folder)
     log.info("base %s + adapter %s", model_config.model_name, folder)
     FastLanguageModel.for_inference(model)
     chat = Chat(tokenizer, chat_config)
     chat.check(padding=False)
-    stream_answer(model, chat, messages(args.prompt, args.system), args.max_new_tokens, args.temperature)
+    stream_answer(model, chat, history, args.max_new_tokens, args.temperature)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any
 
 from finetune.config.schema import config_schema
 from finetune.data.cleaning import FetchConfig
+from finetune.data.conversion import ToSharegptConfig
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
 from finetune.evaluation.benchmark_sets import PRESETS, BenchmarkConfig, BenchmarksConfig
 from finetune.model.load import ModelConfig
@@ -27,7 +28,6 @@ from finetune.tracking.store import TrackingConfig
 from finetune.training.config import LoraConfig, TrainConfig
 from stages.export import ExportConfig
 from stages.standardize import StandardizeConfig
-from stages.to_sharegpt import ToSharegptConfig
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "params.schema.json"
 SECTIONS = {  # params.yaml's sections, in its order, and the config each one loads into

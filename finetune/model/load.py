@@ -71,13 +71,29 @@ def load_with_adapter(
     config: ModelConfig, adapter: Path, local_rank: int | None = None
 ) -> tuple[Any, Any, ModelConfig]:
     """The base model in the precision `adapter` was trained in (`trained_precision`), the adapter on it, and the
-    tokenizer; also the config as loaded. An adapter of another base than `config`'s is refused before any weight
-    loads. For evaluate (one of several processes: `local_rank`, as `load_base`), export and generate."""
+    tokenizer with the chat template the adapter was trained with (`trained_template`: a `chat.template` of that
+    training's, which export's merged model then carries); also the config as loaded. An adapter of another base than
+    `config`'s is refused before any weight loads. For evaluate (one of several processes: `local_rank`, as
+    `load_base`), export and generate."""
     from peft import PeftModel
 
     config = trained_precision(config, adapter)
     model, tokenizer = load_base(config, local_rank)
+    template = trained_template(adapter)
+    if template is not None:
+        tokenizer.chat_template = template
     return PeftModel.from_pretrained(model, str(adapter)), tokenizer, config
+
+
+def trained_template(adapter: Path) -> str | None:
+    """The chat template of the tokenizer saved with the adapter (`chat_template.jinja`, or an older
+    `tokenizer_config.json`'s `chat_template`), or None where the adapter folder holds none."""
+    path = adapter / "chat_template.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    config = adapter / "tokenizer_config.json"
+    template = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+    return template if isinstance(template, str) else None
 
 
 def linear_names(config: ModelConfig) -> set[str]:
