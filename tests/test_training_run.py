@@ -3,11 +3,15 @@ killed one, a new one where the killed attempt's run cannot be continued."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 
+from finetune.tracking.guard import guarded
 from finetune.tracking.store import TrackingConfig
 from finetune.tracking.training_run import training_run
 from finetune.training import checkpoints
@@ -86,3 +90,23 @@ def test_a_remembered_run_deleted_from_the_store_is_not_continued(folder: Path, 
     run = mlflow.MlflowClient().get_run(second)
     assert second != first and run.data.tags["resumed_from"] == "checkpoint-20"
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == ["0" * 32]  # a new run carries its data
+
+
+def test_the_guard_marks_a_killed_training_even_where_its_folder_is_gone(
+    mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A queued experiment's copy, where its training ran, is deleted by DVC once the training is killed: the guard
+    then failed to open the store (FileNotFoundError from the deleted working folder) and the run stayed RUNNING."""
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmp1234"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    with contextlib.suppress(KeyboardInterrupt), guarded(mlflow_store) as tell:
+        run = mlflow.MlflowClient().create_run(mlflow.MlflowClient().create_experiment("queued"))
+        tell(run.info.run_id)
+        monkeypatch.chdir(tmp_path)
+        shutil.rmtree(copy)
+        raise KeyboardInterrupt  # the training dies without ending its run
+    deadline = time.monotonic() + 120
+    while mlflow.MlflowClient().get_run(run.info.run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"

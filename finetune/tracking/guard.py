@@ -26,7 +26,11 @@ def guarded(uri: str) -> Iterator[Callable[[str], None]]:
     """A guard of a run of the store `uri`, for the block: the block gives it the run's id (the function it gets) and
     should end after the run has ended; then the guard is told so, unless the block raised. A guard that failed to
     start or died costs the training nothing."""
-    guard = subprocess.Popen([sys.executable, __file__, uri], stdin=subprocess.PIPE, text=True, start_new_session=True)
+    # in / : a queued experiment's copy, the training's folder, is deleted once its training is killed, before the
+    # guard opens the store (MLflow reads the working folder to resolve the store's address)
+    guard = subprocess.Popen(
+        [sys.executable, __file__, uri], stdin=subprocess.PIPE, text=True, start_new_session=True, cwd="/"
+    )
 
     def tell(line: str) -> None:
         with contextlib.suppress(OSError):
