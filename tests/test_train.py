@@ -277,7 +277,7 @@ def test_a_checkpoints_save_is_not_counted_as_training_time(
     """A save follows its step's log: its time fell into the next step's tokens per second, which a checkpoint of
     the 8B (seconds to write) pulled down."""
     model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
-    config = replace(TRAIN, max_steps=3, logging_steps=1, save_steps=1, per_device_train_batch_size=4)
+    config = replace(TRAIN, max_steps=2, logging_steps=1, save_steps=1, per_device_train_batch_size=4)
     trainer, _ = tiny_trainer(model_config, toy_conversations(12), config, tmp_path)
     save = trainer._save_optimizer_and_scheduler  # a slow disk: each save takes 3 s more
 
@@ -291,7 +291,7 @@ def test_a_checkpoints_save_is_not_counted_as_training_time(
     seen = [0] + [row["num_input_tokens_seen"] for row in logged]
     steps = zip(seen, seen[1:], logged, strict=False)  # seen has one entry more
     seconds = [(after - before) / row["tokens_per_second"] for before, after, row in steps]
-    assert len(seconds) == 3 and max(seconds) < 3, seconds  # steps 2 and 3 came after a save each
+    assert len(seconds) == 2 and seconds[1] < 3, seconds  # step 2 came after a save (step 1: the warm-up too)
 
 
 def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
