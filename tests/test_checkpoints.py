@@ -12,6 +12,7 @@ import pytest
 
 from finetune.model.load import PRECISION_FILE, ModelConfig
 from finetune.training import checkpoints
+from finetune.training.data import attempt_speed
 
 
 def test_the_fingerprint_changes_with_any_setting_or_data_digest() -> None:
@@ -100,3 +101,13 @@ def test_a_resumed_training_keeps_the_base_precision_its_checkpoints_were_traine
     record.unlink()  # a folder of a training before the record: nothing to compare, recorded from now on
     checkpoints.keep_precision(folder, four, checkpoint)
     assert json.loads(record.read_text()) == written | {"load_in_4bit": True}
+
+
+def test_a_resumed_attempts_speed_counts_the_samples_of_its_own_steps() -> None:
+    """The Trainer divides the samples of all max_steps by the time of the steps this attempt ran."""
+    trainer_says = {"train_runtime": 10.0, "train_samples_per_second": 12.0, "train_loss": 1.0}  # 30 steps x 4
+    assert attempt_speed(trainer_says, steps_run=10, max_steps=30) == {
+        "train_runtime": 10.0,
+        "train_samples_per_second": 4.0,  # 10 steps x 4 conversations in 10 s
+    }
+    assert attempt_speed(trainer_says, 30, 30)["train_samples_per_second"] == 12.0  # uninterrupted: as it says

@@ -14,7 +14,7 @@ from finetune.model.fit import (
     plan_by_tokens,
     weight_bytes,
 )
-from finetune.model.load import ModelConfig
+from finetune.model.load import ModelConfig, precision_flags
 from finetune.training.config import training_arguments
 
 LLAMA_8B = Shape(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False)
@@ -105,3 +105,23 @@ def test_micro_batch_tokens_as_a_number_is_kept_and_must_hold_a_conversation() -
     assert training_arguments(config, 2048)["per_device_eval_batch_size"] == 16
     cut = tiny_training(per_device_train_batch_size=16, eval_steps=5, micro_batch_tokens=8192)
     assert training_arguments(cut, 2048)["per_device_eval_batch_size"] == 4
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cuda", "bf16_supported", "expected"),
+    [
+        (None, True, True, (True, False)),  # chosen by the hardware
+        (None, True, False, (False, True)),
+        ("float16", True, True, (False, True)),  # as set, though the GPU has bf16 (unsloth refuses a mismatch)
+        ("bfloat16", True, True, (True, False)),
+        ("float32", True, True, (False, False)),  # no flag: unsloth autocasts float32 weights as the GPU allows
+        ("float16", False, False, (False, False)),  # the CPU: neither
+    ],
+)
+def test_the_trainers_precision_follows_model_dtype(dtype, cuda: bool, bf16_supported: bool, expected) -> None:
+    assert precision_flags(dtype, cuda, bf16_supported) == dict(zip(("bf16", "fp16"), expected, strict=True))
+
+
+def test_bfloat16_on_a_gpu_without_it_is_refused_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="model.dtype is bfloat16, which this GPU does not have"):
+        precision_flags("bfloat16", cuda=True, bf16_supported=False)

@@ -19,7 +19,6 @@ from finetune.model.load import (
     load_base,
     load_tokenizer,
     load_with_adapter,
-    precision_flags,
     record_precision,
     trained_precision,
     trained_template,
@@ -94,26 +93,6 @@ def test_an_adapter_of_another_base_is_refused_before_any_weight_loads(tiny_mode
     (adapter / PRECISION_FILE).write_text(json.dumps({"load_in_4bit": False}) + "\n")
     elsewhere = replace(config, model_name=str(other))
     assert trained_precision(elsewhere, adapter) == elsewhere
-
-
-@pytest.mark.parametrize(
-    ("dtype", "cuda", "bf16_supported", "expected"),
-    [
-        (None, True, True, (True, False)),  # chosen by the hardware
-        (None, True, False, (False, True)),
-        ("float16", True, True, (False, True)),  # as set, though the GPU has bf16 (unsloth refuses a mismatch)
-        ("bfloat16", True, True, (True, False)),
-        ("float32", True, True, (False, False)),  # no flag: unsloth autocasts float32 weights as the GPU allows
-        ("float16", False, False, (False, False)),  # the CPU: neither
-    ],
-)
-def test_the_trainers_precision_follows_model_dtype(dtype, cuda: bool, bf16_supported: bool, expected) -> None:
-    assert precision_flags(dtype, cuda, bf16_supported) == dict(zip(("bf16", "fp16"), expected, strict=True))
-
-
-def test_bfloat16_on_a_gpu_without_it_is_refused_naming_the_key() -> None:
-    with pytest.raises(ValueError, match="model.dtype is bfloat16, which this GPU does not have"):
-        precision_flags("bfloat16", cuda=True, bf16_supported=False)
 
 
 def test_auto_is_decided_before_loading() -> None:

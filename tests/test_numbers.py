@@ -54,6 +54,7 @@ def test_boxed_values_keep_their_inner_braces_and_an_unclosed_box_is_left_out() 
         # LaTeX as the distills write numbers: a sign before \frac, {,} and \, as separators, a power of ten
         (r"\boxed{-\frac{1}{4}}", False, -0.25),
         (r"\boxed{-\dfrac{-3}{4}}", False, 0.75),
+        (r"\boxed{5 - \frac{1}{4}}", False, 0.25),  # a minus between operands subtracts: its last number read
         (r"\boxed{\$1{,}234.5}", False, 1234.5),
         (r"\boxed{1\,234}", False, 1234.0),
         (r"\boxed{14.1\,\%}", False, 0.141),

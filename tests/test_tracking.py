@@ -11,7 +11,7 @@ import mlflow
 import pytest
 
 from finetune.tracking.adapter_run import adapter_run
-from finetune.tracking.guard import verdict
+from finetune.tracking.guard import absolute, verdict
 from finetune.tracking.records import MAX_RUN_NAME, report, run_name, storable
 from finetune.tracking.store import (
     TrackingConfig,
@@ -99,6 +99,14 @@ def test_the_experiment_opens_in_the_uis_finetuning_view_unless_a_user_picked_an
     mlflow.MlflowClient().set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
     use_experiment(uri, "unit", tmp_path / "mlartifacts")
     assert mlflow.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_guard_gets_a_store_address_that_holds_from_any_folder() -> None:
+    """The guard runs in / (a queued experiment's copy may be gone when it marks the run)."""
+    assert absolute("sqlite:///mlflow.db", Path("/repo")) == "sqlite:////repo/mlflow.db"
+    assert absolute("sqlite:////srv/mlflow.db", Path("/repo")) == "sqlite:////srv/mlflow.db"
+    assert absolute("http://mlflow:5000", Path("/repo")) == "http://mlflow:5000"
+    assert absolute("databricks", Path("/repo")) == "databricks"
 
 
 def test_the_runs_guard_marks_it_only_when_the_training_did_not_say_it_ended() -> None:

@@ -26,7 +26,7 @@ from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig
 from finetune.tokens.encode import tokenized
 from finetune.training.batching import batching_tags, cut_by_tokens, split_step_by_tokens
 from finetune.training.config import LoraConfig, TrainConfig, check_names
-from finetune.training.data import attempt_speed, loss_rows
+from finetune.training.data import loss_rows
 from finetune.training.failures import disk_full
 from finetune.training.trainer import TokenSampler, build_trainer
 
@@ -53,16 +53,6 @@ def toy_conversations(n: int) -> list[list[dict[str, str]]]:
         ]
         for i in range(n)
     ]
-
-
-def test_a_resumed_attempts_speed_counts_the_samples_of_its_own_steps() -> None:
-    """The Trainer divides the samples of all max_steps by the time of the steps this attempt ran."""
-    trainer_says = {"train_runtime": 10.0, "train_samples_per_second": 12.0, "train_loss": 1.0}  # 30 steps x 4
-    assert attempt_speed(trainer_says, steps_run=10, max_steps=30) == {
-        "train_runtime": 10.0,
-        "train_samples_per_second": 4.0,  # 10 steps x 4 conversations in 10 s
-    }
-    assert attempt_speed(trainer_says, 30, 30)["train_samples_per_second"] == 12.0  # uninterrupted: as it says
 
 
 def test_loss_rows_keep_per_step_records_only() -> None:

@@ -35,7 +35,8 @@ BYTES[ord("A") : ord("Z") + 1] += 32
 
 def words(texts: pa.Array | pa.ChunkedArray | list[str]) -> pa.ListArray:
     """Each text's words, normalised (none: null): `words(["Shares ROSE 5%.", "..."])` ->
-    `[["shares", "rose", "5"], None]`. One table lookup per byte, no regular expression (3 times as fast)."""
+    `[["shares", "rose", "5"], None]`. One table lookup per byte (3 times as fast as a regular expression); a batch
+    with other than ASCII text goes through one first, for the characters outside ASCII alone."""
     if isinstance(texts, list):
         texts = pa.array(texts, pa.large_string())
     if isinstance(texts, pa.ChunkedArray):

@@ -88,8 +88,11 @@ def last_value(text: str, yes_no: bool) -> Value | None:
         top, bottom = (list(NUMBER.finditer(part)) for part in (fraction[1], fraction[2]))
         inside = fraction.start() <= matches[-1].start() < fraction.end()
         if inside and len(top) == len(bottom) == 1 and number(bottom[0]) != 0:
-            negative = re.search(rf"{SIGN}\s*(?:\\?\$\s*)?$", text[: fraction.start()])
-            sign = -1.0 if negative and negative[0][0] in MINUS else 1.0
+            # a minus right before it (a dollar sign between), unless it subtracts: `5 - \frac{1}{4}`
+            head = re.sub(r"\\?\$$", "", text[: fraction.start()].rstrip()).rstrip()
+            operand = head[:-1].rstrip()[-1:]
+            negative = head.endswith(tuple(MINUS)) and not (operand.isdigit() or operand in tuple(")]}"))
+            sign = -1.0 if negative else 1.0
             return sign * number(top[0]) / number(bottom[0])
     return number(matches[-1])
 

@@ -17,6 +17,7 @@ import contextlib
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 ENDED = "ended"
 
@@ -28,8 +29,9 @@ def guarded(uri: str) -> Iterator[Callable[[str], None]]:
     start or died costs the training nothing."""
     # in / : a queued experiment's copy, the training's folder, is deleted once its training is killed, before the
     # guard opens the store (MLflow reads the working folder to resolve the store's address)
+    store = absolute(uri, Path.cwd())
     guard = subprocess.Popen(
-        [sys.executable, __file__, uri], stdin=subprocess.PIPE, text=True, start_new_session=True, cwd="/"
+        [sys.executable, __file__, store], stdin=subprocess.PIPE, text=True, start_new_session=True, cwd="/"
     )
 
     def tell(line: str) -> None:
@@ -43,6 +45,20 @@ def guarded(uri: str) -> Iterator[Callable[[str], None]]:
     finally:
         with contextlib.suppress(OSError):
             guard.stdin.close()
+
+
+def absolute(uri: str, cwd: Path) -> str:
+    """A store's address that holds from any working folder: a SQLite file given relative to `cwd` made absolute,
+    any other address as it is (MLflow 3.13+ takes no folder store).
+
+    `absolute("sqlite:///mlflow.db", Path("/repo"))` -> `'sqlite:////repo/mlflow.db'`;
+    `absolute("http://mlflow:5000", Path("/repo"))` -> `'http://mlflow:5000'`.
+    """
+    sqlite = "sqlite:///"
+    if uri.startswith(sqlite):
+        path = Path(uri.removeprefix(sqlite))
+        return uri if path.is_absolute() else f"{sqlite}{cwd / path}"
+    return uri
 
 
 def verdict(told: str) -> tuple[str | None, bool]:

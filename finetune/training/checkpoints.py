@@ -15,6 +15,7 @@ on a machine where `auto` decides otherwise is refused (`keep_precision`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,7 +51,9 @@ def latest(folder: Path) -> Path | None:
             complete.append((int(match[1]), path))
         else:
             log.warning("%s: incomplete (its save was cut short): deleted", path)
-            shutil.rmtree(path, ignore_errors=True)  # every process of a training deletes it, at the same time
+            while path.exists():  # every process of a training deletes it at once: what another took first is gone
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.rmtree(path)
     return max(complete)[1] if complete else None
 
 
