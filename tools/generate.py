@@ -106,13 +106,13 @@ def adapter_folder(adapter: Path | None, run_id: str | None, store: Path) -> Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("prompt", help="the question")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="settings file (default params.yaml)")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--adapter", type=Path, help="adapter folder (default models/adapter)")
     source.add_argument("--run", help="MLflow run id whose logged adapter to use")
     parser.add_argument("--system", help="system text, merged into the question as to_sharegpt merged the rows'")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, reasoning included (512)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     args = parser.parse_args()
     cli.setup_logging()  # to stderr: stdout holds the answer alone
     cli.exit_without_collecting()
