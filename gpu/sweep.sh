@@ -32,12 +32,14 @@ yaml.safe_dump(p, open(sys.argv[1], 'w'), sort_keys=False)" "$folder/params.yaml
     > "$work/$name.log" 2>&1)
 }
 
-if [ "$gpus" -gt 1 ]; then copy alone 4; fi  # the one-GPU speed
-if [ "$dvc_here" = yes ]; then
+if [ "$dvc_here" = yes ]; then  # before any copy: dvc init refuses a .dvc/ folder that exists
   git init -q && git config user.name sweep && git config user.email sweep@example.com && dvc init -q
   cp "$src/.gitignore" . && printf '/bin/\n/*.log\n' >> .gitignore  # the tiny model stays out of git: -C copies it
   dvc commit -q -f -d tokenize  # the data stages' outputs, as the commit's
   git add -A && git commit -qm "demo settings, data stages run"
+fi
+if [ "$gpus" -gt 1 ]; then copy alone 4; fi  # the one-GPU speed
+if [ "$dvc_here" = yes ]; then
   for name in first second; do
     dvc exp run --queue -n "$name" -S lora.r=$([ $name = first ] && echo 8 || echo 16) -C models/tiny-deepseek train
   done

@@ -41,7 +41,7 @@ from finetune.training.data import (
     loss_rows,
     read_tokenized,
 )
-from finetune.training.distributed import World, start_processes
+from finetune.training.distributed import World, splits, start_processes
 from finetune.training.failures import full_disk_named, removed_unless_resumable
 
 log = logging.getLogger("train")
@@ -171,5 +171,7 @@ if __name__ == "__main__":
     )
     # this training's GPUs, leased; more than one, or other machines to meet: started again as that many processes
     params = paths["params_path"]
-    start_processes("train", params, load(TrainConfig, params, "train").devices)
+    config = load(TrainConfig, params, "train")
+    fits = splits(config.per_device_train_batch_size, config.gradient_accumulation_steps)
+    start_processes("train", params, config.devices, fits, machines=True)
     main(**paths)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ from pathlib import Path
 import pytest
 
 from finetune.config.workspace import experiment_copy, require_in_copy
+from finetune.training.distributed import splits
 from finetune.training.leases import (
     FOLDER,
     gpu_ids,
+    lease_folder,
     lease_gpus,
     lock_file,
     running_workers,
@@ -42,6 +45,14 @@ def test_auto_in_a_sweep_is_a_fair_share_and_at_least_one_gpu() -> None:
     assert wanted("auto", 2, 4) == 1  # more workers than GPUs: one each, the others wait
     assert wanted(1, 8, 4) == 1 and wanted(3, 8, 0) == 3  # a number as written
     assert wanted("auto", 0, 4) == 0 and wanted(2, 0, 0) == 0  # no GPU: nothing to lease (gloo processes)
+
+
+def test_auto_takes_the_most_gpus_the_effective_batch_splits_over() -> None:
+    """The seed's 2 x 4 on 3, 6 or 7 GPUs: auto used to lease them all, and train then refused the split."""
+    eight = splits(2, 4)
+    assert [wanted("auto", visible, 0, eight) for visible in range(1, 9)] == [1, 2, 2, 4, 4, 4, 4, 8]
+    assert wanted("auto", 8, 3, eight) == 2  # a sweep's share of 2 (8 GPUs, 3 workers)
+    assert wanted(3, 8, 0, eight) == 3  # a number as written: train names the split it cannot make
 
 
 def test_the_running_workers_are_dvcs_live_queue_workers(tmp_path: Path) -> None:
@@ -81,7 +92,8 @@ def test_a_stage_leases_in_the_real_repository_names_its_experiment_and_sees_onl
     environ = {"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c", "DVC_ROOT": str(repo), "DVC_EXP_NAME": "rapt-olms"}
     lease = lease_gpus(2, 3, environ, copy, "train")
     assert lease.ids == ("GPU-a", "GPU-b") and environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
-    text = lock_file(repo / FOLDER, "GPU-a").read_text()  # the real repository's folder, not the copy's
+    text = lock_file(lease_folder(repo), "GPU-a").read_text()  # the real repository's folder, not the copy's
+    assert lease_folder(repo) == repo / FOLDER / socket.gethostname()  # this machine's GPUs apart from another's
     assert re.fullmatch(rf"rapt-olms: train \(pid {os.getpid()}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)\n", text)
     assert not (copy / FOLDER).exists()
     # a second stage of another experiment gets the GPU left, by its id
@@ -94,7 +106,7 @@ def test_a_stage_leases_in_the_real_repository_names_its_experiment_and_sees_onl
     environ = {}
     lease = lease_gpus(1, 2, environ, repo, "evaluate")
     assert lease.ids == ("0",) and environ == {"CUDA_VISIBLE_DEVICES": "0"}
-    assert lock_file(repo / FOLDER, "0").read_text().startswith(f"dvc repro: evaluate (pid {os.getpid()}, since ")
+    assert lock_file(lease_folder(repo), "0").read_text().startswith(f"dvc repro: evaluate (pid {os.getpid()}, since ")
     lease.release()
     environ = {}
     assert lease_gpus(0, 0, environ, repo, "train").ids == () and environ == {}

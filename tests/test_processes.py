@@ -16,6 +16,8 @@ from finetune.training.distributed import (
     processes,
     several_nodes,
     shard,
+    splits,
+    this_machine_only,
 )
 
 
@@ -33,8 +35,21 @@ def test_the_effective_batch_is_kept_over_the_processes() -> None:
     assert per_process(2, 4, 2) == (2, 2)  # 2 x 4 = 2 x 2 x 2
     assert per_process(8, 1, 2) == (4, 1)
     assert per_process(4, 1, 1) == (4, 1)
+    assert per_process(2, 4, 8) == (1, 1)  # 8 GPUs: the accumulation and the micro-batch both split
+    assert per_process(4, 6, 8) == (1, 3) and per_process(2, 6, 4) == (1, 3)
     with pytest.raises(ValueError, match=r"= 3 x 1 cannot be split evenly over 2 processes"):
         per_process(3, 1, 2)
+    with pytest.raises(ValueError, match=r"= 2 x 4 cannot be split evenly over 3 processes"):
+        per_process(2, 4, 3)
+    for per_device, accumulation in ((2, 4), (3, 1), (4, 6), (1, 8)):  # splits says what per_process makes
+        for count in range(1, 13):
+            kept = splits(per_device, accumulation)(count)
+            if kept:
+                micro, steps = per_process(per_device, accumulation, count)
+                assert micro * steps * count == per_device * accumulation
+            else:
+                with pytest.raises(ValueError):
+                    per_process(per_device, accumulation, count)
 
 
 def test_the_launcher_is_torchrun_on_a_local_rendezvous_without_restarts() -> None:
@@ -50,6 +65,11 @@ def test_the_launcher_is_torchrun_on_a_local_rendezvous_without_restarts() -> No
     assert several_nodes(nodes) and several_nodes({"PET_NNODES": "1:4"}) and not several_nodes({"PET_NNODES": "1"})
     with pytest.raises(ValueError, match="PET_NNODES=2 needs PET_RDZV_ENDPOINT"):
         launcher(1, "stages.train", [], {"PET_NNODES": "2"})
+    # evaluate, which the other machines never run, drops torchrun's variables: its processes are this machine's
+    environ = nodes | {"PET_RDZV_ID": "finance-1", "CUDA_VISIBLE_DEVICES": "0,1"}
+    assert this_machine_only(environ) == ["PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_ID"]
+    assert environ == {"CUDA_VISIBLE_DEVICES": "0,1"} and not several_nodes(environ)
+    assert "--rdzv-endpoint=localhost:0" in launcher(2, "stages.evaluate", [], environ)
     assert World.from_environ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) == World(1, 1, 2)
     assert World.from_environ({}).main and not World(1, 1, 2).main
     assert launched({"LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x"}) and not launched({"LOCAL_RANK": "0"})

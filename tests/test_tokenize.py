@@ -105,13 +105,17 @@ LONG_ANSWER = [
 ]
 
 
+@pytest.mark.parametrize("responses_only", [True, False])
 @pytest.mark.parametrize("over_length", ["truncate", "drop"])
 def test_over_length_conversations_are_cut_or_dropped_and_unlearnable_ones_dropped(
-    chat: Chat, over_length: str
+    chat: Chat, over_length: str, responses_only: bool
 ) -> None:
+    """A long question cut before its answer is dropped however the labels fall: with train_on_responses_only false
+    its question's tokens would be learnt, and evaluate would score a held-out row with no answer token."""
     short = TWO_TURNS[1:3]  # 24 tokens; LONG 590, its prompt 565; LONG_ANSWER 453, its prompt 8
     conversations = [short, LONG, LONG_ANSWER, short]
-    table, full, counts = encode(chat, conversations, np.arange(4), 64, TokenizeConfig(over_length=over_length))
+    config = TokenizeConfig(over_length=over_length, train_on_responses_only=responses_only)
+    table, full, counts = encode(chat, conversations, np.arange(4), 64, config)
     rows = rows_of(table)
     assert (full > 64).tolist() == [False, True, True, False]
     if over_length == "truncate":  # the long answer is cut and kept; the long question leaves no answer token

@@ -91,7 +91,8 @@ def assemble(
     conversation's length before the cut; and the counts of those cut or dropped, by reason.
 
     A one-turn conversation of 12 tokens, 5 of them the answer's, with `max_length` 8 is cut to 8 tokens of which 1
-    is learnt; with `over_length: drop` it is dropped. One left with no learnt token is dropped either way.
+    is learnt; with `over_length: drop` it is dropped. One left with no token of an answer is dropped either way
+    (with `train_on_responses_only: false` too, where its question's tokens would be learnt).
     """
     rows, n = layout.rows, len(layout.rows)
     learnt_piece = layout.answer if config.train_on_responses_only else np.ones(len(piece_tokens), bool)
@@ -115,8 +116,9 @@ def assemble(
     kept = ~over if config.over_length == "drop" else np.ones(n, bool)
     position = np.arange(len(flat)) - np.repeat(start, full)
     in_cut = position < max_length
-    learnt = np.add.reduceat((labels != IGNORE_INDEX) & in_cut, start) if n else np.empty(0, np.int64)
-    unlearnable = kept & (learnt == 0)
+    # an answer's token inside the cut: learnt where train_on_responses_only, and what evaluate scores either way
+    answered = np.add.reduceat(np.repeat(layout.answer, piece_tokens) & in_cut, start) if n else np.empty(0, np.int64)
+    unlearnable = kept & (answered == 0)
     kept &= ~unlearnable
     take = in_cut & np.repeat(kept, full)
     lengths = np.minimum(full, max_length)[kept]

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -108,6 +109,15 @@ def several_nodes(environ: dict[str, str]) -> bool:
     return environ.get("PET_NNODES", "1").split(":")[-1].strip() not in ("", "1")
 
 
+def this_machine_only(environ: MutableMapping[str, str]) -> list[str]:
+    """Drop torchrun's `PET_*` variables from `environ`, which then starts processes on this machine alone; the names
+    dropped. evaluate so: the other machines of a training run its command only, and would never join."""
+    dropped = sorted(name for name in environ if name.startswith("PET_"))
+    for name in dropped:
+        del environ[name]
+    return dropped
+
+
 def launched(environ: dict[str, str]) -> bool:
     """Whether this process was started by torchrun (it sets `LOCAL_RANK` and `TORCHELASTIC_RUN_ID`)."""
     return "LOCAL_RANK" in environ and "TORCHELASTIC_RUN_ID" in environ
@@ -115,19 +125,27 @@ def launched(environ: dict[str, str]) -> bool:
 
 def per_process(per_device: int, accumulation: int, world_size: int) -> tuple[int, int]:
     """`(micro-batch, accumulation)` of each of `world_size` processes that keep the effective batch
-    `per_device x accumulation`: the accumulation divided if it can be, else the micro-batch.
+    `per_device x accumulation`: the accumulation divided as far as it goes, the rest of the split from the
+    micro-batch (which memory bounds: it shrinks only when it must).
 
-    `per_process(2, 4, 2)` -> `(2, 2)`; `per_process(8, 1, 2)` -> `(4, 1)`; `per_process(3, 1, 2)` refused.
+    `per_process(2, 4, 2)` -> `(2, 2)`; `per_process(8, 1, 2)` -> `(4, 1)`; `per_process(2, 4, 8)` -> `(1, 1)`;
+    `per_process(4, 6, 8)` -> `(1, 3)`; `per_process(3, 1, 2)` refused.
     """
-    if accumulation % world_size == 0:
-        return per_device, accumulation // world_size
+    shared = math.gcd(accumulation, world_size)  # the processes' factor the accumulation takes
+    rest = world_size // shared  # and the one left to the micro-batch
     require(
-        per_device % world_size == 0,
+        per_device % rest == 0,
         f"the effective batch train.per_device_train_batch_size x train.gradient_accumulation_steps = {per_device} x "
-        f"{accumulation} cannot be split evenly over {world_size} processes: make either a multiple of {world_size}, "
-        "or set train.devices to a divisor of one",
+        f"{accumulation} cannot be split evenly over {world_size} processes: make it a multiple of {world_size}, "
+        "or set train.devices to a divisor of it",
     )
-    return per_device // world_size, accumulation
+    return per_device // rest, accumulation // shared
+
+
+def splits(per_device: int, accumulation: int) -> Callable[[int], bool]:
+    """Whether the effective batch `per_device x accumulation` splits evenly over a number of processes
+    (`per_process`): `splits(2, 4)(8)` -> True, `splits(2, 4)(3)` -> False."""
+    return lambda count: per_device % (count // math.gcd(accumulation, count)) == 0
 
 
 def restart_under_launcher(count: int, module: str, arguments: list[str]) -> None:
@@ -139,22 +157,35 @@ def restart_under_launcher(count: int, module: str, arguments: list[str]) -> Non
     os.execv(command[0], command)
 
 
-def start_processes(stage: str, params: Path, devices: str | int) -> None:
+def start_processes(
+    stage: str,
+    params: Path,
+    devices: str | int,
+    fits: Callable[[int], bool] = bool,  # bool: any count >= 1
+    machines: bool = False,
+) -> None:
     """Before anything starts CUDA: check that a local `model.model_name` of `params` is in a DVC experiment's copy
     (before any wait, `workspace.require_in_copy`), lease the GPUs that `devices` (the setting `<stage>.devices`) asks
     for and make them this process's `CUDA_VISIBLE_DEVICES` (experiments that DVC's queue workers run at once take
     turns or share out the machine's GPUs, `leases`); then, for more than one, or other machines to meet, start
-    `stages.<stage>` again as that many processes under torchrun, which inherits the lease. Nothing to do in a
-    process torchrun started."""
+    `stages.<stage>` again as that many processes under torchrun, which inherits the lease. `auto` takes the most
+    GPUs, up to what it may take, that `fits` (train's batch splits evenly over them: `splits`). Other machines are
+    met where `machines` (train) and torchrun's variables say so; otherwise those are dropped (`this_machine_only`).
+    Nothing to do in a process torchrun started."""
     if launched(dict(os.environ)):
         return
     key = f"{stage}.devices"
+    if not machines and several_nodes(dict(os.environ)):
+        log.info("%s runs on this machine alone, without %s", stage, ", ".join(this_machine_only(os.environ)))
     require_in_copy(load(ModelConfig, params, "model").model_name, "model.model_name", os.environ, Path.cwd())
     visible, workers = leases.visible_gpus(), leases.sweep_workers(os.environ, Path.cwd())
     count = processes(devices, visible, key)  # a number of GPUs the machine lacks is refused here
     if workers:
         log.info("an experiment of a sweep: %d queue workers running, %d GPU(s) visible", workers, visible)
-    lease = leases.lease_gpus(leases.wanted(devices, visible, workers), visible, os.environ, Path.cwd(), stage)
+    want = leases.wanted(devices, visible, workers, fits)
+    if want < leases.wanted(devices, visible, workers):
+        log.info("%s: auto takes %d GPU(s), the most that train's effective batch splits evenly over", key, want)
+    lease = leases.lease_gpus(want, visible, os.environ, Path.cwd(), stage)
     count = len(lease.ids) or count
     if count > 1 or several_nodes(dict(os.environ)):
         log.info("%s: %d processes on this machine, started by torch.distributed.run", key, count)

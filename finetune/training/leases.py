@@ -23,8 +23,9 @@ import json
 import logging
 import os
 import re
+import socket
 import time
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,14 @@ from finetune.config.workspace import experiment_copy
 log = logging.getLogger(__name__)
 
 FOLDER = Path(".dvc", "tmp", "gpu-leases")  # under the repo root; .dvc/tmp is DVC's own, ignored by git
+
+
+def lease_folder(root: Path) -> Path:
+    """The lock files of this machine's GPUs, in a folder of its host name: a clone that several machines mount
+    (several machines training together) holds each machine's GPU 0 apart."""
+    return root / FOLDER / socket.gethostname()
+
+
 WORKERS = Path(".dvc", "tmp", "exps", "celery")  # DVC's queue workers' files: dvc-exp-worker-<n>.json
 POLL_SECONDS = 2.0  # between two looks at the GPUs, while waiting
 LOG_SECONDS = 300.0  # between two log lines of a stage that keeps waiting
@@ -121,17 +130,19 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def wanted(devices: str | int, visible: int, workers: int) -> int:
+def wanted(devices: str | int, visible: int, workers: int, fits: Callable[[int], bool] = bool) -> int:
     """How many of the `visible` GPUs a stage leases for `devices` (`train.devices`: `auto` or a number, at most
-    `visible`) with `workers` queue workers running its sweep (0 outside one).
+    `visible`) with `workers` queue workers running its sweep (0 outside one); `auto` takes the most, up to its
+    share, that `fits` (train's effective batch splits evenly over them; `bool`: any number).
 
     `wanted("auto", 8, 0)` -> 8; `wanted("auto", 8, 4)` -> 2; `wanted("auto", 2, 4)` -> 1; `wanted(1, 8, 4)` -> 1;
-    `wanted("auto", 0, 4)` -> 0 (no GPU: nothing to lease).
+    `wanted("auto", 3, 0, lambda n: 8 % n == 0)` -> 2; `wanted("auto", 0, 4)` -> 0 (no GPU: nothing to lease).
     """
     if visible == 0:
         return 0
     if devices == "auto":
-        return max(visible // workers, 1) if workers > 1 else visible
+        share = max(visible // workers, 1) if workers > 1 else visible
+        return next(count for count in range(share, 0, -1) if count == 1 or fits(count))
     return int(devices)
 
 
@@ -205,7 +216,7 @@ def lease_gpus(count: int, visible: int, environ: MutableMapping[str, str], cwd:
     root = Path(environ.get("DVC_ROOT") or cwd)
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     holder = f"{environ.get('DVC_EXP_NAME') or 'dvc repro'}: {stage} (pid {os.getpid()}, since {since})"
-    lease = take(gpu_ids(environ, visible), count, root / FOLDER, holder)
+    lease = take(gpu_ids(environ, visible), count, lease_folder(root), holder)
     if lease.ids:
         environ["CUDA_VISIBLE_DEVICES"] = lease.visible
         log.info("%s: leased GPU(s) %s", stage, lease.visible)
