@@ -6,6 +6,7 @@ On the CPU the processes talk over gloo, as on GPUs over NCCL: the same stage co
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -157,6 +158,26 @@ def test_a_killed_process_ends_the_whole_training_and_it_resumes_on_one(workspac
     assert {run.info.run_id for run in after} == started  # the killed run's, continued
     continued = mlflow.MlflowClient().get_run(next(r.info.run_id for r in after if "resumed_from" in r.data.tags))
     assert continued.info.status == "FINISHED" and continued.data.tags["world_size"] == "1"
+
+
+def test_a_killed_launcher_takes_its_processes_with_it(workspace: Path) -> None:
+    """torchrun holds the stage's GPU lease, and its processes run in sessions of their own: killed outright (the
+    out-of-memory killer), it freed the GPUs while they trained on, orphaned, for the next experiment to take."""
+    training = start_training(workspace, workspace / "orphans", devices=2, max_steps=10_000, eval_steps=None)
+    log = workspace / "orphans" / "train.log"
+    deadline = time.monotonic() + 300
+    while "rank 1 of 2" not in log.read_text() and time.monotonic() < deadline:  # both past their start
+        assert training.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.1)
+    workers = psutil.Process(training.pid).children()
+    assert len(workers) == 2, log.read_text()[-3000:]
+    training.send_signal(signal.SIGKILL)  # the stage's process is torchrun (exec)
+    training.wait(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    for worker in alive:  # orphans training on: the test ends them
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+    assert not alive, f"processes {[worker.pid for worker in alive]} outlived their launcher"
 
 
 def test_two_machines_meet_at_a_rendezvous_and_train_as_one_in_passes_of_so_many_tokens(

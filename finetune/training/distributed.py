@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -73,6 +74,7 @@ def processes(devices: str | int, visible_gpus: int, key: str = "train.devices")
     return devices
 
 
+PR_SET_PDEATHSIG = 1  # prctl's option: the signal this process gets when its parent dies (linux/prctl.h)
 # torchrun's own `PET_*` environment variables, where set, win over these defaults
 LAUNCH_DEFAULTS = {
     "PET_RDZV_BACKEND": "--rdzv-backend=c10d",
@@ -148,6 +150,20 @@ def splits(per_device: int, accumulation: int) -> Callable[[int], bool]:
     return lambda count: per_device % (count // math.gcd(accumulation, count)) == 0
 
 
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this process, one torchrun started, when torchrun dies. torchrun holds the stage's GPU
+    lease and starts its processes in sessions of their own: killed outright (SIGKILL, the out-of-memory killer) it
+    freed the GPUs while they trained on, for the next experiment to take. Linux only (`prctl`)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # torchrun died before the request took hold
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def restart_under_launcher(count: int, module: str, arguments: list[str]) -> None:
     """Replace this process with torchrun running `count` copies of `module` (DVC waits on the same process id,
     and a signal to it reaches the launcher, which stops every copy)."""
@@ -173,6 +189,7 @@ def start_processes(
     met where `machines` (train) and torchrun's variables say so; otherwise those are dropped (`this_machine_only`).
     Nothing to do in a process torchrun started."""
     if launched(dict(os.environ)):
+        die_with_launcher()
         return
     key = f"{stage}.devices"
     if not machines and several_nodes(dict(os.environ)):
