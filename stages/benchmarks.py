@@ -27,7 +27,7 @@ from finetune.config import cli
 from finetune.config.params import flatten, load, require
 from finetune.data.files import BENCHMARK_MANIFEST, write_json
 from finetune.data.parallel import cores
-from finetune.data.sources import LOCAL_FORMATS, check_watched, from_file, from_hub, local_provenance
+from finetune.data.sources import LOCAL_FORMATS, REREAD, check_watched, from_file, from_hub, local_provenance
 from finetune.evaluation.benchmark_sets import BenchmarkConfig, BenchmarksConfig, benchmark_rows
 from finetune.evaluation.contamination import Index, contamination, training_messages, without_shared_ends
 
@@ -51,7 +51,9 @@ def load_set(bench: BenchmarkConfig, key: str, sources: tuple[Path, ...]) -> tup
             path.suffix.lower() in LOCAL_FORMATS, f"{key}.dataset: {path} must be one of {', '.join(LOCAL_FORMATS)}"
         )
         return from_file(path), local_provenance(path)
-    dataset = load_dataset(str(path), name=bench.config, data_dir=bench.data_dir, split=bench.split)
+    dataset = load_dataset(
+        str(path), name=bench.config, data_dir=bench.data_dir, split=bench.split, download_mode=REREAD
+    )
     return dataset, local_provenance(path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ from datasets import Dataset, Features, Value
 from finetune.data.cleaning import FetchConfig, check_schema, clean, clean_and_split, draw, read_jsonl
 from finetune.data.files import digests
 from finetune.data.near_copies import normalised, row_keys, sharing_answers, text_digests
-from finetune.data.sources import resolved_revision
+from finetune.data.sources import from_file, resolved_revision
 from stages.fetch import load_rows, main
 
 CONFIG = FetchConfig(
@@ -156,6 +157,21 @@ def test_a_local_folder_or_a_file_of_another_kind_is_refused(tmp_path: Path) -> 
     (tmp_path / "rows.tsv").write_text("system\tuser\tassistant\n")
     with pytest.raises(ValueError, match=r"fetch.dataset: .*rows.tsv is a local file; give a .parquet"):
         load_rows(replace(CONFIG, dataset=str(tmp_path / "rows.tsv")), (tmp_path,))
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_file_replaced_with_its_time_kept_is_read_anew(tmp_path: Path, suffix: str) -> None:
+    """datasets' cache knows a local file by its path and modification time: cp -p or rsync -a of new rows gave the
+    old ones, beside the new file's SHA-256."""
+    path = tmp_path / f"rows{suffix}"
+    for answer in ("Old answer.", "New answer."):
+        rows = Dataset.from_list([{"system": "", "user": "Why?", "assistant": answer}])
+        if suffix == ".csv":
+            rows.to_csv(path, index=False)
+        else:
+            rows.to_parquet(path)
+        os.utime(path, ns=(1_700_000_000_000_000_000,) * 2)  # the same time both times
+        assert from_file(path)["assistant"] == [answer]
 
 
 def test_unreadable_csv_names_the_file(tmp_path: Path) -> None:

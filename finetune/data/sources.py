@@ -35,6 +35,11 @@ def from_hub(dataset: str, split: str, revision: str | None, **options: Any) -> 
     return loaded, provenance
 
 
+# a local file read again each time: datasets' cache knows a file by its path and modification time, and a file
+# replaced with its time kept (cp -p, rsync -a, an unpacked archive) gave the old rows beside the new file's SHA-256
+REREAD = "force_redownload"
+
+
 def from_file(path: Path, text: bool = False) -> Any:
     """A local .parquet/.json/.jsonl/.csv file's rows; one that cannot be parsed is named. A CSV's cells are read as
     written: only an empty cell is null, where pandas would also read `None`, `NA`, `N/A`, `null`, `nan` ... so;
@@ -50,7 +55,9 @@ def from_file(path: Path, text: bool = False) -> Any:
                 header = next(csv.reader(f), [])
             options["features"] = Features({column: Value("string") for column in header})
     try:
-        return load_dataset(LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train", **options)
+        return load_dataset(
+            LOCAL_FORMATS[path.suffix.lower()], data_files=str(path), split="train", download_mode=REREAD, **options
+        )
     except Exception as error:  # datasets wraps the parser's error; name the file, keep the cause
         cause = error.__cause__ or error
         raise ValueError(f"{path}: cannot be read as {path.suffix[1:]}: {cause}") from error
