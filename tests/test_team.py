@@ -215,6 +215,9 @@ def test_the_run_on_the_server_has_params_step_metrics_inputs_evaluation_adapter
     auth = ("alice", users["alice"])
     (run_,) = training_runs(team, auth)
     info, data = run_["info"], run_["data"]
+    # make mlflow-ui with the server as the store: the server's own runs page, no local UI started (a hang)
+    shown = alice.follow("python -m tools.mlflow_ui")
+    assert f"{team.mlflow_url}/#/experiments/{info['experiment_id']}/runs?viewStateShareKey=lora-and-results" in shown
     assert info["status"] == "FINISHED" and info["user_id"] == "alice"
     params = {p["key"]: p["value"] for p in data["params"]}
     assert params["lora.r"] == "4" and params["train.max_steps"] == str(STEPS)

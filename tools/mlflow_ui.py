@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def main() -> None:
     experiment_id = open_store(load(TrackingConfig, args.params, "tracking"), os.environ, Path.cwd())
     save_runs_view(experiment_id)
     uri = tracking_uri(os.environ, store_root(os.environ, Path.cwd()))
+    if uri.startswith(("http://", "https://")):  # a tracking server (MLFLOW_TRACKING_URI) is its own UI
+        server = re.sub(r"//[^/@]*@", "//", uri).rstrip("/")  # any user:password@ left out
+        print(f"MLflow UI: the tracking server's own (log in there): {runs_page(server, experiment_id)}")
+        print(f"  the runs grouped by sweep: {runs_page(server, experiment_id, SWEEPS_VIEW)}")
+        return
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {uri}: {runs_page(base, experiment_id)}", flush=True)
     print(f"  the runs grouped by sweep: {runs_page(base, experiment_id, SWEEPS_VIEW)}", flush=True)
