@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from demo.tiny_model import BOS, EOS
-from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think
+from finetune.tokens.chat import IGNORE_INDEX, Chat, ChatConfig, answer_text, split_think, token_ids
 
 TWO_TURNS = [
     {"role": "system", "content": "You are an analyst."},
@@ -69,6 +69,14 @@ def test_every_prompt_is_a_token_prefix_and_only_answers_are_learnt(tokenizer, t
     reasoning = "excess over the benchmark" if think == "empty_block" else ""
     assert learnt == f"{block}Market sensitivity.{EOS}{reasoning}{block}Excess return.{EOS}"
     chat.check(padding=True)
+
+
+def test_token_ids_are_never_cut_by_an_earlier_call_with_truncation(tokenizer) -> None:
+    """The tokenizer's Rust core keeps the truncation (and padding) of its last call that asked for it."""
+    text = "Net interest margin widened as deposit costs lagged. " * 20
+    whole = token_ids(tokenizer, [text])[0]
+    tokenizer([text], truncation=True, max_length=5, padding="max_length")  # what a trainer's call may leave behind
+    assert len(whole) > 5 and token_ids(tokenizer, [text, "Beta."]) == [whole, token_ids(tokenizer, ["Beta."])[0]]
 
 
 def test_answer_text_splits_what_the_prompt_gives_from_what_the_model_writes() -> None:
