@@ -127,6 +127,8 @@ def test_over_length_conversations_are_cut_or_dropped_and_unlearnable_ones_dropp
         assert counts.items() >= {"cut_over_length": 0, "dropped_over_length": 2, "dropped_no_answer_token": 0}.items()
     assert all(any(label != IGNORE_INDEX for label in row["labels"]) for row in rows)
     assert counts["conversations_in"] == 4 and counts["tokens"] == sum(len(row["input_ids"]) for row in rows)
+    over = summary(full, limit=64)["tokens_over_max_seq_length"]  # each over-length one under one reason
+    assert over == 2 == counts["cut_over_length"] + counts["dropped_over_length"] + counts["dropped_no_answer_token"]
 
 
 def test_summary_reports_percentiles_and_the_count_over_the_limit() -> None:
