@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,3 +247,20 @@ def test_the_stage_writes_each_benchmark_with_its_contamination_flags(
     assert (metrics["tweets_contaminated_exact"], metrics["tweets_contaminated_ngram"]) == (1, 2)
     assert metrics["provenance"]["tweets"]["source"] == str(folder) and metrics["training_messages"] == 4
     assert (metrics["sums_rows"], metrics["sums_contaminated_exact"]) == (3, 1)
+
+
+@pytest.mark.slow  # a stage's process
+def test_a_stage_says_a_bad_setting_in_one_line_and_a_traceback_only_when_asked(root: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("benchmarks:\n  sets: [{preset: fpb, name: eval}]\n")
+    command = [sys.executable, "-m", "stages.benchmarks", "--params", str(tmp_path / "bad.yaml"), "--sources"]
+    command += [str(root / "data/benchmarks"), "--texts", "t", "--out", "o", "--metrics", "m.json"]
+    environ = os.environ | {"PYTHONPATH": str(root)}
+    brief = subprocess.run(command, cwd=tmp_path, env=environ, capture_output=True, text=True)
+    assert brief.returncode == 1 and brief.stderr.splitlines()[-1] == (
+        "benchmarks: error: benchmarks.sets[0].name 'eval' is the first word of evaluate's own metrics (eval, base, "
+        "tuned, loss, generated, evaluate, peak): its metrics would overwrite them; choose another name"
+    )
+    assert "Traceback" not in brief.stderr
+    traced = environ | {"FINETUNE_TRACEBACK": "1"}
+    full = subprocess.run(command, cwd=tmp_path, env=traced, capture_output=True, text=True)
+    assert full.returncode == 1 and "Traceback" in full.stderr and "ValueError: benchmarks.sets[0].name" in full.stderr

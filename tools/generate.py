@@ -115,6 +115,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
     args = parser.parse_args()
     cli.setup_logging()  # to stderr: stdout holds the answer alone
+    cli.brief_errors("generate")
     cli.exit_without_collecting()
 
     import unsloth  # noqa: F401, I001  # isort: skip  # first: it patches transformers and peft

@@ -12,6 +12,8 @@ import argparse
 import atexit
 import gc
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,29 @@ def setup_logging() -> None:
     """INFO and up to stderr, one line each. `force`: a library imported first (unsloth) may have configured the
     root logger already, which would leave this one silent."""
     logging.basicConfig(level=logging.INFO, format=FORMAT, force=True)
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the project: its own code is under finetune/, stages/ and tools/
+OWN = tuple(str(ROOT / folder) + "/" for folder in ("finetune", "stages", "tools"))
+
+
+def brief_errors(name: str) -> None:
+    """Print a bad setting or input as the one line `<name>: error: <message>`, not a traceback: a `ValueError` or
+    `FileNotFoundError` that this project's own code raised (its message names the key, the row or the file). Any
+    other error keeps its traceback, and `FINETUNE_TRACEBACK=1` in the environment shows every one."""
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        last = trace
+        while last is not None and last.tb_next is not None:
+            last = last.tb_next
+        ours = last is not None and last.tb_frame.f_code.co_filename.startswith(OWN)
+        if issubclass(kind, ValueError | FileNotFoundError) and ours and not os.environ.get("FINETUNE_TRACEBACK"):
+            print(f"{name}: error: {error}", file=sys.stderr, flush=True)
+        else:
+            default(kind, error, trace)
+
+    sys.excepthook = hook
 
 
 def exit_without_collecting() -> None:
@@ -45,9 +70,11 @@ def parser(doc: str, many: tuple[str, ...] = (), **paths: str) -> argparse.Argum
 
 
 def arguments(doc: str, many: tuple[str, ...] = (), **paths: str) -> dict[str, Any]:
-    """Parse this process's arguments with `parser`, set up logging and a quick exit (`exit_without_collecting`):
+    """Parse this process's arguments with `parser`, set up logging, one-line errors (`brief_errors`) and a quick
+    exit (`exit_without_collecting`):
     the keyword arguments of the stage's `main` (`params_path`, then each path; a `many` path as a tuple)."""
     parsed = vars(parser(doc, many, **paths).parse_args())
     setup_logging()
+    brief_errors(doc.strip().split(":", 1)[0])  # the stage's name: its docstring's first word
     exit_without_collecting()
     return {key: tuple(value) if isinstance(value, list) else value for key, value in parsed.items()}
