@@ -36,12 +36,19 @@ from finetune.evaluation.base_vs_tuned import (
     BAR_COLUMNS,
     EvaluateConfig,
     bar_rows,
+    benchmark_inputs,
     evaluate_models,
     held_out_samples,
     scored_rows,
 )
 from finetune.evaluation.benchmark_items import read_benchmarks
-from finetune.model.load import ModelConfig, load_with_adapter
+from finetune.model.load import (
+    ModelConfig,
+    load_tokenizer,
+    load_with_adapter,
+    trained_precision,
+    with_trained_template,
+)
 from finetune.model.patches import apply_speed_patches
 from finetune.tokens.chat import Chat, ChatConfig
 from finetune.tracking.adapter_run import adapter_run
@@ -85,6 +92,11 @@ def main(
     conversations = Dataset.from_parquet(str(texts / "eval.parquet"))["conversations"]
     prompts = held_out_samples(rows, conversations, config.num_samples)
     sets = read_benchmarks(benchmarks)
+    # every benchmark item encoded and checked against model.max_seq_length before the model loads (minutes for the
+    # 8B): with the base's tokenizer and the adapter's template, which encode as the model's (train checked it); an
+    # adapter of another base is refused first (`trained_precision`)
+    early = Chat(with_trained_template(load_tokenizer(trained_precision(model_config, adapter)), adapter), chat_config)
+    inputs = benchmark_inputs(early, sets, model_config.max_seq_length)
 
     # --- models: the tuned model, in the precision it was trained in; the base is it with the adapter disabled. One
     # of several processes (evaluate.devices) loads it onto its own GPU and scores every N-th item of each kind
@@ -100,7 +112,7 @@ def main(
     start = time.perf_counter()
     with process_group(world):
         results, sample_rows, benchmark_rows = evaluate_models(
-            model, chat, encoded, prompts, sets, config, model_config.max_seq_length, world
+            model, chat, encoded, prompts, sets, config, model_config.max_seq_length, world, inputs
         )
     results["evaluate_seconds"] = time.perf_counter() - start
     if not world.main:  # rank 0 has every process's results, and writes

@@ -284,6 +284,28 @@ def test_mlflow_lineage_data_hashes_system_metrics_throughput_and_registry(repo:
     assert [p.name for p in (repo / "models/checkpoints").iterdir()] == [".gitkeep"]  # trained: nothing to resume
 
 
+def test_evaluate_refuses_a_benchmark_item_too_long_before_the_model_loads(
+    repo: Path, first_repro: str, tmp_path: Path
+) -> None:
+    """A FinQA prompt over model.max_seq_length is named before the model loads (minutes for the 8B), not after."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["max_seq_length"] = 64
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    command = [sys.executable, "-m", "stages.evaluate", "--params", str(tmp_path / "params.yaml"), "--data"]
+    command += ["data/tokenized", "--texts", "data/standardized", "--benchmarks", "data/benchmark_items", "--adapter"]
+    command += ["models/adapter", "--metrics", str(tmp_path / "m.json"), "--samples", str(tmp_path / "s.json")]
+    command += ["--bars", str(tmp_path / "b.csv")]
+    result = subprocess.run(command, cwd=repo, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.splitlines()[-1]
+    assert re.fullmatch(
+        r"evaluate: error: finqa row 1: its prompt takes \d+ tokens, more than model.max_seq_length 64: "
+        r"shorten the text or raise model.max_seq_length",
+        last,
+    ), last
+    assert "evaluate: config:" not in result.stderr  # logged once the model has loaded
+
+
 def test_export_runs_only_when_asked_and_generate_answers_from_a_logged_adapter(repo: Path, first_repro: str) -> None:
     assert "export" not in ran_stages(first_repro) and not (repo / "models/merged").exists()
     exported = dvc("repro", "export/dvc.yaml", cwd=repo)

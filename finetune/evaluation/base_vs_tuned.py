@@ -91,6 +91,20 @@ def held_out_samples(rows: list[dict[str, Any]], conversations: list[list[dict[s
     return out
 
 
+@dataclass(frozen=True)
+class BenchmarkInputs:
+    asked: dict[str, list[list[int]]]  # each numeric benchmark's prompts, as token ids
+    choices: dict[str, list[list[Encoded]]]  # each label set's items, every label encoded as the answer
+
+
+def benchmark_inputs(chat: Chat, benchmarks: list[Benchmark], max_length: int) -> BenchmarkInputs:
+    """Every benchmark item's tokens, each checked against `max_length` (an error names the benchmark and the row)."""
+    return BenchmarkInputs(
+        {bench.name: numeric_prompts(chat, bench, max_length) for bench in benchmarks if bench.kind == "numeric"},
+        {bench.name: label_choices(chat, bench, max_length) for bench in benchmarks if bench.kind == "labels"},
+    )
+
+
 def evaluate_models(
     model: Any,
     chat: Chat,
@@ -100,15 +114,16 @@ def evaluate_models(
     config: EvaluateConfig,
     max_length: int,
     world: World | None = None,
+    inputs: BenchmarkInputs | None = None,
 ) -> tuple[dict[str, float | int], list[dict[str, Any]], list[dict[str, Any]]]:
     """Every measure of base (adapter disabled) and tuned model: the metrics, the answered held-out samples and the
     answered samples of the numeric benchmarks (their first `num_samples` items each). One of several processes
-    (`world`) scores every N-th item of each kind, and every process gets the results of all of them."""
+    (`world`) scores every N-th item of each kind, and every process gets the results of all of them. The benchmark
+    items' tokens (`inputs`) are encoded here where not given (the stage encodes them before the model loads)."""
     tokenizer, world = chat.tokenizer, world or World()
     references = [sample.reference for sample in prompts]
-    # every item's tokens, checked against max_length (an error names its number), before the processes share them
-    asked = {bench.name: numeric_prompts(chat, bench, max_length) for bench in benchmarks if bench.kind == "numeric"}
-    choices = {bench.name: label_choices(chat, bench, max_length) for bench in benchmarks if bench.kind == "labels"}
+    inputs = inputs or benchmark_inputs(chat, benchmarks, max_length)
+    asked, choices = inputs.asked, inputs.choices
 
     def gathered(what: str, count: int, clock: float, mine: list[Any]) -> list[Any]:
         out = gather_shards(mine, world)  # every process's results, in the items' order

@@ -79,10 +79,15 @@ def load_with_adapter(
 
     config = trained_precision(config, adapter)
     model, tokenizer = load_base(config, local_rank)
+    return PeftModel.from_pretrained(model, str(adapter)), with_trained_template(tokenizer, adapter), config
+
+
+def with_trained_template(tokenizer: Any, adapter: Path) -> Any:
+    """`tokenizer` with the chat template the adapter was trained with, where its folder holds one."""
     template = trained_template(adapter)
     if template is not None:
         tokenizer.chat_template = template
-    return PeftModel.from_pretrained(model, str(adapter)), tokenizer, config
+    return tokenizer
 
 
 def trained_template(adapter: Path) -> str | None:
