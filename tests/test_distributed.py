@@ -180,6 +180,21 @@ def test_a_killed_launcher_takes_its_processes_with_it(workspace: Path) -> None:
     assert not alive, f"processes {[worker.pid for worker in alive]} outlived their launcher"
 
 
+def test_a_process_whose_launcher_died_before_it_started_ends_at_once(root: Path) -> None:
+    """torchrun killed while its processes import: their parent is already another, and they must not train on."""
+    code = "from finetune.training.distributed import die_with_launcher; die_with_launcher(); print('trains')"
+    environ = os.environ | {"PYTHONPATH": str(root)}
+    for launcher_pid, fate in ((os.getpid(), 0), (2**22 + 1, -signal.SIGKILL)):  # its parent; a launcher gone
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env=environ | {"FINETUNE_LAUNCHER_PID": str(launcher_pid)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == fate and ("trains" in done.stdout) == (fate == 0), done.stderr[-2000:]
+
+
 def test_two_machines_meet_at_a_rendezvous_and_train_as_one_in_passes_of_so_many_tokens(
     workspace: Path, single: Path
 ) -> None:

@@ -3,6 +3,7 @@ sweep's worker; a path that a DVC experiment's copy lacks, named with the fix.""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -93,7 +94,7 @@ def test_a_stage_leases_in_the_real_repository_names_its_experiment_and_sees_onl
     lease = lease_gpus(2, 3, environ, copy, "train")
     assert lease.ids == ("GPU-a", "GPU-b") and environ["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     text = lock_file(lease_folder(repo), "GPU-a").read_text()  # the real repository's folder, not the copy's
-    assert lease_folder(repo) == repo / FOLDER / socket.gethostname()  # this machine's GPUs apart from another's
+    assert lease_folder(repo) == repo / FOLDER  # one machine's: shared by every process on it
     assert re.fullmatch(rf"rapt-olms: train \(pid {os.getpid()}, since \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\)\n", text)
     assert not (copy / FOLDER).exists()
     # a second stage of another experiment gets the GPU left, by its id
@@ -110,6 +111,15 @@ def test_a_stage_leases_in_the_real_repository_names_its_experiment_and_sees_onl
     lease.release()
     environ = {}
     assert lease_gpus(0, 0, environ, repo, "train").ids == () and environ == {}
+    # several machines training together from one clone they mount: the other machine holding its GPU 0 (as one
+    # folder for both used to say: this machine's too) leaves this machine's GPU 0 free
+    (repo / FOLDER / "other-host").mkdir()
+    with open(lock_file(repo / FOLDER / "other-host", "0"), "w") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        here = lease_gpus(1, 1, {}, repo, "train", machines=True)
+        assert here.ids == ("0",)
+        assert lock_file(repo / FOLDER / socket.gethostname(), "0").read_text().startswith("dvc repro: train (pid ")
+        here.release()
 
 
 def test_a_path_the_experiments_copy_lacks_is_named_with_the_fix(tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ import ast
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -15,7 +17,7 @@ import yaml
 from examples import tiny_training
 
 from demo.run import apply_overrides, set_param_flags
-from finetune.config import params
+from finetune.config import cli, params
 from finetune.data.cleaning import FetchConfig
 from finetune.data.conversion import ToSharegptConfig
 from finetune.evaluation.base_vs_tuned import EvaluateConfig
@@ -23,6 +25,7 @@ from finetune.evaluation.benchmark_sets import PRESETS
 from finetune.model.load import ModelConfig
 from finetune.tracking.store import TrackingConfig
 from finetune.training.config import LoraConfig, TrainConfig, check_schedule
+from finetune.training.distributed import World
 from stages.export import ExportConfig
 from tools.deps import imported_files, project_imports, stage_definitions
 from tools.params_schema import SECTIONS, params_schema, rendered
@@ -344,3 +347,28 @@ def test_a_schedule_transformers_cannot_run_so_is_refused_by_name() -> None:
         check_schedule(tiny_training(lr_scheduler_type="cosin"))
     with pytest.raises(ValueError, match="reduce_lr_on_plateau steps on the held-out loss: set train.eval_steps$"):
         check_schedule(tiny_training(lr_scheduler_type="reduce_lr_on_plateau"))
+
+
+def caught(call: Callable[[], object]) -> tuple[type[BaseException], BaseException, Any]:
+    try:
+        call()
+    except Exception:
+        return sys.exc_info()
+    raise AssertionError("it raised nothing")
+
+
+def test_a_refused_setting_is_one_line_and_a_bug_keeps_its_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.delenv("FINETUNE_TRACEBACK", raising=False)
+    cli.brief_errors("train")
+    sys.excepthook(*caught(lambda: params.require(False, "lora.r must be >= 1, got -1")))
+    assert capsys.readouterr().err == "train: error: lora.r must be >= 1, got -1\n"
+    # a ValueError that Python raised inside our code (int() of a bad environment value) is a bug: its traceback
+    sys.excepthook(*caught(lambda: World.from_environ({"RANK": "0,1"})))
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "finetune/training/distributed.py" in err and "train: error" not in err
+    monkeypatch.setenv("FINETUNE_TRACEBACK", "1")  # every traceback, when asked
+    sys.excepthook(*caught(lambda: params.require(False, "lora.r must be >= 1, got -1")))
+    assert capsys.readouterr().err.startswith("Traceback")

@@ -12,6 +12,7 @@ from finetune.training.distributed import (
     gather_shards,
     launched,
     launcher,
+    machine_count,
     per_process,
     processes,
     several_nodes,
@@ -19,6 +20,7 @@ from finetune.training.distributed import (
     splits,
     this_machine_only,
 )
+from finetune.training.leases import wanted
 
 
 def test_devices_auto_takes_every_visible_gpu_and_one_process_without() -> None:
@@ -65,6 +67,9 @@ def test_the_launcher_is_torchrun_on_a_local_rendezvous_without_restarts() -> No
     assert several_nodes(nodes) and several_nodes({"PET_NNODES": "1:4"}) and not several_nodes({"PET_NNODES": "1"})
     with pytest.raises(ValueError, match="PET_NNODES=2 needs PET_RDZV_ENDPOINT"):
         launcher(1, "stages.train", [], {"PET_NNODES": "2"})
+    # the batch splits over every machine's processes: 2 x 4 on two machines of 8 GPUs is 4 GPUs each
+    assert machine_count(nodes) == 2 and machine_count({"PET_NNODES": "1:4"}) == machine_count({}) == 1
+    assert wanted("auto", 8, 0, lambda count: splits(2, 4)(count * machine_count(nodes))) == 4
     # evaluate, which the other machines never run, drops torchrun's variables: its processes are this machine's
     environ = nodes | {"PET_RDZV_ID": "finance-1", "CUDA_VISIBLE_DEVICES": "0,1"}
     assert this_machine_only(environ) == ["PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_ID"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
+import urllib.parse
 from pathlib import Path
 
 from finetune.config.params import load
-from finetune.tracking.store import TrackingConfig, open_store, store_root, tracking_uri
+from finetune.tracking.store import TrackingConfig, is_tracking_server, open_store, store_root, tracking_uri
 from finetune.tracking.ui import SWEEPS_VIEW, runs_page, save_runs_view
 
 
@@ -33,8 +33,9 @@ def main() -> None:
     experiment_id = open_store(load(TrackingConfig, args.params, "tracking"), os.environ, Path.cwd())
     save_runs_view(experiment_id)
     uri = tracking_uri(os.environ, store_root(os.environ, Path.cwd()))
-    if uri.startswith(("http://", "https://")):  # a tracking server (MLFLOW_TRACKING_URI) is its own UI
-        server = re.sub(r"//[^/@]*@", "//", uri).rstrip("/")  # any user:password@ left out
+    if is_tracking_server(uri):  # a tracking server (MLFLOW_TRACKING_URI) is its own UI
+        parts = urllib.parse.urlsplit(uri)
+        server = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}".rstrip("/")  # no user:password@
         print(f"MLflow UI: the tracking server's own (log in there): {runs_page(server, experiment_id)}")
         print(f"  the runs grouped by sweep: {runs_page(server, experiment_id, SWEEPS_VIEW)}")
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
+import linecache
 import logging
 import os
 import sys
@@ -32,8 +33,9 @@ OWN = tuple(str(ROOT / folder) + "/" for folder in ("finetune", "stages", "tools
 
 def brief_errors(name: str) -> None:
     """Print a bad setting or input as the one line `<name>: error: <message>`, not a traceback: a `ValueError` or
-    `FileNotFoundError` that this project's own code raised (its message names the key, the row or the file). Any
-    other error keeps its traceback, and `FINETUNE_TRACEBACK=1` in the environment shows every one."""
+    `FileNotFoundError` that a `raise` statement of this project's own code raised (its message names the key, the
+    row or the file). Any other error keeps its traceback, one that Python or a library raised inside our code (a
+    bug: `int("0,1")`, an unpacking) too, and `FINETUNE_TRACEBACK=1` in the environment shows every one."""
     default = sys.excepthook
 
     def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
@@ -41,6 +43,7 @@ def brief_errors(name: str) -> None:
         while last is not None and last.tb_next is not None:
             last = last.tb_next
         ours = last is not None and last.tb_frame.f_code.co_filename.startswith(OWN)
+        ours = ours and linecache.getline(last.tb_frame.f_code.co_filename, last.tb_lineno).lstrip().startswith("raise")
         if issubclass(kind, ValueError | FileNotFoundError) and ours and not os.environ.get("FINETUNE_TRACEBACK"):
             print(f"{name}: error: {error}", file=sys.stderr, flush=True)
         else:

@@ -59,7 +59,7 @@ def is_tracking_server(uri: str) -> bool:
 
     `is_tracking_server("http://127.0.0.1:5000")` -> True; `is_tracking_server("sqlite:////repo/mlflow.db")` -> False.
     """
-    return uri.startswith(("http://", "https://"))
+    return uri.lower().startswith(("http://", "https://"))
 
 
 # What kind of experiment this is, for MLflow 3's UI: without the tag it is taken for a GenAI app's (traces,

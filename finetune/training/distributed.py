@@ -1,14 +1,15 @@
 """Data-parallel train and evaluate: how many processes run, how the stage starts them, which of them writes.
 
 `train.devices` (`evaluate.devices`) decides the number of processes, one per GPU: `auto` takes every visible GPU
-(one process on a machine without one), a number takes that many (on the CPU, processes that talk over gloo: what CI
-runs). The stage leases its GPUs (`leases`), and with more than one starts again under PyTorch's own launcher,
-`torch.distributed.run` (torchrun), with the same arguments; each process then finds its rank in the environment the
-launcher sets (`start_processes`). Training keeps the effective batch of `params.yaml` (micro-batch x
-accumulation): each of N processes takes 1/N of the accumulation (or of the micro-batch). Evaluation gives each
-process every N-th item to score (`shard`) and puts their results back in order (`gather_shards`). Rank 0 alone
-writes: the MLflow run, the adapter, metrics and plots. Several machines: the same command on each, with torchrun's
-own variables (`PET_NNODES`, `PET_RDZV_ENDPOINT`) saying where they meet.
+(one process on a machine without one; for train, the most GPUs the effective batch splits over), a number takes
+that many (on the CPU, processes that talk over gloo: what CI runs). The stage leases its GPUs (`leases`), and with
+more than one starts again under PyTorch's own launcher, `torch.distributed.run` (torchrun), with the same
+arguments; each process then finds its rank in the environment the launcher sets (`start_processes`), and dies with
+torchrun (`die_with_launcher`). Training keeps the effective batch of `params.yaml` (micro-batch x accumulation): N
+processes divide the accumulation as far as it goes and the micro-batch for the rest (`per_process`). Evaluation
+gives each process every N-th item to score (`shard`) and puts their results back in order (`gather_shards`). Rank 0
+alone writes: the MLflow run, the adapter, metrics and plots. Several machines (train only): the same command on
+each, with torchrun's own variables (`PET_NNODES`, `PET_RDZV_ENDPOINT`) saying where they meet.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def processes(devices: str | int, visible_gpus: int, key: str = "train.devices")
 
 
 PR_SET_PDEATHSIG = 1  # prctl's option: the signal this process gets when its parent dies (linux/prctl.h)
+LAUNCHER_PID = "FINETUNE_LAUNCHER_PID"  # torchrun's process id, which its processes check their parent against
 # torchrun's own `PET_*` environment variables, where set, win over these defaults
 LAUNCH_DEFAULTS = {
     "PET_RDZV_BACKEND": "--rdzv-backend=c10d",
@@ -109,6 +111,13 @@ def launcher(count: int, module: str, arguments: list[str], environ: dict[str, s
 def several_nodes(environ: dict[str, str]) -> bool:
     """Whether torchrun is told to meet other machines: `PET_NNODES` above 1 (`2`, or a range like `1:4`)."""
     return environ.get("PET_NNODES", "1").split(":")[-1].strip() not in ("", "1")
+
+
+def machine_count(environ: dict[str, str]) -> int:
+    """How many machines train together where `PET_NNODES` says so (`2`); 1 otherwise, or for a range (`1:4`), whose
+    count is torchrun's to find: `machine_count({"PET_NNODES": "2"})` -> 2."""
+    nodes = environ.get("PET_NNODES", "1").strip()
+    return int(nodes) if nodes.isdigit() and int(nodes) >= 1 else 1
 
 
 def this_machine_only(environ: MutableMapping[str, str]) -> list[str]:
@@ -158,9 +167,8 @@ def die_with_launcher() -> None:
         return
     import ctypes
 
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # torchrun died before the request took hold
+    if str(os.getppid()) != os.environ.get(LAUNCHER_PID, str(os.getppid())):  # torchrun died before the request
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -168,6 +176,7 @@ def restart_under_launcher(count: int, module: str, arguments: list[str]) -> Non
     """Replace this process with torchrun running `count` copies of `module` (DVC waits on the same process id,
     and a signal to it reaches the launcher, which stops every copy)."""
     command = launcher(count, module, arguments, dict(os.environ))
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # torchrun's, after the exec: its processes' parent
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)
@@ -199,12 +208,13 @@ def start_processes(
     count = processes(devices, visible, key)  # a number of GPUs the machine lacks is refused here
     if workers:
         log.info("an experiment of a sweep: %d queue workers running, %d GPU(s) visible", workers, visible)
-    want = leases.wanted(devices, visible, workers, fits)
+    machines_met, nodes = several_nodes(dict(os.environ)), machine_count(dict(os.environ))
+    want = leases.wanted(devices, visible, workers, lambda count: fits(count * nodes))  # the batch splits over all
     if want < leases.wanted(devices, visible, workers):
         log.info("%s: auto takes %d GPU(s), the most that train's effective batch splits evenly over", key, want)
-    lease = leases.lease_gpus(want, visible, os.environ, Path.cwd(), stage)
+    lease = leases.lease_gpus(want, visible, os.environ, Path.cwd(), stage, machines_met)
     count = len(lease.ids) or count
-    if count > 1 or several_nodes(dict(os.environ)):
+    if count > 1 or machines_met:
         log.info("%s: %d processes on this machine, started by torch.distributed.run", key, count)
         restart_under_launcher(count, f"stages.{stage}", sys.argv[1:])
 

@@ -4,15 +4,18 @@ at once on one machine (`dvc queue start -j N`) never share a GPU.
     <repo root>/.dvc/tmp/gpu-leases/gpu-<id>.lock   one per GPU, by its id in CUDA_VISIBLE_DEVICES (else 0..n-1);
                                                     its text names the holder
     <repo root>/.dvc/tmp/gpu-leases/leases.lock     held for a moment while a stage takes its GPUs
+    <repo root>/.dvc/tmp/gpu-leases/<host>/...      the same, where several machines train together from one clone
 
 The repo root is DVC's `DVC_ROOT`: the real repository, also from an experiment's temporary copy. A lease is an
 `fcntl.flock` of the GPUs' files, which the kernel drops when the process that holds it ends, killed or not: no
 file is left to clean up. A stage takes all of its GPUs at once or none, so two stages that each hold one of two
 GPUs never wait on each other, and while too few are free it waits, logging for what and who holds them. It then
-sets `CUDA_VISIBLE_DEVICES` to its GPUs before anything starts CUDA; torchrun's processes inherit both.
+sets `CUDA_VISIBLE_DEVICES` to its GPUs before anything starts CUDA; torchrun, which the stage's process becomes,
+holds the lease, its processes inherit `CUDA_VISIBLE_DEVICES` and die with it (`distributed.die_with_launcher`).
 
 How many: `train.devices` as a number; `auto` every visible GPU, or in an experiment of a sweep (DVC's queue
-workers running) a fair share: visible GPUs / running workers, at least one; `evaluate.devices` the same way.
+workers running) a fair share: visible GPUs / running workers, at least one; for train the most of those that the
+effective batch splits over; `evaluate.devices` the same way.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ log = logging.getLogger(__name__)
 FOLDER = Path(".dvc", "tmp", "gpu-leases")  # under the repo root; .dvc/tmp is DVC's own, ignored by git
 
 
-def lease_folder(root: Path) -> Path:
-    """The lock files of this machine's GPUs, in a folder of its host name: a clone that several machines mount
-    (several machines training together) holds each machine's GPU 0 apart."""
-    return root / FOLDER / socket.gethostname()
+def lease_folder(root: Path, machines: bool = False) -> Path:
+    """The lock files of this machine's GPUs; in a folder of its host name where several machines train together
+    (`machines`) from a clone they all mount, so that each machine's GPU 0 is its own. Otherwise the folder itself,
+    which every process on this machine shares (containers of other host names on the same GPUs included)."""
+    return root / FOLDER / socket.gethostname() if machines else root / FOLDER
 
 
 WORKERS = Path(".dvc", "tmp", "exps", "celery")  # DVC's queue workers' files: dvc-exp-worker-<n>.json
@@ -210,13 +214,16 @@ def take(
         time.sleep(poll)
 
 
-def lease_gpus(count: int, visible: int, environ: MutableMapping[str, str], cwd: Path, stage: str) -> Lease:
-    """`count` of this machine's `visible` GPUs for `stage`, leased in the repo root's folder (`take`, the holder
-    named after the DVC experiment, or `dvc repro`), and made `environ`'s `CUDA_VISIBLE_DEVICES`."""
+def lease_gpus(
+    count: int, visible: int, environ: MutableMapping[str, str], cwd: Path, stage: str, machines: bool = False
+) -> Lease:
+    """`count` of this machine's `visible` GPUs for `stage`, leased in the repo root's folder (`lease_folder`, of
+    this machine's host name where several `machines` train together; `take`, the holder named after the DVC
+    experiment, or `dvc repro`), and made `environ`'s `CUDA_VISIBLE_DEVICES`."""
     root = Path(environ.get("DVC_ROOT") or cwd)
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     holder = f"{environ.get('DVC_EXP_NAME') or 'dvc repro'}: {stage} (pid {os.getpid()}, since {since})"
-    lease = take(gpu_ids(environ, visible), count, lease_folder(root), holder)
+    lease = take(gpu_ids(environ, visible), count, lease_folder(root, machines), holder)
     if lease.ids:
         environ["CUDA_VISIBLE_DEVICES"] = lease.visible
         log.info("%s: leased GPU(s) %s", stage, lease.visible)
