@@ -71,7 +71,7 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "tools.compare"], check=False)  # a table, not a result: never fails the demo
     print(
         "\nWhere to look next (after `. .venv/bin/activate`):\n"
-        f"  dvc exp apply {name}   # its params, metrics and adapter into the workspace (git checkout . undoes)\n"
+        f"  dvc exp apply {name}   # its params, metrics and adapter here (undo: docs/experiments.md)\n"
         "  dvc metrics show                     # every stage's numbers\n"
         f"  dvc plots diff {name}  # loss curves and base-vs-tuned bars: dvc_plots/index.html, drawn offline\n"
         "  make mlflow-ui                       # the MLflow UI, experiment 'finance-deepseek', its fine-tuning view\n"
