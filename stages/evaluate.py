@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from finetune.config import cli
-from finetune.config.params import flatten, load
+from finetune.config.params import flatten, load, scored_rows
 from finetune.data.files import write_csv, write_json
 from finetune.evaluation.base_vs_tuned import (
     BAR_COLUMNS,
@@ -39,7 +39,6 @@ from finetune.evaluation.base_vs_tuned import (
     benchmark_inputs,
     evaluate_models,
     held_out_samples,
-    scored_rows,
 )
 from finetune.evaluation.benchmark_items import read_benchmarks
 from finetune.model.load import (
@@ -86,7 +85,7 @@ def main(
     # --- data: the held-out conversations as the tokenize stage encoded them, their texts for the samples
     held_out = Dataset.from_file(str(data / "eval.arrow"))
     if config.max_rows is not None:
-        held_out = held_out.select(range(scored_rows(len(held_out), config.max_rows)))
+        held_out = held_out.select(range(scored_rows("evaluate.max_rows", len(held_out), config.max_rows)))
     rows = held_out.to_list()
     encoded = [(row["input_ids"], row["labels"]) for row in rows]
     conversations = Dataset.from_parquet(str(texts / "eval.parquet"))["conversations"]

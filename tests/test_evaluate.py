@@ -15,13 +15,13 @@ from peft import get_peft_model
 from unsloth import FastLanguageModel
 
 from demo.tiny_model import BOS
+from finetune.config.params import scored_rows
 from finetune.evaluation.answers import Answer, generate
 from finetune.evaluation.base_vs_tuned import (
     EvaluateConfig,
     Sample,
     evaluate_models,
     held_out_samples,
-    scored_rows,
 )
 from finetune.evaluation.benchmark_items import Benchmark
 from finetune.evaluation.benchmark_sets import REASONING
@@ -81,9 +81,13 @@ def test_samples_are_the_first_held_out_prompts_kept_whole(chat: Chat, caplog: p
 
 
 def test_max_rows_above_the_held_out_rows_scores_them_all_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="finetune.evaluation.base_vs_tuned"):
-        assert scored_rows(500, 100) == 100 and scored_rows(40, 40) == 40 and caplog.messages == []
-        assert scored_rows(40, 100) == 40
+    with caplog.at_level(logging.WARNING, logger="finetune.config.params"):
+        assert (
+            scored_rows("evaluate.max_rows", 500, 100) == 100
+            and scored_rows("evaluate.max_rows", 40, 40) == 40
+            and caplog.messages == []
+        )
+        assert scored_rows("evaluate.max_rows", 40, 100) == 40
     assert caplog.messages == ["evaluate.max_rows is 100 but only 40 held-out rows were tokenized: scoring 40"]
 
 

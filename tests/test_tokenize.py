@@ -197,7 +197,7 @@ def test_train_reads_the_first_eval_rows_held_out_rows_and_says_when_there_are_f
     for split in ("train", "eval"):  # written as the stage writes them: an Arrow stream
         with pa.OSFile(str(tmp_path / f"{split}.arrow"), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
             out.write_table(table)
-    with caplog.at_level(logging.WARNING, logger="finetune.training.data"):
+    with caplog.at_level(logging.WARNING, logger="finetune.config.params"):
         train_set, held_out = read_tokenized(tmp_path, 1)
         assert (len(train_set), held_out["input_ids"]) == (2, table["input_ids"].to_pylist()[:1])
         assert caplog.messages == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -12,6 +13,16 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
+log = logging.getLogger(__name__)
+
+
+def scored_rows(key: str, available: int, asked: int) -> int:
+    """How many of the `available` held-out rows are scored for the setting `key`, which asks for `asked`: all of them
+    where there are fewer, said. `scored_rows("evaluate.max_rows", 500, 100)` -> `100`;
+    `scored_rows("evaluate.max_rows", 40, 100)` -> `40`, with a warning."""
+    if asked > available:
+        log.warning("%s is %d but only %d held-out rows were tokenized: scoring %d", key, asked, available, available)
+    return min(asked, available)
 
 
 class UniqueKeyLoader(yaml.SafeLoader):

@@ -54,19 +54,6 @@ class Sample:
     reference: str  # the last answer as the data has it
 
 
-def scored_rows(available: int, max_rows: int) -> int:
-    """How many of the `available` held-out rows evaluate scores: `evaluate.max_rows`, or all of them where there are
-    fewer (said). `scored_rows(500, 100)` -> `100`; `scored_rows(40, 100)` -> `40`, with a warning."""
-    if max_rows > available:
-        log.warning(
-            "evaluate.max_rows is %d but only %d held-out rows were tokenized: scoring %d",
-            max_rows,
-            available,
-            available,
-        )
-    return min(max_rows, available)
-
-
 def held_out_samples(rows: list[dict[str, Any]], conversations: list[list[dict[str, str]]], limit: int) -> list[Sample]:
     """The first `limit` held-out rows whose whole prompt was kept (a row cut inside its prompt is passed over; fewer,
     said, where fewer are whole): `rows` as the tokenize stage wrote them (`row`, `input_ids`, `prompt_length`), their

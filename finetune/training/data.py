@@ -4,18 +4,15 @@ tokenizer, and the loss curves of the Trainer's log."""
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
-from finetune.config.params import require
+from finetune.config.params import require, scored_rows
 from finetune.tokens.chat import PROBE, PROBE_FILE, Chat
 
 LOSS_COLUMNS = ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "padding_share")
 EVAL_LOSS_COLUMNS = ("step", "eval_loss")
-
-log = logging.getLogger(__name__)
 
 
 def read_tokenized(data: Path, eval_rows: int) -> tuple[Any, Any]:
@@ -26,14 +23,7 @@ def read_tokenized(data: Path, eval_rows: int) -> tuple[Any, Any]:
     columns = ["input_ids", "labels"]
     train_set = Dataset.from_file(str(data / "train.arrow")).select_columns(columns)
     held_out = Dataset.from_file(str(data / "eval.arrow")).select_columns(columns)
-    if eval_rows > len(held_out):
-        log.warning(
-            "train.eval_rows is %d but only %d held-out rows were tokenized: scoring %d",
-            eval_rows,
-            len(held_out),
-            len(held_out),
-        )
-    return train_set, held_out.select(range(min(eval_rows, len(held_out))))
+    return train_set, held_out.select(range(scored_rows("train.eval_rows", len(held_out), eval_rows)))
 
 
 def check_encoding(chat: Chat, data: Path) -> None:

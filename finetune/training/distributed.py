@@ -142,15 +142,14 @@ def per_process(per_device: int, accumulation: int, world_size: int) -> tuple[in
     `per_process(2, 4, 2)` -> `(2, 2)`; `per_process(8, 1, 2)` -> `(4, 1)`; `per_process(2, 4, 8)` -> `(1, 1)`;
     `per_process(4, 6, 8)` -> `(1, 3)`; `per_process(3, 1, 2)` refused.
     """
-    shared = math.gcd(accumulation, world_size)  # the processes' factor the accumulation takes
-    rest = world_size // shared  # and the one left to the micro-batch
+    shared = math.gcd(accumulation, world_size)  # the factor the accumulation takes; the micro-batch takes the rest
     require(
-        per_device % rest == 0,
+        splits(per_device, accumulation)(world_size),
         f"the effective batch train.per_device_train_batch_size x train.gradient_accumulation_steps = {per_device} x "
         f"{accumulation} cannot be split evenly over {world_size} processes: make it a multiple of {world_size}, "
         "or set train.devices to a divisor of it",
     )
-    return per_device // rest, accumulation // shared
+    return per_device // (world_size // shared), accumulation // shared
 
 
 def splits(per_device: int, accumulation: int) -> Callable[[int], bool]:
