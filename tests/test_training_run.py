@@ -13,7 +13,7 @@ import pytest
 
 from finetune.tracking.guard import guarded
 from finetune.tracking.store import TrackingConfig
-from finetune.tracking.training_run import training_run
+from finetune.tracking.training_run import record_adapter, training_run
 from finetune.training import checkpoints
 
 pytestmark = pytest.mark.slow  # the run's guard is a process of its own: not in make test-fast
@@ -110,3 +110,20 @@ def test_the_guard_marks_a_killed_training_even_where_its_folder_is_gone(
     while mlflow.MlflowClient().get_run(run.info.run_id).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
+
+
+def test_a_run_registers_its_adapter_once(folder: Path, data: tuple, tmp_path: Path) -> None:
+    """A training killed between registering its adapter and deleting its checkpoints resumes into its finished
+    run: it registered a second version of the same adapter before."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    with training_run(TrackingConfig(experiment_name="finance"), folder, None, SETTINGS, *data, {}) as run:
+        record_adapter(run, adapter, "finance-adapter")
+    other = killed_attempt(folder.parent / "other", "finance")
+    with mlflow.start_run(run_id=other) as second:
+        record_adapter(second, adapter, "finance-adapter")
+    with training_run(TrackingConfig(experiment_name="finance"), folder, folder / "checkpoint-60", SETTINGS, *data, {}):
+        record_adapter(run, adapter, "finance-adapter")  # the resumed attempt, in the same run
+    versions = mlflow.MlflowClient().search_model_versions("name = 'finance-adapter'")
+    assert sorted((v.run_id, int(v.version)) for v in versions) == sorted([(run.info.run_id, 1), (other, 2)])

@@ -126,10 +126,15 @@ def machine_metrics(run: Any, world: World, tracking: TrackingConfig, environ: M
 
 
 def register_adapter(name: str, run_id: str, artifact_uri: str) -> str:
-    """Register the run's `adapter` artifacts as a new version of the registered model `name`; its version."""
+    """Register the run's `adapter` artifacts as a new version of the registered model `name`; its version. A run
+    registers one version: a training killed after registering, before its checkpoints were deleted, resumes into
+    its finished run and finds its version there (as its checkpoint's adapter, the same)."""
     import mlflow
 
     client = mlflow.MlflowClient()
+    earlier = client.search_model_versions(filter_string=f"name = '{name}' and run_id = '{run_id}'")
+    if earlier:
+        return str(earlier[0].version)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         try:
             client.create_registered_model(name, description="LoRA adapters trained by this project's train stage")
