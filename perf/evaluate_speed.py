@@ -6,7 +6,7 @@
 Builds the model (`perf.shapes`), an untrained LoRA adapter with the `model` and `lora` settings of `--params`, and
 `--rows` held-out conversations with the real data's length mix (`perf.data_stages`); writes a local stand-in of
 each benchmark of `benchmarks.sets` in its Hub schema (`perf.stand_ins`: columns, split, label values or numeric
-answers, `data_dir`), of its real size (`--benchmark-items real`: FPB 4,846 items, FiQA-SA 1,173, TFNS 2,388, FinQA
+answers, `data_dir`), of its real size (`--benchmark-items real`: FPB 4,846 items, FiQA-SA 234, TFNS 2,388, FinQA
 1,147 questions of ~1,000 tokens in FLARE's layout: context, table, question) or of N items; then runs the tokenize,
 benchmarks and evaluate stages as `dvc repro` does (`python -m stages.<name>`, each its own process), with
 `--params`' settings but the model, the stand-ins and the sizes given here (`--samples`, `--max-new-tokens`: default

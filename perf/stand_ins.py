@@ -12,9 +12,9 @@ from typing import Any
 from finetune.evaluation.benchmark_sets import BenchmarkConfig
 from perf.data_stages import text
 
-# the published sets' sizes: FPB sentences_50agree; FiQA-SA's three splits together (822 + 117 + 234: the preset
-# scores the 234 of test, a set overridden to score them all scores these); TFNS validation; FinQA test
-REAL_ITEMS = {"fpb": 4846, "fiqa_sa": 1173, "tfns": 2388, "finqa": 1147}
+# the sizes of the splits the presets score: FPB sentences_50agree; FiQA-SA test (of 822 train, 117 valid, 234 test);
+# TFNS validation; FinQA test
+REAL_ITEMS = {"fpb": 4846, "fiqa_sa": 234, "tfns": 2388, "finqa": 1147}
 ITEM_CHARS = {"fpb": 125, "fiqa_sa": 85, "tfns": 85}  # mean characters of an item: news sentences, headlines, tweets
 # a FinQA question's mean characters of text before and after its table (a word of perf.data_stages.WORDS is ~8
 # characters and a token or so of the real tokenizer), and the table's rows: FinQA's report excerpts, under 700 words
