@@ -21,11 +21,13 @@ from finetune.training.config import LoraConfig
 from finetune.training.data import loss_rows
 from finetune.training.trainer import build_trainer
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = pytest.mark.slow
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")  # all but one test here
 
 TRAIN = tiny_training(per_device_train_batch_size=8, max_steps=15, optim="adamw_8bit")
 
 
+@cuda
 def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, mlflow_store: str) -> None:
     import bitsandbytes as bnb
 
@@ -51,6 +53,7 @@ def test_4bit_training_on_the_gpu_learns(tiny_model_dir: Path, tmp_path: Path, m
     assert all(row["tokens_per_second"] > 0 for row in rows_logged)
 
 
+@cuda
 def test_auto_settings_fit_the_tiny_model_in_16_bit_without_checkpointing(tiny_model_dir: Path, tmp_path: Path) -> None:
     import bitsandbytes as bnb
 
@@ -81,6 +84,7 @@ def summed_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], 
 TOGETHER = 2e-5  # relative difference allowed between conversations sharing a row and the same ones alone
 
 
+@cuda
 @pytest.mark.parametrize(
     ("dtype", "packing"),
     [("float32", True), ("bfloat16", False)],
@@ -172,6 +176,7 @@ ALL_LINEAR = replace(
 )
 
 
+@cuda
 @pytest.mark.parametrize(
     "lora", [replace(LORA, use_gradient_checkpointing=False), ALL_LINEAR], ids=["qkvo-r4", "all-r16"]
 )
@@ -228,6 +233,7 @@ def test_padding_free_batches_train_through_the_compiled_blocks_as_through_the_e
         assert row["grad_norm"] == pytest.approx(expected["grad_norm"], rel=2e-2 * widen), (row, expected)
 
 
+@cuda
 def test_a_padding_free_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
     tiny_model_dir: Path, tmp_path: Path, sample_rows: list, monkeypatch: pytest.MonkeyPatch, mlflow_store: str
 ) -> None:
@@ -297,6 +303,7 @@ def lora_gradients(
     return float(loss), fused(model), {name: p.grad.float().cpu() for name, p in weights.items()}
 
 
+@cuda
 def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
     tiny_model_dir: Path, sample_rows: list
 ) -> None:
@@ -336,15 +343,17 @@ def test_lora_on_all_seven_projections_gets_the_gradients_of_float32_autograd(
 def test_label_choices_continue_from_the_prompts_keys_and_values(
     dtype: str, tolerance: float, tiny_model_dir: Path
 ) -> None:
-    """evaluate's label scoring on unsloth's CUDA inference path (`for_inference`): each label continued from the
-    prompt's cached keys and values scores as its whole sequence does, base and tuned. On the CPU, positions off by
-    the prompt's length moved the scores by 1.5 %; bfloat16 rounding moves them by about 0.1 %."""
+    """evaluate's label scoring on unsloth's inference path (`for_inference`; on CUDA its own, on the CPU too): each
+    label continued from the prompt's cached keys and values scores as its whole sequence does, base and tuned (an
+    adapter that changes the scores). On the CPU, positions off by the prompt's length moved the scores by 1.5 %;
+    bfloat16 rounding moves them by about 0.1 %."""
     from finetune.evaluation.likelihood import choice_nll, sequence_nll, shared_length
 
     config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype=dtype)
     apply_speed_patches()
     model, tokenizer = load_base(config)
-    model = FastLanguageModel.get_peft_model(model, **LoraConfig(r=4, target_modules=["q_proj", "v_proj"]).__dict__)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = FastLanguageModel.get_peft_model(model, **lora.__dict__, init_lora_weights=False)  # not zero: it counts
     FastLanguageModel.for_inference(model)
     chat = Chat(tokenizer, ChatConfig())
     labels = ["positive", "negative", "neutral", "mildly negative"]
@@ -358,14 +367,18 @@ def test_label_choices_continue_from_the_prompts_keys_and_values(
         masked = [(ids, [IGNORE_INDEX] * shared + learnt[shared:]) for ids, learnt in choices]
         return [nll for nll, _ in sequence_nll(model, masked, tokenizer.pad_token_id)]
 
+    scores = {}
     for adapter in (True, False):
         with model.disable_adapter() if not adapter else torch.no_grad():
             got = [v for values in choice_nll(model, rows, 4096) for v in values]
             expected = [v for row in rows for v in whole(row)]
         print(f"{dtype}, adapter {adapter}: cached {got[:4]}, whole {expected[:4]}")
         assert got == pytest.approx(expected, rel=tolerance)
+        scores[adapter] = got
+    assert scores[True] != pytest.approx(scores[False], rel=10 * tolerance)  # the adapter was on, then off
 
 
+@cuda
 def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as_unsloths(
     tiny_model_dir: Path,
 ) -> None:
@@ -402,6 +415,7 @@ def test_generation_on_the_gpu_takes_the_grouped_decode_attention_and_answers_as
         llama.scaled_dot_product_attention = attention
 
 
+@cuda
 def test_the_grouped_decode_attention_in_bf16_is_as_exact_as_unsloths() -> None:
     """At the 8B's head layout in bf16 (32 query heads over 8 K/V heads, 1,024 cached tokens, left padding), the
     patch is as close to the exact attention (float64) as unsloth's own call, whose math kernel computes in float32:
@@ -439,6 +453,7 @@ def test_the_grouped_decode_attention_in_bf16_is_as_exact_as_unsloths() -> None:
     assert errors["grouped"] <= 2 * errors["unsloth"] + 1e-3
 
 
+@cuda
 @pytest.mark.parametrize(("load_in_4bit", "dtype"), [(False, "float32"), (True, "bfloat16")])
 def test_evaluates_answers_replay_the_decode_step_as_cuda_graphs_and_are_the_eager_answers(
     load_in_4bit: bool, dtype: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch

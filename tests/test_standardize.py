@@ -102,3 +102,19 @@ def test_aliases_are_matched_as_unsloth_matches_them_case_and_spaces_aside() -> 
         {"role": "user", "content": "What is beta?"},
         {"role": "assistant", "content": "Market sensitivity."},
     ]
+
+
+def test_each_alias_setting_names_the_roles_it_maps() -> None:
+    """A role name becomes the role whose aliases list it: `context` a system turn, or a user turn."""
+    turns = [
+        {"from": "context", "value": "Figures in USD."},
+        {"from": "human", "value": "What is beta?"},
+        {"from": "gpt", "value": "Market sensitivity."},
+    ]
+    roles = {}
+    for role in ("system", "user"):
+        aliases = [*getattr(CONFIG, f"aliases_for_{role}"), "context"]
+        config = StandardizeConfig(**{**vars(CONFIG), f"aliases_for_{role}": aliases})
+        result = standardize(Dataset.from_dict({"conversations": [turns]}), config)
+        roles[role] = [turn["role"] for turn in result[0]["conversations"]]
+    assert roles == {"system": ["system", "user", "assistant"], "user": ["user", "user", "assistant"]}

@@ -284,6 +284,32 @@ def test_a_checkpoints_save_is_not_counted_as_training_time(
     assert len(seconds) == 2 and seconds[1] < 3, seconds  # step 2 came after a save (step 1: the warm-up too)
 
 
+def test_a_resumed_training_goes_on_with_its_adapter_in_the_dtype_it_trained_in(
+    tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
+) -> None:
+    """On a GPU unsloth trains the adapter in the model's 16-bit dtype, and peft loads a checkpoint's adapter in
+    float32 (`autocast_adapter_dtype`): the trainer casts it back, so a resumed training goes on in the precision it
+    started in. (On the CPU unsloth keeps the adapter in float32: the 16-bit adapter is made here.)"""
+    from safetensors.torch import load_file
+
+    model_config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=True, dtype=None)
+    config = replace(TRAIN, max_steps=1, save_steps=1)
+    trainer, _ = tiny_trainer(model_config, toy_conversations(8), config, tmp_path / "first")
+    trainer.train()
+    checkpoint = tmp_path / "first" / "checkpoint-1"
+    saved = load_file(checkpoint / "adapter_model.safetensors")
+    resumed, _ = tiny_trainer(model_config, toy_conversations(8), config, tmp_path / "second")
+    adapter = {name: p for name, p in resumed.model.named_parameters() if p.requires_grad}
+    for parameter in adapter.values():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    resumed._load_from_checkpoint(str(checkpoint))
+    loaded = {name: p for name, p in resumed.model.named_parameters() if p.requires_grad}
+    assert loaded.keys() == adapter.keys() and {p.dtype for p in loaded.values()} == {torch.bfloat16}
+    assert len(saved) == len(loaded)
+    for name, parameter in loaded.items():  # the checkpoint's weights, rounded to 16 bits
+        assert torch.equal(parameter.data, saved[name.replace(".default", "")].to(torch.bfloat16)), name
+
+
 def test_dataloader_workers_collate_the_same_batches_in_the_same_order(
     tiny_model_dir: Path, tmp_path: Path, mlflow_store: str
 ) -> None:
@@ -348,25 +374,39 @@ def test_a_step_in_passes_of_so_many_tokens_trains_as_the_step_in_one_pass(
     assert len(whole) == 4 and cut == pytest.approx(whole, rel=1e-5), runs
 
 
+@pytest.mark.parametrize(
+    ("learning_rate", "seen"),
+    [
+        (1.0e30, "loss nan"),  # the loss goes non-finite first: the log step stops the training
+        (1.0e39, "adapter weights not finite"),  # the weights first, the loss still finite: no checkpoint of them
+    ],
+)
 def test_a_diverged_training_fails_its_run_and_writes_no_adapter(
-    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_store: str, root: Path
+    learning_rate: float,
+    seen: str,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mlflow_store: str,
+    root: Path,
 ) -> None:
     import mlflow
     from safetensors.torch import load_file
 
     monkeypatch.chdir(tmp_path)
-    settings = {"learning_rate": 1.0e30, "warmup_steps": 0, "optim": "adamw_torch", "max_steps": 8}
+    settings = {"learning_rate": learning_rate, "warmup_steps": 0, "optim": "adamw_torch", "max_steps": 8}
     train = training_stage(tiny_model_dir, tmp_path, root, **settings, save_steps=1, eval_steps=None)
-    with pytest.raises(FloatingPointError, match=r"training diverged at step \d+: loss nan"):
+    with pytest.raises(FloatingPointError, match=rf"training diverged at step \d+: {seen}"):
         train()
     assert not (tmp_path / "adapter").exists() and not (tmp_path / "train.json").exists()
     (run,) = mlflow.search_runs(experiment_names=["finance-deepseek"], output_format="list")
     assert run.info.status == "FAILED" and "adapter_sha256" not in run.data.tags
     assert not mlflow.MlflowClient().search_model_versions()  # nothing registered
     logged = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")]
-    assert not math.isfinite(logged[-1]) and all(math.isfinite(loss) for loss in logged[:-1])  # shown, not hidden
+    assert all(math.isfinite(loss) for loss in logged[:-1])
+    assert math.isfinite(logged[-1]) == (seen != "loss nan")  # a non-finite loss is shown, not hidden
     saved = sorted((tmp_path / "checkpoints").glob("*/checkpoint-*/adapter_model.safetensors"))
-    assert saved  # the complete checkpoints before the divergence stay, and hold finite weights only
+    assert len(saved) == len(logged) - 1  # each step's checkpoint but the diverged one's
     assert all(torch.isfinite(t).all() for path in saved for t in load_file(path).values())
 
 

@@ -123,7 +123,8 @@ def test_a_run_registers_its_adapter_once(folder: Path, data: tuple, tmp_path: P
     other = killed_attempt(folder.parent / "other", "finance")
     with mlflow.start_run(run_id=other) as second:
         record_adapter(second, adapter, "finance-adapter")
-    with training_run(TrackingConfig(experiment_name="finance"), folder, folder / "checkpoint-60", SETTINGS, *data, {}):
-        record_adapter(run, adapter, "finance-adapter")  # the resumed attempt, in the same run
+    resume = folder / "checkpoint-60"
+    with training_run(TrackingConfig(experiment_name="finance"), folder, resume, SETTINGS, *data, {}) as resumed:
+        record_adapter(resumed, adapter, "finance-adapter")  # the resumed attempt, in its finished run
     versions = mlflow.MlflowClient().search_model_versions("name = 'finance-adapter'")
     assert sorted((v.run_id, int(v.version)) for v in versions) == sorted([(run.info.run_id, 1), (other, 2)])
