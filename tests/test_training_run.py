@@ -128,3 +128,16 @@ def test_a_run_registers_its_adapter_once(folder: Path, data: tuple, tmp_path: P
         record_adapter(resumed, adapter, "finance-adapter")  # the resumed attempt, in its finished run
     versions = mlflow.MlflowClient().search_model_versions("name = 'finance-adapter'")
     assert sorted((v.run_id, int(v.version)) for v in versions) == sorted([(run.info.run_id, 1), (other, 2)])
+
+
+def test_an_adapter_is_logged_but_not_registered_with_no_registered_model(
+    folder: Path, data: tuple, tmp_path: Path
+) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    with training_run(TrackingConfig(experiment_name="finance"), folder, None, SETTINGS, *data, {}) as run:
+        record_adapter(run, adapter, None)
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "adapter")] == ["adapter/adapter_model.safetensors"]
+    assert "adapter_sha256" in client.get_run(run.info.run_id).data.tags and not client.search_model_versions()
