@@ -4,8 +4,9 @@
 
 Optional, so it lives in `export/dvc.yaml`: `dvc repro` (the root pipeline) never runs it; `dvc repro
 export/dvc.yaml` does, after train if the adapter is stale. The merge is unsloth's `save_pretrained_merged`, which
-dequantizes a 4-bit base to 16 bits before adding the adapter, so the folder loads without bitsandbytes or peft
-(`export.save_method: merged_16bit`, the default; `merged_4bit` keeps the base in 4 bits, for bitsandbytes).
+adds the adapter to the base's own 16-bit weights (read from its files, also where it trained on the base in 4 bits),
+so the folder loads without bitsandbytes or peft (`export.save_method: merged_16bit`, the default; `merged_4bit`
+keeps the base in 4 bits, for bitsandbytes).
 The base is loaded in the precision the adapter was trained in (`finetune.model.load.trained_precision`), and an
 adapter of another base than `model.model_name` is refused before it loads; the tokenizer saved beside the merged
 weights has the chat template the adapter was trained with (`finetune.model.load.trained_template`).

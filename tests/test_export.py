@@ -9,32 +9,38 @@ import pytest
 import torch
 import yaml
 from peft import LoraConfig as PeftLoraConfig
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from finetune.model.load import ModelConfig, load_base
+from finetune.model.load import ModelConfig, load_base, record_precision
 from stages.export import ExportConfig, main
 
 pytestmark = pytest.mark.slow  # a model, unsloth, a subprocess or a server: not in make test-fast
 
 
-def test_the_merged_model_computes_what_base_and_adapter_compute(
-    tiny_model_dir: Path, tmp_path: Path, root: Path
+@pytest.mark.parametrize("load_in_4bit", [False, True])  # the adapter trained on the base in 16 or in 4 bits
+def test_the_merged_model_computes_what_the_bases_own_weights_and_the_adapter_compute(
+    load_in_4bit: bool, tiny_model_dir: Path, tmp_path: Path, root: Path
 ) -> None:
-    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=False, dtype=None)
+    """unsloth's merge adds the adapter to the base's own 16-bit weights, read from its files, also for an adapter
+    trained on the base in 4 bits (the usual QLoRA merge): the merged model is not the 4-bit base's rounding."""
+    config = ModelConfig(str(tiny_model_dir), None, 256, load_in_4bit=load_in_4bit, dtype=None)
     model, tokenizer = load_base(config)
     torch.manual_seed(0)
     tuned = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     tuned.save_pretrained(tmp_path / "adapter")
+    record_precision(tmp_path / "adapter", config)  # as the train stage writes it: export loads the base so
+    reference = PeftModel.from_pretrained(  # the base's own weights with the adapter, through peft
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), tmp_path / "adapter"
+    )
     ids = torch.tensor([tokenizer("What is a basis point?")["input_ids"]])
     with torch.no_grad():
-        expected = tuned(input_ids=ids).logits.float()
-        base = tuned.get_base_model()
-        with tuned.disable_adapter():
-            untuned = base(input_ids=ids).logits.float()
+        expected = reference(input_ids=ids).logits.float()
+        with reference.disable_adapter():
+            untuned = reference(input_ids=ids).logits.float()
 
     settings = yaml.safe_load((root / "params.yaml").read_text())
-    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 256, "load_in_4bit": False}
+    settings["model"] |= {"model_name": str(tiny_model_dir), "max_seq_length": 256, "load_in_4bit": "auto"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(settings))
     main(tmp_path / "params.yaml", tmp_path / "adapter", tmp_path / "merged", tmp_path / "export.json")
 
