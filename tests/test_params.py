@@ -372,3 +372,17 @@ def test_a_refused_setting_is_one_line_and_a_bug_keeps_its_traceback(
     monkeypatch.setenv("FINETUNE_TRACEBACK", "1")  # every traceback, when asked
     sys.excepthook(*caught(lambda: params.require(False, "lora.r must be >= 1, got -1")))
     assert capsys.readouterr().err.startswith("Traceback")
+
+
+def test_the_demos_set_param_flags_read_by_dvc_give_the_demos_params(root: Path, tmp_path: Path) -> None:
+    """`make demo` passes its overrides to `dvc exp run` as `-S` flags: DVC's own parser of them (Hydra's grammar)
+    reads back every value, the list of benchmark sets included, as `apply_overrides` merges it."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    base = yaml.safe_load((root / "params.yaml").read_text())
+    overrides = yaml.safe_load((root / "demo" / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(base))
+    flags = set_param_flags(overrides)
+    dvc_apply_overrides(tmp_path / "params.yaml", flags[1::2])  # the values after each -S
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == apply_overrides(base, overrides)
+    assert any(flag.startswith("benchmarks.sets=[{") for flag in flags)  # a list of mappings among them
