@@ -264,3 +264,30 @@ def test_a_stage_says_a_bad_setting_in_one_line_and_a_traceback_only_when_asked(
     traced = environ | {"FINETUNE_TRACEBACK": "1"}
     full = subprocess.run(command, cwd=tmp_path, env=traced, capture_output=True, text=True)
     assert full.returncode == 1 and "Traceback" in full.stderr and "ValueError: benchmarks.sets[0].name" in full.stderr
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_a_benchmark_may_be_one_local_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suffix: str) -> None:
+    """A set of the user's own, one file in the preset's columns, under a folder DVC watches: read whole, its
+    bytes' SHA-256 recorded; a file of another format is named."""
+    from datasets import Dataset
+
+    monkeypatch.chdir(tmp_path)
+    path = Path("data/benchmarks") / f"tweets{suffix}"
+    path.parent.mkdir(parents=True)
+    rows = {"text": ["$KO beats estimates", "$XOM cuts guidance"], "label": [1, 0]}
+    written = Dataset.from_dict(rows)
+    {".jsonl": written.to_json, ".csv": written.to_csv, ".parquet": written.to_parquet}[suffix](str(path))
+    bench = resolve({"preset": "tfns", "dataset": str(path), "revision": None}, KEY)
+    dataset, provenance = load_set(bench, KEY, (Path("data/benchmarks"),))
+    assert benchmark_rows(bench, dataset, KEY) == [
+        {"text": "$KO beats estimates", "label": "positive"},
+        {"text": "$XOM cuts guidance", "label": "negative"},
+    ]
+    assert provenance == {"source": str(path), "sha256": {str(path): hashlib.sha256(path.read_bytes()).hexdigest()}}
+    other = path.with_suffix(".txt")
+    other.write_text("$KO beats estimates\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"sets\[0\].dataset: data/benchmarks/tweets.txt must be one of"):
+        load_set(
+            resolve({"preset": "tfns", "dataset": str(other), "revision": None}, KEY), KEY, (Path("data/benchmarks"),)
+        )
