@@ -3,9 +3,12 @@
     python -m stages.to_sharegpt --data data/raw --out data/sharegpt --metrics metrics/to_sharegpt.json
 
 Training rows are merged `conversation_extension` at a time into multi-turn conversations, as unsloth does;
-held-out rows stay single-turn so that each is scored on its own. Text only: no tokenizer, model or chat template
-is read here (the tokenize stage encodes the conversations), so changing the model does not rerun this stage.
-unsloth's conversion runs on ranges of rows in a worker per core (`finetune.data.parallel`), in memory, in order.
+held-out rows stay single-turn so that each is scored on its own. A training row that the merge renders as a held-out
+row (its `user` text holding a held-out row's question and system text as the merged prompt joins them, with the same
+answer) is dropped and counted: fetch, which compares the raw columns, cannot see it. Text only: no tokenizer, model
+or chat template is read here (the tokenize stage encodes the conversations), so changing the model does not rerun
+this stage. unsloth's conversion runs on ranges of rows in a worker per core (`finetune.data.parallel`), in memory,
+in order.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from datasets import Dataset
 
 from finetune.config import cli
 from finetune.config.params import load, require
-from finetune.data.conversion import OPTIONAL, ToSharegptConfig, convert, prompt_columns, whitespace_only
+from finetune.data.conversion import (
+    OPTIONAL,
+    ToSharegptConfig,
+    convert,
+    held_out_copies,
+    prompt_columns,
+    whitespace_only,
+)
 from finetune.data.files import ROWS_PER_GROUP, write_json
 from finetune.data.parallel import STATE, cores, read_rows, row_ranges, run
 from finetune.data.sharegpt import extension_orders, write_extended
@@ -69,6 +79,17 @@ def whitespace_cells(dataset: Dataset, columns: list[str]) -> int:
     return sum(int(pc.sum(whitespace_only(dataset.data.column(c))).as_py()) for c in columns)
 
 
+def converted(source: Path, config: ToSharegptConfig, split: str) -> tuple[pa.ChunkedArray, dict[str, int]]:
+    """The rows of parquet file `source` as one-turn conversations, in order (`convert_rows` in a worker per core),
+    with the `split`'s counts: rows in, whitespace-only cells blanked."""
+    ranges = [(source, start, stop) for start, stop in row_ranges(source, ROWS_PER_GROUP)]
+    require(bool(ranges), f"{source}: no rows to convert")
+    tables = list(run(convert_rows, ranges, cores(), {"config": config}))
+    single = pa.concat_tables([table for table, _ in tables]).column("conversations")
+    counts = {f"{split}_rows_in": ranges[-1][2], f"{split}_whitespace_cells_blanked": sum(n for _, n in tables)}
+    return single, counts
+
+
 def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     import unsloth  # noqa: F401, I001  # isort: skip  (before transformers, as unsloth asks)
     from datasets.utils.logging import disable_progress_bar
@@ -80,24 +101,25 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     for source in (data / "train.parquet", data / "eval.parquet"):  # both checked before either is converted
         check_columns(config, pq.read_schema(source).names, source)
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split, extension in (("train", config.conversation_extension), ("eval", 1)):
-        source = data / f"{split}.parquet"
-        ranges = [(source, start, stop) for start, stop in row_ranges(source, ROWS_PER_GROUP)]
-        require(bool(ranges), f"{source}: no rows to convert")
-        converted = list(run(convert_rows, ranges, cores(), {"config": config}))
-        single = pa.concat_tables([table for table, _ in converted]).column("conversations")
-        rows_in, blanked = ranges[-1][2], sum(blanked for _, blanked in converted)
-        orders = extension_orders(len(single), extension, config.random_state)
-        write_extended(single, orders, out / f"{split}.parquet")
+    train, train_counts = converted(data / "train.parquet", config, "train")
+    held_out, eval_counts = converted(data / "eval.parquet", config, "eval")
+
+    # a training row the merge renders as a held-out row: fetch compared the raw columns, not these
+    copies = held_out_copies(train, held_out)
+    dropped = int(copies.sum())
+    if dropped:
+        train = train.filter(pa.array(~copies))
+        log.warning("%d training row(s) render as a held-out row once merged: dropped", dropped)
+    require(len(train) > 0, f"no training rows left of {dropped}: each renders as a held-out row once merged")
+
+    # training rows merged conversation_extension at a time; held-out rows single-turn
+    counts = {**train_counts, "train_dropped_same_as_held_out": dropped, **eval_counts}
+    for split, single, extension in (("train", train, config.conversation_extension), ("eval", held_out, 1)):
+        write_extended(single, extension_orders(len(single), extension, config.random_state), out / f"{split}.parquet")
         conversations = pq.ParquetFile(out / f"{split}.parquet").metadata.num_rows  # counted without reading
-        # one conversation per row: the extension pairs each row with rows of shuffled copies
-        assert conversations == rows_in, f"{split}: {rows_in} rows in, {conversations} conversations out"
-        counts |= {
-            f"{split}_rows_in": rows_in,
-            f"{split}_conversations": conversations,
-            f"{split}_whitespace_cells_blanked": blanked,
-        }
+        # one conversation per row kept: the extension pairs each row with rows of shuffled copies
+        assert conversations == len(single), f"{split}: {len(single)} rows kept, {conversations} conversations out"
+        counts[f"{split}_conversations"] = conversations
         log.info("%s: %d conversations -> %s", split, conversations, out / f"{split}.parquet")
     write_json(metrics, counts)
 

@@ -6,12 +6,20 @@ import json
 import re
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 from datasets import Dataset, concatenate_datasets
 from unsloth.chat_templates import to_sharegpt
 
-from finetune.data.conversion import ToSharegptConfig, blank_whitespace, convert, prompt_columns, user_turn
+from finetune.data.conversion import (
+    ToSharegptConfig,
+    blank_whitespace,
+    convert,
+    held_out_copies,
+    prompt_columns,
+    user_turn,
+)
 from finetune.data.sharegpt import extension_orders, write_extended
 from stages.to_sharegpt import main, whitespace_cells
 
@@ -184,6 +192,7 @@ def test_the_stage_counts_every_row_and_reads_no_model(tmp_path: Path, sample_ro
         "train_rows_in": 12,
         "train_conversations": 12,
         "train_whitespace_cells_blanked": blanked,
+        "train_dropped_same_as_held_out": 0,
         "eval_rows_in": 4,
         "eval_conversations": 4,
         "eval_whitespace_cells_blanked": sum(
@@ -194,3 +203,47 @@ def test_the_stage_counts_every_row_and_reads_no_model(tmp_path: Path, sample_ro
     held_out = Dataset.from_parquet(str(tmp_path / "out" / "eval.parquet"))
     assert [len(row["conversations"]) for row in train] == [6] * 12
     assert [len(row["conversations"]) for row in held_out] == [2] * 4  # held-out rows stay single-turn
+
+
+def test_a_training_row_the_merge_renders_as_a_held_out_row_is_dropped_and_counted(tmp_path: Path) -> None:
+    """fetch compares the raw columns: a training row whose question already holds a held-out row's question and
+    system text, joined as the merged prompt joins them, with the same answer, passed it and trained on the held-out
+    conversation. Only the rendered conversation shows it; a row with another answer, or a question the merge does
+    not render so, stays."""
+    held_out = {"system": "Be brief.", "user": "What is beta?", "assistant": "Market sensitivity."}
+    merged_question = "What is beta?\nYour input is:\nBe brief."
+    train = [
+        {"system": "", "user": merged_question, "assistant": "Market sensitivity."},  # the held-out conversation
+        {"system": "  ", "user": merged_question, "assistant": "Market sensitivity."},  # whitespace: blanked, same
+        {"system": "", "user": merged_question, "assistant": "Sensitivity to the market."},  # another answer
+        {"system": "", "user": "What is beta?", "assistant": "Market sensitivity."},  # another question turn
+        {"system": "", "user": "What is alpha?", "assistant": "Excess return."},
+    ]
+    (tmp_path / "raw").mkdir()
+    Dataset.from_list(train).to_parquet(tmp_path / "raw" / "train.parquet")
+    Dataset.from_list([held_out]).to_parquet(tmp_path / "raw" / "eval.parquet")
+    params = {"to_sharegpt": {**vars(CONFIG), "conversation_extension": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "out", tmp_path / "metrics.json")
+    counts = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert counts["train_rows_in"] == 5 and counts["train_dropped_same_as_held_out"] == 2
+    assert counts["train_conversations"] == 3
+    kept = Dataset.from_parquet(str(tmp_path / "out" / "train.parquet"))["conversations"]
+    assert [(c[0]["value"], c[1]["value"]) for c in kept] == [
+        (merged_question, "Sensitivity to the market."),
+        ("What is beta?", "Market sensitivity."),
+        ("What is alpha?", "Excess return."),
+    ]
+    (evaluated,) = Dataset.from_parquet(str(tmp_path / "out" / "eval.parquet"))["conversations"]
+    assert evaluated == [{"from": "human", "value": merged_question}, {"from": "gpt", "value": "Market sensitivity."}]
+
+
+def test_held_out_copies_are_found_in_every_chunk_a_sliced_one_too() -> None:
+    def conversation(question: str, answer: str) -> list[dict[str, str]]:
+        return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+    rows = [conversation(f"Q{i}?", "A." if i % 3 else "B.") for i in range(9)]
+    column = pa.array(rows)
+    chunks = pa.chunked_array([column.slice(0, 4), column.slice(4, 5)])  # the second chunk starts at an offset
+    held_out = pa.chunked_array([pa.array([conversation("Q3?", "B."), conversation("Q5?", "B."), rows[7]])])
+    assert held_out_copies(chunks, held_out).tolist() == [i in (3, 7) for i in range(9)]  # Q5? has another answer

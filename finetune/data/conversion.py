@@ -76,6 +76,30 @@ def convert(dataset: Dataset, config: ToSharegptConfig) -> Dataset:
     )
 
 
+def held_out_copies(conversations: Any, held_out: Any) -> Any:
+    """Numpy mask of the one-turn ShareGPT `conversations` (an Arrow column) that are, turn for turn, one of the
+    `held_out` ones. Compared first by answer, chunk by chunk, so that no copy of the texts is made: the full
+    turns are read only for the rows whose answer is a held-out answer."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def turns(conversation: list[dict[str, str]]) -> tuple:
+        return tuple((turn["from"], turn["value"]) for turn in conversation)
+
+    wanted = {turns(conversation) for conversation in held_out.to_pylist()}
+    answers = pa.array(sorted({conversation[-1][1] for conversation in wanted}), pa.string())
+    masks = [np.zeros(0, bool)]
+    for chunk in conversations.chunks:
+        offsets = chunk.offsets.to_numpy()
+        answered = pc.is_in(chunk.values.field("value"), value_set=answers).to_numpy(zero_copy_only=False)
+        mask = np.zeros(len(chunk), bool)
+        for row in np.flatnonzero(answered[offsets[1:] - 1]):  # each conversation's last turn: its answer
+            mask[row] = turns(chunk[int(row)].as_py()) in wanted
+        masks.append(mask)
+    return np.concatenate(masks)
+
+
 def user_turn(question: str, system: str | None, config: ToSharegptConfig) -> str:
     """The user turn the training saw for a row with this `question` (the `user` column) and `system` text:
     `user_turn("Why?", "Be brief.", <the seed's settings>)` -> `"Why?\\nYour input is:\\nBe brief."`. A system text
