@@ -232,6 +232,7 @@ def test_missing_section_is_named(tmp_path: Path) -> None:
         (LoraConfig, "lora", {"loftq_config": {"loftq_bits": 4}}, "lora.loftq_config has no effect here (LoftQ needs"),
         (TrackingConfig, "tracking", {"registered_model": "team/a"}, "tracking.registered_model must hold no '/'"),
         (TrackingConfig, "tracking", {"registered_model": "it's"}, 'got "it\'s"'),
+        (TrackingConfig, "tracking", {"registered_model": "trail\\"}, "no '/', ':', quote or backslash"),
         (TrackingConfig, "tracking", {"registered_model": ".."}, "not be '.' or '..' (MLflow's model names), got '..'"),
         (FetchConfig, "fetch", {"eval_size": 0}, "fetch.eval_size must be >= 1"),
         (ModelConfig, "model", {"dtype": "fp8"}, "model.dtype must be one of"),

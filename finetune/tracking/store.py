@@ -34,10 +34,10 @@ class TrackingConfig:
             "tracking.registered_model must be a name or null",
         )
         name = self.registered_model or "model"
-        require(  # MLflow refuses '/' and ':' and path-like names; a quote would break the search for its versions
-            not any(c in name for c in "/:'\"") and name.strip() not in (".", ".."),
-            f"tracking.registered_model must hold no '/', ':' or quote and not be '.' or '..' (MLflow's model names), "
-            f"got {self.registered_model!r}",
+        require(  # MLflow refuses '/' and ':' and path-like names; a quote or backslash would break the version search
+            not any(c in name for c in "/:'\"\\") and name.strip() not in (".", ".."),
+            "tracking.registered_model must hold no '/', ':', quote or backslash and not be '.' or '..' (MLflow's "
+            f"model names), got {self.registered_model!r}",
         )
 
 
