@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import faulthandler
 import gc
 import linecache
 import logging
@@ -73,10 +74,12 @@ def parser(doc: str, many: tuple[str, ...] = (), **paths: str) -> argparse.Argum
 
 
 def arguments(doc: str, many: tuple[str, ...] = (), **paths: str) -> dict[str, Any]:
-    """Parse this process's arguments with `parser`, set up logging, one-line errors (`brief_errors`) and a quick
-    exit (`exit_without_collecting`):
+    """Parse this process's arguments with `parser`, set up logging, one-line errors (`brief_errors`), the Python
+    stack of every thread printed on a crash (`faulthandler`: a segfault in a native library says where it came
+    from) and a quick exit (`exit_without_collecting`):
     the keyword arguments of the stage's `main` (`params_path`, then each path; a `many` path as a tuple)."""
     parsed = vars(parser(doc, many, **paths).parse_args())
+    faulthandler.enable()
     setup_logging()
     brief_errors(doc.strip().split(":", 1)[0])  # the stage's name: its docstring's first word
     exit_without_collecting()
