@@ -208,9 +208,13 @@ def main(argv: list[str] | None = None) -> None:
         from datasets import Dataset
 
         print(f"| seed style (unsloth to_sharegpt + standardize_sharegpt, training rows) | {wall:.1f} | {rss:.2f} |")
-        ours = Dataset.from_parquet(str(work / "standardized" / "train.parquet"))["conversations"]
-        theirs = Dataset.from_parquet(str(seed_out))["conversations"]
-        print(f"\ntraining conversations identical to the seed style: {ours == theirs}")
+        dropped = json.loads((work / "to_sharegpt.json").read_text(encoding="utf-8"))["train_dropped_same_as_held_out"]
+        if dropped:  # the seed style keeps them: its conversations are other merges of other rows
+            print(f"\ntraining conversations not compared: to_sharegpt dropped {dropped} held-out copies")
+        else:
+            ours = Dataset.from_parquet(str(work / "standardized" / "train.parquet"))["conversations"]
+            theirs = Dataset.from_parquet(str(seed_out))["conversations"]
+            print(f"\ntraining conversations identical to the seed style: {ours == theirs}")
     print("\n| tokenize | cores | wall s | peak RSS GB |\n|---|---|---|---|")
     stats = {}
     for cores in [int(n) for n in args.cores.split(",") if n]:  # --cores "": the data stages alone
