@@ -33,7 +33,7 @@ RERUNS = {
     "finetune/data/parallel.py": {"fetch", "to_sharegpt", "standardize", "tokenize", "benchmarks"},
     "finetune/data/sources.py": {"fetch", "benchmarks"},
     "finetune/data/cleaning.py": {"fetch"},
-    "finetune/data/near_copies.py": {"fetch", "to_sharegpt"},  # to_sharegpt compares held-out copies as fetch does
+    "finetune/data/near_copies.py": {"fetch"},
     "finetune/data/conversion.py": {"to_sharegpt"},
     "finetune/data/sharegpt.py": {"to_sharegpt"},
     # tokens
@@ -65,7 +65,7 @@ RERUNS = {
     "finetune/tracking/ui.py": NONE,  # the UI's columns: the UI launcher's alone
     # evaluation
     "finetune/evaluation/benchmark_sets.py": {"benchmarks"},
-    "finetune/evaluation/contamination.py": {"fetch", "to_sharegpt", "benchmarks"},  # fetch's held-out answers
+    "finetune/evaluation/contamination.py": {"fetch", "benchmarks"},  # fetch finds held-out answers with it
     "finetune/evaluation/numbers.py": {"benchmarks", "evaluate"},  # references read, generated answers scored
     "finetune/evaluation/benchmark_items.py": {"evaluate"},
     "finetune/evaluation/numeric_sets.py": {"evaluate"},

@@ -215,7 +215,6 @@ def test_a_training_row_the_merge_renders_as_a_held_out_row_is_dropped_and_count
     train = [
         {"system": "", "user": merged_question, "assistant": "Market sensitivity."},  # the held-out conversation
         {"system": "  ", "user": merged_question, "assistant": "Market sensitivity."},  # whitespace: blanked, same
-        {"system": "", "user": "What is beta? Your input is: Be brief. ", "assistant": "Market  sensitivity.\n"},
         {"system": "", "user": merged_question, "assistant": "Sensitivity to the market."},  # another answer
         {"system": "", "user": "What is beta?", "assistant": "Market sensitivity."},  # another question turn
         {"system": "", "user": "What is alpha?", "assistant": "Excess return."},
@@ -227,7 +226,7 @@ def test_a_training_row_the_merge_renders_as_a_held_out_row_is_dropped_and_count
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     main(tmp_path / "params.yaml", tmp_path / "raw", tmp_path / "out", tmp_path / "metrics.json")
     counts = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
-    assert counts["train_rows_in"] == 6 and counts["train_dropped_same_as_held_out"] == 3  # whitespace aside, as fetch
+    assert counts["train_rows_in"] == 5 and counts["train_dropped_same_as_held_out"] == 2
     assert counts["train_conversations"] == 3
     kept = Dataset.from_parquet(str(tmp_path / "out" / "train.parquet"))["conversations"]
     assert [(c[0]["value"], c[1]["value"]) for c in kept] == [

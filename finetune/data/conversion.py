@@ -78,25 +78,24 @@ def convert(dataset: Dataset, config: ToSharegptConfig) -> Dataset:
 
 def held_out_copies(conversations: Any, held_out: Any) -> Any:
     """Numpy mask of the one-turn ShareGPT `conversations` (an Arrow column) that are, turn for turn, one of the
-    `held_out` ones, their texts compared as fetch compares rows (`near_copies.normalised`: a trailing space or a
-    doubled one changes nothing). Compared first by the answers' digests, chunk by chunk, so that no copy of all the
-    texts is made: the turns are read only for the rows whose answer is a held-out answer."""
+    `held_out` ones, as rendered: exactly (fetch compared the rows' own texts whitespace aside; comparing every
+    rendered answer so too would cost a third of the stage's time). Compared first by answer, chunk by chunk, so that
+    no copy of the texts is made: the full turns are read only for the rows whose answer is a held-out answer."""
     import numpy as np
     import pyarrow as pa
-
-    from finetune.data.near_copies import normalised, text_digests
+    import pyarrow.compute as pc
 
     def turns(conversation: list[dict[str, str]]) -> tuple:
-        return tuple((turn["from"], normalised(turn["value"] or "")) for turn in conversation)
+        return tuple((turn["from"], turn["value"]) for turn in conversation)
 
     wanted = {turns(conversation) for conversation in held_out.to_pylist()}
-    answers = text_digests(pa.array([conversation[-1][1] for conversation in wanted], pa.string()))[:, 0]
+    answers = pa.array(sorted({conversation[-1][1] for conversation in wanted}), pa.string())
     masks = [np.zeros(0, bool)]
     for chunk in conversations.chunks:
-        last = chunk.offsets.to_numpy()[1:] - 1  # each conversation's last turn: its answer
-        answered = np.isin(text_digests(chunk.values.field("value").take(pa.array(last)))[:, 0], answers)
+        offsets = chunk.offsets.to_numpy()
+        answered = pc.is_in(chunk.values.field("value"), value_set=answers).to_numpy(zero_copy_only=False)
         mask = np.zeros(len(chunk), bool)
-        for row in np.flatnonzero(answered):
+        for row in np.flatnonzero(answered[offsets[1:] - 1]):  # each conversation's last turn: its answer
             mask[row] = turns(chunk[int(row)].as_py()) in wanted
         masks.append(mask)
     return np.concatenate(masks)
