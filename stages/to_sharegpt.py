@@ -101,8 +101,9 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path) -> None:
     for source in (data / "train.parquet", data / "eval.parquet"):  # both checked before either is converted
         check_columns(config, pq.read_schema(source).names, source)
     out.mkdir(parents=True, exist_ok=True)
-    train, train_counts = converted(data / "train.parquet", config, "train")
+    # the few held-out rows first: the training rows' workers then fork from a process that holds little
     held_out, eval_counts = converted(data / "eval.parquet", config, "eval")
+    train, train_counts = converted(data / "train.parquet", config, "train")
 
     # a training row the merge renders as a held-out row: fetch compared the raw columns, not these
     copies = held_out_copies(train, held_out)
