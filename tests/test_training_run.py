@@ -112,12 +112,18 @@ def test_the_guard_marks_a_killed_training_even_where_its_folder_is_gone(
     assert mlflow.MlflowClient().get_run(run.info.run_id).info.status == "KILLED"
 
 
-def test_a_run_registers_its_adapter_once(folder: Path, data: tuple, tmp_path: Path) -> None:
+@pytest.fixture
+def adapter(tmp_path: Path) -> Path:
+    """An adapter folder as the train stage saves one, its weights a few bytes."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def test_a_run_registers_its_adapter_once(folder: Path, data: tuple, adapter: Path) -> None:
     """A training killed between registering its adapter and deleting its checkpoints resumes into its finished
     run: it registered a second version of the same adapter before."""
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     with training_run(TrackingConfig(experiment_name="finance"), folder, None, SETTINGS, *data, {}) as run:
         record_adapter(run, adapter, "finance-adapter")
     other = killed_attempt(folder.parent / "other", "finance")
@@ -131,11 +137,8 @@ def test_a_run_registers_its_adapter_once(folder: Path, data: tuple, tmp_path: P
 
 
 def test_an_adapter_is_logged_but_not_registered_with_no_registered_model(
-    folder: Path, data: tuple, tmp_path: Path
+    folder: Path, data: tuple, adapter: Path
 ) -> None:
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     with training_run(TrackingConfig(experiment_name="finance"), folder, None, SETTINGS, *data, {}) as run:
         record_adapter(run, adapter, None)
     client = mlflow.MlflowClient()
